@@ -2,10 +2,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from deltaplane.cli import DEFAULT_RUN_CODEC, DEFAULT_RUN_DGC, app
 from deltaplane.codecs import get_codec
+from deltaplane.errors import TaskError
 
 runner = CliRunner()
 TINY = ["--clients", "4", "--rounds", "2", "--no-followup"]
@@ -195,3 +197,55 @@ def test_run_client_eval_every_says_not_scored_where_no_device_was_scored(tmp_pa
     ]
     assert "not scored" not in every.output
     _clean_error(runner.invoke(app, ["run", "--client-eval-every", "-1"]), "client-eval-every")
+
+
+OWN_CODEC_TASK = """
+import torch
+from torch import nn
+
+from deltaplane.engine import Dataset, Task
+
+
+def make_task(codec=None) -> Task:
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    return Task(name="own", model=lambda: nn.Linear(2, 2), train=Dataset(x[:48], y[:48]),
+                test=Dataset(x[48:], y[48:]), codec=codec)
+"""
+
+
+def test_run_takes_the_task_s_own_codec_unless_one_is_given(tmp_path: Path, monkeypatch) -> None:
+    """The docs' FFA-LoRA run got the digits default stc(0.006) + DGC and ended 46 points below fp32: a task
+    that names its codec (Task.codec) gets it, without the default's DGC options; --codec still wins."""
+    from deltaplane.cli import _run_config
+
+    (tmp_path / "owncodec.py").write_text(OWN_CODEC_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    own = {"task": "owncodec:make_task", "task_options": {"codec": "quant(bits=8)"}}
+    cfg = _run_config(None, small=False, **own)
+    assert (cfg.codec, cfg.momentum_correction, cfg.momentum_masking) == ("quant(bits=8)", 0.0, False)
+    given = _run_config(None, small=False, codec="topk(0.1)", **own)
+    assert (given.codec, given.momentum_correction) == ("topk(0.1)", 0.0)
+    plain = _run_config(None, small=False, task="owncodec:make_task")  # names none: the run's default
+    assert plain.codec == DEFAULT_RUN_CODEC
+    assert {k: getattr(plain, k) for k in DEFAULT_RUN_DGC} == DEFAULT_RUN_DGC
+    assert _run_config(None, small=False).codec == DEFAULT_RUN_CODEC  # digits: as before
+    bad = {"task": "owncodec:make_task", "task_options": {"codec": "nope(1)"}}
+    with pytest.raises(TaskError, match=r"task 'own': codec 'nope\(1\)' does not parse"):
+        _run_config(None, small=False, **bad)
+
+
+def test_far_below_warning_says_what_to_change(capsys) -> None:
+    """The warning said only 'its byte savings cost accuracy'; it now names the change to make."""
+    from deltaplane.cli import DENSE_CODEC, _warn_far_below_baseline
+
+    row = {"name": "compressed", "codec": "stc(0.006)", "rounds": 2, "accuracy_drop_points": 46.44}
+    _warn_far_below_baseline(row)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "46.44 points below" in err and "more --rounds" in err and f"--codec '{DENSE_CODEC}'" in err
+    assert "stc(ratio=0.006) sends a small share" in err and "(2 here)" in err
+    _warn_far_below_baseline({**row, "codec": "quant(bits=2)"})
+    err = " ".join(capsys.readouterr().err.split())
+    assert "choose a denser codec with --codec" in err and "small share" not in err
+    _warn_far_below_baseline({**row, "accuracy_drop_points": 0.5})
+    assert capsys.readouterr().err == ""

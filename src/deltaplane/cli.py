@@ -158,7 +158,8 @@ def run(
     codec: Annotated[
         str | None,
         typer.Option(
-            help=f"Uplink codec spec. \\[default: '{DEFAULT_RUN_CODEC}' with DGC momentum correction 0.5 and "
+            help=f"Uplink codec spec. \\[default: the task's own codec if it names one (Task.codec: the "
+            f"docstrings task's LoRA variants do), else '{DEFAULT_RUN_CODEC}' with DGC momentum correction 0.5 and "
             "masking, unless the config sets a codec]"
         ),
     ] = None,
@@ -388,6 +389,10 @@ def run(
             raise ConfigError(
                 f"--transport: unknown transport {transport!r}; choose one of {TRANSPORTS.names()}"
             )
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            # --task mytask:make_task finds mytask.py in the working directory (_run_config loads the task when
+            # no codec is given, to use the task's own)
+            sys.path.insert(0, os.getcwd())
         full = _run_config(
             config, small=False, codec=codec, downlink_codec=downlink, error_feedback=error_feedback,
             clients=clients, alpha=alpha,
@@ -405,10 +410,6 @@ def run(
         )  # fmt: skip
         check_threads(full.threads)
         from deltaplane.apps.runner import preflight
-
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            # --task mytask:make_task finds mytask.py in the working directory
-            sys.path.insert(0, os.getcwd())
 
         # A bad task, data that cannot be split into the devices asked for, an option the driver cannot run:
         # one line, before anything starts. Checked at the size asked for, so that DELTAPLANE_SMALL=1 (which
@@ -549,16 +550,38 @@ def _staging(out: Path, target: Path) -> Path:
 
 #: A compressed run this many accuracy points or more below its baseline gets a warning next to its byte ratio.
 FAR_BELOW_POINTS = 1.0
+#: The codec the warning proposes instead: every coordinate in every round at 4x fewer bytes than fp32, which
+#: kept the baseline's accuracy on docs/adapters.md's FFA-LoRA run (0.633 vs 0.630 in two rounds) where
+#: stc(0.006) with DGC lost 46 points.
+DENSE_CODEC = "quant(bits=8)"
 
 
 def _warn_far_below_baseline(row: dict[str, Any]) -> None:
+    """Warn about a run far below its baseline, and say what to change: a sparsifier holds most of each update
+    back in error feedback, which only later rounds deliver, so a short run or a small model (an adapter that
+    starts at zero) needs more rounds or a denser codec."""
     drop = row.get("accuracy_drop_points")
-    if drop is not None and drop >= FAR_BELOW_POINTS:
-        err_console.print(
-            f"[bold yellow]warning:[/bold yellow] {escape(row['name'])} ({escape(row['codec'])}) is "
-            f"{drop:.2f} points below the baseline's accuracy: its byte savings cost accuracy",
-            soft_wrap=True,
+    if drop is None or drop < FAR_BELOW_POINTS:
+        return
+    from deltaplane.codecs import get_codec
+
+    codec = get_codec(row["codec"])
+    sparse = [s.spec for s in getattr(codec, "stages", [codec]) if s.sparsifies]
+    if sparse:
+        advice = (
+            f"{sparse[0]} sends a small share of each tensor per round and error feedback delivers the rest only "
+            f"in later rounds ({row['rounds']} here): give it more --rounds, or choose a denser codec, e.g. "
+            f"--codec '{DENSE_CODEC}' (every coordinate, 4x fewer bytes than fp32)"
         )
+    else:
+        advice = (
+            f"choose a denser codec with --codec (more bits, e.g. '{DENSE_CODEC}') or give it more --rounds"
+        )
+    err_console.print(
+        f"[bold yellow]warning:[/bold yellow] {escape(row['name'])} ({escape(row['codec'])}) is "
+        f"{drop:.2f} points below the baseline's accuracy: its byte savings cost accuracy. {escape(advice)}",
+        soft_wrap=True,
+    )
 
 
 #: A run whose last round's test accuracy is this many points below its best round, and under half of it, has
@@ -694,19 +717,34 @@ def _task_options(base: dict[str, Any], items: list[str] | None) -> dict[str, An
 
 def _run_config(config_file: Path | None, *, small: bool | None = None, **options: Any) -> RunConfig:
     """The run's config: ``config_file`` (or the defaults) with the options given, the default codec unless one
-    is set, and capped by ``DELTAPLANE_SMALL`` when ``small`` (default: whether it is set)."""
+    is set, and capped by ``DELTAPLANE_SMALL`` when ``small`` (default: whether it is set).
+
+    The default codec is the task's own (:attr:`~deltaplane.engine.Task.codec`, as it is) where it names one,
+    else :data:`DEFAULT_RUN_CODEC` with :data:`DEFAULT_RUN_DGC`, whose sparsity suits the digits CNN's tens of
+    rounds but not a LoRA adapter's few small tensors in two or three (docs/adapters.md)."""
     from deltaplane.engine.config import RunConfig
 
     cfg = RunConfig.from_yaml(config_file) if config_file is not None else RunConfig()
     changes = {k: v for k, v in options.items() if v is not None}
     _secagg_degree(cfg, changes)
     if "codec" not in changes and "codec" not in cfg.model_fields_set:
-        changes["codec"] = DEFAULT_RUN_CODEC
-        for name, value in DEFAULT_RUN_DGC.items():  # unless the command line or the config sets them
-            if name not in changes and name not in cfg.model_fields_set:
+        own = _task_codec(cfg.replace(**changes))
+        changes["codec"] = own or DEFAULT_RUN_CODEC
+        for name, value in DEFAULT_RUN_DGC.items() if own is None else ():
+            if (
+                name not in changes and name not in cfg.model_fields_set
+            ):  # unless the command line or config sets it
                 changes[name] = value
     cfg = cfg.replace(**changes)
     return _small(cfg) if (small_mode() if small is None else small) else cfg
+
+
+def _task_codec(cfg: RunConfig) -> str | None:
+    """The codec ``cfg``'s task names for itself (:attr:`~deltaplane.engine.Task.codec`); ``None`` for the
+    digits task, whose codec is the run's default, without loading it."""
+    from deltaplane.engine import DEFAULT_TASK, make_task
+
+    return None if cfg.task == DEFAULT_TASK else make_task(cfg).codec
 
 
 def _secagg_degree(cfg: RunConfig, changes: dict[str, Any]) -> None:

@@ -49,6 +49,12 @@ class Task:
         num_classes: number of output classes (default: largest label in the data + 1).
         loss: ``loss(logits, y, reduction=...)``; cross-entropy by default.
         options: the keyword options the factory was called with (recorded in reports).
+        codec: the uplink codec spec ``deltaplane run`` uses for this task when neither ``--codec`` nor the
+            config names one (``None``: the run's default, ``stc(0.006)`` with DGC, chosen for the digits CNN
+            over tens of rounds). A task whose federated state is small and trained in few rounds, such as an
+            adapter's factors and a head, names a codec measured to stay close to fp32 on it: a sparsifier
+            sends a small share of each tensor per round and error feedback delivers the rest only over later
+            rounds.
 
     A model may define ``forward_stacked(params, x)`` (``params[name]`` of shape ``(K, *shape)``,
     ``x`` of shape ``(K, B, ...)``, logits ``(K, B, classes)``): the batched engine then runs all clients as
@@ -64,6 +70,7 @@ class Task:
     num_classes: int = None  # type: ignore[assignment]
     loss: Loss = nn.functional.cross_entropy
     options: Mapping[str, Any] = field(default_factory=dict)
+    codec: str | None = None
 
     def __post_init__(self) -> None:
         if (self.train is None) == (self.clients is None):
@@ -82,6 +89,13 @@ class Task:
                 f"task {self.name!r}: num_classes must be a positive integer (the model's outputs), not "
                 f"{self.num_classes!r}; leave it out to use the largest label + 1"
             )
+        if self.codec is not None:  # a spec that does not parse is the task's mistake, named before any round
+            from deltaplane.codecs import get_codec
+
+            try:
+                get_codec(self.codec)
+            except DeltaplaneError as exc:
+                raise TaskError(f"task {self.name!r}: codec {self.codec!r} does not parse: {exc}") from None
         if self.num_classes is None:
             parts = [self.test, *(self.clients or [self.train])]
             tops = [int(d.y.max()) for d in parts if len(d)]
