@@ -46,7 +46,7 @@ from deltaplane.aggregation.secagg import (
 from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.aggregation.secagg.revocation import take_revocations
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
-from deltaplane.engine.scoring import round_epsilon
+from deltaplane.engine.scoring import dp_adjacency, round_epsilon
 from deltaplane.engine.secure import masked_zeros, secure_neighbours
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import (
@@ -443,7 +443,7 @@ def report_pending(dev: Device) -> bool:
         round_id=number,
     )
     dev.rounds.append({"round": number, "version": version, **metrics})
-    eps = f", local ε {epsilon:.3f}" if epsilon is not None else ""
+    eps = f", local ε {epsilon:.3f} ({dp_adjacency(dev.config)})" if epsilon is not None else ""
     dev.log(f"round {number}: version {version} published; held-out accuracy {accuracy:.3f}{eps} reported")
     dev.pending = None
     return True
@@ -580,6 +580,9 @@ class RoundSummary:
     #: invited devices whose masked input the SecAgg sum does not hold, or with no upload in a plain round (a
     #: plain round's are named only when every uploader was one of the invited devices, else counted only)
     dropped: tuple[str, ...] = ()
+    #: the neighbouring relation ``epsilon`` is stated under (the federation's: "add/remove", "zero-out" under
+    #: distributed DP); None without central DP
+    dp_adjacency: str | None = None
 
     @property
     def dropouts(self) -> int:
@@ -596,6 +599,8 @@ class RoundSummary:
         if self.failed:
             return f"{head}: failed: {self.failed}{left}"
         eps = f", ε {self.epsilon:.3f}" if self.epsilon is not None else ""
+        if eps and self.dp_adjacency:
+            eps += f" ({self.dp_adjacency})"
         if self.measurements.get("secure_sum_published") == 0:  # distributed DP: too few for the noise
             eps += " (too few devices for the distributed noise: the sum was not published, ε still spent)"
         who = f": {', '.join(self.dropped)}" if self.dropped else ""
@@ -1060,7 +1065,7 @@ def coordinate(
             summary = RoundSummary(
                 index, kind, number, len(names) - len(revoked), n, version, measured.get("epsilon"),
                 time.perf_counter() - t0, dict(measured), authenticated=authenticated, revoked=revoked,
-                dropped=dropped,
+                dropped=dropped, dp_adjacency=dp_adjacency(config),
             )  # fmt: skip
             if version is None:  # closed without an update (no device uploaded): nothing was published
                 summary.failed = "no device took part; nothing was published"
