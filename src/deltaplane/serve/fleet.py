@@ -65,6 +65,7 @@ from deltaplane.serve.client import (
     ServiceError,
     TokenRefused,
 )
+from deltaplane.serve.device_releases import read_releases, write_releases
 from deltaplane.serve.federation import drift_reference, holdout_summary
 from deltaplane.serve.reach import unreachable
 from deltaplane.serve.secagg_client import BINDING, SecAggDevice
@@ -76,6 +77,7 @@ __all__ = [
     "RoundSummary",
     "coordinate",
     "device_id",
+    "keep_releases",
     "load_device",
     "own_certificate_holds",
     "refresh_revocations",
@@ -120,6 +122,37 @@ class Device:
     #: where the device keeps the newest revocation list it took (:func:`refresh_revocations`; None: in memory
     #: only, so a restarted device could be handed an older list that is still current)
     revocations_file: Path | None = None
+    #: where the device keeps how many locally privatized updates it has released (:func:`keep_releases`;
+    #: None: in memory only, so a restarted device would count, and report its local ε, from zero again)
+    releases_file: Path | None = None
+    #: the release count last stored in :attr:`releases_file`
+    releases_stored: int = 0
+
+
+def keep_releases(dev: Device, path: Path) -> None:
+    """Count the device's local-DP releases in ``path`` (:mod:`~deltaplane.serve.device_releases`): continue
+    from the count stored there, and store the new one before each privatized update leaves the device
+    (:func:`_record_releases`), so its reported ε survives a restart. Without local DP, nothing is kept.
+
+    Raises:
+        ReleaseCountDamaged: the file is there but cannot be read as this device's count (never reset)."""
+    if dev.config.local_dp_noise <= 0:
+        return
+    stored = read_releases(path, device=dev.client.cid)
+    counted = dev.step.participations
+    counted[dev.client.cid] = max(stored, counted.get(dev.client.cid, 0))
+    dev.releases_file, dev.releases_stored = path, stored
+
+
+def _record_releases(dev: Device) -> None:
+    """Store the device's release count if the client step has just privatized an update: called after the
+    step ran and before anything of its update is sent, so a crash in between only over-counts."""
+    if dev.releases_file is None:
+        return
+    n = dev.step.participations.get(dev.client.cid, 0)
+    if n != dev.releases_stored:
+        write_releases(dev.releases_file, device=dev.client.cid, releases=n)
+        dev.releases_stored = n
 
 
 def load_device(conn: DeviceClient, config: RunConfig, partition: int, *, model: str) -> Device:
@@ -182,6 +215,7 @@ def plain_round(dev: Device, info: dict[str, Any]) -> bool:
         sessions.install(dev.conn.session(dev.model))
     with _uplink_kept_unless_sent(dev) as sent:
         up = dev.step.run(dev.client, dev.net, state, number, base)
+        _record_releases(dev)  # before the privatized update can leave
         if up.payload is None:
             dev.log(f"round {number}: no update ({up.error}); sitting it out")
             return False
@@ -251,6 +285,7 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
         return False
     with _uplink_kept_unless_sent(dev) as sent:
         up = dev.step.run(dev.client, dev.net, state, number, base)
+        _record_releases(dev)  # before the privatized update can leave
         if up.secure is None:
             dev.log(f"SecAgg round {number}: no update ({up.error}); sitting it out")
             return False
