@@ -307,6 +307,7 @@ _ROUND_COLUMNS = (
     ("uplink B", "uplink_bytes", "{:,}"),
     ("downlink B", "downlink_bytes", "{:,}"),
     ("ε", "epsilon", "{:.3f}"),
+    ("ε neighbours", "dp_adjacency", "{}"),  # what ε holds for: add/remove, zero-out, replace-one
     ("clipped", "clipped_fraction", "{:.2f}"),
     ("rejected", "rejected", "{}"),
     ("backdoor", "backdoor_success", "{:.3f}"),
