@@ -1031,6 +1031,7 @@ def _summary_tables(
         (header, lambda r, k=key, f=fmt: "—" if r.get(k) is None else f.format(r[k]))
         for header, key, fmt in (
             ("ε", "epsilon", "{:.3f}"),
+            ("ε\nneighbours", "dp_adjacency", "{}"),  # what ε holds for: add/remove, zero-out, replace-one
             ("rejected", "rejected", "{}"),
             ("backdoor", "backdoor_success", "{:.3f}"),
         )

@@ -30,6 +30,7 @@ __all__ = [
     "PromotionRefused",
     "QualityGateFailed",
     "RegistryInUse",
+    "ReleaseCountDamaged",
     "RoundAborted",
     "RoundLost",
     "ServiceKeyMismatch",
@@ -133,6 +134,11 @@ class MissingTrustedKeys(NotFound):
 
 class IntegrityError(DeltaplaneError, RuntimeError):
     """Stored bytes do not match their recorded SHA-256, or metadata points to a blob that is missing."""
+
+
+class ReleaseCountDamaged(IntegrityError):
+    """A device's stored count of its local-DP releases (``fleet device``'s ``.releases`` file) cannot be read
+    as one: never reset to zero, since a smaller count would report a smaller ε than the device has spent."""
 
 
 class SignatureError(DeltaplaneError, ValueError):

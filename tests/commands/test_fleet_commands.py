@@ -213,6 +213,7 @@ def test_fleet_device_last_line_counts_one_published_round_in_the_singular(tmp_p
     monkeypatch.setattr(signing, "load_trusted_keys", lambda path: [])
     monkeypatch.setattr(fleet_module, "load_device", lambda conn, run, device, *, model: SimpleNamespace())
     monkeypatch.setattr(fleet_module, "run_device", lambda dev, **kw: rows.pop(0))
+    monkeypatch.setattr(fleet_module, "keep_releases", lambda dev, path: None)  # no local DP here
     fed, token = tmp_path / "fed.yaml", tmp_path / "device-0.token"
     fed.write_text("clients: 3\nrounds: 2\n")
     token.write_text("tok")

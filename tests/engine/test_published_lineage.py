@@ -40,10 +40,37 @@ def test_a_dp_round_records_its_epsilon_in_the_published_lineage() -> None:
     DP federation said nothing of the ε it cost (only the coordinator's lines and the Fleet page did)."""
     lineages, measured = _rounds(0.8)
     for lineage, m in zip(lineages, measured, strict=True):
-        assert lineage["dp"] == {"epsilon": pytest.approx(m["epsilon"]), "delta": 1e-3}
+        assert lineage["dp"] == {
+            "epsilon": pytest.approx(m["epsilon"]),
+            "delta": 1e-3,
+            "adjacency": "add/remove",
+        }
     assert lineages[0]["dp"]["epsilon"] < lineages[1]["dp"]["epsilon"]  # cumulative, as the accountant's
     text, _ = summarize_lineage(lineages[1])
-    assert text == f"round 2, 2 uploads, DP ε {measured[1]['epsilon']:.3f} at δ 0.001"
+    assert text == f"round 2, 2 uploads, DP ε {measured[1]['epsilon']:.3f} at δ 0.001 (add/remove)"
+    # a version published before the adjacency was stored reads as it did
+    assert summarize_lineage({"dp": {"epsilon": 1.5, "delta": 1e-3}})[0] == "DP ε 1.500 at δ 0.001"
+
+
+def test_a_distributed_dp_round_records_its_epsilon_as_zero_out() -> None:
+    """Under SecAgg the devices add the noise: removing a device would remove its share, so the ε the version
+    records holds for zero-out neighbours, and says so (docs/aggregation.md)."""
+    agg = build_aggregator(
+        dp_noise=0.8,
+        clip=1.0,
+        expected_clients=2,
+        sampling_rate=1.0,
+        dp_delta=1e-3,
+        distributed_min_contributors=2,
+    )
+    pub = _Recording()
+    step = ServerStep(agg, pub, {"w": torch.zeros(2)}, base_id="b")
+    step.open(1)
+    step.receive_secure_sum(Delta({"w": torch.tensor([0.25, 0.25])}), contributors=2, uplink_bytes=0)
+    measured = step.close().measurements
+    assert step.dp_adjacency == "zero-out"
+    assert pub.lineages[0]["dp"] == {"epsilon": measured["epsilon"], "delta": 1e-3, "adjacency": "zero-out"}
+    assert summarize_lineage(pub.lineages[0])[0].endswith("at δ 0.001 (zero-out)")
 
 
 def test_without_dp_noise_the_lineage_claims_no_privacy() -> None:

@@ -104,6 +104,10 @@ def _seen(r):
 def test_every_driver_matches_the_sequential_one(feature, run_flower) -> None:
     cfg = BASE.replace(**FEATURES[feature])
     seq = run_simulation(cfg)
+    # ε's neighbouring relation, labelled on every round (and so, through _seen, on every driver's):
+    # zero-out under distributed DP, where removing a device would remove its noise share too
+    labelled = "zero-out" if cfg.secagg else "add/remove"
+    assert {r.dp_adjacency for r in seq.rounds} == {labelled if cfg.dp_noise > 0 else None}
 
     bat = run_simulation(cfg.replace(engine="batched"))
     for a, b in zip(seq.rounds, bat.rounds, strict=True):

@@ -276,3 +276,22 @@ def test_the_summary_gives_each_runs_change_against_the_baseline_with_its_sign()
     assert "<th>points vs baseline</th>" in html and "below baseline" not in html
     cells = {n: re.search(rf"<td>{n}</td>(.*?)</tr>", html).group(1) for n in ("above", "below")}
     assert ">+0.28<" in cells["above"] and ">-1.00<" in cells["below"], cells
+
+
+def test_epsilon_is_shown_with_the_neighbours_it_holds_for(tmp_path: Path) -> None:
+    """report.json's rounds carry ``dp_adjacency`` (RoundMetrics); the summary, report.html and the dashboard's
+    run page show it beside ε, so a distributed-DP run's ε is not read as an add/remove guarantee."""
+    from deltaplane.ui.pages import _rounds_table
+
+    run = _run("distributed", "identity", 100, [0.5, 0.6])
+    for i, r in enumerate(run["rounds"]):
+        r |= {"epsilon": 1.5 * (i + 1), "dp_adjacency": "zero-out"}
+    files = write_report([run, _run("plain", "identity", 100, [0.5, 0.6])], tmp_path / "out")
+    assert [row["dp_adjacency"] for row in files.report["summary"]] == ["zero-out", None]
+    html = files.html_path.read_text()
+    assert "<th>ε neighbours</th>" in html and ">zero-out<" in html
+    page = _rounds_table(run["rounds"], "rounds")
+    assert "<th>ε neighbours</th>" in page and 'data-field="dp_adjacency">zero-out<' in page
+    assert (
+        "ε neighbours" not in write_report(RUNS, tmp_path / "plain").html_path.read_text()
+    )  # no DP: no column

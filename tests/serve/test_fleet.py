@@ -195,8 +195,10 @@ def test_central_dp_plain_rounds_over_tls_match_the_http_simulation(byo_task, tm
             t.join(60)
         assert [s.contributors for s in out] == [3, 3] and all(s.version for s in out)
         assert 0 < out[0].epsilon < out[1].epsilon and "ε" in lines[1]
+        assert f"ε {out[1].epsilon:.3f} (add/remove)" in lines[1]  # central DP: its neighbours, beside it
         page = httpx.get(f.url + "/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}, verify=f.ctx).text
         assert 'id="closed-rounds"' in page and page.count('data-field="contributors">3<') == 2
+        assert '<b data-field="dp_adjacency">add/remove</b>' in page
         reports = f.state.reports[MODEL]
         assert {r["device"] for r in reports} == {"device-0", "device-1", "device-2"}
         assert f.state.monitors[MODEL].history  # the drift summaries reached the monitor
@@ -342,9 +344,13 @@ def test_a_secagg_fleet_with_distributed_dp_publishes_and_accounts(byo_task, tmp
         out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=2, deadline=20, poll=0.05)
         for t in threads:
             t.join(60)
+        # its ε holds for zero-out neighbours (a device's noise share stays), and every record says so
+        assert f.reg.get(MODEL, out[1].version).lineage["dp"]["adjacency"] == "zero-out"
+        assert f.admin.secagg_status(MODEL, out[1].number)["published"]["dp_adjacency"] == "zero-out"
     assert [s.failed for s in out] == [None, None], [s.failed for s in out]
     assert [s.contributors for s in out] == [4, 4] and all(s.version for s in out)
     assert 0 < out[0].epsilon < out[1].epsilon
+    assert f"ε {out[1].epsilon:.3f} (zero-out)" in out[1].line(2)
     assert out[0].measurements["secure_sum_published"] == 1.0
 
 

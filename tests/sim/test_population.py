@@ -121,6 +121,9 @@ def test_population_runs_the_whole_server_chain() -> None:
     assert plain.epsilon == [None, None]
     dp = run_population(base.replace(clip="0.5", dp_noise=1.0), registered=200, per_round=8)
     assert dp.epsilon[0] is not None and 0 < dp.epsilon[0] < dp.epsilon[1]  # the accountant runs
+    # labelled with its neighbours as on every other driver (central DP: add/remove one client)
+    assert [r.dp_adjacency for r in dp.rounds] == ["add/remove"] * 2
+    assert [r.dp_adjacency for r in plain.rounds] == [None, None]
     for change in (
         {"aggregator": "fedadam"},
         {"defense": "multi_krum(2)"},  # a coordinate-wise rule over top-k is refused (IncompatibleDefense)

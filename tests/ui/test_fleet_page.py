@@ -52,3 +52,14 @@ def test_an_untested_drift_row_says_why_it_has_no_psi():
     assert _row(html, "f1")[-2:] == ["yes", "drift check failed on f1 <x>"]  # escaped, shown as text
     assert "on f1 &lt;x&gt;" in html
     assert _row(html, "f2") == ["feature", "f2", "0.010", "0.100", "0.9", "0.9", "no", ""]
+
+
+def test_the_fleet_page_says_which_neighbours_its_epsilon_holds_for():
+    """Under distributed DP the service's ε holds for zero-out neighbours, not add/remove: the page says so above
+    the closed rounds' ε; without DP (no label) it says nothing."""
+    html = fleet_page({"closed_rounds": [], "dp_adjacency": "zero-out"})
+    assert '<b data-field="dp_adjacency">zero-out</b> neighbours' in html and "noise share kept" in html
+    assert 'data-field="dp_adjacency"' not in fleet_page({"closed_rounds": [], "dp_adjacency": None})
+    assert "<script" not in fleet_page(
+        {"closed_rounds": [], "dp_adjacency": "<script>"}
+    )  # unknown: not shown

@@ -69,7 +69,9 @@ def epsilon_for(
     The mechanism is DP-FedAvg's round as run: clients Poisson-sampled at rate ``sampling_rate``
     (:func:`~deltaplane.aggregation.sampling.sample_round`), one Gaussian mechanism of multiplier
     ``noise_multiplier`` per round (with an adaptive clip its noisy count shares that multiplier), adjacency
-    adding or removing one client."""
+    adding or removing one client. Under distributed DP the devices' noise shares make the contributor count
+    part of the mechanism, and the same figure holds for zero-out neighbours only
+    (:data:`~deltaplane.aggregation.dp.ZERO_OUT`)."""
     if not (isinstance(noise_multiplier, int | float) and math.isfinite(noise_multiplier)) or (
         noise_multiplier < 0
     ):

@@ -11,8 +11,9 @@ accountant composes exactly that.
 
 The guarantee holds under these conditions, each enforced here rather than assumed:
 
-* adjacency is adding or removing one client (all of its data), and clients are sampled by Poisson sampling with
-  the accountant's rate (:func:`deltaplane.aggregation.sampling.sample_round` does this when DP is on);
+* adjacency is adding or removing one client (all of its data) — :data:`ADD_REMOVE`; :class:`DistributedDP`
+  states the same figure for zero-out neighbours (:data:`ZERO_OUT`), local DP for replace-one — and clients are
+  sampled by Poisson sampling with the accountant's rate (:func:`deltaplane.aggregation.sampling.sample_round` does this when DP is on);
 * the sum is over clipped, uniformly weighted updates: inside :class:`DPFedAvg` only fixed norm bounds and
   :class:`~deltaplane.aggregation.fedavg.FedAvg` may sit (an adaptive norm bound would adapt from
   an un-noised count; a robust rule or server optimizer would change the sensitivity) — anything else is a
@@ -41,6 +42,9 @@ from deltaplane.delta import Delta, StateDict, check_compatible
 from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate, NotPrivatizable
 
 __all__ = [
+    "ADD_REMOVE",
+    "REPLACE_ONE",
+    "ZERO_OUT",
     "DPFedAvg",
     "DPState",
     "DistributedDP",
@@ -50,6 +54,19 @@ __all__ = [
     "local_epsilon",
     "privatize",
 ]
+
+
+#: The neighbouring datasets each mechanism's ε is stated against, recorded beside ε wherever it is shown or
+#: stored (``dp_adjacency``): an ε means nothing without the adjacency it was computed for.
+#: Central DP-FedAvg (:class:`DPFedAvg`): one client, with all of its data, added or removed.
+ADD_REMOVE = "add/remove"
+#: Distributed DP (:class:`DistributedDP`): one device's data replaced by none; the device still takes part, so
+#: its update is zero and its noise share stays in the sum (Kairouz et al. 2021, DP-FTRL,
+#: https://arxiv.org/abs/2103.00039, "zero-out"). Add/remove cannot hold there: removing a device also removes
+#: its noise share (variance n·σ_d² against (n−1)·σ_d²), and at n = m_min it flips publish / not publish.
+ZERO_OUT = "zero-out"
+#: Local DP (:func:`privatize`): one device's data changed arbitrarily (two clipped updates differ by ≤ 2·clip).
+REPLACE_ONE = "replace-one"
 
 
 @dataclass
@@ -94,6 +111,9 @@ class DPFedAvg(AggregatorWrapper):
         >>> agg.result()["w"].tolist()
         [0.6000000238418579, 0.800000011920929]
     """
+
+    #: the adjacency its ε is stated under (see :data:`ADD_REMOVE`)
+    adjacency = ADD_REMOVE
 
     def __init__(
         self,
@@ -284,8 +304,14 @@ class DistributedDP(DPFedAvg):
     release is published as DP-FedAvg's: the noisy sum over the fixed ``expected_clients``, after the same
     accountant (Poisson rate q, z, δ, budget) has spent the round. A sum of fewer contributors carries less
     than z·C: it is **not published** (the round's update is zero and ``secure_sum_published`` is 0); the round
-    still spends ε, so the schedule, and ε, never depend on how many devices contributed. A round without any
+    still spends ε, so the *schedule* never depends on how many devices contributed. A round without any
     contributor publishes nothing either (its devices added no noise; the server adds none).
+
+    ε is stated under **zero-out** adjacency (:data:`ZERO_OUT`, :attr:`adjacency`), not add/remove: the
+    contributor count, and with it the noise in the sum (n·σ_d²), does depend on whether a device took part,
+    so removing one changes the noise as well as the signal (at n = min_contributors it even flips publish /
+    not publish); replacing its data by none leaves its noise share in the sum, which is what the Gaussian
+    accounting of multiplier z covers.
 
     Measurements: ``clip``, ``noise_std`` (z·C, the least noise std on a published sum), ``device_noise_std``
     (σ_d), ``noise_multiplier_sum`` (z), ``secure_sum_published`` (1 or 0), ``epsilon``/``delta`` (the
@@ -293,6 +319,9 @@ class DistributedDP(DPFedAvg):
     Gaussian without amplification by sampling: the server knows which devices took part, so against it
     each round counts with q = 1).
     """
+
+    #: the adjacency its ε is stated under (see :data:`ZERO_OUT`)
+    adjacency = ZERO_OUT
 
     def __init__(
         self,

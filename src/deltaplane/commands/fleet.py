@@ -762,11 +762,22 @@ def register(app: typer.Typer) -> None:
                 show_default="device-I.revocations beside --certificate",
             ),
         ] = None,
+        releases: Annotated[
+            Path | None,
+            typer.Option(
+                "--releases",
+                dir_okay=False,
+                help="Under local DP (local_dp_noise), where the device counts the privatized updates it has "
+                "sent: read at start, rewritten (atomic) before each one leaves, so its reported local ε goes on "
+                "from there after a restart. A damaged file is refused, never reset.",
+                show_default="the token file's name with .releases",
+            ),
+        ] = None,
     ) -> None:
         """Run one device: poll for rounds, train on partition DEVICE, upload (or run SecAgg), report."""
         from deltaplane.registry.signing import load_trusted_keys
         from deltaplane.serve.client import DeviceClient, ServiceError, TokenRefused
-        from deltaplane.serve.fleet import load_device, run_device
+        from deltaplane.serve.fleet import keep_releases, load_device, run_device
 
         with _errors(OSError), cpu_threads(threads):
             if revocations is None and certificate is not None:
@@ -790,6 +801,7 @@ def register(app: typer.Typer) -> None:
                 dev = load_device(conn, run, device, model=model)
                 dev.credentials = credentials
                 dev.revocations_file = revocations if credentials is not None else None
+                keep_releases(dev, releases or token_file.with_suffix(".releases"))
                 dev.log = lambda line: err_console.print(
                     f"device {device}: {line}", soft_wrap=True, markup=False
                 )

@@ -38,6 +38,10 @@ class RoundMetrics:
     #: distributed DP only: ε so far against the server itself, which knows who took part (the same Gaussian
     #: mechanism without amplification by sampling, q = 1); None otherwise
     epsilon_vs_server: float | None = None
+    #: the neighbouring relation ``epsilon`` is stated under: "add/remove" (central DP), "zero-out" (distributed
+    #: DP under SecAgg: a device's data replaced by none, its noise share kept), "replace-one" (local DP); None
+    #: without DP. An ε means nothing without it: see docs/aggregation.md, "Which neighbours ε is stated for"
+    dp_adjacency: str | None = None
     #: client updates refused this round (NaN/Inf, wrong layout or version, norm above the bound)
     rejected: int = 0
     #: share of triggered test images of other classes classified as the backdoor target (backdoor attacks)
@@ -53,7 +57,8 @@ class RoundMetrics:
     personal_gain_min: float | None = None
 
     #: What every driver must reproduce of a round, bit for bit (the parity matrix compares these): the devices
-    #: sampled (also in a round that trains none of them, a lone device under SecAgg), accuracy, ε, refusals,
+    #: sampled (also in a round that trains none of them, a lone device under SecAgg), accuracy, ε and the
+    #: adjacency it is stated under, refusals,
     #: clipping and, with personalization, the devices' personal figures. Not bytes (the HTTP downlink adds its
     #: signed chain's framing) and not seconds.
     DRIVER_INVARIANTS = (
@@ -61,6 +66,7 @@ class RoundMetrics:
         "test_accuracy",
         "epsilon",
         "epsilon_vs_server",
+        "dp_adjacency",
         "rejected",
         "clipped_fraction",
         "client_mix_accuracy_mean",

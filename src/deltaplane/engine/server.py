@@ -439,6 +439,13 @@ class ServerStep:
         self._accepted = contributors
         self.aggregator.add(mean, 1.0)
 
+    @property
+    def dp_adjacency(self) -> str | None:
+        """The neighbouring relation the chain's ε is stated under ("add/remove" for central DP, "zero-out" for
+        distributed DP; see :data:`~deltaplane.aggregation.dp.ZERO_OUT`), None when the chain adds no DP noise."""
+        dp = self.aggregator.find(DPFedAvg)
+        return dp.adjacency if isinstance(dp, DPFedAvg) and dp.noise_multiplier > 0 else None
+
     def close(self) -> RoundOutcome:
         """Aggregate, compress the downlink, publish the new version; the outcome carries the new state.
 
@@ -469,7 +476,7 @@ class ServerStep:
         payload, decoded = self.publisher.publish(
             update,
             base_version=base,
-            lineage={"round": self._round, "uploads": self._accepted, **_dp(measurements)},
+            lineage={"round": self._round, "uploads": self._accepted, **_dp(measurements, self.dp_adjacency)},
         )
         # a partial update (personalization's local layers excluded) changes only the shared tensors
         self.state = {**self.state, **decoded.apply({k: self.state[k] for k in decoded})}
@@ -486,11 +493,12 @@ class ServerStep:
         )
 
 
-def _dp(measurements: dict[str, Any]) -> dict[str, Any]:
-    """The privacy a published version has cost so far, for its lineage: ``{"dp": {"epsilon", "delta"}}`` when
-    the round's chain ran DP with an accountant (a registry entry, and the model pulled from it, then say what
-    they spent, not only the round's status), else nothing (no DP, or noise 0: ε infinite)."""
+def _dp(measurements: dict[str, Any], adjacency: str | None) -> dict[str, Any]:
+    """The privacy a published version has cost so far, for its lineage: ``{"dp": {"epsilon", "delta",
+    "adjacency"}}`` when the round's chain ran DP with an accountant (a registry entry, and the model pulled from
+    it, then say what they spent and against which neighbours, not only the round's status), else nothing (no
+    DP, or noise 0: ε infinite)."""
     eps, delta = measurements.get("epsilon"), measurements.get("delta")
     if not isinstance(eps, float | int) or not isinstance(delta, float | int) or not np.isfinite(eps):
         return {}
-    return {"dp": {"epsilon": float(eps), "delta": float(delta)}}
+    return {"dp": {"epsilon": float(eps), "delta": float(delta), "adjacency": adjacency}}

@@ -48,7 +48,7 @@ from deltaplane.engine.admission import examples_bound
 from deltaplane.engine.attacks import parse_attack
 from deltaplane.engine.client import require_simulation
 from deltaplane.engine.results import budget_stop
-from deltaplane.engine.scoring import backdoor_success, personal_row, personal_summary
+from deltaplane.engine.scoring import backdoor_success, dp_adjacency, personal_row, personal_summary
 from deltaplane.engine.secure import secure_weight_scale
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, DeltaplaneError, PrivacyBudgetExceeded
@@ -511,6 +511,7 @@ def task_server_app(
                 seconds=time.perf_counter() - clock[0],
                 epsilon=epsilon,
                 epsilon_vs_server=outcome.measurements.get("epsilon_vs_server"),
+                dp_adjacency=dp_adjacency(config),
                 rejected=len(outcome.rejections),
                 backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
                 clipped_fraction=outcome.measurements.get("clipped_fraction"),

@@ -79,7 +79,9 @@ def _cohorts(cohorts: Any) -> str | None:
 def _dp(dp: Any) -> str | None:
     eps, delta = (dp.get("epsilon"), dp.get("delta")) if isinstance(dp, Mapping) else (None, None)
     ok = all(isinstance(v, float | int) and not isinstance(v, bool) for v in (eps, delta))
-    return f"DP ε {eps:.3f} at δ {delta:g}" if ok else None
+    adjacency = dp.get("adjacency") if ok else None  # absent from versions published before it was stored
+    neighbours = f" ({_short(adjacency)})" if isinstance(adjacency, str) and adjacency else ""
+    return f"DP ε {eps:.3f} at δ {delta:g}{neighbours}" if ok else None
 
 
 def _count(noun: str) -> Callable[[Any], str | None]:

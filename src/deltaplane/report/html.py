@@ -47,6 +47,7 @@ _COLUMNS = (
     # the baseline reads +0.28 (it read "points below baseline -0.28", a double negative)
     ("points vs baseline", "accuracy_drop_points", "{:+.2f}"),
     ("ε", "epsilon", "{:.3f}"),
+    ("ε neighbours", "dp_adjacency", "{}"),  # what ε holds for: add/remove, zero-out, replace-one
     ("refused updates", "rejected", "{}"),
     ("backdoor success", "backdoor_success", "{:.3f}"),
     ("wall time (s)", "wall_time_s", "{:.1f}"),
@@ -250,7 +251,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     columns = [
         c
         for c in _COLUMNS
-        if c[1] not in ("epsilon", "rejected", "backdoor_success", "accuracy_drop_points")
+        if c[1] not in ("epsilon", "dp_adjacency", "rejected", "backdoor_success", "accuracy_drop_points")
         or any(row.get(c[1]) for row in summary)
     ]
     head = "".join(f"<th>{escape(h)}</th>" for h, _, _ in columns)

@@ -60,6 +60,9 @@ class SummaryRow:
     #: estimated energy one mean participating device spent per round (training + radio), µJ per link
     #: (``{"wifi": …, "lte": …}``), None where the run carries no ``device_cost``
     device_round_uj: dict[str, float] | None = None
+    #: the neighbouring relation ``epsilon`` holds for ("add/remove", "zero-out" under distributed DP,
+    #: "replace-one" under local DP); None without DP or in a report.json written before it was recorded
+    dp_adjacency: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +128,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], baseline: str | None = None) ->
                 ratio_vs_raw=raw_sent / up if up > 0 else None,
                 wall_time_s=float(run["wall_time_s"]),
                 epsilon=final.get("epsilon"),
+                dp_adjacency=final.get("dp_adjacency"),
                 rejected=sum(int(r.get("rejected") or 0) for r in run["rounds"]),
                 backdoor_success=final.get("backdoor_success"),
                 accuracy_drop_points=(

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from deltaplane.engine import RunConfig, ServerStep
+from deltaplane.engine.scoring import dp_adjacency
 from deltaplane.errors import (
     ConfigError,
     Conflict,
@@ -1008,7 +1009,9 @@ def create_app(
         snap = state.fleet_snapshot()
         rounds = snap["open_rounds"] + snap["closed_rounds"]
         return snap | {
-            "revocations": revocations_status(config, rounds, now=time.time(), store=service_store)
+            "revocations": revocations_status(config, rounds, now=time.time(), store=service_store),
+            # the neighbours its ε holds for: the federation's DP (a service without one runs no DP)
+            "dp_adjacency": dp_adjacency(config.federation) if config.federation is not None else None,
         }
 
     mount_ui(

@@ -43,7 +43,7 @@ from deltaplane.engine import (
 )
 from deltaplane.engine.admission import examples_bound
 from deltaplane.engine.results import budget_stop
-from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
+from deltaplane.engine.scoring import backdoor_success, dp_adjacency, personal_metrics, round_epsilon
 from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import (
@@ -332,6 +332,7 @@ def _run(
                 seconds=time.perf_counter() - t0,
                 epsilon=round_epsilon(config, step, closed["measurements"]),
                 epsilon_vs_server=closed["measurements"].get("epsilon_vs_server"),
+                dp_adjacency=dp_adjacency(config),
                 rejected=rejected,
                 backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
                 clipped_fraction=closed["measurements"].get("clipped_fraction"),

@@ -46,7 +46,7 @@ from deltaplane.aggregation.secagg import (
 from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.aggregation.secagg.revocation import take_revocations
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
-from deltaplane.engine.scoring import round_epsilon
+from deltaplane.engine.scoring import dp_adjacency, round_epsilon
 from deltaplane.engine.secure import masked_zeros, secure_neighbours
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import (
@@ -65,6 +65,7 @@ from deltaplane.serve.client import (
     ServiceError,
     TokenRefused,
 )
+from deltaplane.serve.device_releases import read_releases, write_releases
 from deltaplane.serve.federation import drift_reference, holdout_summary
 from deltaplane.serve.reach import unreachable
 from deltaplane.serve.secagg_client import BINDING, SecAggDevice
@@ -76,6 +77,7 @@ __all__ = [
     "RoundSummary",
     "coordinate",
     "device_id",
+    "keep_releases",
     "load_device",
     "own_certificate_holds",
     "refresh_revocations",
@@ -120,6 +122,37 @@ class Device:
     #: where the device keeps the newest revocation list it took (:func:`refresh_revocations`; None: in memory
     #: only, so a restarted device could be handed an older list that is still current)
     revocations_file: Path | None = None
+    #: where the device keeps how many locally privatized updates it has released (:func:`keep_releases`;
+    #: None: in memory only, so a restarted device would count, and report its local ε, from zero again)
+    releases_file: Path | None = None
+    #: the release count last stored in :attr:`releases_file`
+    releases_stored: int = 0
+
+
+def keep_releases(dev: Device, path: Path) -> None:
+    """Count the device's local-DP releases in ``path`` (:mod:`~deltaplane.serve.device_releases`): continue
+    from the count stored there, and store the new one before each privatized update leaves the device
+    (:func:`_record_releases`), so its reported ε survives a restart. Without local DP, nothing is kept.
+
+    Raises:
+        ReleaseCountDamaged: the file is there but cannot be read as this device's count (never reset)."""
+    if dev.config.local_dp_noise <= 0:
+        return
+    stored = read_releases(path, device=dev.client.cid)
+    counted = dev.step.participations
+    counted[dev.client.cid] = max(stored, counted.get(dev.client.cid, 0))
+    dev.releases_file, dev.releases_stored = path, stored
+
+
+def _record_releases(dev: Device) -> None:
+    """Store the device's release count if the client step has just privatized an update: called after the
+    step ran and before anything of its update is sent, so a crash in between only over-counts."""
+    if dev.releases_file is None:
+        return
+    n = dev.step.participations.get(dev.client.cid, 0)
+    if n != dev.releases_stored:
+        write_releases(dev.releases_file, device=dev.client.cid, releases=n)
+        dev.releases_stored = n
 
 
 def load_device(conn: DeviceClient, config: RunConfig, partition: int, *, model: str) -> Device:
@@ -182,6 +215,7 @@ def plain_round(dev: Device, info: dict[str, Any]) -> bool:
         sessions.install(dev.conn.session(dev.model))
     with _uplink_kept_unless_sent(dev) as sent:
         up = dev.step.run(dev.client, dev.net, state, number, base)
+        _record_releases(dev)  # before the privatized update can leave
         if up.payload is None:
             dev.log(f"round {number}: no update ({up.error}); sitting it out")
             return False
@@ -251,6 +285,7 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
         return False
     with _uplink_kept_unless_sent(dev) as sent:
         up = dev.step.run(dev.client, dev.net, state, number, base)
+        _record_releases(dev)  # before the privatized update can leave
         if up.secure is None:
             dev.log(f"SecAgg round {number}: no update ({up.error}); sitting it out")
             return False
@@ -443,7 +478,7 @@ def report_pending(dev: Device) -> bool:
         round_id=number,
     )
     dev.rounds.append({"round": number, "version": version, **metrics})
-    eps = f", local ε {epsilon:.3f}" if epsilon is not None else ""
+    eps = f", local ε {epsilon:.3f} ({dp_adjacency(dev.config)})" if epsilon is not None else ""
     dev.log(f"round {number}: version {version} published; held-out accuracy {accuracy:.3f}{eps} reported")
     dev.pending = None
     return True
@@ -580,6 +615,9 @@ class RoundSummary:
     #: invited devices whose masked input the SecAgg sum does not hold, or with no upload in a plain round (a
     #: plain round's are named only when every uploader was one of the invited devices, else counted only)
     dropped: tuple[str, ...] = ()
+    #: the neighbouring relation ``epsilon`` is stated under (the federation's: "add/remove", "zero-out" under
+    #: distributed DP); None without central DP
+    dp_adjacency: str | None = None
 
     @property
     def dropouts(self) -> int:
@@ -596,6 +634,8 @@ class RoundSummary:
         if self.failed:
             return f"{head}: failed: {self.failed}{left}"
         eps = f", ε {self.epsilon:.3f}" if self.epsilon is not None else ""
+        if eps and self.dp_adjacency:
+            eps += f" ({self.dp_adjacency})"
         if self.measurements.get("secure_sum_published") == 0:  # distributed DP: too few for the noise
             eps += " (too few devices for the distributed noise: the sum was not published, ε still spent)"
         who = f": {', '.join(self.dropped)}" if self.dropped else ""
@@ -1060,7 +1100,7 @@ def coordinate(
             summary = RoundSummary(
                 index, kind, number, len(names) - len(revoked), n, version, measured.get("epsilon"),
                 time.perf_counter() - t0, dict(measured), authenticated=authenticated, revoked=revoked,
-                dropped=dropped,
+                dropped=dropped, dp_adjacency=dp_adjacency(config),
             )  # fmt: skip
             if version is None:  # closed without an update (no device uploaded): nothing was published
                 summary.failed = "no device took part; nothing was published"

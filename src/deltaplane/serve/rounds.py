@@ -493,6 +493,11 @@ class CloseRoundResponse(BaseModel):
     rejected: int = 0
     #: the aggregator chain's measurements: epsilon, clipped_fraction, clip, noise_std, server_step...
     measurements: dict[str, float] = Field(default_factory=dict)
+    dp_adjacency: str | None = Field(
+        default=None,
+        description="the neighbouring relation measurements.epsilon is stated under: 'add/remove' (central DP), "
+        "'zero-out' (distributed DP under SecAgg); null without DP noise",
+    )
 
 
 class RoundRecordInfo(BaseModel):
@@ -897,6 +902,7 @@ def round_router(
             full_bytes=version.size,
             rejected=len(outcome.rejections),
             measurements={k: float(v) for k, v in outcome.measurements.items()},
+            dp_adjacency=step.dp_adjacency,
         )
 
     @router.post(

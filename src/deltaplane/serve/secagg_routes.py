@@ -999,6 +999,7 @@ def install_secagg_routes(
                 "total_weight": weight,
                 "uplink_bytes": uplink,
                 "measurements": {k: float(v) for k, v in outcome.measurements.items()},
+                "dp_adjacency": step.dp_adjacency,  # what measurements.epsilon is stated under
             }
             closed = finish(r, "published")
         state.count("secagg.rounds_closed")

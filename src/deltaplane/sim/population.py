@@ -52,7 +52,7 @@ from deltaplane.engine import (
 )
 from deltaplane.engine.dgc import NormHistory
 from deltaplane.engine.results import budget_stop
-from deltaplane.engine.scoring import backdoor_success, round_epsilon
+from deltaplane.engine.scoring import backdoor_success, dp_adjacency, round_epsilon
 from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
@@ -454,6 +454,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                     seconds=seconds[-1],
                     epsilon=eps,
                     epsilon_vs_server=outcome.measurements.get("epsilon_vs_server"),
+                    dp_adjacency=dp_adjacency(config),
                     rejected=len(outcome.rejections),
                     backdoor_success=backdoor_success(model, task.test, getattr(step.attack, "target", None)),
                     clipped_fraction=outcome.measurements.get("clipped_fraction"),

@@ -41,7 +41,7 @@ from deltaplane.engine.federation import Client, build_clients
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
 from deltaplane.engine.metrics import score_round
 from deltaplane.engine.results import budget_stop
-from deltaplane.engine.scoring import backdoor_success, personal_metrics, round_epsilon
+from deltaplane.engine.scoring import backdoor_success, dp_adjacency, personal_metrics, round_epsilon
 from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import PrivacyBudgetExceeded, UnsupportedOption
@@ -450,6 +450,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 cumulative_downlink_bytes=cum_down,
                 epsilon=round_epsilon(config, step, outcome.measurements),
                 epsilon_vs_server=outcome.measurements.get("epsilon_vs_server"),
+                dp_adjacency=dp_adjacency(config),
                 rejected=len(outcome.rejections),
                 clipped_fraction=outcome.measurements.get("clipped_fraction"),
                 **personal,

@@ -307,6 +307,7 @@ _ROUND_COLUMNS = (
     ("uplink B", "uplink_bytes", "{:,}"),
     ("downlink B", "downlink_bytes", "{:,}"),
     ("ε", "epsilon", "{:.3f}"),
+    ("ε neighbours", "dp_adjacency", "{}"),  # what ε holds for: add/remove, zero-out, replace-one
     ("clipped", "clipped_fraction", "{:.2f}"),
     ("rejected", "rejected", "{}"),
     ("backdoor", "backdoor_success", "{:.3f}"),
@@ -799,6 +800,25 @@ def _revocations_panel(rev: Mapping[str, Any] | None) -> str:
     return f'<h2>Revocations</h2><div id="revocations" data-state="{escape(rev["state"])}">{"".join(parts)}</div>'
 
 
+#: what each ``dp_adjacency`` means, for the Fleet page's note above its ε columns
+_NEIGHBOURS = {
+    "add/remove": "one device, with all its data, added or removed (central DP)",
+    "zero-out": "one device's data replaced by none while it still takes part, its noise share kept (distributed DP "
+    "under SecAgg: removing a device would also remove its noise)",
+    "replace-one": "one device's data changed arbitrarily (local DP: each device's own ε)",
+}
+
+
+def _neighbours(adjacency: Any) -> str:
+    """The note saying which neighbouring datasets the page's ε holds for (nothing without DP)."""
+    if not isinstance(adjacency, str) or adjacency not in _NEIGHBOURS:
+        return ""
+    return (
+        f'<p class="muted">ε holds for <b data-field="dp_adjacency">{escape(adjacency)}</b> neighbours: '
+        f"{escape(_NEIGHBOURS[adjacency])}.</p>"
+    )
+
+
 def fleet_page(fleet: Mapping[str, Any] | None) -> str:
     if not fleet:
         return _page(
@@ -917,6 +937,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
             table_id="open-rounds",
         )
         + "<h2>Closed rounds</h2>"
+        + _neighbours(fleet.get("dp_adjacency"))
         + _table(
             [
                 "model",
