@@ -21,9 +21,13 @@ def cnn_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 class Service:
-    def __init__(self, home, **config):
+    """A service on a fresh registry whose model "cnn" is ``initial`` (default: :func:`cnn_state`)."""
+
+    def __init__(self, home, initial: dict[str, torch.Tensor] | None = None, **config):
         self.reg = Registry.create(home)
-        v1 = self.reg.register_model("cnn", cnn_state(0), lineage={"round": 0})
+        v1 = self.reg.register_model(
+            "cnn", cnn_state(0) if initial is None else initial, lineage={"round": 0}
+        )
         self.reg.set_tag("cnn", "production", v1.number)
         self.config = ServiceConfig(home=str(home), admin_token=ADMIN, device_secret="s" * 32, **config)
         self.app = create_app(self.config)

@@ -30,14 +30,37 @@ def test_a_local_dp_federation_is_not_opened_under_a_guard_that_refuses_its_nois
     service_factory, make_state
 ):
     noised = _noised_update(make_state(0))
-    # the default guard (10x the base model's norm) refuses such an update: every update of a round would be
+    # a guard of 10x the base model's norm, set by the operator, refuses such an update: every update would be
     with pytest.raises(InvalidUpdate, match="exceeds 10x"):
         check_update_norm(noised, make_state(0), 10.0)
-    svc = service_factory(federation=LOCAL_DP)
+    svc = service_factory(federation=LOCAL_DP, max_update_norm_ratio=10.0)
     with pytest.raises(ServiceError, match="max-update-norm-ratio") as info:
         svc.admin.open_round("cnn")
     assert info.value.status == 422 and "local DP noise" in info.value.detail
     assert svc.state.rounds == {}  # nothing was opened
+
+
+def test_the_default_guard_admits_an_honest_local_dp_update_and_still_bounds_updates(
+    service_factory, make_state
+):
+    """The default guard ("auto") widens to the norm an honest local-DP update reaches (clip 1, z 2 on the cnn's
+    6090 values: 1 + 2·(√6090 + 6) = 169.1; 10x the base norm is 77.6): the round opens and the noised update
+    (norm ≈ 156) is accepted. Before, the open was refused (422, --max-update-norm-ratio 22) unless the operator
+    widened the guard. An update twice that bound is still refused, with the bound named."""
+    svc = service_factory(federation=LOCAL_DP)
+    opened = svc.admin.open_round("cnn")
+    noised = _noised_update(make_state(0))
+    assert 150 < float(noised.norm()) < 169.1
+    payload = Compressor("identity").compress(noised, base_id="cnn", base_version=opened["base_version"])
+    assert svc.device("d0").upload("cnn", opened["round"], payload, num_examples=10)["accepted"]
+    scaled = Compressor("identity").compress(noised * 2.0, base_id="cnn", base_version=opened["base_version"])
+    with pytest.raises(ServiceError) as info:
+        svc.device("d1").upload("cnn", opened["round"], scaled, num_examples=10)
+    assert info.value.status == 422
+    assert (
+        "exceeds 169.1, the norm an honest update reaches with this federation's DP noise"
+        in info.value.detail
+    )
 
 
 def test_a_local_dp_federation_runs_without_the_guard(service_factory, make_state):
@@ -55,7 +78,7 @@ def test_serve_can_turn_the_norm_guard_off(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(serve_pkg, "serve", lambda app_, **kw: None)
     base = ["serve", "--home", str(tmp_path), "--admin-token", "x" * 20]
     for flag, want in [
-        ([], 10.0),
+        ([], "auto"),
         (["--max-update-norm-ratio", "0"], None),
         (["--max-update-norm-ratio", "30"], 30.0),
     ]:
@@ -208,7 +231,7 @@ def test_honest_local_dp_updates_at_the_largest_noise_the_service_admits_pass_it
 
     def admits(z: float) -> bool:
         run = RunConfig(clients=3, local_dp_noise=z, clip="1.0", downlink_codec="identity", codec="identity")
-        svc = Service(tmp_path / f"z{z:.6f}", federation=run)
+        svc = Service(tmp_path / f"z{z:.6f}", federation=run, max_update_norm_ratio=10.0)
         try:
             svc.admin.open_round("cnn")
         except ServiceError as exc:

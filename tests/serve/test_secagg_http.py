@@ -11,7 +11,7 @@ from deltaplane.delta import Delta
 from deltaplane.serve import ServiceError
 from deltaplane.serve.secagg_client import SecAggDevice
 
-from .conftest import ADMIN, record_bodies
+from .conftest import ADMIN, Service, record_bodies
 
 
 def _deltas(like: dict, n: int, seed: int) -> list[Delta]:
@@ -172,12 +172,16 @@ def test_transport_http_secagg_reproduces_the_in_process_run_exactly() -> None:
     assert http.transport["uploads_accepted"] == 0  # no plain upload endpoint was used: only SecAgg messages
 
 
-def _secagg_round_to_unmasking(svc, names: list[str], seed: int) -> int:
-    """Open a SecAgg round for ``names`` and walk every stage up to unmasking (every device answers)."""
+def _secagg_round_to_unmasking(
+    svc, names: list[str], seed: int, updates: list[Delta] | None = None, *, min_inputs: int | None = None
+) -> int:
+    """Open a SecAgg round for ``names`` and walk every stage up to unmasking (every device answers), each
+    masking its one of ``updates`` (default: seeded ones); ``min_inputs``: the devices' own m_min."""
     clients = {d: svc.device(d) for d in names}
     rnd = svc.admin.open_secagg("cnn", names, weight_scale=0)["round"]  # unweighted: every weight is 1
-    devs = [SecAggDevice(clients[d], "cnn", rnd) for d in names]
-    deltas = _deltas(svc.reg.load_state("cnn@1"), len(names), seed)
+    floor = {} if min_inputs is None else {"min_inputs": min_inputs}
+    devs = [SecAggDevice(clients[d], "cnn", rnd, **floor) for d in names]
+    deltas = _deltas(svc.reg.load_state("cnn@1"), len(names), seed) if updates is None else updates
     for i, (dev, delta) in enumerate(zip(devs, deltas, strict=True)):
         dev.set_update(delta, 1, np.random.default_rng([seed, i]))
     for stage in ("advertise", "share", "upload", "unmask"):
@@ -745,14 +749,15 @@ def _honest_ddp_updates(run, like: dict, n: int, seed: int) -> list[Delta]:
 
 
 def test_a_distributed_dp_round_whose_honest_noisy_mean_the_guard_refuses_is_not_opened(tmp_path) -> None:
-    """Distributed DP on the cnn (6090 parameters, norm 7.76: guard 77.6) with z 3 and m_min 3: the mean of 3
-    devices carries noise of std z·C/3 = 1 per value, norm ≈ 78 + the clipped signal. The service opened the
-    round, ran every stage and refused the mean at close (422), every round. Now the open is refused (422),
-    naming the ratio to restart with and the threshold to open with, and nothing is recorded; both work."""
+    """Distributed DP on the cnn (6090 parameters, norm 7.76: an operator's guard of 10x is 77.6) with z 3 and
+    m_min 3: the mean of 3 devices carries noise of std z·C/3 = 1 per value, norm ≈ 78 + the clipped signal.
+    The service opened the round, ran every stage and refused the mean at close (422), every round. Now the
+    open is refused (422), naming the ratio to restart with and the threshold to open with, and nothing is
+    recorded; both work. (The default guard widens to the honest bound by itself: test_the_docs_fleet_file_...)"""
     from .conftest import Service
 
     names = ["a", "b", "c", "d"]
-    svc = Service(tmp_path / "refused", federation=_ddp(3.0, clients=4))
+    svc = Service(tmp_path / "refused", federation=_ddp(3.0, clients=4), max_update_norm_ratio=10.0)
     for d in names:
         svc.device(d)
     with pytest.raises(ServiceError) as refused:
@@ -769,36 +774,23 @@ def test_a_distributed_dp_round_whose_honest_noisy_mean_the_guard_refuses_is_not
 
 
 def test_a_distributed_dp_round_just_inside_the_guard_opens_and_publishes(tmp_path) -> None:
-    """z 2.7 (the service admits up to about 2.73 on the cnn with 3 devices): honest devices, each adding its
-    own noise, walk every stage and the close publishes the noisy mean, which passes the guard."""
+    """z 2.7 (an operator's guard of 10x admits up to about 2.73 on the cnn with 3 devices): honest devices,
+    each adding its own noise, walk every stage and the close publishes the noisy mean, which passes the guard."""
     from deltaplane.aggregation.dp import DistributedDP
 
     from .conftest import Service
 
     run = _ddp(2.7)
-    svc = Service(tmp_path / "h", federation=run)
-    names = ["a", "b", "c"]
-    clients = {d: svc.device(d) for d in names}
-    rnd = svc.admin.open_secagg("cnn", names, weight_scale=0)["round"]
-    devs = [SecAggDevice(clients[d], "cnn", rnd, min_inputs=run.unmask_floor()) for d in names]
-    for i, (dev, update) in enumerate(
-        zip(devs, _honest_ddp_updates(run, svc.reg.load_state("cnn@1"), 3, 7), strict=True)
-    ):
-        dev.set_update(update, 1, np.random.default_rng([7, i]))
-    for stage in ("advertise", "share", "upload", "unmask"):
-        for dev in devs:
-            getattr(dev, stage)()
-        if stage != "unmask":
-            svc.admin.advance_secagg("cnn", rnd)
-    closed = svc.admin.close_secagg("cnn", rnd)
+    svc = Service(tmp_path / "h", federation=run, max_update_norm_ratio=10.0)  # admitted without widening
+    closed = _walk_secagg(svc, run, _honest_ddp_updates(run, svc.reg.load_state("cnn@1"), 3, 7), seed=7)
     assert closed["published"]["version"] == 2
     assert closed["published"]["measurements"]["secure_sum_published"] == 1.0
     assert isinstance(svc.state.steps["cnn"].aggregator.find(DistributedDP), DistributedDP)
 
 
 def test_honest_distributed_dp_means_at_the_largest_z_the_service_admits_pass_its_guard(tmp_path) -> None:
-    """The admission check is not too tight: find the largest z the service opens a 3-device round for (by
-    asking it), then draw 300 honest rounds there as devices and SecAgg make them (each device's own noise,
+    """The admission check is not too tight: find the largest z the service opens a 3-device round for under
+    an operator's guard of 10x (by asking it), then draw 300 honest rounds there as devices and SecAgg make them (each device's own noise,
     stochastic rounding into the ring, the exact sum of the codes, the close's decoding) and put each mean
     through the close's guard: none is refused. (Before, the service admitted any z: at the top of the
     search, z 4, every mean was refused.)"""
@@ -810,7 +802,7 @@ def test_honest_distributed_dp_means_at_the_largest_z_the_service_admits_pass_it
     names = ["a", "b", "c"]
 
     def admits(z: float) -> bool:
-        svc = Service(tmp_path / f"z{z:.6f}", federation=_ddp(z))
+        svc = Service(tmp_path / f"z{z:.6f}", federation=_ddp(z), max_update_norm_ratio=10.0)
         for d in names:
             svc.device(d)
         try:
@@ -841,6 +833,66 @@ def test_honest_distributed_dp_means_at_the_largest_z_the_service_admits_pass_it
         except InvalidUpdate:
             refused += 1
     assert refused == 0, f"{refused} of 300 honest means at z {lo:.3f} refused by the guard"
+
+
+def _docs_fleet_file_on_digits(tmp_path):
+    """docs/fleet.md's federation file (SecAgg, clip 2, dp_noise 0.8, 3 devices) on the built-in ``digits`` task
+    instead of the guide's ``mytask``, and the initial model ``fleet init`` registers for it."""
+    import re
+    from pathlib import Path
+
+    from deltaplane.engine import RunConfig, make_task
+    from deltaplane.engine.seeding import Stream, derive_seed
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "fleet.md").read_text()
+    yaml = next(b for b in re.findall(r"```yaml\n(.*?)```", guide, re.S) if b.startswith("task:"))
+    assert 'task: {path: "mytask:make_task"}' in yaml and "dp_noise: 0.8" in yaml
+    (tmp_path / "fleet.yaml").write_text(yaml.replace('"mytask:make_task"', "digits"))
+    run = RunConfig.from_yaml(tmp_path / "fleet.yaml")
+    return run, make_task(run).build_model(derive_seed(run.seed, Stream.MODEL_INIT)).state_dict()
+
+
+def _walk_secagg(svc, run, updates: list[Delta], *, seed: int = 11) -> dict:
+    """Open a SecAgg round of ``svc`` (federation ``run``) for one device per update, walk every stage (each
+    device's ring rounding seeded by ``seed`` and its index), close it."""
+    names = [f"d{i}" for i in range(len(updates))]
+    rnd = _secagg_round_to_unmasking(svc, names, seed, updates, min_inputs=run.unmask_floor())
+    return svc.admin.close_secagg("cnn", rnd)
+
+
+def test_the_docs_fleet_file_on_digits_opens_and_publishes_under_the_default_guard(tmp_path) -> None:
+    """docs/fleet.md §1's file on the built-in digits task (18,346 parameters, base norm 5.76: 10x is 57.6).
+    The mean of its 3 devices carries noise of std z·C/3 = 0.533 per value, norm ≈ 0.533·√18346 = 72.2, so
+    every honest round needs a guard of 77.4 (clip + 0.533·(√d + 6)): the service refused every open (422,
+    "restart with --max-update-norm-ratio 14"), on the project's own task. The default guard now widens to
+    that bound: the round opens, honest devices publish a mean whose norm is above 10x the base norm."""
+    from deltaplane.serve.rounds import _base_norm
+
+    run, initial = _docs_fleet_file_on_digits(tmp_path)
+    svc = Service(tmp_path / "h", initial=initial, federation=run)
+    closed = _walk_secagg(svc, run, _honest_ddp_updates(run, initial, 3, 5))
+    assert closed["published"]["version"] == 2
+    published = svc.reg.load_state("cnn@2")
+    moved = Delta({k: published[k].double() - v.double() for k, v in initial.items()})
+    assert 10 * _base_norm(initial) < float(moved.norm()) < 77.44  # the old guard refused it; the new admits
+
+
+def test_the_default_guard_still_refuses_an_oversized_secagg_mean_under_distributed_dp(tmp_path) -> None:
+    """The widened guard still bounds the mean: on the same federation, one device of three masks an in-range
+    update at the ring's edge (each value +range): the mean's norm (365.6) is far above what
+    honest noise reaches (77.44), and the close refuses it (422), naming that bound; nothing is published."""
+    run, initial = _docs_fleet_file_on_digits(tmp_path)
+    svc = Service(tmp_path / "h", initial=initial, federation=run)
+    honest = _honest_ddp_updates(run, initial, 2, 5)
+    rogue = Delta({k: torch.full_like(v, run.secagg_range) for k, v in initial.items()})
+    with pytest.raises(ServiceError) as err:
+        _walk_secagg(svc, run, [*honest, rogue])
+    assert err.value.status == 422
+    assert (
+        "update norm 365.6 exceeds 77.44, the norm an honest update reaches with this federation's DP noise"
+        in err.value.detail
+    )
+    assert [v.number for v in svc.reg.versions("cnn")] == [1]
 
 
 def test_a_models_versions_say_which_kind_of_round_published_them(service) -> None:

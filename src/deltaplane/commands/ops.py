@@ -1595,12 +1595,16 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="Connections held at once; a request beyond them gets 503.")
         ] = 1000,
         max_update_norm_ratio: Annotated[
-            float,
+            float | None,
             typer.Option(
                 min=0,
-                help="Refuse uploads whose norm exceeds this many times the base model's (0: no guard).",
+                help=(
+                    "Refuse uploads whose norm exceeds this many times the base model's (0: no guard). Default: "
+                    "10, or the norm an honest update reaches with the federation's DP noise if larger."
+                ),
+                show_default=False,
             ),
-        ] = 10.0,
+        ] = None,
         tls_cert: TlsCert = None,
         tls_key: TlsKey = None,
         tls_client_ca: Annotated[
@@ -1680,7 +1684,9 @@ def register(app: typer.Typer) -> None:
                 body_timeout_s=body_timeout,
                 max_examples=max_examples,
                 max_connections=max_connections,
-                max_update_norm_ratio=max_update_norm_ratio or None,
+                max_update_norm_ratio=(
+                    "auto" if max_update_norm_ratio is None else max_update_norm_ratio or None
+                ),
                 session_idle_s=round(session_idle_minutes * 60),
                 session_max_s=round(session_max_hours * 3600),
                 flush_every_s=flush_every,

@@ -81,7 +81,7 @@ from deltaplane.serve.revocation_routes import (
     install_revocation_routes,
     revocations_status,
 )
-from deltaplane.serve.rounds import MAX_EXAMPLES, RoundState, restore_rounds, round_router
+from deltaplane.serve.rounds import MAX_EXAMPLES, NormRatio, RoundState, restore_rounds, round_router
 from deltaplane.serve.rounds_store import RoundStore
 from deltaplane.serve.secagg_routes import install_secagg_routes
 from deltaplane.serve.service_store import ServiceStore
@@ -127,8 +127,13 @@ class ServiceConfig:
             fields must keep their defaults (they would be ignored otherwise).
         server_lr: scale of the averaged update applied when a round closes.
         downlink_cache_bytes: byte budget of planned downlinks kept in memory (least recently used evicted).
-        max_update_norm_ratio: an upload whose L2 norm exceeds this many times the base model's norm (at
-            least 1.0) is refused with 422 (None: no bound); NaN/Inf updates are always refused.
+        max_update_norm_ratio: an upload (or a SecAgg round's unmasked mean) whose L2 norm exceeds this many
+            times the base model's norm (at least 1.0) is refused with 422 (None: no bound); NaN/Inf updates are
+            always refused. "auto" (the default): 10x, or, when the federation's devices add DP noise (local DP,
+            or distributed DP under SecAgg), the norm an honest noised update reaches if that is larger (its
+            clip plus the noise's norm σ·(√d + 6): ``deltaplane.serve.rounds.guard_bound``), since that noise
+            alone exceeds 10x a small model's norm. An explicit ratio is applied as given, and a round whose
+            honest noise it would refuse is refused at open, naming the ratio that would admit it.
         max_connections: connections (and requests in flight) the server holds at once, the new request's own
             included; a request beyond it gets 503 at once (uvicorn's ``limit_concurrency``), so a connection
             flood cannot exhaust file descriptors or memory.
@@ -172,7 +177,7 @@ class ServiceConfig:
     downlink_seed: int = 0
     server_lr: float = 1.0
     federation: RunConfig | None = None
-    max_update_norm_ratio: float | None = 10.0
+    max_update_norm_ratio: NormRatio = "auto"
     max_examples: float = 100_000
     max_connections: int = 1000
     downlink_cache_bytes: int = 256 << 20
@@ -211,7 +216,13 @@ class ServiceConfig:
                 check_real_devices(self.federation)
         if self.max_upload_bytes < 1024:
             raise ConfigError(f"max_upload_bytes must be at least 1024. Found {self.max_upload_bytes}")
-        if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 0:
+        if isinstance(self.max_update_norm_ratio, str):
+            if self.max_update_norm_ratio != "auto":
+                raise ConfigError(
+                    f"max_update_norm_ratio must be a positive number, 'auto' or None. Found "
+                    f"{self.max_update_norm_ratio!r}"
+                )
+        elif self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 0:
             raise ConfigError(f"max_update_norm_ratio must be positive. Found {self.max_update_norm_ratio}")
         if self.max_json_bytes < 1024:
             raise ConfigError(f"max_json_bytes must be at least 1024. Found {self.max_json_bytes}")

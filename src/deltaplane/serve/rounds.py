@@ -66,7 +66,9 @@ if TYPE_CHECKING:
     from deltaplane.serve.app import ServiceConfig, ServiceState
 
 __all__ = [
+    "DEFAULT_NORM_RATIO",
     "MAX_EXAMPLES",
+    "NormRatio",
     "RegistryPublisher",
     "RoundState",
     "abort_reason",
@@ -76,7 +78,10 @@ __all__ = [
     "check_guard_admits_noise",
     "check_round_binding",
     "check_update_norm",
+    "distributed_dp_honest_bound",
+    "guard_bound",
     "honest_norm_bound",
+    "local_dp_honest_bound",
     "refusal_of",
     "refuse_plaintext_under_secagg",
     "remembering_refusal",
@@ -212,18 +217,45 @@ def _base_norm(base: dict[str, Any]) -> float:
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in base.values() if v.is_floating_point()))
 
 
-def check_update_norm(delta: Delta, base: dict[str, Any], ratio: float | None) -> None:
-    """Refuse updates that are not finite or absurdly large relative to the model they change."""
+#: the update-norm guard's ratio when the operator sets none (``ServiceConfig.max_update_norm_ratio`` "auto"):
+#: an update may reach this many times the base model's norm (at least 1), or, in a federation whose devices
+#: add DP noise, the norm an honest noised update reaches (:func:`honest_norm_bound`) if that is larger
+DEFAULT_NORM_RATIO = 10.0
+
+#: ``max_update_norm_ratio``: a ratio, None (no guard) or "auto" (:data:`DEFAULT_NORM_RATIO`, widened to the
+#: honest bound of the federation's DP noise)
+NormRatio = float | Literal["auto"] | None
+
+
+def guard_bound(base_norm: float, ratio: NormRatio, honest: float = 0.0) -> float | None:
+    """The update-norm guard's bound: ``ratio`` × the base model's norm (at least 1); under "auto",
+    :data:`DEFAULT_NORM_RATIO` × that, or ``honest`` (what an honest update of the federation's DP noise reaches,
+    0 without DP) if larger. An explicit ratio is the operator's: it is not widened (the round opens check it
+    admits the honest noise instead: :func:`check_guard_admits_noise`). None: no guard."""
+    if ratio is None:
+        return None
+    if isinstance(ratio, str):  # "auto"
+        return max(DEFAULT_NORM_RATIO * max(base_norm, 1.0), honest)
+    return ratio * max(base_norm, 1.0)
+
+
+def check_update_norm(delta: Delta, base: dict[str, Any], ratio: NormRatio, *, honest: float = 0.0) -> None:
+    """Refuse updates that are not finite or absurdly large relative to the model they change (the bound:
+    :func:`guard_bound`; ``honest`` is the norm an honest update of the federation's DP noise reaches)."""
     norm = float(delta.norm())
     if not math.isfinite(norm):
         raise InvalidUpdate(f"update norm is {norm}; refusing a non-finite update")
-    if ratio is None:
-        return
-    base_norm = _base_norm(base)
-    bound = ratio * max(base_norm, 1.0)
-    if norm > bound:
+    base_norm = _base_norm(base) if ratio is not None else 0.0
+    bound = guard_bound(base_norm, ratio, honest)
+    if bound is not None and norm > bound:
+        if ratio == "auto" and honest > DEFAULT_NORM_RATIO * max(base_norm, 1.0):
+            raise InvalidUpdate(
+                f"update norm {norm:.4g} exceeds {bound:.4g}, the norm an honest update reaches with this "
+                f"federation's DP noise (the base model's norm is {base_norm:.4g}); refused"
+            )
+        shown = DEFAULT_NORM_RATIO if ratio == "auto" else ratio
         raise InvalidUpdate(
-            f"update norm {norm:.4g} exceeds {ratio:g}x the base model's norm ({base_norm:.4g}); refused"
+            f"update norm {norm:.4g} exceeds {shown:g}x the base model's norm ({base_norm:.4g}); refused"
         )
 
 
@@ -244,7 +276,7 @@ def honest_norm_bound(signal: float, noise_std: float, shared: int) -> float:
 def check_guard_admits_noise(
     bound_needed: float,
     base: dict[str, Any],
-    ratio: float | None,
+    ratio: NormRatio,
     *,
     what: str,
     unguarded: str,
@@ -255,8 +287,9 @@ def check_guard_admits_noise(
     model's norm, at least 1) is below that: the guard would refuse them, after all of the round's work.
 
     ``what`` says whose noise and what it checks, ``unguarded`` what still bounds updates without the guard,
-    ``fix`` another way out than widening the guard (or "")."""
-    if ratio is None:
+    ``fix`` another way out than widening the guard (or ""). The default guard ("auto") widens to the honest
+    bound by itself (:func:`guard_bound`): only an operator's explicit ratio can be too tight."""
+    if not isinstance(ratio, float | int):  # None: no guard; "auto" widens to the honest bound
         return
     base_norm = _base_norm(base)
     floor = max(base_norm, 1.0)
@@ -270,38 +303,63 @@ def check_guard_admits_noise(
         )
 
 
+def local_dp_honest_bound(run: "RunConfig | None", base: dict[str, Any], local_keys: frozenset[str]) -> float:
+    """The norm an honest device's update reaches under local DP (0 without it): clipped to ``clip``, plus
+    Gaussian noise of std ``local_dp_noise·clip`` on each of its shared values (:func:`honest_norm_bound`)."""
+    if run is None or run.local_dp_noise <= 0:
+        return 0.0
+    clip = float(run.clip)  # type: ignore[arg-type]  # local DP needs a numeric clip (RunConfig checks)
+    return honest_norm_bound(clip, run.local_dp_noise * clip, _shared(base, local_keys))
+
+
+def _shared(base: dict[str, Any], local_keys: frozenset[str]) -> int:
+    return sum(v.numel() for k, v in base.items() if v.is_floating_point() and k not in local_keys)
+
+
 def check_guard_admits_local_dp(
-    run: "RunConfig | None", base: dict[str, Any], local_keys: frozenset[str], ratio: float | None
+    run: "RunConfig | None", base: dict[str, Any], local_keys: frozenset[str], ratio: NormRatio
 ) -> None:
     """Refuse to open a round of a local-DP federation whose noised updates the norm guard would refuse.
 
     Under local DP each device clips its update to ``clip`` and adds Gaussian noise of std ``z·clip`` per
     coordinate itself, so an honest update's norm is about ``clip·(1 + z·√d)`` (``d`` shared parameters), and
-    below ``clip·(1 + z·(√d + 6))`` but with probability 1.5·10⁻⁸ (:func:`honest_norm_bound`): far above 10x
-    the norm of a small model. A guard below that refuses every update of the round; the operator must widen
-    or remove it (the federation's ``max_update_norm``, if set, still bounds updates).
+    below ``clip·(1 + z·(√d + 6))`` but with probability 1.5·10⁻⁸ (:func:`local_dp_honest_bound`): far above
+    10x the norm of a small model. The default guard widens to it; an explicit ratio below it would refuse
+    every update of the round, so the operator must widen or remove it (the federation's ``max_update_norm``,
+    if set, still bounds updates).
     """
     if run is None or run.local_dp_noise <= 0 or ratio is None:
         return
     clip = float(run.clip)  # type: ignore[arg-type]  # local DP needs a numeric clip (RunConfig checks)
-    shared = sum(v.numel() for k, v in base.items() if v.is_floating_point() and k not in local_keys)
     check_guard_admits_noise(
-        honest_norm_bound(clip, run.local_dp_noise * clip, shared),
+        local_dp_honest_bound(run, base, local_keys),
         base,
         ratio,
         what=(
             f"this federation's devices add local DP noise (local_dp_noise={run.local_dp_noise:g}, "
-            f"clip={clip:g}, {shared} shared parameters): an honest update"
+            f"clip={clip:g}, {_shared(base, local_keys)} shared parameters): an honest update"
         ),
         unguarded="the federation's max_update_norm, if set, still bounds each update",
     )
+
+
+def distributed_dp_honest_bound(
+    ddp: "DistributedDP", shared: int, *, contributors: int, ring_step: float
+) -> float:
+    """The norm the honest noisy mean of ``contributors`` devices of distributed DP reaches: each clips to C and
+    adds N(0, σ_d²), then rounds stochastically to the ring's step (variance at most step²/4); the mean divides
+    their sum by their number, so each of its ``shared`` values carries noise of std √((σ_d² + step²/4)/m),
+    and the mean of clipped updates has norm at most C (:func:`honest_norm_bound`)."""
+    clip = float(ddp.clipper.estimator.value)
+    std = math.sqrt((ddp.device_noise_std**2 + ring_step**2 / 4) / contributors)
+    return honest_norm_bound(clip, std, shared)
 
 
 def check_guard_admits_distributed_dp(
     ddp: "DistributedDP",
     base: dict[str, Any],
     shared: int,
-    ratio: float | None,
+    ratio: NormRatio,
     *,
     fewest: int,
     ring_step: float,
@@ -313,15 +371,16 @@ def check_guard_admits_distributed_dp(
     the ring's step (unbiased, variance at most step²/4); the close divides the sum of the m survivors by m,
     so each value of the mean carries noise of std √((σ_d² + step²/4)/m), largest for the fewest survivors
     the round can publish: ``fewest`` = max(m_min, SecAgg's threshold) (the server unmasks no fewer). The
-    mean of clipped updates has norm at most C; :func:`honest_norm_bound` adds the noise's. On a small model
-    with few devices and a large z that is above the guard, which would refuse every round at close.
+    mean of clipped updates has norm at most C; :func:`distributed_dp_honest_bound` adds the noise's. On a
+    small model that is above 10x its norm (the docs' fleet file on ``digits``: 77.4 against 57.6), so the
+    default guard widens to it at close; an explicit ratio below it would refuse every round at close.
     """
-    if ratio is None:
+    if not isinstance(ratio, float | int):  # None: no guard; "auto" widens to the honest bound
         return
     clip = float(ddp.clipper.estimator.value)
     sigma = ddp.device_noise_std
     std = math.sqrt((sigma**2 + ring_step**2 / 4) / fewest)
-    needed = honest_norm_bound(clip, std, shared)
+    needed = distributed_dp_honest_bound(ddp, shared, contributors=fewest, ring_step=ring_step)
     # the fewest survivors whose mean would pass: (noise std)² falls as 1/m
     room = ratio * max(_base_norm(base), 1.0) - clip
     enough = (
@@ -669,7 +728,8 @@ def round_router(
             delta = decompress(
                 payload, expect_base=(model, r.base_version), expect_layout=layout, session=session
             )
-            check_update_norm(delta, base, config.max_update_norm_ratio)
+            honest = local_dp_honest_bound(config.federation, base, state.steps[model].local_keys)
+            check_update_norm(delta, base, config.max_update_norm_ratio, honest=honest)
             return delta
 
         delta = await run_in_threadpool(validate)

@@ -120,6 +120,7 @@ from deltaplane.serve.rounds import (
     abort_reason,
     check_guard_admits_distributed_dp,
     check_update_norm,
+    distributed_dp_honest_bound,
     remembering_refusal,
     resume_step,
     step_bytes,
@@ -954,8 +955,23 @@ def install_secagg_routes(
                 f"{exc}. Leave this round unpublished (abort it: POST /admin/models/{model}/secagg/{number}/abort) "
                 "and open a new SecAgg round without the faulty device",
             ) from None
-        # the same guard as a plain upload: in-range inputs can still poison the mean (InvalidUpdate, 422)
-        check_update_norm(mean, state.base_state(model, r.base_version), config.max_update_norm_ratio)
+        # the same guard as a plain upload: in-range inputs can still poison the mean (InvalidUpdate, 422); the
+        # default one admits what the honest noisy mean of these survivors reaches under distributed DP
+        with state.lock:
+            ddp = resume_step(config, state, store, model, r.base_version).aggregator.find(DistributedDP)
+        honest = (
+            distributed_dp_honest_bound(
+                ddp,
+                r.like.numel(),
+                contributors=len(survivors),
+                ring_step=2 * r.encoding.clip_range / ((1 << r.encoding.bits) - 1),
+            )
+            if isinstance(ddp, DistributedDP)
+            else 0.0
+        )
+        check_update_norm(
+            mean, state.base_state(model, r.base_version), config.max_update_norm_ratio, honest=honest
+        )
         governance, lineage = round_governance(r, survivors)
         uplink = sum(r.endpoint.server.bytes_received.values())
         with state.lock:
