@@ -363,8 +363,17 @@ def sign_consensus_mask(weighted: Tensor, method: str = "sum") -> Tensor:
 
 def della_probabilities(a: Tensor, density: float, epsilon: float) -> Tensor:
     """DELLA's keep probabilities for magnitudes ``a`` (at least 2-D): ranked along dimension 1 as mergekit does,
-    ``density − ε`` for the smallest entry up to ``density + ε`` for the largest; ties ranked by index."""
-    ranks = torch.argsort(torch.argsort(a, dim=1, stable=True), dim=1, stable=True).to(a.dtype)
+    ``density − ε`` for the smallest entry up to ``density + ε`` for the largest; ties ranked by index.
+
+    mergekit ranks with two argsorts (``argsort(argsort(a))``); the second only inverts a permutation, which a
+    scatter does exactly in one pass. Finite float32 magnitudes with no sign bit set (``abs`` clears ``-0.0``'s)
+    order as their bit patterns read as int32, which PyTorch sorts about 1.4× faster than float32. Both give the
+    same ranks, so the same probabilities bit for bit (tests/merging/test_chunked.py).
+    """
+    key = a.view(torch.int32) if a.dtype == torch.float32 and not bool(torch.signbit(a).any()) else a
+    order = torch.argsort(key, dim=1, stable=True)
+    index = torch.arange(a.shape[1], device=a.device).view(1, -1, *[1] * (a.dim() - 2)).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, index).to(a.dtype)
     n = a.shape[1]
     rank_norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
     return (density - epsilon) + rank_norm * (2 * epsilon)
