@@ -367,14 +367,22 @@ def della_probabilities(a: Tensor, density: float, epsilon: float) -> Tensor:
 
     mergekit ranks with two argsorts (``argsort(argsort(a))``); the second only inverts a permutation, which a
     scatter does exactly in one pass. Finite float32 magnitudes with no sign bit set (``abs`` clears ``-0.0``'s)
-    order as their bit patterns read as int32, which PyTorch sorts about 1.4× faster than float32. Both give the
-    same ranks, so the same probabilities bit for bit (tests/merging/test_chunked.py).
+    order as their bit patterns read as int32; with the row number above those 31 bits, one stable sort of the
+    flattened int64 keys (a radix sort in PyTorch's CPU build) orders every row at once, ties by index, about 3×
+    faster than a float32 argsort per row. Same ranks, so the same probabilities bit for bit
+    (tests/merging/test_chunked.py).
     """
-    key = a.view(torch.int32) if a.dtype == torch.float32 and not bool(torch.signbit(a).any()) else a
-    order = torch.argsort(key, dim=1, stable=True)
-    index = torch.arange(a.shape[1], device=a.device).view(1, -1, *[1] * (a.dim() - 2)).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, index).to(a.dtype)
     n = a.shape[1]
+    rows = a.movedim(1, -1)  # (..., n): each ranked row last
+    if a.dtype == torch.float32 and not bool(torch.signbit(a).any()):
+        bits = rows.reshape(-1, n).view(torch.int32).to(torch.int64)
+        first = torch.arange(bits.shape[0], device=a.device).view(-1, 1)
+        order = torch.argsort((bits | (first << 31)).reshape(-1), stable=True).view(-1, n) - first * n
+        order = order.view(rows.shape)
+    else:
+        order = torch.argsort(rows, dim=-1, stable=True)
+    index = torch.arange(n, device=a.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, index).movedim(-1, 1).to(a.dtype)
     rank_norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
     return (density - epsilon) + rank_norm * (2 * epsilon)
 
