@@ -690,24 +690,29 @@ def test_card_says_what_the_merged_models_are(tmp_path: Path) -> None:
         assert said in card, card
 
 
+def _tiny_llamas(root: Path, tied: dict[str, bool]) -> None:
+    """Tiny random Llamas saved by transformers, named by ``tied``'s keys, tied embeddings where it says."""
+    transformers = pytest.importorskip("transformers")
+    for seed, (name, tie) in enumerate(tied.items()):
+        torch.manual_seed(seed)
+        llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             tie_word_embeddings=tie)  # fmt: skip
+        model = transformers.LlamaForCausalLM(llama_cfg)
+        with torch.no_grad():
+            for q in model.parameters():
+                q.add_(torch.randn_like(q))
+        model.save_pretrained(root / name, safe_serialization=True)
+
+
 def test_a_tied_model_lends_its_embedding_as_the_head_like_mergekit(tmp_path: Path) -> None:
     """A model saved with ``tie_word_embeddings: true`` has no ``lm_head.weight``: mergekit reads its embedding in
     its place (the architecture's ``tied_names``), as ``transformers`` does when loading it, so it merges with an
     untied fine-tune of the same architecture. It was refused ("lacks tensor(s) ['lm_head.weight']")."""
-    transformers = pytest.importorskip("transformers")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    for seed, (name, tied) in enumerate([("a", False), ("t", True)]):
-        torch.manual_seed(seed)
-        llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                             tie_word_embeddings=tied)  # fmt: skip
-        model = transformers.LlamaForCausalLM(llama_cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        model.save_pretrained(tmp_path / name, safe_serialization=True)
+    _tiny_llamas(tmp_path, {"a": False, "t": True})
     assert "lm_head.weight" not in load_file(tmp_path / "t" / "model.safetensors")
     cfg = {"merge_method": "linear", "dtype": "float32",
            "models": [{"model": str(tmp_path / m), "parameters": {"weight": w}} for m, w in (("a", 0.7), ("t", 0.3))]}  # fmt: skip
@@ -723,20 +728,6 @@ def test_a_tied_model_lends_its_embedding_as_the_head_like_mergekit(tmp_path: Pa
         "'model.embed_tokens.weight' is merged in its place, as transformers loads it and as mergekit reads it"
     ]  # and not also said to be a non-floating tensor copied from the reference
     assert json.loads((tmp_path / "dp" / "config.json").read_text())["tie_word_embeddings"] is False
-
-
-def _tiny_llamas(root: Path, tied: dict[str, bool]) -> None:
-    transformers = pytest.importorskip("transformers")
-    for seed, (name, tie) in enumerate(tied.items()):
-        torch.manual_seed(seed)
-        llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                             tie_word_embeddings=tie)  # fmt: skip
-        model = transformers.LlamaForCausalLM(llama_cfg)
-        with torch.no_grad():
-            for q in model.parameters():
-                q.add_(torch.randn_like(q))
-        model.save_pretrained(root / name, safe_serialization=True)
 
 
 @pytest.mark.parametrize(
