@@ -386,3 +386,19 @@ def test_shrink_zeroes_what_the_mask_drops(dtype: torch.dtype) -> None:
         got = torch.cat([rule.shrink_(c.clone()) for c in tau.split(40)])
         assert torch.equal(got, want), k
         assert int((got != 0).sum()) == min(k, int((tau != 0).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_della_ranks_equal_mergekits_two_argsorts(dtype: torch.dtype) -> None:
+    """DELLA's probabilities rank with one argsort (of the int32 bit patterns, for float32) and a scatter, not
+    mergekit's ``argsort(argsort(a))``: the same ranks bit for bit, ties (many, after rounding) by index, zeros,
+    ``-0.0`` (whose bit pattern would sort first as int32, so such an input keeps the float sort) and one row."""
+    from deltaplane.merging.task_arithmetic import della_probabilities
+
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(7, 300, generator=g) * 4).round().abs().to(dtype)  # integers: ties in every row
+    a[0, :5] = 0.0
+    for x in (a, a.reshape(1, -1), torch.where(a == 0, -0.0, a), a.reshape(3, 7, 100)):  # 3-D: along dim 1
+        ranks = torch.argsort(torch.argsort(x, dim=1, stable=True), dim=1, stable=True).to(x.dtype)
+        want = (0.5 - 0.2) + ranks / (x.shape[1] - 1) * (2 * 0.2)
+        assert torch.equal(della_probabilities(x, 0.5, 0.2), want)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -689,24 +690,29 @@ def test_card_says_what_the_merged_models_are(tmp_path: Path) -> None:
         assert said in card, card
 
 
+def _tiny_llamas(root: Path, tied: dict[str, bool]) -> None:
+    """Tiny random Llamas saved by transformers, named by ``tied``'s keys, tied embeddings where it says."""
+    transformers = pytest.importorskip("transformers")
+    for seed, (name, tie) in enumerate(tied.items()):
+        torch.manual_seed(seed)
+        llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             tie_word_embeddings=tie)  # fmt: skip
+        model = transformers.LlamaForCausalLM(llama_cfg)
+        with torch.no_grad():
+            for q in model.parameters():
+                q.add_(torch.randn_like(q))
+        model.save_pretrained(root / name, safe_serialization=True)
+
+
 def test_a_tied_model_lends_its_embedding_as_the_head_like_mergekit(tmp_path: Path) -> None:
     """A model saved with ``tie_word_embeddings: true`` has no ``lm_head.weight``: mergekit reads its embedding in
     its place (the architecture's ``tied_names``), as ``transformers`` does when loading it, so it merges with an
     untied fine-tune of the same architecture. It was refused ("lacks tensor(s) ['lm_head.weight']")."""
-    transformers = pytest.importorskip("transformers")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    for seed, (name, tied) in enumerate([("a", False), ("t", True)]):
-        torch.manual_seed(seed)
-        llama_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                             tie_word_embeddings=tied)  # fmt: skip
-        model = transformers.LlamaForCausalLM(llama_cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        model.save_pretrained(tmp_path / name, safe_serialization=True)
+    _tiny_llamas(tmp_path, {"a": False, "t": True})
     assert "lm_head.weight" not in load_file(tmp_path / "t" / "model.safetensors")
     cfg = {"merge_method": "linear", "dtype": "float32",
            "models": [{"model": str(tmp_path / m), "parameters": {"weight": w}} for m, w in (("a", 0.7), ("t", 0.3))]}  # fmt: skip
@@ -721,9 +727,53 @@ def test_a_tied_model_lends_its_embedding_as_the_head_like_mergekit(tmp_path: Pa
         f"'{tmp_path / 't'}' has tied embeddings (tie_word_embeddings: true) and no 'lm_head.weight': its "
         "'model.embed_tokens.weight' is merged in its place, as transformers loads it and as mergekit reads it"
     ]  # and not also said to be a non-floating tensor copied from the reference
-    # the tied model as the reference (whose output config ties the head) is refused, saying which order works
-    cfg["models"].reverse()
-    with pytest.raises(
-        dp.ShapeMismatch, match=r"ties its embeddings \(no lm_head.weight\): make an untied model"
-    ):
-        merge_files(_cfg(tmp_path, cfg), tmp_path / "dp2")
+    assert json.loads((tmp_path / "dp" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"merge_method": "linear", "models": [{"model": "t", "parameters": {"weight": 0.3}},
+                                              {"model": "a", "parameters": {"weight": 0.7}}]},
+        {"merge_method": "linear", "base_model": "t",  # a linear base is one more input, and the config's donor
+         "models": [{"model": "u", "parameters": {"weight": 0.4}}, {"model": "a", "parameters": {"weight": 0.6}},
+                    {"model": "t", "parameters": {"weight": 0.2}}]},
+        {"merge_method": "ties", "base_model": "t",
+         "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5}},
+                    {"model": "u", "parameters": {"weight": 0.5, "density": 0.7}}]},
+        {"merge_method": "task_arithmetic", "base_model": "t",
+         "models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "t2", "parameters": {"weight": 0.5}}]},
+        {"merge_method": "slerp", "base_model": "t", "parameters": {"t": [0.4, 0.3, 1.0]},
+         "models": [{"model": "t"}, {"model": "a"}]},
+    ],
+)  # fmt: skip
+def test_a_tied_reference_merges_the_head_and_unties_the_config(tmp_path: Path, cfg: dict) -> None:
+    """A tied model as the reference (the base, else the first model) with an untied one after it: mergekit plans
+    ``lm_head.weight`` because an input holds it (the head is ``optional``) and reads each tied input's embedding
+    in its place; we match it tensor by tensor. mergekit copies the donor's config with ``tie_word_embeddings:
+    true`` beside that head (transformers 4 then re-ties it and drops the merged head); ours says ``false``, every
+    other key kept, and the notes say so. It was refused ("make an untied model the reference")."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    _tiny_llamas(tmp_path, {"t": True, "a": False, "u": False, "t2": True})
+    models = re.compile(r'("model": |"base_model": )"(t|a|u|t2)"')
+    cfg = json.loads(
+        models.sub(lambda m: m.group(1) + json.dumps(str(tmp_path / m.group(2))), json.dumps(cfg))
+    )
+    cfg["dtype"] = "float32"
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(lazy_unpickle=False))
+    res = merge_files(_cfg(tmp_path, cfg), tmp_path / "dp")
+    mk = load_file(tmp_path / "mk" / "model.safetensors")
+    ours = load_file(tmp_path / "dp" / "model.safetensors")
+    assert "lm_head.weight" in mk and mk.keys() == ours.keys()
+    for k in mk:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert not torch.equal(ours["lm_head.weight"], ours["model.embed_tokens.weight"])
+    donor = json.loads((tmp_path / "t" / "config.json").read_text())
+    got = json.loads((tmp_path / "dp" / "config.json").read_text())
+    assert donor["tie_word_embeddings"] is True and got["tie_word_embeddings"] is False
+    assert {k: v for k, v in got.items() if k != "tie_word_embeddings"} == {
+        k: v for k, v in donor.items() if k != "tie_word_embeddings"
+    }
+    assert any("config.json says tie_word_embeddings: false" in n for n in res.notes), res.notes

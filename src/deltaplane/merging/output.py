@@ -158,18 +158,22 @@ def write_extras(
     model_labels: list[str],
     notes: list[str],
     title: str,
+    *,
+    untie_head: bool = False,
 ) -> list[str]:
     """Write config, tokenizer, recipe and card into ``out``; returns the file names written.
 
     ``title`` is the card's title when the config has no ``name:``: the final output folder's name, since ``out``
-    is usually a temporary staging folder that is renamed into place afterwards.
+    is usually a temporary staging folder that is renamed into place afterwards. ``untie_head``: the donor ties its
+    head to its embedding but the output holds a merged head (``Plan.untie_head``), so the config says
+    ``tie_word_embeddings: false`` (inside ``text_config`` too where it says so there).
     """
     written = []
     for name in CONFIG_FILES:
         f = donor / name
         if not f.is_file():
             continue
-        if name == "config.json" and (out_dtype is not None or n_layers is not None):
+        if name == "config.json" and (out_dtype is not None or n_layers is not None or untie_head):
             data = _json_or_none(f, limit=MANIFEST_LIMIT, what="model config")
             if isinstance(data, dict):
                 if out_dtype is not None:
@@ -189,6 +193,13 @@ def write_extras(
                     for key in _LAYER_KEYS:
                         if key in data:
                             data[key] = n_layers
+                if untie_head:
+                    data["tie_word_embeddings"] = False
+                    if (
+                        isinstance(data.get("text_config"), dict)
+                        and "tie_word_embeddings" in data["text_config"]
+                    ):
+                        data["text_config"]["tie_word_embeddings"] = False
                 (out / name).write_text(json.dumps(data, indent=2) + "\n")
                 written.append(name)
                 continue

@@ -137,6 +137,9 @@ class Plan:
     donor: Checkpoint
     n_layers: int | None
     notes: list[str] = field(default_factory=list)
+    untie_head: bool = False
+    """The donor ties its head to its embedding (no ``lm_head.weight``) but the output holds a merged head: its
+    ``config.json`` must say ``tie_word_embeddings: false``, else the head would be dropped on load."""
 
 
 class _Resolver:
@@ -305,6 +308,14 @@ def _plan(cfg: MergeConfig, method: MergeMethod, opened: dict[Path, Checkpoint],
     outside = [n for n in ref_ck.infos if n not in layered]
     pre = [n for n in outside if any(p in n.lower() for p in _PRE)]
     post = [n for n in outside if n not in pre]
+    if _HEAD not in ref_ck.infos and tied_head(ref_ck, _HEAD) is not None:
+        # a tied reference lacks the head an untied input of the last slice has: mergekit plans the head when any
+        # input holds it (its ``optional`` lm_head) and reads a tied input's embedding in its place
+        last = [ck for ck, _, _, _ in last_scope.models] + (
+            [last_scope.base.checkpoint] if last_scope.base else []
+        )
+        if any(_HEAD in ck.infos for ck in last):
+            post.append(_HEAD)
 
     def add(out_name: str, scope: _Scope, names: list[str], base_name: str | None, t: float) -> None:
         inputs = [Source(ck, n, label) for (ck, label, _, _), n in zip(scope.models, names, strict=True)]
@@ -373,9 +384,17 @@ def _plan(cfg: MergeConfig, method: MergeMethod, opened: dict[Path, Checkpoint],
     donor = first_scope.base.checkpoint if first_scope.base is not None else first_scope.models[0][0]
     if cfg.models and cfg.base_model is not None:
         donor = open_ck(cfg.base_model)
+    untie = tied_head(donor, _HEAD) is not None and any(t.name == _HEAD for t in tensors)
+    if untie:
+        notes.append(
+            f"'{donor.path}' ties its embeddings (tie_word_embeddings: true, no '{_HEAD}'); the output holds a "
+            f"merged '{_HEAD}' (each tied input's embedding stood in for it), so its config.json says "
+            "tie_word_embeddings: false. mergekit 0.1.5 writes the same head but keeps the donor's true: "
+            "transformers 4 then ties the head back to the embedding on load and drops the merged one"
+        )
     model_files = list(opened.values())
     return Plan(tensors, model_files + list(resolver.files.values()), model_files, donor,
-                n_layers if cfg.slices else None, notes)  # fmt: skip
+                n_layers if cfg.slices else None, notes, untie)  # fmt: skip
 
 
 def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
@@ -385,7 +404,8 @@ def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
     reference, never merged, so one an input lacks is read from the reference, and one only an input holds is
     left out; both are said in ``notes``. A fine-tune saved by a newer ``transformers`` (which no longer writes
     ``position_ids``) was refused against its own base. A head ``other`` lacks because its embeddings are tied
-    (:func:`tied_head`) is read from its embedding, also said in ``notes``."""
+    (:func:`tied_head`) is read from its embedding, also said in ``notes``; a head only ``other`` holds beside a
+    tied ``ref`` is merged too (``ref`` lends its embedding), and the output's config unties it."""
     if ref.infos.keys() == other.infos.keys():
         return
     missing = sorted(set(ref.infos) - set(other.infos))
@@ -399,6 +419,8 @@ def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
             f"'{other.path}' has tied embeddings (tie_word_embeddings: true) and no '{n}': its '{e}' is merged in "
             "its place, as transformers loads it and as mergekit reads it"
         )
+    if _HEAD in extra and tied_head(ref, _HEAD) is not None:
+        extra.remove(_HEAD)  # the tied reference lends its embedding as the head: planned in _plan
     floats_extra = [n for n in extra if other.infos[n].dtype.is_floating_point]
     parts = []
     if floats_missing:
@@ -406,15 +428,7 @@ def _check_names(ref: Checkpoint, other: Checkpoint, notes: list[str]) -> None:
     if floats_extra:
         parts.append(f"has extra tensor(s) {floats_extra[:5]} that '{ref.path}' lacks")
     if parts:
-        hint = ""
-        if floats_extra == [_HEAD] and not floats_missing and tied_head(ref, _HEAD) is not None:
-            # the output follows the reference, whose config ties the head to the embedding: an untied head
-            # merged beside it would be dropped on load (mergekit writes it and unties the output's config)
-            hint = (
-                f"; '{ref.path}' ties its embeddings (no {_HEAD}): make an untied model the reference (the "
-                "base_model, else the first model) and the tied one lends its embedding as the head"
-            )
-        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts) + hint)
+        raise ShapeMismatch(f"model '{other.path}' " + " and ".join(parts))
     if missing:
         notes.append(
             f"'{other.path}' lacks the non-floating tensor(s) {missing[:5]}: copied from '{ref.path}', as "

@@ -410,7 +410,7 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
             float_out = next((t.out_dtype for t in tensors if t.out_dtype.is_floating_point), None)
             files += write_extras(
                 cfg, method, tmp, plan.donor.folder, job.tok, float_out, plan.n_layers, job.labels, job.notes,
-                out.name,
+                out.name, untie_head=plan.untie_head,
             )  # fmt: skip
             with signals_held():  # a signal here would leave the old output in a hidden folder, or none
                 if out.exists():
