@@ -251,19 +251,26 @@ class Codec:
             raise DecodeError(f"{e.codec}: field '{name}' holds {len(data)} bytes, expected {n}")
 
 
-@functools.cache
-def _hyperparameters(cls: type) -> dict[str, inspect.Parameter]:
+_HYPERPARAMETERS: dict[type[Codec], dict[str, inspect.Parameter]] = {}
+
+
+def _hyperparameters(cls: type[Codec]) -> dict[str, inspect.Parameter]:
     """The keyword parameters of ``cls.__init__`` (a codec's hyperparameters); callers must not mutate it.
 
     Cached: ``inspect.signature`` costs ~1.5 ms (far more for a builtin ``__init__``), and every decode asks
-    for each tensor's codec spec; uncached it was most of a simulated round's time.
+    for each tensor's codec spec; uncached it was most of a simulated round's time. A dict, not
+    ``functools.cache``: its wrapper types its arguments as ``Hashable``, which mypy denies a class whose
+    instances define ``__hash__``.
     """
-    sig = inspect.signature(cls.__init__)
-    return {
-        k: p
-        for k, p in sig.parameters.items()
-        if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    params = _HYPERPARAMETERS.get(cls)
+    if params is None:
+        sig = inspect.signature(cls.__init__)
+        params = _HYPERPARAMETERS[cls] = {
+            k: p
+            for k, p in sig.parameters.items()
+            if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+    return params
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:
@@ -363,18 +370,18 @@ class Pipeline(Codec):
                     "never run; a stage that keeps float values (topk, randk, threshold, powersgd) comes first, "
                     "e.g. 'topk(0.01) | quant(bits=4)'"
                 )
-        self.stages = flat
+        self.stages: list[Codec] = flat
 
     @property
     def spec(self) -> str:
         return " | ".join(s.spec for s in self.stages)
 
     @property
-    def stateful(self) -> bool:  # type: ignore[override]
+    def stateful(self) -> bool:  # type: ignore[override]  # a class attribute on Codec, derived from the stages here
         return any(s.stateful for s in self.stages)
 
     @property
-    def selects_by_name(self) -> bool:  # type: ignore[override]
+    def selects_by_name(self) -> bool:  # type: ignore[override]  # as stateful: derived from the first stage
         return self.stages[0].selects_by_name
 
     @property

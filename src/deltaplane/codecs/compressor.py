@@ -12,7 +12,7 @@ import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -82,7 +82,7 @@ def encode_delta(
             if not t.is_floating_point():
                 c: Codec = Identity()
             else:
-                c = body.select(name, t) if body.selects_by_name else body  # type: ignore[attr-defined]
+                c = body.select(name, t) if body.selects_by_name else body  # type: ignore[attr-defined]  # only a selecting codec has select
             x = t.detach().cpu()
             if states is not None and c.stateful:
                 slot = states.get(name, {})
@@ -266,7 +266,7 @@ def decompress_many(
     if good:
         for i, delta in zip(good, _decode_stacked(trees), strict=True):
             out[i] = delta
-    return out  # type: ignore[return-value]
+    return out  # type: ignore[return-value]  # every None was replaced: by an error or by a stacked delta
 
 
 def _decode_stacked(trees: list[dict[str, tuple[torch.dtype, Encoded]]]) -> list[Delta | DeltaplaneError]:
@@ -354,8 +354,8 @@ class Compressor:
         # torch takes any 64-bit seed, signed or not; beyond that it raises an untyped "Overflow" ValueError
         if not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**64:
             raise CodecError(f"seed must be an integer from -2**63 to 2**64 - 1 (64 bits). Found {seed!r}")
-        self.seed = seed
-        self._rng = torch.Generator().manual_seed(seed)
+        self.seed: int = seed
+        self._rng: torch.Generator = torch.Generator().manual_seed(seed)
         self.state: CompressorState = CompressorState()
 
     def __repr__(self) -> str:
@@ -627,9 +627,11 @@ def compress_many_sent(
     if n and _stackable(compressors, stacked):
         snapshot = [(c._rng.get_state(), c.state.rounds) for c in compressors]
         try:
-            return _compress_stacked(
+            payloads, sent = _compress_stacked(
                 compressors, stacked, base_id, base_version, meta, session, want_sent=want_sent
             )
+            # the stacked path raises rather than hands back an error: its list holds bytes only
+            return cast("list[bytes | DeltaplaneError]", payloads), sent
         except Exception as exc:
             # nothing but the generators was touched yet: rewind them; then the per-device loop says which
             # device failed, and leaves the states that loop leaves
@@ -693,18 +695,18 @@ def _compress_stacked(
         # target = delta + residual, as Compressor._encode adds them; a device without a residual sends its
         # delta untouched (adding zeros would turn -0.0 into 0.0)
         if len(carried) == len(compressors):
-            x = t + torch.stack([compressors[i].state.residual[name] for i in carried])  # type: ignore[index]
+            x = t + torch.stack([compressors[i].state.residual[name] for i in carried])  # type: ignore[index]  # carried: has a residual
         elif carried:
             x = t.clone()
             rows = torch.tensor(carried)
-            x[rows] = t[rows] + torch.stack([compressors[i].state.residual[name] for i in carried])  # type: ignore[index]
+            x[rows] = t[rows] + torch.stack([compressors[i].state.residual[name] for i in carried])  # type: ignore[index]  # as above
         else:
             x = t
         targets[name] = x
         try:
-            c: Codec = body if x.is_floating_point() else Identity()
+            tensor_codec: Codec = body if x.is_floating_point() else Identity()
             xs = x.detach().cpu()
-            encoded = c.encode_rows(xs, rngs)
+            encoded = tensor_codec.encode_rows(xs, rngs)
         except DeltaplaneError as exc:
             raise type(exc)(f"tensor '{name}': {exc}") from exc
         for tree, e in zip(trees, encoded, strict=True):

@@ -525,7 +525,7 @@ class Mutator:
         node, rnd = self._node(doc), self.rnd
         if node is None or not isinstance(node.get("s"), list):
             return False
-        s = list(node["s"])
+        s: Any = list(node["s"])  # some mutations make it no list at all
         choice = rnd.randrange(9)
         if choice == 0 and s:
             i = rnd.randrange(len(s))
@@ -650,7 +650,8 @@ class Mutator:
         node, rnd = self._node(doc), self.rnd
         if node is None:
             return False
-        meta = node.get("m") if isinstance(node.get("m"), dict) else {}
+        m = node.get("m")
+        meta: dict[str, Any] = m if isinstance(m, dict) else {}
         choice = rnd.randrange(6)
         if choice == 0:
             meta["ix"] = rnd.choice(["bitmap", "varint", "golomb", "gzip", 3, None, ""])
@@ -699,7 +700,7 @@ class Mutator:
             children = [v for v in node["f"].values() if isinstance(v, dict)]
             if children:
                 self._replace(doc, node, parent, key, rnd.choice(children))
-        elif choice == 2 and parent is not None:  # a nested node becomes raw bytes
+        elif choice == 2 and parent is not None and key is not None:  # a nested node becomes raw bytes
             parent[key] = Buf(bytes(rnd.randrange(0, 64)))
         elif choice == 3:  # a byte field becomes a nested node
             bufs = _bufs(doc)
@@ -884,7 +885,7 @@ class Mutator:
         node = rnd.choice(cands)
         n = math.prod(node["s"])
         values = node["f"].get("values")  # stc has none: its count follows from its ratio
-        k = values["s"][0] if values is not None else get_codec(node["c"]).k_for(n)  # type: ignore[attr-defined]
+        k = values["s"][0] if values is not None else get_codec(node["c"]).k_for(n)  # type: ignore[attr-defined]  # no values field: an stc node
         idx = decode_indices(node["m"]["ix"], node["f"]["idx"].data, n, k)
         gaps = np.diff(idx, prepend=-1) - 1
         coder = rnd.choice(["bitmap", "varint", "golomb"])
@@ -1473,12 +1474,12 @@ def _check_rows(
             continue
         # rows of different codecs may decode to different dtypes (a float16 identity next to a float32
         # quant): one stack holds them in their promoted dtype, which decompress_many casts to the tensor's
-        dtype = functools.reduce(torch.promote_types, (a.dtype for a in alone))  # type: ignore[union-attr]
+        dtype = functools.reduce(torch.promote_types, (a.dtype for a in alone))  # type: ignore[union-attr]  # no bad row: tensors only
         if out.dtype != dtype:
             report.failures.append(
                 f"{where}: '{name}' stacked as {out.dtype}, the rows alone promote to {dtype}"
             )
-        elif not all(_same_values(out[i], a.to(dtype)) for i, a in enumerate(alone)):  # type: ignore[union-attr]
+        elif not all(_same_values(out[i], a.to(dtype)) for i, a in enumerate(alone)):  # type: ignore[union-attr]  # as above
             report.failures.append(f"{where}: '{name}' stacked decoded other values than each row alone")
         else:
             report.stacked["decoded"] += 1

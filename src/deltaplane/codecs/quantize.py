@@ -52,7 +52,7 @@ def tensor_buffer(x: Tensor) -> memoryview:
     x = x.detach().contiguous().cpu().reshape(-1)
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)
-    return memoryview(x.numpy()).cast("B")
+    return x.numpy().data.cast("B")  # the array's own buffer: numpy types memoryview(ndarray) only on 3.12+
 
 
 def _check_bools(buf: bytearray) -> None:
@@ -363,7 +363,10 @@ def _max_abs(blk: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
 #: codes ``c0..c3`` (bytes of a u32), ``c · 0x01041040`` puts ``c_j`` at bits ``24 + 2j`` and every other
 #: product term at a distinct lower 2-bit slot or above bit 31 (dropped), so nothing carries into the top
 #: byte; likewise ``0x0110`` for two 4-bit codes in a u16
-_GATHER = {2: (np.dtype("<u4"), np.uint32(0x01041040), 24), 4: (np.dtype("<u2"), np.uint16(0x0110), 8)}
+_GATHER: dict[int, tuple[np.dtype, np.unsignedinteger, int]] = {
+    2: (np.dtype("<u4"), np.uint32(0x01041040), 24),
+    4: (np.dtype("<u2"), np.uint16(0x0110), 8),
+}
 
 
 def _pack_block(codes: Tensor, m: int, bits: int, out: np.ndarray) -> None:
@@ -470,7 +473,8 @@ class Quantize(Codec):
             step = max(1, ENCODE_BLOCK_VALUES // cols)
             work = torch.empty(min(step, rows), cols)
             words = torch.empty(ceil_div(work.numel(), 4), dtype=torch.int64) if dither else None
-            scratch = torch.empty(ceil_div(work.numel(), 8) * 8, dtype=torch.uint8) if codes is None else None
+            # empty where the codes are written straight into codes (typed a tensor either way)
+            scratch = torch.empty(ceil_div(work.numel(), 8) * 8 if codes is None else 0, dtype=torch.uint8)
             for r0 in range(0, rows, step):
                 blk = part[r0 : r0 + step]
                 h, m, v0 = blk.shape[0], blk.numel(), start + r0 * cols
@@ -486,7 +490,8 @@ class Quantize(Codec):
                     _pack_block(scratch, m, bits, packed[v0 * bits // 8 : ceil_div((v0 + m) * bits, 8)])
             row += rows
         fields = {
-            "codes": memoryview(packed) if direct else pack_bits(codes.numpy(), bits),
+            # codes is None only where direct
+            "codes": packed.data if direct or codes is None else pack_bits(codes.numpy(), bits),
             "scales": scales.numpy().astype("<f4").tobytes(),
         }
         return Encoded(self.spec, tuple(x.shape), {}, fields)

@@ -181,7 +181,7 @@ def _plain(codec: str, field_name: str) -> bool:
     return codec.split("(")[0] in _PLAIN or field_name == "scales"
 
 
-def _node_doc(e: Encoded, codings: list[tuple[bool, bytes]] | None = None) -> dict[str, Any]:
+def _node_doc(e: Encoded, codings: list[tuple[bool, Any]] | None = None) -> dict[str, Any]:
     """The self-describing JSON node of a finalized tree (byte fields as lengths), as :func:`wire.pack` writes;
     collects ``(plain float field?, bytes)`` of each byte field into ``codings``."""
     out: dict[str, Any] = {"c": e.codec, "s": list(e.shape)}
@@ -280,7 +280,7 @@ def _tree_key(e: Encoded, raw: list[tuple[bool, Any]]) -> tuple[Any, ...] | None
         if type(k) is not str or t not in _META_TYPES:
             return None
         meta.append((k, t, _F64.pack(v) if t is float else v))
-    fields = []
+    fields: list[tuple[str, object]] = []  # a byte field's length or a subtree's key
     plain = _plain_codec(codec)
     for k, v in e.fields.items():
         if type(k) is not str:
@@ -612,9 +612,10 @@ class WireSession:
                 # A node's skeleton part depends only on its _tree_key and its fields' codings: a round's
                 # updates (every update of a dense codec) share a few, which are remembered, not worked out
                 # again.
-                raw: list[tuple[bool, bytes]] = []
+                raw: list[tuple[bool, Any]] = []  # a field's buffer, as _tree_key collects it
                 key = _tree_key(tree, raw)
                 doc: dict[str, Any] | None = None
+                text: bytes | None
                 if key is None:
                     raw = []
                     doc = _node_doc(tree, raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -47,7 +48,9 @@ def scatter_values(e: Encoded, idx: np.ndarray, values: Tensor) -> Tensor:
     return out.reshape(e.shape)
 
 
-def scatter_rows(rows: Sequence[Encoded], idx: np.ndarray, counts: Sequence[int], values: Tensor) -> Tensor:
+def scatter_rows(
+    rows: Sequence[Encoded], idx: np.ndarray, counts: Sequence[int] | np.ndarray, values: Tensor
+) -> Tensor:
     """The ``(C, *shape)`` stack of :func:`scatter_values` of every row, with one scatter.
 
     ``idx`` holds the rows' flat positions back to back (``counts[i]`` of them for row ``i``) and ``values``
@@ -278,7 +281,8 @@ class TopK(Codec):
 
     def get_params(self) -> dict[str, Scalar]:
         # approx is left out of the spec when false so specs (and payloads) of exact top-k stay as before
-        return {"ratio": self.ratio} | ({"approx": True} if self.approx else {})
+        params: dict[str, Scalar] = {"ratio": self.ratio}
+        return params | ({"approx": True} if self.approx else {})
 
     def k_for(self, n: int) -> int:
         return top_count(self.ratio, n)
@@ -524,7 +528,7 @@ class RandK(Codec):
             values = [self._field(e, "values", Tensor) for e in rows]
         except DecodeError:
             return super().decode_rows(rows)
-        idx, counts = random_positions_rows(seeds, n, self.ratio)  # type: ignore[arg-type]
+        idx, counts = random_positions_rows(cast("list[int]", seeds), n, self.ratio)  # checked just above
         if any(v.dim() != 1 or v.numel() != c for v, c in zip(values, counts.tolist(), strict=True)):
             return super().decode_rows(rows)
         return scatter_rows(rows, idx, counts, torch.cat(values))

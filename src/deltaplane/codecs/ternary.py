@@ -41,7 +41,7 @@ def pack_trits_rows(trits: np.ndarray) -> np.ndarray:
     """:func:`pack_trits` of every row of a ``(rows, n)`` matrix at once: ``(rows, ceil(n / 5))`` bytes, each
     row zero-padded to a multiple of five trits as ``pack_trits`` pads it."""
     rows, n = trits.shape
-    t = np.zeros((rows, ceil_div(n, 5) * 5), np.uint8)
+    t: np.ndarray = np.zeros((rows, ceil_div(n, 5) * 5), np.uint8)
     t[:, :n] = trits
     t = t.reshape(rows, -1, 5)
     out = t[:, :, 0].copy()
@@ -218,7 +218,7 @@ class Ternary(Codec):
         b = np.frombuffer(b"".join(packed), np.uint8).reshape(c, need)
         if not np.isfinite(scales).all() or (scales < 0).any() or int(b.max()) >= 243:
             return super().decode_rows(rows)
-        trits = np.empty((c, need, 5), np.uint8)
+        trits: np.ndarray = np.empty((c, need, 5), np.uint8)
         rest = b.copy()
         for j in range(5):
             trits[:, :, j] = rest % 3

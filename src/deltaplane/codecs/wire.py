@@ -185,7 +185,7 @@ def pack(
 
     ``zstd_level`` compresses the payload buffers as one zstd frame (flag bit 1).
     """
-    chunks: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
     offset = 0
 
     def node(e: Encoded) -> dict[str, Any]:
@@ -208,7 +208,11 @@ def pack(
 
     check_header(header)
     table = [[name, DTYPE_NAMES[dtype], node(e)] for name, (dtype, e) in tensors.items()]
-    doc = {"base": [header.base_id, header.base_version], "codec": header.codec, "t": table}
+    doc: dict[str, object] = {
+        "base": [header.base_id, header.base_version],
+        "codec": header.codec,
+        "t": table,
+    }
     if header.meta:
         doc["meta"] = header.meta
     raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from rich.console import Console, ConsoleOptions
@@ -176,7 +176,10 @@ def _hand_back(
         lines = [
             line
             for cell in cells
-            for line in probe.render_str(cell).wrap(probe, inner, overflow=column.overflow or "fold")
+            # every cell is a str (checked above)
+            for line in probe.render_str(cast("str", cell)).wrap(
+                probe, inner, overflow=column.overflow or "fold"
+            )
         ]
         free = inner - max(cell_len(line.plain.rstrip()) for line in lines)
         widths[i] -= free
@@ -273,9 +276,10 @@ ValidDays = Annotated[
 def clean_errors(*also: type[Exception]) -> Iterator[None]:
     """Turn a DeltaplaneError (or one of the ``also`` types, e.g. ``OSError`` for a missing input file) into a
     red one-line message on stderr and its documented exit code (see the module docstring), never a traceback."""
+    caught: tuple[type[Exception], ...] = (DeltaplaneError, *also)
     try:
         yield
-    except (DeltaplaneError, *also) as exc:
+    except caught as exc:
         # soft_wrap: the message stays one line for the terminal to wrap, and for grep to find
         error_console.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(code=exit_code_for(exc)) from None

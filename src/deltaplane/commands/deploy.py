@@ -24,8 +24,25 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:  # numpy/torch load only when the command runs, so `deltaplane --help` stays quick
+    from collections.abc import Callable
+
     import numpy as np
     from rich.console import Console
+    from rich.table import Table
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from deltaplane.deploy.checkpoint import Checkpoint
+    from deltaplane.deploy.gates import Gates
+    from deltaplane.deploy.onnx_input import OnnxDeployResult
+    from deltaplane.deploy.pipeline import DeployResult
+    from deltaplane.deploy.prune import PruneResult
+    from deltaplane.deploy.tokens import TokenDeployResult
+
+    #: progress lines (:func:`_progress`)
+    Say = Callable[[str], None]
+    #: --recover distill: (its name, epochs, learning rate or the default)
+    Recovery = tuple[str, int, float | None]
 
 from deltaplane.commands import (
     DEFAULT_THREADS,
@@ -142,8 +159,15 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, source: str, split: str) -> tupl
 
 
 def _check_fits(
-    model, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, source: str, say, digits=False
-):
+    model: nn.Module,
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xte: np.ndarray,
+    yte: np.ndarray,
+    source: str,
+    say: Say,
+    digits: bool = False,
+) -> None:
     """One sample through the model: the data's shape fits its input and every label names one of its outputs.
 
     Refused with :class:`~deltaplane.errors.ConfigError` naming ``source`` (``--data FILE`` or the digits'
@@ -208,12 +232,14 @@ def _ood_variants(
     )
 
 
-def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
+def _finetuner(
+    x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int
+) -> Callable[[nn.Module, PruneResult | None], None]:
     import torch
 
     from deltaplane.deploy.finetune import masked_finetune
 
-    def finetune(model, result) -> None:
+    def finetune(model: nn.Module, result: PruneResult | None) -> None:
         masks = result.masks if result is not None else None  # pruned weights stay pruned
         masked_finetune(
             model, torch.from_numpy(x), torch.from_numpy(y), epochs=epochs, lr=lr, seed=seed, masks=masks
@@ -225,7 +251,7 @@ def _finetuner(x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 
-def _load_tokenizer(folder: Path, config: dict[str, Any], option: str):
+def _load_tokenizer(folder: Path, config: dict[str, Any], option: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved in ``folder`` (``from_pretrained``, offline), checked against the model's vocabulary.
 
     ``from_pretrained`` opens the files itself, unbounded: a FIFO named ``vocab.txt`` would hang it and a
@@ -275,7 +301,7 @@ def _token_inputs(
     random_ids: bool,
     distill_sentences: int,
     calibration_size: int = 512,
-):
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, str | None]:
     """Evaluation, calibration and distillation token arrays, and what they are (for the card).
 
     Text needs the model's own tokenizer: from ``--tokenizer DIR`` or the checkpoint folder. Without one the
@@ -351,7 +377,7 @@ def _token_inputs(
     return ev, cal, distill, note, note
 
 
-def _table(manifest: dict[str, Any], title: str, width: int):
+def _table(manifest: dict[str, Any], title: str, width: int) -> Table:
     """fp32 vs compressed, from the manifest (so a refused deploy prints the same table as a shipped one), laid
     out for ``width`` columns: cells wrap between words, a number is never cut (see :func:`fit_table`)."""
     from rich.table import Table
@@ -483,7 +509,7 @@ def _table(manifest: dict[str, Any], title: str, width: int):
     return t
 
 
-def _progress(console: Console):
+def _progress(console: Console) -> Say:
     start = time.perf_counter()
 
     def say(msg: str) -> None:
@@ -536,7 +562,7 @@ def _gates(
     min_accuracy: float | None = None,
     min_above_chance: float | None = None,
     min_r2: float = 0.95,
-):
+) -> Gates | None:
     """The :class:`~deltaplane.deploy.gates.Gates` the options ask for; ``None`` for ``--no-gates``.
 
     ``--min-above-chance 0`` switches that gate off (0 would only ask for accuracy ≥ chance, which a constant
@@ -747,6 +773,7 @@ def register(app: typer.Typer) -> None:
         _register_models()
         title = f"deploy {model.name}: prune={prune} quant={quant} format={fmt}"
         refused: QualityGateFailed | None = None
+        res: OnnxDeployResult | TokenDeployResult | DeployResult
         # --threads: pruning, fine-tuning and evaluation; the latency figures stay single-threaded (a device's)
         with clean_errors(), cpu_threads(threads):
             try:
@@ -874,8 +901,17 @@ def _refuse_unused(what: str, **given: Any) -> None:
 
 
 def _deploy_onnx(
-    model: Path, out: Path, prune, quant, seed, gates, say, calibration_size=None, *, overwrite=False
-):
+    model: Path,
+    out: Path,
+    prune: str,
+    quant: str,
+    seed: int,
+    gates: Gates | None,
+    say: Say,
+    calibration_size: int | None = None,
+    *,
+    overwrite: bool = False,
+) -> OnnxDeployResult:
     """An ONNX file: digits feeds (and labels) when its input fits the digits images, else seeded random feeds."""
     import onnx
 
@@ -892,6 +928,8 @@ def _deploy_onnx(
     except Exception as e:
         raise DecodeError(f"{model} is not a readable ONNX model: {e}") from e
     xtr, _, xte, yte, note = _classifier_data({}, None, seed)
+    labels: np.ndarray | None
+    inputs_note: str | None
     feeds, labels, inputs_note = digits_feeds(graph, xte), yte, None
     calib = digits_feeds(graph, xtr[: calibration_size or 128])
     eval_inputs: dict[str, Any] = {"source": "digits test set", "count": len(xte)}
@@ -928,8 +966,20 @@ def _deploy_onnx(
 
 
 def _deploy_tokens(
-    ckpt, model: Path, out: Path, task: str, prune, quant, text, seed, gates, say, rec, eps, overwrite=False
-):
+    ckpt: Checkpoint,
+    model: Path,
+    out: Path,
+    task: str,
+    prune: str,
+    quant: str,
+    text: dict[str, Any],
+    seed: int,
+    gates: Gates | None,
+    say: Say,
+    rec: Recovery | None,
+    eps: list[float],
+    overwrite: bool = False,
+) -> TokenDeployResult:
     from deltaplane.deploy.tokens import deploy_token_model
 
     sentences = text.pop("sentences")
@@ -970,24 +1020,24 @@ def _deploy_tokens(
 
 
 def _deploy_classifier(
-    ckpt,
+    ckpt: Checkpoint,
     model: Path,
-    out,
+    out: Path,
     *,
-    prune,
-    quant,
-    fmt,
-    epochs,
-    exclude,
-    seed,
-    data,
-    gates,
-    say,
-    eps,
-    rec,
-    calibration_size,
-    overwrite=False,
-):
+    prune: str,
+    quant: str,
+    fmt: str,
+    epochs: int,
+    exclude: list[str] | None,
+    seed: int,
+    data: Path | None,
+    gates: Gates | None,
+    say: Say,
+    eps: list[float],
+    rec: Recovery | None,
+    calibration_size: int,
+    overwrite: bool = False,
+) -> DeployResult:
     from deltaplane.deploy.pipeline import deploy_classifier, parse_prune
 
     xtr, ytr, xte, yte, note = _classifier_data(ckpt.config, data, seed)
@@ -1001,7 +1051,9 @@ def _deploy_classifier(
         note += (
             f" Only {len(yte)} test samples: accuracy figures are coarse ({100 / len(yte):.1f} points each)."
         )
-    ft = _finetuner(xtr, ytr, epochs, 0.01, seed) if parse_prune(prune) is not None and epochs > 0 else None
+    ft: Callable[[nn.Module, PruneResult | None], dict[str, Any] | None] | None = (
+        _finetuner(xtr, ytr, epochs, 0.01, seed) if parse_prune(prune) is not None and epochs > 0 else None
+    )
     if rec is not None:  # distillation on the training inputs without their labels replaces the fine-tune
         from deltaplane.deploy.recovery import distill_recover
 

@@ -640,7 +640,7 @@ def register(app: typer.Typer) -> None:
                     # a token in another cohort would escape the fleet's consent withdrawal
                     cohort = fleet_cohort(out, cohort)
                 cohort = "fleet" if cohort is None else cohort
-                if held is not None:
+                if held is not None and revocations is not None:  # held is read from revocations
                     check_not_revoked(names, held, revocations)
                 files = [out / f"{d}.token" for d in names]
                 extra = [p for d in names for p in identity_files(out, d)]

@@ -545,7 +545,7 @@ def register(app: typer.Typer) -> None:
                     cohort = fleet_cohort(out, cohort)
                 # a revoked id, or a request of a revoked key whatever id it asks for: said first, since no
                 # other fix (removing a stale key, --force) would make it certifiable
-                if listed is not None:
+                if listed is not None and revocations is not None:  # listed is read from revocations
                     check_not_revoked(
                         names, listed, revocations, requests=list(zip(request or [], requests, strict=True))
                     )
@@ -825,7 +825,7 @@ def register(app: typer.Typer) -> None:
                 ),
                 soft_wrap=True,
             )
-        if admin is not None:
+        if admin is not None and upload is not None:  # admin is made for upload
             # the ids this run revokes (not --carry's: revoked, with their tokens, under the old authority)
             tokens_of = list(dict.fromkeys([*ids, *(c.device_id for c in certs)]))
             with _errors(OSError):

@@ -33,7 +33,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -291,7 +291,7 @@ class ServiceState:
     #: (:attr:`ServiceConfig.flush_every_s`, set by :func:`create_app`)
     flush_every_s: float = 5.0
     _bases: ByteLRU[dict[str, Any]] = field(
-        default_factory=lambda: ByteLRU(
+        default_factory=lambda: ByteLRU[dict[str, Any]](
             512 << 20, lambda s: sum(t.numel() * t.element_size() for t in s.values())
         )
     )
@@ -837,6 +837,10 @@ _STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 
+@overload
+def _finite_or_none(metrics: dict[str, float]) -> dict[str, float | None]: ...
+@overload
+def _finite_or_none(metrics: dict[str, float] | None) -> dict[str, float | None] | None: ...
 def _finite_or_none(metrics: dict[str, float] | None) -> dict[str, float | None] | None:
     """JSON has no NaN: non-finite metrics travel as null (the regressions list says why they blocked)."""
     if metrics is None:

@@ -132,6 +132,7 @@ class TokenAuthority:
         if ttl <= 0:
             raise ConfigError(f"token ttl must be positive. Found {ttl}")
         tid = _b64(secrets.token_bytes(12))
+        expires = round(now + ttl, 3)
         # "i" unrounded: rounded to the millisecond it could land after a device revocation made just after
         # issuing, and the token would escape it (revoke_device compares issued_at <= revocation time)
         doc = {
@@ -141,10 +142,10 @@ class TokenAuthority:
             "c": cohort,
             "j": tid,
             "i": now,
-            "e": round(now + ttl, 3),
+            "e": expires,
         }
         body = _b64(json.dumps(doc, separators=(",", ":")).encode())
-        return IssuedToken(body + "." + self._mac(body), tid, device_id, cohort, doc["e"])
+        return IssuedToken(body + "." + self._mac(body), tid, device_id, cohort, expires)
 
     def issue(self, device_id: str, cohort: str = "default", *, ttl_s: float | None = None) -> str:
         """Just the token text of :meth:`issue_token`."""

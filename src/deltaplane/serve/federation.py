@@ -285,7 +285,7 @@ def _run(
             requests += 2 + 2 * len(chosen) + len(devices)
             cum_up += uplink
             cum_down += down
-            global_state = devices[0].state
+            global_state, _ = _held(devices[0])
             personal: dict[str, float] = {}
             if step.personalizer.name != "none":
                 step.after_round(clients, model, global_state, rnd)
@@ -310,7 +310,7 @@ def _run(
             rows = admin._get(f"/admin/models/{MODEL}/drift")[-1]["rows"]
             # a signal with too few samples to test has psi None ("not enough samples"): report None, not 0
             feature_psi = [r["psi"] for r in rows if r["kind"] == "feature" and r["psi"] is not None]
-            pred = next((r for r in rows if r["kind"] == "prediction"), {})
+            pred: dict[str, Any] = next((r for r in rows if r["kind"] == "prediction"), {})
             drift.append(
                 {
                     "round": rnd,
@@ -342,7 +342,7 @@ def _run(
             if progress is not None:
                 progress(metrics)
         stats = admin.stats()["counters"]
-        final_state = dict(devices[0].state)
+        final_state = dict(_held(devices[0])[0])
     report = reg.verify()
     return HttpRunResult(
         config=config,
@@ -371,6 +371,12 @@ def _run(
     )
 
 
+def _held(dev: DeviceClient) -> tuple[dict[str, torch.Tensor], int]:
+    """The model ``dev`` holds and its version: every device fetches the initial model before the first round."""
+    assert dev.state is not None and dev.version is not None, "a device fetches the model before any round"
+    return dev.state, dev.version
+
+
 def _plain_round(
     step: ClientStep,
     model: torch.nn.Module,
@@ -389,7 +395,7 @@ def _plain_round(
     uplink = rejected = 0
     for cid in chosen:
         client, dev = clients[cid], devices[cid]
-        up = step.run(client, model, dev.state, rnd, base)
+        up = step.run(client, model, _held(dev)[0], rnd, base)
         if up.payload is None:  # the device could not produce an update (e.g. NaN from training)
             rejected += 1
             continue
@@ -468,9 +474,10 @@ def _secagg_round(
     )
     from deltaplane.serve.secagg_client import SecAggDevice
 
-    ups = {
-        cid: step.run(clients[cid], model, devices[cid].state, rnd, devices[cid].version) for cid in chosen
-    }
+    ups = {}
+    for cid in chosen:
+        state, version = _held(devices[cid])
+        ups[cid] = step.run(clients[cid], model, state, rnd, version)
     secure = [cid for cid in chosen if ups[cid].secure is not None]
     if config.dp_noise > 0 and len(secure) < secure_quorum(config):
         # distributed DP: too few devices for SecAgg; the service closes the round with no sum, as in process
@@ -518,10 +525,10 @@ def _secagg_round(
                 credentials=enrollment.credentials(f"client-{cid}") if enrollment is not None else None,
             )
             dev.set_update(
-                ups[cid].secure,
+                ups[cid].secure,  # type: ignore[arg-type]  # secure lists only the devices with a secure update
                 clients[cid].num_samples,
                 np.random.default_rng(device_seed(config.seed, rnd, cid)),
-            )  # type: ignore[arg-type]
+            )
         except SecAggError as exc:  # the device refuses the invitation: it sits the round out, sends nothing
             log.warning(
                 "SecAgg round %s: device %s refused the invitation (%s); sitting it out", number, cid, exc

@@ -880,12 +880,14 @@ def _open_secagg(
     number = int(opened["round"])  # type: ignore[index]
     for stray in range(max(1, number - failed), number):
         with contextlib.suppress(ServiceError):
-            status = p.call(lambda s=stray: p.admin.secagg_status(model, s), f"read SecAgg round {stray}")
+            status = p.call(
+                functools.partial(p.admin.secagg_status, model, stray), f"read SecAgg round {stray}"
+            )
             invited = status.get("invited", 0) + len(status.get("revoked", []))
             ours = invited == len(names) and status.get("stage") == Stage.ADVERTISE
             if status.get("finished") is None and ours:
                 p.call(
-                    lambda s=stray: p.admin.abort_secagg(model, s, reason=_STRAY),
+                    functools.partial(p.admin.abort_secagg, model, stray, reason=_STRAY),
                     f"abort SecAgg round {stray}",
                 )
     return number, list(opened.get("revoked", []))  # type: ignore[union-attr]
@@ -927,12 +929,17 @@ def _too_few_advertised(exc: ServiceError, authenticated: bool) -> ServiceError:
     )
 
 
+def _secagg_counted(p: Patient, model: str, number: int, counted: str, expected: int) -> bool:
+    """Whether SecAgg round ``number`` has counted ``expected`` devices in its ``counted`` stage."""
+    return _secagg_status(p, model, number)[counted] >= expected
+
+
 def _secagg_round(
     p: Patient, model: str, names: list[str], deadline: float, poll: float, number: int, authenticated: bool
 ) -> tuple:
     expected = len(names)
     for counted in ("advertised", "shared", "uploaded"):
-        p.wait(lambda c=counted, e=expected: _secagg_status(p, model, number)[c] >= e, deadline, poll)
+        p.wait(functools.partial(_secagg_counted, p, model, number, counted, expected), deadline, poll)
         try:
             ok, advanced = p.once(
                 lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}"

@@ -160,12 +160,13 @@ async def run_load(
                     report.delta_full_equivalent += dl.full_bytes
                 states[i] = apply_downlink(dl, verifier, states[i])  # verified: signature + target hash
                 versions[i] = dl.version
-            if versions[i] != base:
+            state = states[i]
+            if versions[i] != base or state is None:  # a device holds a state whenever it holds a version
                 report.errors += 1
                 report.error_samples.append(f"dev{i} holds v{versions[i]} but round {round_id} is on v{base}")
                 return
             g = torch.Generator().manual_seed(seed * 7919 + i * 101 + round_id)
-            update = Delta({k: 0.01 * torch.randn(v.shape, generator=g) for k, v in states[i].items()})
+            update = Delta({k: 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()})
             payload = comps[i].compress(update, base_id=model, base_version=base)
             r = await call(
                 "POST",
@@ -202,7 +203,7 @@ async def run_load(
                 base_id=model,
                 base_version=base + 1000,
             )
-            cases = {
+            cases: dict[str, tuple[int, dict[str, Any]]] = {
                 "oversized (413)": (413, {"content": b"\0" * (9 << 20), "headers": h}),
                 "unauthenticated (401)": (401, {"content": good}),
                 "malformed (400)": (400, {"content": b"DPLN garbage", "headers": h}),

@@ -272,7 +272,7 @@ class RoundStore:
                 ).fetchone()[0]
             )
 
-    def uploads(self, rec: RoundRecord) -> list[dict[str, object]]:
+    def uploads(self, rec: RoundRecord) -> list[dict[str, Any]]:
         rows = self.registry.query(
             "SELECT device_id, cohort, weight, sha256, size FROM round_uploads WHERE model=? AND round=? ORDER BY id",
             (rec.model, rec.number),
@@ -318,7 +318,7 @@ class RoundStore:
         publish: Callable[[], tuple[int | None, T]],
         *,
         snapshot: Callable[[], bytes] | None = None,
-        measured: Callable[[T], Mapping[str, float]] | None = None,
+        measured: Callable[[T], Mapping[str, float] | None] | None = None,
     ) -> T:
         """Run ``publish`` and mark the round closed in one transaction (all or nothing).
 
