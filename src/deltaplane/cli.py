@@ -504,8 +504,8 @@ def _run_into(
     cost_table = _device_cost_table(results, width=console.width)
     if cost_table is not None:
         console.print(cost_table)
-    for row in rows:
-        _warn_far_below_baseline(row)
+    for row, result in zip(rows, results, strict=True):  # summarize keeps the runs' order
+        _warn_far_below_baseline(row, str(result["config"]["codec"]))
     chance = _chance(cfg)
     for r in results:
         _warn_collapsed(r, chance)
@@ -556,16 +556,17 @@ FAR_BELOW_POINTS = 1.0
 DENSE_CODEC = "quant(bits=8)"
 
 
-def _warn_far_below_baseline(row: dict[str, Any]) -> None:
+def _warn_far_below_baseline(row: dict[str, Any], codec_spec: str) -> None:
     """Warn about a run far below its baseline, and say what to change: a sparsifier holds most of each update
     back in error feedback, which only later rounds deliver, so a short run or a small model (an adapter that
-    starts at zero) needs more rounds or a denser codec."""
+    starts at zero) needs more rounds or a denser codec. ``codec_spec`` is the run's codec spec: the row's
+    ``codec`` is a display label (with SecAgg "SecAgg masked 20-bit ring values (of …)", not a spec)."""
     drop = row.get("accuracy_drop_points")
     if drop is None or drop < FAR_BELOW_POINTS:
         return
     from deltaplane.codecs import get_codec
 
-    codec = get_codec(row["codec"])
+    codec = get_codec(codec_spec)
     sparse = [s.spec for s in getattr(codec, "stages", [codec]) if s.sparsifies]
     if sparse:
         advice = (
