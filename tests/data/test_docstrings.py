@@ -35,3 +35,14 @@ def test_a_method_a_library_attaches_to_a_stdlib_class_is_not_in_the_data(monkey
     after = load_stdlib_docstrings()
     assert after.texts == before.texts and (after.labels == before.labels).all()
     assert not any(t.startswith("This method is identical to `logger.warning()`") for t in after.texts)
+
+
+def test_a_replaced_warnings_showwarning_keeps_its_docstring(monkeypatch) -> None:
+    """``deltaplane run`` replaces ``warnings.showwarning`` while it runs (the stdlib invites it and keeps the
+    original as ``_showwarning_orig``): the task it loaded lacked that docstring (1756 texts against 1757)."""
+    import warnings
+
+    before = load_stdlib_docstrings()
+    monkeypatch.setattr(warnings, "showwarning", lambda *args, **kwargs: None)
+    after = load_stdlib_docstrings()
+    assert after.texts == before.texts and (after.labels == before.labels).all()

@@ -79,6 +79,9 @@ def _docs(module_name: str, min_chars: int) -> list[str]:
         return []
     out = []
     for name, obj in sorted(vars(module).items()):
+        # a hook the module invites replacing keeps its original as _NAME_orig (warnings.showwarning, which
+        # `deltaplane run` replaces while it runs): read that, so the data do not depend on who replaced it
+        obj = vars(module).get(f"_{name}_orig", obj)
         if name.startswith("_") or getattr(obj, "__module__", module_name) != module.__name__:
             continue
         members = [obj]
