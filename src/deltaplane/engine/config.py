@@ -700,6 +700,38 @@ class RunConfig(BaseModel):
             raise ConfigError(f"invalid {path}: {exc}") from None
         return cls.from_mapping({} if data is None else data, source=str(path))
 
+    @classmethod
+    def from_report(cls, path: str | os.PathLike[str], run: str | None = None) -> RunConfig:
+        """The exact config of run ``run`` in a run report: ``deltaplane run -o OUT`` writes ``OUT/report.json``
+        (``path`` may name it or ``OUT``); ``run`` is ``"baseline"`` or ``"compressed"`` there, and may be left
+        out when the report holds one run.
+
+        ``run_federation(RunConfig.from_report("OUT", "baseline"))`` reproduces that run's figures, because the
+        report keeps every field as the run used it. Rebuilding a config by hand from the command line does
+        not: ``deltaplane run`` fills in what its flags leave unset (``DELTAPLANE_SMALL``'s caps, the default
+        codec and DGC options, α-mix and the batched engine for the compressed digits run), which
+        :class:`RunConfig`'s own defaults do not (docs/byo.md, "A ``deltaplane run`` from Python").
+
+        Raises:
+            ConfigError: the file is not a run report, or it holds no run ``run`` (the message lists those it
+                holds).
+        """
+        from deltaplane.report import load_report
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        runs = load_report(path).get("runs")
+        if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+            raise ConfigError(f"{path}: 'runs' must be a list of runs")
+        names = [str(r.get("name")) for r in runs]
+        if run is None and len(runs) != 1:
+            raise ConfigError(f"{path} holds {len(runs)} runs ({', '.join(names)}); name the one to load")
+        if run is not None and run not in names:
+            raise ConfigError(f"{path} holds no run {run!r}; its runs are: {', '.join(names) or 'none'}")
+        chosen = runs[0] if run is None else runs[names.index(run)]
+        return cls.from_mapping(chosen.get("config"), source=f"{path} (run {chosen.get('name')!r})")
+
     def scores_clients(self, rnd: int) -> bool:
         """Whether round ``rnd``'s global model is scored on the devices' held-out data (the
         ``client_accuracy_*`` fields; NaN in a round that is not): every ``client_eval_every``-th round and the
