@@ -22,7 +22,7 @@ al. 2018, https://arxiv.org/abs/1802.00420). Without quantization the attack is 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ def pgd(
 
 
 def _batched(
-    attack: Callable[..., torch.Tensor], model: nn.Module, x: np.ndarray, y: np.ndarray, **kw
+    attack: Callable[..., torch.Tensor], model: nn.Module, x: np.ndarray, y: np.ndarray, **kw: Any
 ) -> np.ndarray:
     out = []
     for i in range(0, len(x), 256):
@@ -167,6 +167,11 @@ def adversarial_eval(
     }
 
 
+def _input_embeddings(model: nn.Module) -> nn.Embedding:
+    """A Hugging Face model's input token-embedding table (``get_input_embeddings()``, which ``nn.Module`` lacks)."""
+    return cast("Callable[[], nn.Embedding]", model.get_input_embeddings)()
+
+
 def _attack_embeddings(
     model: nn.Module,
     ids: torch.Tensor,
@@ -181,7 +186,7 @@ def _attack_embeddings(
     ``loss_of(embeddings)``: FGSM one step of ``radius``, PGD ``pgd_steps`` steps of ``2.5·radius/steps`` from a
     random start, projected after every step (the text form of :func:`fgsm` / :func:`pgd`)."""
     with torch.no_grad():
-        x = model.get_input_embeddings()(ids)
+        x = _input_embeddings(model)(ids)
     g = torch.Generator().manual_seed(seed)
     adv = x.clone() if attack == "fgsm" else x + (torch.rand(x.shape, generator=g) * 2 - 1) * radius
     steps, alpha = (1, radius) if attack == "fgsm" else (pgd_steps, 2.5 * radius / pgd_steps)
@@ -227,9 +232,9 @@ def encoder_adversarial_eval(
     reference.eval()
     surrogate.eval()
     with torch.no_grad():
-        table = reference.get_input_embeddings().weight
+        table = _input_embeddings(reference).weight
         scale = float(table.std())
-        clean = _embed_forward(reference, reference.get_input_embeddings()(ids), mask)
+        clean = _embed_forward(reference, _input_embeddings(reference)(ids), mask)
     rows, drops = [], {}
     for attack in attacks:
         for e in eps:
@@ -297,9 +302,9 @@ def token_adversarial_eval(
     reference.eval()
     surrogate.eval()
     with torch.no_grad():
-        scale = float(reference.get_input_embeddings().weight.std())
+        scale = float(_input_embeddings(reference).weight.std())
         if task == "text-classification":
-            target = _token_logits(reference, reference.get_input_embeddings()(ids), mask).argmax(-1)  # (B,)
+            target = _token_logits(reference, _input_embeddings(reference)(ids), mask).argmax(-1)  # (B,)
             weight = torch.ones_like(target, dtype=torch.float32)
         else:  # position t predicts token t+1; only pairs of real tokens count
             target = ids[:, 1:]

@@ -356,9 +356,9 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
         raise DecodeError(
             f"artifact declares {len(entries)} tensors (limit {MAX_TENSORS}) or no list of them"
         )
-    for e in entries:
-        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            raise DecodeError(f"malformed tensor entry {e!r}")
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DecodeError(f"malformed tensor entry {entry!r}")
     if len({e["name"] for e in entries}) != len(entries):  # a second entry would silently replace the first
         raise DecodeError("artifact tensor table names a tensor twice")
     # before allocating any tensor: all of them together within the budget (sparse ones decode to full size)
@@ -375,8 +375,8 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
         return bytes(buffers[off : off + ln])
 
     tensors = {}
-    for e in entries:
-        tensors[e["name"]] = _decode_tensor(e, [view(r) for r in e.get("buffers", [])])
+    for entry in entries:
+        tensors[entry["name"]] = _decode_tensor(entry, [view(r) for r in entry.get("buffers", [])])
     graph = view(table["graph"]) if table.get("graph") is not None else None
     return Artifact(tensors, manifest, graph)
 

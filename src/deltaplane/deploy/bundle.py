@@ -111,9 +111,9 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
             if mf.is_file():
                 out.lineage["deploy"] = _summary(_folder_manifest(mf, out.lineage["source"]["sha256"]))
             return out
-        out = _hf_folder(p)
-        if out is not None:
-            return out
+        hf = _hf_folder(p)
+        if hf is not None:
+            return hf
         raise ConfigError(
             f"{p} is not a `deltaplane run` output (model.json + model.safetensors), a deploy output "
             "(model.dpla) or a Hugging Face checkpoint (model.safetensors / model.safetensors.index.json); a .bin "

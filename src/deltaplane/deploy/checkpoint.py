@@ -18,6 +18,7 @@ tensor classifier), which decides how ``deploy`` evaluates it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -355,7 +356,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, builder: str | Builder | No
     digest, nbytes = hashlib.sha256(), 0
     for f in files:
         with f.open("rb") as fh:  # in blocks: the whole file read at once was another copy of the weights
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for block in iter(functools.partial(fh.read, 1 << 20), b""):
                 digest.update(block)
                 nbytes += len(block)
     return Checkpoint(model, config, arch, digest.hexdigest(), nbytes, weights)

@@ -57,7 +57,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -161,7 +161,7 @@ def count_macs(model: nn.Module, example: Any) -> dict[str, int]:
     per_layer: list[tuple[int, float]] = []
 
     def hook(mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        w = mod.weight
+        w = cast(torch.Tensor, mod.weight)  # hooked on Linear and Conv2d only
         if isinstance(mod, nn.Linear):
             macs = out.numel() * w.shape[1]
         else:  # Conv2d: every output element reads in_channels/groups × kh × kw weights
@@ -269,7 +269,7 @@ def count_onnx_macs(
         if name not in inits:
             return 1.0  # a weight computed at run time (e.g. dequantized): counted dense
         w = numpy_helper.to_array(inits[name])
-        zero = 0
+        zero: object = 0  # 0, or the zero point's numpy scalar
         if zero_point and zero_point in inits:
             zp = numpy_helper.to_array(inits[zero_point])
             zero = zp.reshape(-1)[0] if zp.size == 1 else None
@@ -277,7 +277,8 @@ def count_onnx_macs(
             return 1.0
         return float((w != zero).mean()) if w.size else 1.0
 
-    total, nonzero, by_op = 0, 0.0, {}
+    total, nonzero = 0, 0.0
+    by_op: dict[str, int] = {}
     for node in model.graph.node:
         op, ins = node.op_type, list(node.input)
         if op not in ONNX_MAC_OPS:

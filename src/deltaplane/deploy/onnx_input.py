@@ -346,7 +346,8 @@ def deploy_onnx_model(
     import hashlib
 
     spec = parse_prune(prune)
-    sparsity, skipped = 0.0, {}
+    sparsity = 0.0
+    skipped: dict[str, str] = {}
     if spec is not None:
         say(f"pruning ONNX weights ({prune})")
         sparsity, skipped = prune_onnx(model, spec)

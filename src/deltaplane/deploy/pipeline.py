@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -106,6 +106,11 @@ def _prune_grammar_text(s: str) -> str:
     return f"{method}({', '.join(values)})"  # too many values: the method's check names what it takes
 
 
+def _whole(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is a whole number (an ``int``, not a ``bool``) as N:M's n and m must be."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_prune(spec: str | None) -> dict[str, Any] | None:
     """Parse a prune spec into ``{"method": ..., "sparsity": ...}`` or ``{"method": ..., "n": ..., "m": ...}``.
 
@@ -165,7 +170,7 @@ def parse_prune(spec: str | None) -> dict[str, Any] | None:
             )
         return {"method": method, "sparsity": check_sparsity(value, "prune ratio")}
     n, of = params["n"], params["m"]
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, of)):
+    if not (_whole(n) and _whole(of)):
         raise ConfigError(
             f"prune spec {spec!r}: n and m are whole numbers, e.g. nm(n=2, m=4). Found {n!r}, {of!r}"
         )
@@ -511,7 +516,7 @@ def deploy_classifier(
             )
         cmp = compare(base, cand)
         fidelity = float(np.max(np.abs(shipped_out - ref)))
-        manifest = {
+        manifest: dict[str, Any] = {
             "model": model_name,
             "source_sha256": source_sha256,
             "format": fmt,

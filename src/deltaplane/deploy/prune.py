@@ -16,7 +16,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,8 @@ __all__ = [
     "wanda_scores",
 ]
 
-PRUNABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+PRUNABLE = (nn.Linear, nn.Conv2d)
+PrunableLayer = nn.Linear | nn.Conv2d  # what `prunable_layers` returns: a layer whose `.weight` is a Tensor
 
 
 def check_sparsity(value: float, name: str = "sparsity") -> float:
@@ -53,7 +54,7 @@ def check_sparsity(value: float, name: str = "sparsity") -> float:
 
 def prunable_layers(
     model: nn.Module, *, include: Sequence[str] | None = None, exclude: Sequence[str] = ()
-) -> dict[str, nn.Module]:
+) -> dict[str, PrunableLayer]:
     """The model's ``nn.Linear`` and ``nn.Conv2d`` layers by qualified name (what every pruner acts on).
 
     Args:
@@ -64,18 +65,19 @@ def prunable_layers(
     """
     modules = dict(model.named_modules())
     if include is not None:
-        out = {}
+        out: dict[str, PrunableLayer] = {}
         for name in include:
             if name not in modules:
                 raise ConfigError(
                     f"no layer named {name!r} in the model; layers: {', '.join(list(modules)[1:9])}..."
                 )
-            if not isinstance(modules[name], PRUNABLE):
+            layer = modules[name]
+            if not isinstance(layer, PRUNABLE):
                 raise UnsupportedLayer(
-                    f"layer {name!r} is a {type(modules[name]).__name__}; pruning supports "
+                    f"layer {name!r} is a {type(layer).__name__}; pruning supports "
                     f"{', '.join(t.__name__ for t in PRUNABLE)} only. Remove it from `include`."
                 )
-            out[name] = modules[name]
+            out[name] = layer
     else:
         out = {n: m for n, m in modules.items() if isinstance(m, PRUNABLE)}
     unknown = [n for n in exclude if n not in modules]
@@ -111,7 +113,7 @@ def _conv_columns(layer: nn.Conv2d, x: Tensor) -> Tensor:
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
     else:
-        ph, pw = layer.padding  # type: ignore[misc]
+        ph, pw = cast("tuple[int, int]", layer.padding)  # Conv2d's only strings are "valid" and "same"
         pads = [pw, pw, ph, ph]
     if x.dim() == 3:  # an unbatched (C, H, W) input
         x = x.unsqueeze(0)

@@ -25,7 +25,7 @@ export so the fp32 graph that ships stays verifiable against the reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +39,8 @@ __all__ = ["SmoothedLinear", "layernorm_fed_linears", "smooth_layernorm_inputs"]
 
 class SmoothedLinear(nn.Module):
     """``linear(x * inv_scale)``: a Linear whose weight columns were multiplied by ``1 / inv_scale``."""
+
+    inv_scale: Tensor  # a registered buffer (moves with .to() and is saved in the state dict)
 
     def __init__(self, linear: nn.Linear, inv_scale: Tensor) -> None:
         super().__init__()
@@ -66,7 +68,7 @@ def layernorm_fed_linears(model: nn.Module, batch: Mapping[str, Tensor] | Tensor
         alive.append(out)
         ln_out[(out.data_ptr(), tuple(out.shape))] = len(ln_out)
 
-    def on_linear(name: str):
+    def on_linear(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
@@ -120,7 +122,7 @@ def smooth_layernorm_inputs(
     amax: dict[str, Tensor] = {}
     handles = []
 
-    def record(name: str):
+    def record(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
             amax[name] = x if name not in amax else torch.maximum(amax[name], x)
