@@ -57,6 +57,8 @@ from deltaplane.flower.records import (
     DELTA_KEY,
     UPLINK_KEY,
     arrays_to_state,
+    as_float,
+    as_int,
     personal_from_bytes,
     personal_to_bytes,
     state_to_arrays,
@@ -132,7 +134,7 @@ class SeededSampling(FlowerFedAvg):
             if reply.has_error() or DEVICE_KEY not in reply.content.config_records:
                 why = reply.error.reason if reply.has_error() else "no device record"
                 raise FlowerRunError(f"node {node} did not say which device it runs ({why})")
-            self.devices[node] = int(reply.content.config_records[DEVICE_KEY]["partition-id"])
+            self.devices[node] = as_int(reply.content.config_records[DEVICE_KEY]["partition-id"])
         missing = [n for n in nodes if n not in self.devices]
         if missing:
             raise FlowerRunError(f"nodes {missing} did not say which device they run")
@@ -247,7 +249,7 @@ def task_client_app(
         torch.set_num_threads(config.threads)
         task, clients, step = _federation(config, simulation=simulation)
         client = clients[int(context.node_config["partition-id"])]
-        rnd = int(msg.content.config_records["config"]["server-round"])
+        rnd = as_int(msg.content.config_records["config"]["server-round"])
         state = arrays_to_state(msg.content.array_records["arrays"])
         model = task.build_model(0)  # scratch module: training overwrites its weights
         if personalized:
@@ -275,7 +277,7 @@ def task_client_app(
             torch.set_num_threads(config.threads)
             task, clients, step = _federation(config, simulation=simulation)
             client = clients[int(context.node_config["partition-id"])]
-            rnd = int(msg.content.config_records["config"]["server-round"])
+            rnd = as_int(msg.content.config_records["config"]["server-round"])
             state = arrays_to_state(msg.content.array_records["arrays"])
             model = task.build_model(0)
             _load_personal(context, client)
@@ -408,13 +410,14 @@ def task_server_app(
             # every node's row (the personal models stay on the nodes), in device order as in process
             rows = sorted(
                 (
-                    {"client": int(m["partition-id"]), **{k: float(m[k]) for k in _ROW_KEYS}}
+                    {"client": as_int(m["partition-id"]), **{k: as_float(m[k]) for k in _ROW_KEYS}}
                     for m in (c.metric_records["metrics"] for c in contents)
                 ),
                 key=lambda r: r["client"],
             )
             personal_rows.append(rows)
-            return MetricRecord(personal_summary(rows))
+            # a new dict: a dict[str, float] is not a dict[str, MetricRecordValues] (dict is invariant)
+            return MetricRecord({**personal_summary(rows)})
 
         personalized = config.personalization != "none"
         seeded = config.seeded_dp_noise(simulation=simulation) or config.dp_noise == 0
@@ -431,7 +434,7 @@ def task_server_app(
             min_available_nodes=config.clients,
             evaluate_metrics_aggr_fn=personal_rows_of if personalized else None,
         )
-        options = dict(
+        options: dict[str, Any] = dict(  # DeltaStrategy's keywords, shared with SecAggStrategy
             inner=sampling,
             # replies are aggregated in device order and refusals named by device, as in process
             device_ids=sampling.devices,

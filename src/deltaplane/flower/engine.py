@@ -106,7 +106,7 @@ def _simulate(
     def on_stop(reason: str) -> None:
         final["stopped"] = reason
 
-    backend_config = {
+    backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False},
     }

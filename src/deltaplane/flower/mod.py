@@ -33,6 +33,8 @@ from deltaplane.flower.records import (
     DOWNLINK_KEY,
     UPLINK_KEY,
     arrays_to_state,
+    as_float,
+    as_int,
     state_from_bytes,
     state_to_arrays,
     state_to_bytes,
@@ -113,7 +115,7 @@ def delta_mod(
         if kind not in (MessageType.TRAIN, MessageType.EVALUATE) or CONTROL_KEY not in msg.content:
             return call_next(msg, context)
         ctrl = msg.content.config_records[CONTROL_KEY]
-        base_id, version = str(ctrl["base-id"]), int(ctrl["base-version"])
+        base_id, version = str(ctrl["base-id"]), as_int(ctrl["base-version"])
         global_state = _global_model(msg, context, base_id, version, arrayrecord_key)
 
         # The wrapped ClientApp sees a plain Flower instruction: the global weights and the config.
@@ -136,7 +138,7 @@ def delta_mod(
         compressor = _load_compressor(context, spec, error_feedback, seed_fn(seed, context))
         velocity, norms, rnd = None, None, 0
         if dgc is not None and dgc.active:
-            rnd = int(msg.content.config_records["config"]["server-round"])
+            rnd = as_int(msg.content.config_records["config"]["server-round"])
             saved = context.state.array_records.get(_VELOCITY)
             before = Delta(arrays_to_state(saved)) if saved is not None else None
             delta, velocity, norms = dgc.prepare(
@@ -175,12 +177,12 @@ def delta_mod(
 def _global_model(msg: Message, context: Context, base_id: str, version: int, key: str) -> dict:
     """The global model of ``version``: sent in full, or the cached one plus the downlink chain."""
     ctrl = msg.content.config_records[CONTROL_KEY]
-    start = int(ctrl["downlink-from"])
+    start = as_int(ctrl["downlink-from"])
     if start < 0:
         state = arrays_to_state(msg.content.array_records[key])
     else:
         meta = context.state.config_records.get(_GLOBAL_META)
-        if meta is None or str(meta["base-id"]) != base_id or int(meta["version"]) != start:
+        if meta is None or str(meta["base-id"]) != base_id or as_int(meta["version"]) != start:
             have = None if meta is None else (meta["base-id"], meta["version"])
             raise VersionMismatch(
                 f"node holds global model {have}, the server's downlink starts at ({base_id!r}, {start}); "
@@ -202,7 +204,7 @@ def _global_model(msg: Message, context: Context, base_id: str, version: int, ke
 def _load_norms(context: Context) -> NormHistory | None:
     """The node's update-norm history for DGC's relative clip (``None`` before its first round with it)."""
     saved = context.state.config_records.get(_NORMS)
-    return None if saved is None else NormHistory(int(saved["count"]), float(saved["reference"]))  # type: ignore[arg-type]
+    return None if saved is None else NormHistory(as_int(saved["count"]), as_float(saved["reference"]))
 
 
 def _load_compressor(context: Context, spec: str, error_feedback: bool, seed: int) -> Compressor:

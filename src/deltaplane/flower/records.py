@@ -24,6 +24,8 @@ __all__ = [
     "DOWNLINK_KEY",
     "UPLINK_KEY",
     "arrays_to_state",
+    "as_float",
+    "as_int",
     "content_bytes",
     "personal_from_bytes",
     "personal_to_bytes",
@@ -90,6 +92,24 @@ def personal_from_bytes(data: bytes) -> PersonalState:
         personal_model=doc["personal_model"],
         history=list(doc["history"]),
     )
+
+
+def as_int(value: object) -> int:
+    """``int(value)`` of a number held in a Flower record (a round, a partition id, a model version).
+
+    Flower types every record value as a union of scalars and lists; this is the one place that narrows it, with
+    the conversion the adapters always made. A list raises the ``TypeError`` that ``int()`` itself raises.
+    """
+    if not isinstance(value, int | float | str | bytes):
+        raise TypeError(f"int() argument must be a number or text, not {type(value).__name__!r}")
+    return int(value)
+
+
+def as_float(value: object) -> float:
+    """``float(value)`` of a number held in a Flower record (a metric, a weight); see :func:`as_int`."""
+    if not isinstance(value, int | float | str | bytes):
+        raise TypeError(f"float() argument must be a number or text, not {type(value).__name__!r}")
+    return float(value)
 
 
 def content_bytes(content: RecordDict) -> int:

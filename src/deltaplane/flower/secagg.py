@@ -52,7 +52,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp import Grid
@@ -86,7 +95,7 @@ from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
 from deltaplane.errors import ConfigError, DeltaplaneError
-from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, content_bytes
+from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, as_int, content_bytes
 from deltaplane.flower.strategy import DeltaStrategy
 
 __all__ = [
@@ -370,7 +379,7 @@ def secagg_query(
             _check_own(creds, config.round_id)
         bits, clip, scale = json.loads(str(rec["encoding"]))
         ep = DeviceEndpoint(
-            int(rec["client-id"]),
+            as_int(rec["client-id"]),
             config,
             RingEncoding(bits=bits, clip_range=clip, weight_scale=scale),
             randbytes=secrets.token_bytes,
@@ -381,13 +390,13 @@ def secagg_query(
         )
         out = ep.advertise()
     elif stage == "share":
-        ep = _load(context, int(rec["round"]), creds)
+        ep = _load(context, as_int(rec["round"]), creds)
         out = ep.share(bytes(rec["roster"]))
     elif stage == "consistency":
-        ep = _load(context, int(rec["round"]), creds)
+        ep = _load(context, as_int(rec["round"]), creds)
         out = ep.sign_survivors(bytes(rec["request"]))
     elif stage == "unmask":
-        ep = _load(context, int(rec["round"]), creds)
+        ep = _load(context, as_int(rec["round"]), creds)
         signatures = rec.get("signatures")
         out = ep.unmask(bytes(rec["request"]), bytes(signatures) if isinstance(signatures, bytes) else None)
     else:
@@ -455,7 +464,7 @@ def secagg_mod(
         rec = msg.content.config_records[SECAGG_KEY]
         # before training: a round this node accepted at key advertisement, with an inbox to mask with; a
         # round it cannot take part in (SecAggError) must not cost it a training pass
-        ep = _load(context, int(rec["round"]), _credentials(credentials, context))
+        ep = _load(context, as_int(rec["round"]), _credentials(credentials, context))
         inbox = rec.get("inbox")
         if not isinstance(inbox, bytes):
             raise SecAggError(f"the train instruction of SecAgg round {rec['round']} carries no share inbox")
@@ -470,13 +479,13 @@ def secagg_mod(
         ctrl = original.config_records[CONTROL_KEY]
         payload = reply.content.config_records[UPLINK_KEY]["payload"]
         # still on the node: it decodes its own payload, so its codec and error feedback shape what it masks
-        update = decompress(payload, expect_base=(str(ctrl["base-id"]), int(ctrl["base-version"])))
+        update = decompress(payload, expect_base=(str(ctrl["base-id"]), as_int(ctrl["base-version"])))
         if privacy is not None:
             update = privacy(update, ep.config.round_id, context)
         metrics = reply.content.metric_records["metrics"]
         ep.set_update(
             update,
-            int(metrics["num-examples"]),
+            as_int(metrics["num-examples"]),
             np.random.default_rng(seeds(seed, ep.config.round_id, context)),
         )
         masked = ep.masked_input(inbox)  # set_update above checked the actual update's size
@@ -792,7 +801,7 @@ class SecAggStrategy(DeltaStrategy):
         if server.server.uploaded:
             request = server.unmask_request()
             by_id = {i: node for node, i in ids.items()}
-            unmask: dict[str, bytes | int | str] = {
+            unmask: dict[str, ConfigRecordValues] = {
                 "stage": "unmask",
                 "request": request,
                 "round": server_round,

@@ -36,6 +36,7 @@ from deltaplane.flower.records import (
     DOWNLINK_KEY,
     UPLINK_KEY,
     arrays_to_state,
+    as_float,
     content_bytes,
     control,
     state_to_arrays,
@@ -203,7 +204,7 @@ class DeltaStrategy(Strategy):
             raise self._failure(m)
         try:
             payload = m.content.config_records[UPLINK_KEY]["payload"]
-            weight = float(m.content.metric_records["metrics"][self.weighted_by_key])
+            weight = as_float(m.content.metric_records["metrics"][self.weighted_by_key])
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidUpdate(
                 f"node {node}'s reply holds no deltaplane payload and '{self.weighted_by_key}' metric "
@@ -384,6 +385,7 @@ class DeltaStrategy(Strategy):
         the round goes on, as :class:`Validate` and the engine's server step treat it."""
         assert self.aggregator is not None
         try:
+            ok: bool | None  # a bare rule's add returns None
             if isinstance(self.aggregator, Validate):
                 ok = self.aggregator.add(delta, weight=weight, client_id=self._client_id(m))
             else:
