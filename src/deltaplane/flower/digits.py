@@ -57,6 +57,7 @@ from deltaplane.flower.records import (
     DELTA_KEY,
     UPLINK_KEY,
     arrays_to_state,
+    as_bytes,
     as_float,
     as_int,
     personal_from_bytes,
@@ -336,7 +337,7 @@ def _node_config_mod(node_configs: Mapping[int, Mapping[str, str]]) -> Mod:
 def _load_personal(context: Context, client: Client) -> None:
     """The device's personal state from its node's ``Context.state`` (a fresh one before its first round)."""
     saved = context.state.config_records.get(_PERSONAL_STATE)
-    client.personal = personal_from_bytes(saved["state"]) if saved is not None else PersonalState()
+    client.personal = personal_from_bytes(as_bytes(saved["state"])) if saved is not None else PersonalState()
 
 
 def _save_personal(context: Context, client: Client) -> None:

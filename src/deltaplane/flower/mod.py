@@ -33,6 +33,7 @@ from deltaplane.flower.records import (
     DOWNLINK_KEY,
     UPLINK_KEY,
     arrays_to_state,
+    as_bytes,
     as_float,
     as_int,
     state_from_bytes,
@@ -211,7 +212,7 @@ def _load_compressor(context: Context, spec: str, error_feedback: bool, seed: in
     compressor = Compressor(spec, error_feedback=error_feedback, seed=seed)
     saved = context.state.config_records.get(_COMPRESSOR_STATE)
     if saved is not None:
-        state = state_from_bytes(saved["state"])
+        state = state_from_bytes(as_bytes(saved["state"]))
         # a schedule (DGC's warm-up) may have left the compressor on another setting of the codec
         compressor.use_codec(state["codec"])
         compressor.load_state_dict(state)

@@ -24,6 +24,7 @@ __all__ = [
     "DOWNLINK_KEY",
     "UPLINK_KEY",
     "arrays_to_state",
+    "as_bytes",
     "as_float",
     "as_int",
     "content_bytes",
@@ -110,6 +111,14 @@ def as_float(value: object) -> float:
     if not isinstance(value, int | float | str | bytes):
         raise TypeError(f"float() argument must be a number or text, not {type(value).__name__!r}")
     return float(value)
+
+
+def as_bytes(value: object) -> bytes:
+    """A Flower record value that must be ``bytes`` (a node's saved state), narrowed; anything else raises the
+    ``TypeError`` that reading it with ``io.BytesIO`` (as :func:`state_from_bytes` does) raises."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"a bytes-like object is required, not {type(value).__name__!r}")
+    return value
 
 
 def content_bytes(content: RecordDict) -> int:
