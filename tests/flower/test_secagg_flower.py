@@ -192,6 +192,40 @@ def test_a_node_refuses_a_ring_narrower_than_its_own_distributed_dp_minimum() ->
     assert flower_secagg.secagg_query(advertise(7.55), _context(), min_range=7.55)
 
 
+def test_a_node_refuses_a_share_stage_whose_roster_is_a_number_not_bytes() -> None:
+    """The node read the server's roster with ``bytes(value)``, which turns an int into that many zero bytes: a
+    server naming 2**62 made every node raise MemoryError (an 8 GiB roster would have been allocated). The roster
+    and requests must be bytes; anything else is a typed DecodeError naming the field, before any allocation."""
+    import json
+
+    from flwr.app import Message
+
+    from deltaplane.aggregation.secagg import SecAggConfig
+    from deltaplane.errors import DecodeError
+
+    cfg = SecAggConfig(num_clients=5, threshold=4, bits=8, vector_size=4)
+    context = _context()
+
+    def query(fields: dict) -> Message:
+        msg = Message(
+            RecordDict({SECAGG_KEY: ConfigRecord(fields)}),
+            dst_node_id=0,
+            message_type=flower_secagg.QUERY_TYPE,
+        )
+        return flower_secagg.secagg_query(msg, context)
+
+    advert = {
+        "config": json.dumps(cfg.to_dict()),
+        "encoding": "[8, 1.0, 0.0]",
+        "client-id": 0,
+        "secagg-version": 5,
+    }
+    assert query({"stage": "advertise", **advert})
+    for roster in (2**62, 3, "not bytes"):
+        with pytest.raises(DecodeError, match="'roster' must be bytes, not (int|str)"):
+            query({"stage": "share", "round": cfg.round_id, "roster": roster})
+
+
 @pytest.mark.parametrize(
     "garbled",
     [ConfigRecord({"message": "not bytes"}), ConfigRecord({"other": b"x"}), MetricRecord({"message": 1.0})],

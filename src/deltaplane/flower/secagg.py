@@ -94,7 +94,7 @@ from deltaplane.aggregation.secagg.revocation import (
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
-from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
 from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, as_int, content_bytes
 from deltaplane.flower.strategy import DeltaStrategy
 
@@ -339,6 +339,18 @@ def _reply(msg: Message, data: bytes) -> Message:
     return Message(RecordDict({SECAGG_KEY: ConfigRecord({"message": data})}), reply_to=msg)
 
 
+def _bytes_field(rec: ConfigRecord, key: str) -> bytes:
+    """``rec[key]``, which the server must send as bytes (a roster, an unmask request).
+
+    Not ``bytes(value)``: that turns an int into that many zero bytes, so a server naming 2**62 made the node
+    raise MemoryError (and a smaller number allocate gigabytes) instead of refusing the message.
+    """
+    value = rec[key]
+    if not isinstance(value, bytes):
+        raise DecodeError(f"SecAgg record field {key!r} must be bytes, not {type(value).__name__}")
+    return value
+
+
 def secagg_query(
     msg: Message,
     context: Context,
@@ -391,14 +403,16 @@ def secagg_query(
         out = ep.advertise()
     elif stage == "share":
         ep = _load(context, as_int(rec["round"]), creds)
-        out = ep.share(bytes(rec["roster"]))
+        out = ep.share(_bytes_field(rec, "roster"))
     elif stage == "consistency":
         ep = _load(context, as_int(rec["round"]), creds)
-        out = ep.sign_survivors(bytes(rec["request"]))
+        out = ep.sign_survivors(_bytes_field(rec, "request"))
     elif stage == "unmask":
         ep = _load(context, as_int(rec["round"]), creds)
         signatures = rec.get("signatures")
-        out = ep.unmask(bytes(rec["request"]), bytes(signatures) if isinstance(signatures, bytes) else None)
+        out = ep.unmask(
+            _bytes_field(rec, "request"), bytes(signatures) if isinstance(signatures, bytes) else None
+        )
     else:
         raise DeltaplaneError(f"unknown SecAgg stage {stage!r}")
     _save(context, ep)
