@@ -36,6 +36,7 @@ from deltaplane.flower.records import (
     as_bytes,
     as_float,
     as_int,
+    payload_of,
     state_from_bytes,
     state_to_arrays,
     state_to_bytes,
@@ -196,7 +197,7 @@ def _global_model(msg: Message, context: Context, base_id: str, version: int, ke
             raise DecodeError(f"downlink holds {len(payloads)} payloads for versions {start}..{version - 1}")
         for v, payload in zip(range(start, version), payloads, strict=True):
             # a personalized federation's downlink carries only the shared layers
-            state = apply_payload(payload, state, expect_base=(base_id, v))
+            state = apply_payload(payload_of(payload), state, expect_base=(base_id, v))
     context.state[_GLOBAL_STATE] = state_to_arrays(state)
     context.state[_GLOBAL_META] = ConfigRecord({"base-id": base_id, "version": version})
     return state

@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from deltaplane.delta import Delta, StateDict
+from deltaplane.errors import DecodeError
 from deltaplane.personalization import PersonalState
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "as_float",
     "as_int",
     "content_bytes",
+    "payload_of",
     "personal_from_bytes",
     "personal_to_bytes",
     "state_from_bytes",
@@ -118,6 +120,14 @@ def as_bytes(value: object) -> bytes:
     ``TypeError`` that reading it with ``io.BytesIO`` (as :func:`state_from_bytes` does) raises."""
     if not isinstance(value, bytes):
         raise TypeError(f"a bytes-like object is required, not {type(value).__name__!r}")
+    return value
+
+
+def payload_of(value: object) -> bytes:
+    """A wire payload read from a Flower record; anything but bytes is refused as the decoder itself refuses it
+    (the same :class:`~deltaplane.errors.DecodeError`), here where its type is narrowed for the decoder."""
+    if not isinstance(value, bytes):
+        raise DecodeError(f"invalid deltaplane payload: expected bytes, got {type(value).__name__}")
     return value
 
 

@@ -95,7 +95,7 @@ from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
 from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
-from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, as_int, content_bytes
+from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, as_bytes, as_int, content_bytes, payload_of
 from deltaplane.flower.strategy import DeltaStrategy
 
 __all__ = [
@@ -188,7 +188,7 @@ def _credentials(given: DeviceCredentials | None, context: Context) -> DeviceCre
     rec = context.state.config_records.get(_TAKEN)
     if creds is None or rec is None:
         return creds
-    return creds.with_revocations(RevocationList.verified(bytes(rec["list"]), creds.trusted))
+    return creds.with_revocations(RevocationList.verified(as_bytes(rec["list"]), creds.trusted))
 
 
 def _revocations_file(given: DeviceCredentials | None, context: Context) -> str | None:
@@ -329,7 +329,7 @@ def _load(context: Context, round_id: int, credentials: DeviceCredentials | None
     return DeviceEndpoint.restore(
         config,
         RingEncoding(bits=bits, clip_range=clip, weight_scale=scale),
-        bytes(rec["state"]),
+        as_bytes(rec["state"]),
         credentials=credentials,
         session=_session(context),
     )
@@ -481,7 +481,9 @@ def secagg_mod(
         ep = _load(context, as_int(rec["round"]), _credentials(credentials, context))
         inbox = rec.get("inbox")
         if not isinstance(inbox, bytes):
-            raise SecAggError(f"the train instruction of SecAgg round {rec['round']} carries no share inbox")
+            raise SecAggError(
+                f"the train instruction of SecAgg round {as_int(rec['round'])} carries no share inbox"
+            )
         original = msg.content
         msg.content = RecordDict({k: v for k, v in original.items() if k != SECAGG_KEY})
         try:
@@ -493,7 +495,9 @@ def secagg_mod(
         ctrl = original.config_records[CONTROL_KEY]
         payload = reply.content.config_records[UPLINK_KEY]["payload"]
         # still on the node: it decodes its own payload, so its codec and error feedback shape what it masks
-        update = decompress(payload, expect_base=(str(ctrl["base-id"]), as_int(ctrl["base-version"])))
+        update = decompress(
+            payload_of(payload), expect_base=(str(ctrl["base-id"]), as_int(ctrl["base-version"]))
+        )
         if privacy is not None:
             update = privacy(update, ep.config.round_id, context)
         metrics = reply.content.metric_records["metrics"]

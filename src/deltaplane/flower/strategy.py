@@ -320,7 +320,7 @@ class DeltaStrategy(Strategy):
             update = self.aggregator.result()
             # The aggregator's own measurements (clip norm, noise, rejections...) travel as Flower metrics.
             measured = getattr(self.aggregator, "measurements", {}) or {}
-            metrics = MetricRecord(
+            metrics: MetricRecord | None = MetricRecord(
                 {
                     **{k: float(v) for k, v in measured.items() if isinstance(v, int | float)},
                     "clients": len(accepted),
