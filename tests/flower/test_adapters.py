@@ -10,7 +10,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from deltaplane import Delta, decompress
 from deltaplane.aggregation import CoordinateMedian, FedAvg
-from deltaplane.errors import VersionMismatch
+from deltaplane.errors import DecodeError, VersionMismatch
 from deltaplane.flower import DeltaStrategy, delta_mod, digits_client_app, digits_server_app
 from deltaplane.flower.records import CONTROL_KEY, DOWNLINK_KEY, UPLINK_KEY, control, state_to_arrays
 from deltaplane.sim import RunConfig, run_simulation
@@ -85,6 +85,22 @@ def test_mod_refuses_a_downlink_that_does_not_start_at_its_cached_model():
     )
     with pytest.raises(VersionMismatch, match="full model"):
         mod(_train_msg(stale), ctx, _add_one)
+
+
+def test_mod_refuses_a_downlink_whose_payloads_are_not_a_list():
+    """The server's downlink ``payloads`` must be a list of wire payloads. A number in their place reached
+    ``len()`` and raised a bare TypeError on the node; it is now the DecodeError every malformed downlink gets."""
+    mod = delta_mod(codec="identity")
+    ctx = _context()
+    mod(
+        _train_msg(RecordDict({"arrays": state_to_arrays(_state(0.0)), CONTROL_KEY: control("m", 0, -1)})),
+        ctx,
+        _add_one,
+    )
+    for garbled in (2, b"xy"):
+        bad = RecordDict({CONTROL_KEY: control("m", 2, 0), DOWNLINK_KEY: ConfigRecord({"payloads": garbled})})
+        with pytest.raises(DecodeError, match="downlink payloads must be a list of bytes"):
+            mod(_train_msg(bad), ctx, _add_one)
 
 
 def test_mod_passes_evaluate_messages_through():

@@ -193,6 +193,8 @@ def _global_model(msg: Message, context: Context, base_id: str, version: int, ke
         state = arrays_to_state(context.state.array_records[_GLOBAL_STATE])
         chain = msg.content.config_records.get(DOWNLINK_KEY)  # none when the node is already current
         payloads = [] if chain is None else chain["payloads"]
+        if not isinstance(payloads, list):  # a number reached len() as a bare TypeError
+            raise DecodeError(f"downlink payloads must be a list of bytes, not {type(payloads).__name__}")
         if len(payloads) != version - start:
             raise DecodeError(f"downlink holds {len(payloads)} payloads for versions {start}..{version - 1}")
         for v, payload in zip(range(start, version), payloads, strict=True):
