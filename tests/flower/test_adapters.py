@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -36,6 +38,17 @@ def _add_one(msg: Message, context: Context) -> Message:
     state = msg.content.array_records["arrays"].to_torch_state_dict()
     new = ArrayRecord({k: v + 1.0 for k, v in state.items()})
     return Message(RecordDict({"arrays": new, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+
+
+def _node_holding_version_0(mod: Callable[..., Message]) -> Context:
+    """A node's context after one round of ``mod`` from the full model ``("m", 0)``: it caches that version."""
+    ctx = _context()
+    mod(
+        _train_msg(RecordDict({"arrays": state_to_arrays(_state(0.0)), CONTROL_KEY: control("m", 0, -1)})),
+        ctx,
+        _add_one,
+    )
+    return ctx
 
 
 def test_mod_sends_payload_and_keeps_error_feedback_in_context_state():
@@ -74,12 +87,7 @@ def test_mod_sends_payload_and_keeps_error_feedback_in_context_state():
 
 def test_mod_refuses_a_downlink_that_does_not_start_at_its_cached_model():
     mod = delta_mod(codec="identity")
-    ctx = _context()
-    mod(
-        _train_msg(RecordDict({"arrays": state_to_arrays(_state(0.0)), CONTROL_KEY: control("m", 0, -1)})),
-        ctx,
-        _add_one,
-    )
+    ctx = _node_holding_version_0(mod)
     stale = RecordDict(
         {CONTROL_KEY: control("m", 5, 3), DOWNLINK_KEY: ConfigRecord({"payloads": [b"x", b"y"]})}
     )
@@ -91,12 +99,7 @@ def test_mod_refuses_a_downlink_whose_payloads_are_not_a_list():
     """The server's downlink ``payloads`` must be a list of wire payloads. A number in their place reached
     ``len()`` and raised a bare TypeError on the node; it is now the DecodeError every malformed downlink gets."""
     mod = delta_mod(codec="identity")
-    ctx = _context()
-    mod(
-        _train_msg(RecordDict({"arrays": state_to_arrays(_state(0.0)), CONTROL_KEY: control("m", 0, -1)})),
-        ctx,
-        _add_one,
-    )
+    ctx = _node_holding_version_0(mod)
     for garbled in (2, b"xy"):
         bad = RecordDict({CONTROL_KEY: control("m", 2, 0), DOWNLINK_KEY: ConfigRecord({"payloads": garbled})})
         with pytest.raises(DecodeError, match="downlink payloads must be a list of bytes"):
