@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from deltaplane import Delta, decompress
 from deltaplane.aggregation import CoordinateMedian, FedAvg
-from deltaplane.errors import DecodeError, VersionMismatch
+from deltaplane.errors import ConfigError, DecodeError, VersionMismatch
 from deltaplane.flower import DeltaStrategy, delta_mod, digits_client_app, digits_server_app
 from deltaplane.flower.records import CONTROL_KEY, DOWNLINK_KEY, UPLINK_KEY, control, state_to_arrays
 from deltaplane.sim import RunConfig, run_simulation
@@ -148,6 +148,24 @@ def test_strategy_can_hand_decoded_weights_to_the_wrapped_flower_strategy(loopba
     )
     result = strategy.start(loopback_grid(app, 2), state_to_arrays(_state(1.0)), num_rounds=2)
     torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((4, 5), 3.0))
+
+
+def test_strategy_refuses_a_wrapped_flower_strategy_that_returns_no_weights(loopback_grid):
+    """A Flower Strategy may return ``(None, None)`` from ``aggregate_train``; DeltaStrategy(aggregator=None) took
+    its weights regardless and failed with AttributeError ('NoneType' ... 'to_torch_state_dict'). It now raises
+    a ConfigError naming the wrapped strategy and the round."""
+
+    class NoWeights(FlowerFedAvg):
+        def aggregate_train(self, server_round, replies):
+            return None, None
+
+    app = ClientApp(mods=[delta_mod(codec="identity")])
+    app.train()(_add_one)
+    strategy = DeltaStrategy(
+        inner=NoWeights(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=2), aggregator=None
+    )
+    with pytest.raises(ConfigError, match="NoWeights returned no weights for round 1"):
+        strategy.start(loopback_grid(app, 2), state_to_arrays(_state(1.0)), num_rounds=1)
 
 
 def test_strategy_runs_any_deltaplane_aggregator_robust_median_outvotes_a_byzantine_node(loopback_grid):

@@ -334,6 +334,11 @@ class DeltaStrategy(Strategy):
                 m.content = content  # the reply keeps its routing metadata; only what it carries changes
                 rebuilt.append(m)
             new_arrays, metrics = self.inner.aggregate_train(server_round, rebuilt)
+            if new_arrays is None:  # a Flower Strategy may return (None, None)
+                raise ConfigError(
+                    f"the wrapped Flower strategy {type(self.inner).__name__} returned no weights for round "
+                    f"{server_round}: DeltaStrategy(aggregator=None) needs an inner strategy that averages them"
+                )
             update = Delta.between(self._global, arrays_to_state(new_arrays))
         update = update * self.server_lr
 
