@@ -551,8 +551,8 @@ def _staging(out: Path, target: Path) -> Path:
 #: A compressed run this many accuracy points or more below its baseline gets a warning next to its byte ratio.
 FAR_BELOW_POINTS = 1.0
 #: The codec the warning proposes instead: every coordinate in every round at 4x fewer bytes than fp32, which
-#: kept the baseline's accuracy on docs/adapters.md's FFA-LoRA run (0.633 vs 0.630 in two rounds) where
-#: stc(0.006) with DGC lost 46 points.
+#: kept the baseline's accuracy on docs/adapters.md's FFA-LoRA run (0.618 vs 0.613 in two rounds) where
+#: stc(0.006) with DGC lost 39 points.
 DENSE_CODEC = "quant(bits=8)"
 
 

@@ -62,7 +62,7 @@ def test_caps_must_be_positive(option: str, value: int) -> None:
 
 def test_lora_variants_name_a_dense_codec(lora_task):
     """``deltaplane run`` on the LoRA variants used the digits default stc(0.006) + DGC: the docs' FFA-LoRA run
-    ended at 0.165 against fp32's 0.630 in two rounds. They name quant(bits=8) (Task.codec); full fine-tuning
+    ended at 0.225 against fp32's 0.613 in two rounds. They name quant(bits=8) (Task.codec); full fine-tuning
     keeps the run's default."""
     from deltaplane.apps.docstrings import LORA_CODEC
 

@@ -36,8 +36,9 @@ __all__ = ["LORA_CODEC", "TextClassifier", "freeze_to_buffers", "make_task", "mi
 
 #: The uplink codec of the LoRA variants (``lora_rank > 0``) when the run names none: every coordinate of the
 #: adapter and head in every round, at 4x fewer bytes than fp32. FFA-LoRA, rank 8, 4 devices, 2 rounds
-#: (docs/adapters.md's command under DELTAPLANE_SMALL=1): test accuracy 0.633 against the fp32 run's 0.630 at
-#: 4.2x, where ``stc(0.006)`` with DGC reached 0.165 at 364x. The full-model variant keeps the run's default.
+#: (docs/adapters.md's command under DELTAPLANE_SMALL=1): test accuracy 0.618 against the fp32 run's 0.613 at
+#: 4.2x, where ``stc(0.006)`` with DGC reached 0.225 (about chance) at 360x. The full-model variant keeps the
+#: run's default.
 LORA_CODEC = "quant(bits=8)"
 
 
