@@ -155,3 +155,22 @@ def test_every_stage_maker_sweeps_first(tmp_path: Path, maker: str) -> None:
     dead = _named(target, start=staging._me()[3] + 1)
     _makers()[maker](target)
     assert not dead.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_names_its_stages_after_itself_not_its_parent(tmp_path: Path) -> None:
+    """The owner was cached once per interpreter, so a forked child (a forked worker that writes an output)
+    named its stages after its parent: its live stage was then removable once the parent died."""
+    staging._me()  # the parent's owner, cached
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.write(write, stage_dir(tmp_path / "out").name.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    name = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert f"-{pid}-" in name and f"-{os.getpid()}-" not in name, name

@@ -31,10 +31,11 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+from deltaplane.processes import boot_id, pid_namespace, process_state, start_ticks
 
 __all__ = ["stage_dir", "stage_file", "sweep"]
 
@@ -60,36 +61,16 @@ def _read(path: str) -> str:
         return ""
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of process ``pid`` from ``/proc``; None if there is none.
-
-    Raises:
-        PermissionError: the process is hidden from us (``/proc`` mounted with ``hidepid``).
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name in (…) may hold spaces and parentheses
-    return fields[0], int(fields[19])
+def _me() -> tuple[str, str, int, int]:
+    """This process's (place, boot, pid, start), as a stage name records them."""
+    return _owner(os.getpid())  # keyed by pid: a forked child names its stages after itself, not its parent
 
 
 @functools.cache
-def _me() -> tuple[str, str, int, int]:
-    """This process's (place, boot, pid, start), as a stage name records them."""
-    try:
-        pidns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pidns = ""
-    place = _short_hash(socket.gethostname(), _read("/etc/machine-id"), pidns)
-    boot_id = _read("/proc/sys/kernel/random/boot_id")
-    boot = _short_hash(boot_id) if boot_id else "0" * 8
-    try:
-        stat = _proc_stat(os.getpid())
-    except OSError:
-        stat = None
-    return place, boot, os.getpid(), stat[1] if stat else 0
+def _owner(pid: int) -> tuple[str, str, int, int]:
+    place = _short_hash(socket.gethostname(), _read("/etc/machine-id"), pid_namespace() or "")
+    boot = boot_id()
+    return place, _short_hash(boot) if boot else "0" * 8, pid, start_ticks(pid) or 0
 
 
 def _prefix(target: Path, aside: bool) -> str:
@@ -128,23 +109,8 @@ def _owner_gone(place: str, boot: str, pid: int, start: int) -> bool | str:
         return "made on another host or in another container (its process cannot be checked from here)"
     if boot != my_boot:
         return True if my_boot != "0" * 8 else "its process cannot be checked without /proc"
-    if sys.platform.startswith("linux") and os.path.isdir("/proc/self"):
-        if start == 0:  # its maker could not read its own start time: a live owner could not be told apart
-            return f"the start time of process {pid} was not recorded"
-        try:
-            stat = _proc_stat(pid)
-        except OSError:
-            return f"process {pid} cannot be checked (hidden from this user)"
-        return stat is None or stat[1] != start or stat[0] in ("Z", "X")
-    if os.name != "posix":
-        return "its process cannot be checked on this system"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        pass
-    return f"process {pid} is running and may be a reused pid (no /proc to check its start time)"
+    state, why = process_state(pid, start or None)  # 0: its maker could not read its own start time
+    return True if state == "gone" else False if state == "running" else why
 
 
 def sweep(target: str | os.PathLike[str]) -> list[Path]:

@@ -20,6 +20,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+from deltaplane.processes import boot_id, pid_namespace, process_state, start_ticks
+
 __all__ = ["Owner", "Reservation", "format_line", "parse_fields", "run_state", "this_run"]
 
 #: a field's value as written: no space, no '=' (hostnames outside it are written with '_' in its place)
@@ -59,46 +61,19 @@ class Reservation:
         return f"device-{self.first}" + ("" if self.first == self.last else f"..device-{self.last}")
 
 
-def _proc(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Process ``pid``'s start time (clock ticks since boot, field 22 of ``/proc/PID/stat``), None if unknown."""
-    stat = _proc(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # the command name, in parentheses, may hold spaces
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _pidns() -> str | None:
-    try:
-        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or None
-    except OSError:
-        return None
-
-
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9._:-]", "_", socket.gethostname())[:253] or "_"
 
 
 def _boot() -> str | None:
-    boot = (_proc("/proc/sys/kernel/random/boot_id") or "").strip()
-    return boot if _VALUE.fullmatch(boot) else None
+    boot = boot_id()
+    return boot if boot is not None and _VALUE.fullmatch(boot) else None
 
 
 def this_run() -> Owner:
     """The running process as a reservation's owner."""
     pid = os.getpid()
-    return Owner(pid, _host(), _boot(), _pidns(), _start_ticks(pid), int(time.time()))
+    return Owner(pid, _host(), _boot(), pid_namespace(), start_ticks(pid), int(time.time()))
 
 
 def format_line(r: Reservation) -> str:
@@ -147,20 +122,13 @@ def run_state(owner: Owner | None) -> tuple[str, str]:
     boot = _boot()
     if owner.boot is not None and boot is not None and owner.boot != boot:
         return "dead", f"{owner.describe()}: this host has restarted since"
-    if owner.pidns is not None and owner.pidns != _pidns():
+    if owner.pidns is not None and owner.pidns != pid_namespace():
         return "unknown", f"{owner.describe()}, in another pid namespace (container) than this one"
-    try:
-        os.kill(owner.pid, 0)
-    except ProcessLookupError:
-        return "dead", f"{owner.describe()}: that process has ended"
-    except PermissionError:
-        pass  # it exists, another user's
-    start = _start_ticks(owner.pid)
-    if owner.start is not None and start is not None and (owner.boot is None or owner.boot == boot):
-        if start != owner.start:
-            return "dead", f"{owner.describe()}: that process has ended (pid {owner.pid} is another one now)"
+    # a start time means something within one boot only (a line without a boot id is taken as this boot's)
+    start = owner.start if owner.boot is None or owner.boot == boot else None
+    state, why = process_state(owner.pid, start)
+    if state == "gone":
+        return "dead", f"{owner.describe()}: {why}"
+    if state == "running":
         return "live", f"{owner.describe()}: that run is still going"
-    return (
-        "unknown",
-        f"{owner.describe()}: pid {owner.pid} runs, and this system cannot tell if it is that run",
-    )
+    return "unknown", f"{owner.describe()}: {why}, so this system cannot tell if it is that run"
