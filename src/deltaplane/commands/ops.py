@@ -1598,11 +1598,8 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option(
                 min=0,
-                help=(
-                    "Refuse uploads whose norm exceeds this many times the base model's (0: no guard). Default: "
-                    "10, or the norm an honest update reaches with the federation's DP noise if larger."
-                ),
-                show_default=False,
+                help="Refuse uploads whose norm exceeds this many times the base model's (0: no guard).",
+                show_default="10, or the norm an honest update reaches with the federation's DP noise if larger",
             ),
         ] = None,
         tls_cert: TlsCert = None,
