@@ -29,6 +29,7 @@ __all__ = [
     "as_float",
     "as_int",
     "content_bytes",
+    "field_bytes",
     "payload_of",
     "personal_from_bytes",
     "personal_to_bytes",
@@ -123,12 +124,19 @@ def as_bytes(value: object) -> bytes:
     return value
 
 
-def payload_of(value: object) -> bytes:
-    """A wire payload read from a Flower record; anything but bytes is refused as the decoder itself refuses it
-    (the same :class:`~deltaplane.errors.DecodeError`), here where its type is narrowed for the decoder."""
+def field_bytes(value: object, what: str) -> bytes:
+    """A record value a peer must send as bytes (a wire payload, a SecAgg roster or request), narrowed; anything
+    else is a :class:`~deltaplane.errors.DecodeError` naming ``what``. Never ``bytes(value)``: that turns an int
+    into that many zero bytes, so a peer naming 2**62 would make this process allocate without bound."""
     if not isinstance(value, bytes):
-        raise DecodeError(f"invalid deltaplane payload: expected bytes, got {type(value).__name__}")
+        raise DecodeError(f"{what} must be bytes, not {type(value).__name__}")
     return value
+
+
+def payload_of(value: object) -> bytes:
+    """A wire payload read from a Flower record; anything but bytes is refused with a
+    :class:`~deltaplane.errors.DecodeError`, as the decoder itself refuses it."""
+    return field_bytes(value, "invalid deltaplane payload: the payload")
 
 
 def content_bytes(content: RecordDict) -> int:

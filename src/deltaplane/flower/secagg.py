@@ -94,8 +94,16 @@ from deltaplane.aggregation.secagg.revocation import (
 from deltaplane.codecs import decompress
 from deltaplane.delta import Delta
 from deltaplane.engine.secure import device_seed, lone_input_error, masked_zeros
-from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError
-from deltaplane.flower.records import CONTROL_KEY, UPLINK_KEY, as_bytes, as_int, content_bytes, payload_of
+from deltaplane.errors import ConfigError, DeltaplaneError
+from deltaplane.flower.records import (
+    CONTROL_KEY,
+    UPLINK_KEY,
+    as_bytes,
+    as_int,
+    content_bytes,
+    field_bytes,
+    payload_of,
+)
 from deltaplane.flower.strategy import DeltaStrategy
 
 __all__ = [
@@ -339,18 +347,6 @@ def _reply(msg: Message, data: bytes) -> Message:
     return Message(RecordDict({SECAGG_KEY: ConfigRecord({"message": data})}), reply_to=msg)
 
 
-def _bytes_field(rec: ConfigRecord, key: str) -> bytes:
-    """``rec[key]``, which the server must send as bytes (a roster, an unmask request).
-
-    Not ``bytes(value)``: that turns an int into that many zero bytes, so a server naming 2**62 made the node
-    raise MemoryError (and a smaller number allocate gigabytes) instead of refusing the message.
-    """
-    value = rec[key]
-    if not isinstance(value, bytes):
-        raise DecodeError(f"SecAgg record field {key!r} must be bytes, not {type(value).__name__}")
-    return value
-
-
 def secagg_query(
     msg: Message,
     context: Context,
@@ -403,15 +399,16 @@ def secagg_query(
         out = ep.advertise()
     elif stage == "share":
         ep = _load(context, as_int(rec["round"]), creds)
-        out = ep.share(_bytes_field(rec, "roster"))
+        out = ep.share(field_bytes(rec["roster"], "SecAgg record field 'roster'"))
     elif stage == "consistency":
         ep = _load(context, as_int(rec["round"]), creds)
-        out = ep.sign_survivors(_bytes_field(rec, "request"))
+        out = ep.sign_survivors(field_bytes(rec["request"], "SecAgg record field 'request'"))
     elif stage == "unmask":
         ep = _load(context, as_int(rec["round"]), creds)
         signatures = rec.get("signatures")
         out = ep.unmask(
-            _bytes_field(rec, "request"), bytes(signatures) if isinstance(signatures, bytes) else None
+            field_bytes(rec["request"], "SecAgg record field 'request'"),
+            bytes(signatures) if isinstance(signatures, bytes) else None,
         )
     else:
         raise DeltaplaneError(f"unknown SecAgg stage {stage!r}")
