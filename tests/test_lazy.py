@@ -23,6 +23,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
         "deltaplane.deploy",
         "deltaplane.deploy.publish",  # keys enrollment checks its folder with it
         "deltaplane.engine.config",  # RunConfig: reading a federation file's settings
+        "deltaplane.engine.buildable",  # what checks those settings without building them
+        "deltaplane.aggregation.dp_sizes",  # distributed DP's noise and ring range, which the check sizes
         "deltaplane.specs",  # the one spec grammar: reading a codec, defence or attack spec needs no torch
     ],
 )

@@ -36,6 +36,7 @@ import torch
 from deltaplane.aggregation.accounting import PrivacyAccountant, epsilon_for
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, QuantileClip
+from deltaplane.aggregation.dp_sizes import distributed_noise_std, distributed_ring_range
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.noise import secure_randn
 from deltaplane.delta import Delta, StateDict, check_compatible
@@ -256,28 +257,6 @@ class DPFedAvg(AggregatorWrapper):
             f"DPFedAvg({self.inner!r}, noise_multiplier={self.noise_multiplier!r}, "
             f"expected_clients={self.expected_clients!r})"
         )
-
-
-def distributed_noise_std(noise_multiplier: float, clip: float, min_contributors: int) -> float:
-    """σ_d = z·C/√m_min: the Gaussian noise std each device adds under SecAgg, so that the sum of at least
-    ``min_contributors`` devices' noise has std ≥ z·C, what central DP-FedAvg adds to the clipped sum."""
-    return noise_multiplier * clip / math.sqrt(min_contributors)
-
-
-#: how many of a device's noise stds the SecAgg ring range leaves beyond the clip (see distributed_ring_range)
-RING_RANGE_SIGMAS = 6.0
-
-
-def distributed_ring_range(clip: float, device_noise_std: float) -> float:
-    """The least SecAgg ring range (``secagg_range``) under distributed DP: C + 6·σ_d, rounded up to two
-    decimals (the number quoted to users, and checked, is one that passes when given back).
-
-    A device's values are clipped to L2 norm C (so each is within ±C) and then noised with N(0, σ_d²) before
-    SecAgg encodes them into the ring, whose range clip acts per device, *before* the sum: it is not
-    post-processing of the noised sum, and the Gaussian accounting holds only while it does not bind. Beyond
-    C + 6σ_d a value lands with probability about 2·10⁻⁹ (the Gaussian tail at 6σ), so the clip essentially
-    never binds."""
-    return math.ceil((clip + RING_RANGE_SIGMAS * device_noise_std) * 100 - 1e-9) / 100
 
 
 def distributed_noise(delta: Delta, *, clip: float, std: float, generator: torch.Generator | None) -> Delta:

@@ -887,7 +887,6 @@ def register(app: typer.Typer) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
         from deltaplane.aggregation.secagg.enrollment import device_id, held_partitions
-        from deltaplane.serve.fleet import coordinate
 
         with _errors(OSError):
             run = _federation(federation)
@@ -903,6 +902,10 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(
                         f"--enrolled {enrolled} holds no device-I.token (fleet enroll --out writes them)"
                     )
+            # the rounds' side loads torch (the task's data, for the drift reference and SecAgg's weight
+            # scale); the checks above do not, so a refused federation or flag is refused at once
+            from deltaplane.serve.fleet import coordinate
+
             admin = admin_client(url, ca, tls_cert, tls_key, service_spki)
             done = _connected(
                 url,

@@ -33,6 +33,7 @@ from deltaplane.choices import (
     TRANSPORTS,
     Choices,
 )
+from deltaplane.engine.buildable import aggregation_builds, codec_builds, dgc_builds
 from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.textfile import read_config_text
 from deltaplane.yamlio import load_yaml
@@ -277,6 +278,8 @@ class RunConfig(BaseModel):
     @field_validator("codec", "downlink_codec")
     @classmethod
     def _valid_codec(cls, spec: str) -> str:
+        if codec_builds(spec):  # certain without building it (or loading torch): deltaplane.engine.buildable
+            return spec
         from deltaplane.codecs import get_codec
 
         try:
@@ -333,29 +336,12 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _valid_aggregation(self) -> RunConfig:
-        try:
-            agg = self.build_aggregator()
-            from deltaplane.aggregation import FedAvg, check_defense_codec
-
-            defence: Aggregator = agg
-            while (inner := getattr(defence, "inner", None)) is not None:
-                defence = inner
-            if not isinstance(defence, FedAvg):  # the innermost rule meets the decoded uplink payloads
-                check_defense_codec(defence, self.codec)
-            need = getattr(defence, "min_updates", 1)
-            if need > self.clients_per_round():
-                raise ConfigError(
-                    f"defense {self.defense!r} needs at least {need} updates a round to close, and this run "
-                    f"trains {self.clients_per_round()} a round; raise clients or sample_fraction, or tolerate "
-                    "fewer byzantine clients"
-                )
-        except DeltaplaneError as exc:
-            raise ValueError(str(exc)) from None
-        try:
-            dgc = self.make_dgc()
-            dgc.codec_for(self.codec, 1)  # a warm-up needs a sparsifier to warm up
-        except DeltaplaneError as exc:
-            raise ValueError(str(exc)) from None
+        # the chain and the DGC options are built to be checked unless they certainly build, which
+        # deltaplane.engine.buildable decides without torch for a process that only reads the file
+        if not aggregation_builds(self):
+            self._check_aggregation_by_building()
+        if not dgc_builds(self):
+            self._check_dgc_by_building()
         if (self.dp_noise > 0 or self.local_dp_noise > 0) and self.dp_delta * self.clients >= 1:
             # (ε, δ)-DP with δ ≥ 1/N admits "publish one random client's data in the clear"; δ ≪ 1/N is the
             # standard requirement (Dwork & Roth 2014, §2.3), whether δ was given or left at its default
@@ -377,9 +363,7 @@ class RunConfig(BaseModel):
                 "consistency check), and this run has none: set secagg too, or drop secagg_authenticated"
             )
         if self.secagg:
-            from deltaplane.engine.attacks import parse_attack
-
-            if self.attack and parse_attack(self.attack)[0].forges_frames:
+            if self.attack and _forges_frames(self.attack):
                 raise ValueError(
                     f"attack={self.attack!r} forges a wire frame, but under secagg a device sends masked ring "
                     "vectors, never a frame; run it without secagg"
@@ -401,6 +385,35 @@ class RunConfig(BaseModel):
         self._check_distributed_dp()
         self._check_secagg_neighbours()
         return self
+
+    def _check_aggregation_by_building(self) -> None:
+        """Build the aggregator chain; check its innermost rule against the codec and the round's size."""
+        try:
+            agg = self.build_aggregator()
+            from deltaplane.aggregation import FedAvg, check_defense_codec
+
+            defence: Aggregator = agg
+            while (inner := getattr(defence, "inner", None)) is not None:
+                defence = inner
+            if not isinstance(defence, FedAvg):  # the innermost rule meets the decoded uplink payloads
+                check_defense_codec(defence, self.codec)
+            need = getattr(defence, "min_updates", 1)
+            if need > self.clients_per_round():
+                raise ConfigError(
+                    f"defense {self.defense!r} needs at least {need} updates a round to close, and this run "
+                    f"trains {self.clients_per_round()} a round; raise clients or sample_fraction, or tolerate "
+                    "fewer byzantine clients"
+                )
+        except DeltaplaneError as exc:
+            raise ValueError(str(exc)) from None
+
+    def _check_dgc_by_building(self) -> None:
+        """Build the DGC options and the first round's (warmed-up) codec."""
+        try:
+            dgc = self.make_dgc()
+            dgc.codec_for(self.codec, 1)  # a warm-up needs a sparsifier to warm up
+        except DeltaplaneError as exc:
+            raise ValueError(str(exc)) from None
 
     def _check_secagg_neighbours(self) -> None:
         """SecAgg+'s degree must be one the run's devices accept for a round of the expected size: the same
@@ -518,10 +531,10 @@ class RunConfig(BaseModel):
 
     def min_secagg_range(self) -> float:
         """The least ``secagg_range`` under distributed DP, clip + 6·σ_d rounded up to two decimals
-        (:func:`~deltaplane.aggregation.dp.distributed_ring_range`, what the servers check); 0 without it."""
+        (:func:`~deltaplane.aggregation.dp_sizes.distributed_ring_range`, what the servers check); 0 without it."""
         if not (self.secagg and self.dp_noise > 0):
             return 0.0
-        from deltaplane.aggregation.dp import distributed_ring_range
+        from deltaplane.aggregation.dp_sizes import distributed_ring_range
 
         # not clip_value: distributed DP has a numeric clip (the validators check); either needs the ignore
         return distributed_ring_range(float(self.clip), self.device_noise_std())  # type: ignore[arg-type]
@@ -538,7 +551,7 @@ class RunConfig(BaseModel):
         """σ_d = z·clip/√m_min, the noise std each device adds under distributed DP (0 without it)."""
         if not (self.secagg and self.dp_noise > 0):
             return 0.0
-        from deltaplane.aggregation.dp import distributed_noise_std
+        from deltaplane.aggregation.dp_sizes import distributed_noise_std
 
         # not clip_value: distributed DP has a numeric clip (the validators check); either needs the ignore
         return distributed_noise_std(self.dp_noise, float(self.clip), self.min_contributors())  # type: ignore[arg-type]
@@ -825,6 +838,13 @@ def flatten_sections(data: dict[str, Any], *, source: str = "config") -> dict[st
             a field given twice.
     """
     return _flatten(data, source=source)[0]
+
+
+def _forges_frames(attack: str) -> bool:
+    """Whether attack spec ``attack`` forges a wire frame (imports the attacks, and so torch, only when asked)."""
+    from deltaplane.engine.attacks import parse_attack
+
+    return parse_attack(attack)[0].forges_frames
 
 
 def _flatten(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], dict[str, str]]:
