@@ -454,3 +454,61 @@ def test_missing_counts_are_validated_and_nan_embeddings_are_refused():
             s.validate(spec)
     with pytest.raises(ConfigError, match="NaN"):
         summarize(spec, embeddings=np.full((3, 4), np.nan))
+
+
+@pytest.mark.parametrize("stat", [psi, ks_from_counts, chi2_from_counts])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 1e300])
+def test_each_statistic_refuses_counts_that_are_not_counts(stat, bad):
+    """A NaN count made psi NaN; a NaN or negative one made chi2_from_counts answer (0, 1), "no difference";
+    an infinite or huge one reached scipy's own ValueError. Each is now an InvalidUpdate naming the value."""
+    with pytest.raises(InvalidUpdate, match="counts"):
+        stat([10, 20, 30], [10, bad, 30])
+    with pytest.raises(InvalidUpdate, match="counts"):
+        stat([10, bad, 30], [10, 20, 30])
+
+
+def test_statistics_match_textbook_formulas_on_random_tables():
+    """PSI, χ² and Holm against straight numpy from their definitions (not the implementation's own code)."""
+    from scipy.stats import chi2
+
+    from deltaplane.monitor import holm
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        k = int(rng.integers(2, 10))
+        r, q = rng.integers(5, 80, k), rng.integers(5, 80, k)
+        rf, qf = np.maximum(r / r.sum(), 1e-4), np.maximum(q / q.sum(), 1e-4)
+        assert psi(r, q) == pytest.approx(float(np.sum((qf - rf) * np.log(qf / rf))), rel=1e-12)
+        t = np.vstack([r, q]).astype(float)
+        e = np.outer(t.sum(1), t.sum(0)) / t.sum()
+        x2 = float(((t - e) ** 2 / e).sum())
+        stat, p = chi2_from_counts(r, q)
+        assert stat == pytest.approx(x2, rel=1e-9)
+        if e.min() >= 5:
+            assert p == pytest.approx(chi2.sf(x2, k - 1), rel=1e-9)
+        pv = rng.random(k) ** 3
+        order, running, adj = np.argsort(pv), 0.0, np.empty(k)
+        for i, j in enumerate(order):  # Holm 1979: max over j <= i of min(1, (m - j + 1) p_(j))
+            running = max(running, min(1.0, (k - i) * pv[j]))
+            adj[j] = running
+        assert holm(pv) == pytest.approx(adj.tolist())
+
+
+def test_a_constant_feature_moving_by_less_than_its_magnitude_is_seen():
+    """A constant 3 got edges (1.5, 4.5), so live values of 4 shared its bin: no drift could be seen."""
+    ref = np.full((500, 1), 3.0)
+    spec = DriftSpec.fit(ref)
+    mon = DriftMonitor(spec, summarize(spec, ref))
+    assert mon.compare(summarize(spec, np.full((200, 1), 4.0))).alerts
+    assert not mon.compare(summarize(spec, np.full((200, 1), 3.0 + 1e-12))).alerts  # float noise is not drift
+
+
+@pytest.mark.parametrize(
+    ("n_classes", "why"), [(1.5, "whole number"), (float("inf"), "whole number"), (None, "whole number")]
+)
+def test_spec_from_dict_refuses_what_cannot_be_a_class_count(n_classes, why):
+    """n_classes 1.5 became 1 without a word, and 1e400 (JSON's infinity) raised OverflowError (a 500)."""
+    with pytest.raises(ConfigError, match=why):
+        DriftSpec.from_dict({"feature_edges": [[0.0, 1.0]], "n_classes": n_classes})
+    with pytest.raises(ConfigError, match="malformed"):
+        DriftSpec.from_dict({"feature_edges": [[0.0, 1.0]], "embedding_trace": 10**400})

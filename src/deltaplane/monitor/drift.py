@@ -53,6 +53,13 @@ __all__ = [
 #: largest |mean| an embedding dimension may report; real embeddings are O(1), and this keeps merged sums far
 #: from float overflow (a NaN centroid statistic would hide any drift)
 MAX_EMBEDDING_MEAN = 1e6
+#: the largest total a count vector given to :func:`psi`, :func:`ks_from_counts` or :func:`chi2_from_counts`
+#: may have: far above any window (the service bounds each count to 1e9), far below where the χ² table's
+#: margin products (total²) overflow float64
+MAX_COUNT_TOTAL = 1e100
+#: a column constant in the reference is binned as below / the constant / above, the middle bin holding values
+#: within this relative distance of it (absolute for |constant| < 1): float noise, not a change of value
+CONSTANT_TOLERANCE = 1e-6
 PSI_EPS = 1e-4
 #: the largest PSI any pair of count vectors can reach with the ``PSI_EPS`` floor (all mass moving from one
 #: bin to another): a threshold at or above it could never fire.
@@ -65,11 +72,27 @@ Counts = Sequence[float] | np.ndarray
 
 
 def _pair(reference: Counts, live: Counts, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The two count vectors as float arrays; :class:`ConfigError` unless they are 1-D over the same bins."""
+    """The two count vectors as float arrays; :class:`ConfigError` unless they are 1-D over the same bins,
+    :class:`InvalidUpdate` unless every count is finite, >= 0 and each vector's total at most
+    :data:`MAX_COUNT_TOTAL`.
+
+    Why: these functions are public and read counts that devices sent. A NaN count made ``psi`` NaN, a NaN or
+    negative one made ``chi2_from_counts`` answer (0, 1) ("no difference") without a word, and an infinite or
+    astronomically large one reached scipy's own ``ValueError`` about expected frequencies.
+    """
     r = np.asarray(reference, dtype=np.float64)
     q = np.asarray(live, dtype=np.float64)
     if r.shape != q.shape or r.ndim != 1:
         raise ConfigError(f"{what} needs two count vectors of the same length, got {r.shape} and {q.shape}")
+    for side, a in (("reference", r), ("live", q)):
+        bad = a[~(np.isfinite(a) & (a >= 0))]
+        if bad.size:
+            raise InvalidUpdate(f"{what} needs finite counts >= 0; the {side} counts hold {bad[:3].tolist()}")
+        if a.sum() > MAX_COUNT_TOTAL:
+            raise InvalidUpdate(
+                f"{what}: the {side} counts total {a.sum():.3g}, more than {MAX_COUNT_TOTAL:g} (not counts of "
+                "inputs; scale them down, e.g. to fractions)"
+            )
     return r, q
 
 
@@ -274,16 +297,29 @@ class DriftSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DriftSpec:
+        """The spec :meth:`to_dict` wrote; :class:`ConfigError` naming the field for anything else.
+
+        An admin's PUT sends it as JSON, so each field is read with one error type: ``n_classes`` of 1e400
+        (JSON's infinity) or an ``embedding_trace`` of 10**400 raised OverflowError, a server error (500), and
+        ``n_classes`` 1.5 was truncated to 1 without a word.
+        """
         edges = d.get("feature_edges", ())
-        names = d.get("feature_names") or [f"f{j}" for j in range(len(edges))]
-        return cls(
-            tuple(tuple(map(float, e)) for e in edges),
-            tuple(map(str, names)),
-            int(d.get("n_classes", 0)),
-            tuple(tuple(map(float, p)) for p in d.get("projections", ())),
-            tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
-            float(d.get("embedding_trace", 0.0)),
-        )
+        try:
+            names = d.get("feature_names") or [f"f{j}" for j in range(len(edges))]
+            n_classes = d.get("n_classes", 0)
+            whole = isinstance(n_classes, int) or (isinstance(n_classes, float) and n_classes.is_integer())
+            if isinstance(n_classes, bool) or not whole:
+                raise ValueError(f"n_classes must be a whole number. Found {n_classes!r}")
+            return cls(
+                tuple(tuple(map(float, e)) for e in edges),
+                tuple(map(str, names)),
+                int(n_classes),
+                tuple(tuple(map(float, p)) for p in d.get("projections", ())),
+                tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
+                float(d.get("embedding_trace", 0.0)),
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(f"drift spec is malformed: {exc}") from None
 
 
 def _reference_rows(values: Any, what: str) -> np.ndarray:
@@ -310,7 +346,8 @@ def _fit_edges(values: np.ndarray, n_bins: int) -> tuple[float, ...]:
     most ``n_bins`` distinct values is therefore binned as categorical (edges halfway between the distinct
     values, plus one just outside each end so an unseen value gets its own bin); a column where some
     quantiles coincide (a point mass inside a continuous spread) gets an extra edge just above the atom so the
-    atom has a bin of its own.
+    atom has a bin of its own. A constant column's bin holds the values within :data:`CONSTANT_TOLERANCE`
+    (relative, absolute near 0) of the constant: any other value is a shift.
     """
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -318,7 +355,13 @@ def _fit_edges(values: np.ndarray, n_bins: int) -> tuple[float, ...]:
         raise ConfigError("cannot fit drift bins on a column with no finite values")
     distinct = np.unique(v)
     if len(distinct) <= n_bins:
-        gap = float(np.min(np.diff(distinct))) if len(distinct) > 1 else max(abs(float(distinct[0])), 1.0)
+        # a constant's own bin is just wide enough for float noise (CONSTANT_TOLERANCE): a bin of half its
+        # magnitude each side put a constant 3 moving to 4 in the same bin, so the move went unseen
+        gap = (
+            float(np.min(np.diff(distinct)))
+            if len(distinct) > 1
+            else 2 * CONSTANT_TOLERANCE * max(abs(float(distinct[0])), 1.0)
+        )
         mids = (distinct[:-1] + distinct[1:]) / 2
         e = np.concatenate([[distinct[0] - gap / 2], mids, [distinct[-1] + gap / 2]])
     else:
