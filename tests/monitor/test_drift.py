@@ -512,3 +512,45 @@ def test_spec_from_dict_refuses_what_cannot_be_a_class_count(n_classes, why):
         DriftSpec.from_dict({"feature_edges": [[0.0, 1.0]], "n_classes": n_classes})
     with pytest.raises(ConfigError, match="malformed"):
         DriftSpec.from_dict({"feature_edges": [[0.0, 1.0]], "embedding_trace": 10**400})
+
+
+def test_a_one_sample_device_can_no_longer_hide_the_drift_the_others_see():
+    """Equal weights let one device's single sample set the window's effective size to about D²: two devices
+    of 300 shifted by 1 sd and a liar with one unshifted sample made 9 effective samples, "not enough samples",
+    no alert. Devices now weigh their counts capped at the median device's, so the liar adds one sample."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5000, 2))
+    spec = DriftSpec.fit(ref)
+    mon = DriftMonitor(spec, summarize(spec, ref), window=3, min_devices=3)
+    honest = [summarize(spec, rng.normal(size=(300, 2)) + 1.0) for _ in range(2)]
+    liar = summarize(spec, rng.normal(size=(1, 2)))
+    report = mon.compare([*honest, liar])
+    assert len(report.alerts) == 2, report.rows
+    assert report.rows[0]["n"] == pytest.approx(601)  # 300 + 300 + 1: every sample counts once
+    # and the other lie is still capped: a device claiming 1e9 unshifted samples weighs one median device
+    huge = Summary(n=10**9, feature_counts=[[10**9 // 10] * 10] * 2)
+    capped = mon.compare([*honest, huge])
+    assert capped.rows[0]["n"] == pytest.approx(900**2 / 600, rel=1e-6)  # as under equal weights
+    assert len(capped.alerts) == 2, capped.rows
+
+
+def test_device_weights_are_counts_capped_at_the_median_device():
+    from deltaplane.monitor.drift import _device_weights
+
+    w, n = _device_weights([100.0])
+    assert w.tolist() == [1.0] and n == 100
+    w, n = _device_weights([100.0, 100.0, 100.0])
+    assert w == pytest.approx([1 / 3] * 3) and n == pytest.approx(300)
+    w, n = _device_weights([1.0, 300.0, 300.0, 1e9])
+    assert w == pytest.approx(np.array([1, 300, 300, 300]) / 901)
+    assert n == pytest.approx(901**2 / (1 + 300 + 300 + 300**2 / 1e9))
+    assert _device_weights([0.0])[1] == 0.0
+
+
+def test_a_reference_with_no_inputs_for_a_signal_is_refused():
+    """A reference row of zeros made that signal skipped in every window: "no alerts", whatever the devices saw."""
+    spec = DriftSpec.fit(np.random.default_rng(0).normal(size=(100, 2)), n_bins=4, n_classes=3)
+    with pytest.raises(ConfigError, match="no inputs for f1"):
+        DriftMonitor(spec, Summary(n=10, feature_counts=[[10, 0, 0, 0], [0] * 4], missing_counts=[0, 10]))
+    with pytest.raises(ConfigError, match="predicted class"):
+        DriftMonitor(spec, Summary(n=10, feature_counts=[[10, 0, 0, 0]] * 2, prediction_counts=[0, 0, 0]))

@@ -136,3 +136,17 @@ def test_a_reference_whose_numbers_overflow_is_a_422_not_a_server_error(service,
         headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
     )
     assert resp.status_code == 422 and "drift spec is malformed" in resp.json()["detail"], resp.text
+
+
+def test_a_device_reporting_one_sample_cannot_hide_the_fleets_drift(service):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5000, 2))
+    spec = DriftSpec.fit(ref)
+    service.admin.set_drift_reference("cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=3)
+    for i in range(2):
+        x = rng.normal(size=(300, 2)) + 1.0
+        assert not service.device(f"d{i}").report("cnn", version=1, summary=summarize(spec, x).to_dict())[
+            "drift_evaluated"
+        ]
+    out = service.device("liar").report("cnn", version=1, summary=summarize(spec, np.zeros((1, 2))).to_dict())
+    assert out["drift_evaluated"] and len(out["alerts"]) == 2, out

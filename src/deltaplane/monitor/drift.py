@@ -23,7 +23,8 @@ A feature is flagged when its PSI exceeds ``psi_threshold`` *and* its test rejec
 correction over all the signals the window tests (:func:`holm`): with thousands of samples a test alone flags
 negligible shifts, PSI alone ignores sample size, and uncorrected tests over 64 features alert on 1 clean
 window in 6. So ``alpha`` bounds the chance that a window without drift raises *any* alert. Windows weigh
-each device equally (a device's counts count as fractions) and need ``min_devices`` distinct devices; a signal
+each device by its sample count capped at the median device's (:func:`_device_weights`) and need
+``min_devices`` distinct devices; a signal
 with fewer than ``min_samples`` live samples is reported as "not enough samples" rather than tested. See
 ``docs/ops.md`` for the measured false-alarm rates.
 """
@@ -562,13 +563,13 @@ class DriftReport:
     """Per-signal drift figures for one live window, and the alerts they raise."""
 
     n_reference: int
-    #: the window's effective sample size, Kish's ``D² / Σ 1/n_d`` over the devices' reported ``n`` (what the
-    #: tests see, see :func:`_pool`), not the sum of what devices claim: one device claiming 1e9 inputs adds
-    #: at most about one device's worth, as it does in the statistics
+    #: the window's effective sample size over the devices' reported ``n`` (:func:`_device_weights`, what the
+    #: tests see), not the sum of what devices claim: one device claiming 1e9 inputs adds at most about a
+    #: median device's worth, as it does in the statistics
     n_live: float
     rows: list[dict[str, Any]]
     alerts: list[str]
-    devices: int = 1  # distinct devices in the live window, each weighted equally
+    devices: int = 1  # distinct devices in the live window
 
     @property
     def drifted(self) -> bool:
@@ -585,36 +586,50 @@ class DriftReport:
 
 
 def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
-    """Equal-weight pooling of one signal's counts from several devices.
+    """Pooling of one signal's counts from several devices, each weighted by :func:`_device_weights`.
 
-    Each device's counts become fractions and the window's distribution is their mean, so a device sending
-    huge counts (1e9 per bin) weighs no more than one sending 100. The returned pseudo-counts are those
-    fractions times Kish's effective sample size ``D² / Σ 1/n_d`` of that weighting, which is what the KS and
-    χ² tests should see: it equals n for a single device, D·n for D equal devices, and a device claiming a huge
-    n raises it by at most one device's worth. ``None`` when no device reported this signal.
+    Each device's counts become fractions and the window's distribution is their weighted mean, so a device
+    sending huge counts (1e9 per bin) weighs no more than the window's median device. The returned
+    pseudo-counts are those fractions times the effective sample size of that weighting, which is what the KS
+    and χ² tests should see. ``None`` when no device reported this signal.
     """
     arrs = [np.asarray(r, dtype=np.float64) for r in rows]
     arrs = [a for a in arrs if a.sum() > 0]
     if not arrs:
         return None
-    fractions = np.mean([a / a.sum() for a in arrs], axis=0)
-    n_eff = _effective_n([a.sum() for a in arrs])
+    weights, n_eff = _device_weights([a.sum() for a in arrs])
+    fractions = weights @ np.array([a / a.sum() for a in arrs])
     return fractions * n_eff, n_eff
 
 
-def _effective_n(counts: Sequence[float]) -> float:
-    """Kish's effective sample size ``D² / Σ 1/n_d`` of an equal-weight pool of the D devices with ``n_d > 0``
-    (0 when there are none): n for one device, D·n for D equal ones."""
+def _device_weights(counts: Sequence[float]) -> tuple[np.ndarray, float]:
+    """Each device's weight in a window (summing to 1) and the window's effective sample size, for the devices
+    with ``n_d > 0`` (empty weights and 0 when there are none).
+
+    A device weighs its sample count capped at that of the window's median device (the lower median):
+    ``w_d ∝ min(n_d, c)``, and the effective size is Kish's ``(Σ w_d)² / Σ (w_d² / n_d)`` (the variance of
+    a weighted mean of the devices' fractions): n for one device, D·n for D equal ones.
+
+    Why capped, not equal: with equal weights one device claiming 1e9 samples weighed no more than others (it
+    still does not: it is capped at the median), but one reporting a *single* sample weighed as much as any,
+    and its noise set the effective size, ``D² / Σ 1/n_d``, to about D²: two devices of 300 and one of 1 made
+    a window of 9 effective samples, "not enough samples", so one device could hide a drift every other
+    device saw. With the cap a one-sample device adds one sample's weight. With three or more devices the
+    median lies within the others' counts, so neither kind of lie moves it.
+    """
     n = np.asarray([c for c in counts if c > 0], dtype=np.float64)
-    return float(len(n) ** 2 / np.sum(1.0 / n)) if n.size else 0.0
+    if not n.size:
+        return n, 0.0
+    w = np.minimum(n, np.sort(n)[(n.size - 1) // 2])
+    return w / w.sum(), float(w.sum() ** 2 / np.sum(w * w / n))
 
 
 class DriftMonitor:
     """Compares live windows of device summaries against a reference summary.
 
     A window closes when it holds ``window`` reports from at least ``min_devices`` distinct devices; each
-    device gets equal weight in it (see :func:`_pool`), so one device can neither hide a drift the others see
-    nor raise an alert alone. Reports passed without a device id count as distinct devices.
+    device weighs its sample count capped at the median device's (see :func:`_device_weights`), so one device
+    can neither hide a drift the others see (by huge counts or by a single sample) nor raise an alert alone. Reports passed without a device id count as distinct devices.
 
     Args:
         spec: the binning devices use.
@@ -672,6 +687,21 @@ class DriftMonitor:
             raise ConfigError(
                 f"the drift spec has {len(spec.feature_edges)} features but the reference summary has no "
                 "feature_counts: summarize the reference data with this spec"
+            )
+        empty = [
+            name
+            for name, c in [
+                *zip(spec.feature_names, reference.feature_counts, strict=False),
+                *((f"projection {k}", c) for k, c in enumerate(reference.projection_counts)),
+            ]
+            if not sum(c)
+        ]
+        if empty or (reference.prediction_counts and not sum(reference.prediction_counts)):
+            # such a signal was skipped in every window: monitored in name, it could never alert
+            raise ConfigError(
+                "the reference summary holds no inputs for "
+                + ", ".join(empty or ["predicted class"])[:200]
+                + ": summarize the reference data with this spec (every signal needs reference counts)"
             )
         self.spec = spec
         self.reference = reference
@@ -741,7 +771,7 @@ class DriftMonitor:
     def compare(self, live: Summary | Sequence[Summary]) -> DriftReport:
         """Drift figures of a live window against the reference, with alerts for flagged signals.
 
-        ``live`` is one summary or one per device; devices are weighted equally. Every tested signal's row
+        ``live`` is one summary or one per device, weighted as in :func:`_device_weights`. Every tested signal's row
         keeps its own p-value (``p``) and gets its Holm-adjusted one (``p_adjusted``, over the window's tested
         signals); a signal is flagged on the adjusted one, so a window without drift raises any alert with
         probability at most ``alpha`` (see :meth:`_decide`).
@@ -801,7 +831,7 @@ class DriftMonitor:
         if self.reference.embedding_n:
             self._centroid_row(devices, rows, alerts, tested)
         self._decide(tested, alerts)
-        n_live = _effective_n([d.n for d in devices])
+        n_live = _device_weights([d.n for d in devices])[1]
         return DriftReport(self.reference.n, n_live, rows, alerts, devices=len(devices))
 
     def _missing_rows(self, devices: list[Summary], row: Callable[..., None]) -> None:
@@ -852,14 +882,15 @@ class DriftMonitor:
         so ``T = ||diff||² / (trace(Σ) (1/n_live + 1/n_ref))`` is a weighted sum of χ²₁ variables with weights
         summing to 1; its tail is at most that of χ²₁ for p-values below 0.215 (Székely & Bakirov 2003,
         "Extremal probabilities for Gaussian quadratic forms"), so ``chi2.sf(T, 1)`` is a conservative
-        p-value whatever the (unknown) shape of Σ. n_live is the effective n of the equal-weight device pool.
+        p-value whatever the (unknown) shape of Σ. The live centroid is the devices' centroids weighted as in
+        :func:`_device_weights`, and n_live that weighting's effective n.
         """
         from scipy.stats import chi2
 
         means = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
         if not means:
             return
-        n_eff = _effective_n([d.embedding_n for d in devices])
+        weights, n_eff = _device_weights([d.embedding_n for d in devices])
         base = {
             "kind": "embedding",
             "name": "centroid shift",
@@ -876,7 +907,9 @@ class DriftMonitor:
             note = "the drift spec has no embedding_trace (reference spread): refit it with DriftSpec.fit"
             rows.append({**base, **_UNTESTED, "note": note})
             return
-        diff = np.mean(means, axis=0) - np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
+        diff = (
+            weights @ np.array(means) - np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
+        )
         sq = float(diff @ diff)
         stat = float(np.sqrt(sq / trace))
         p = float(chi2.sf(sq / (trace * (1 / n_eff + 1 / self.reference.embedding_n)), 1))
