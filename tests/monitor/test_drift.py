@@ -554,3 +554,34 @@ def test_a_reference_with_no_inputs_for_a_signal_is_refused():
         DriftMonitor(spec, Summary(n=10, feature_counts=[[10, 0, 0, 0], [0] * 4], missing_counts=[0, 10]))
     with pytest.raises(ConfigError, match="predicted class"):
         DriftMonitor(spec, Summary(n=10, feature_counts=[[10, 0, 0, 0]] * 2, prediction_counts=[0, 0, 0]))
+
+
+def test_a_sparse_2x2_table_gets_fishers_exact_test_not_monte_carlo_draws():
+    """Each feature's missing-values row is a 2x2 table; drawn by Monte Carlo up to 50 / min_p tables per
+    feature, one device reporting every input missing held the service's lock 17 s per window on digits."""
+    from scipy.stats import fisher_exact
+
+    table = [[1797, 0], [80, 40]]
+    stat, p = chi2_from_counts(*table, min_p=1e-5)
+    assert p == pytest.approx(fisher_exact(table).pvalue, rel=1e-9) and stat > 0
+
+
+def test_monte_carlo_draws_are_bounded_in_cells_whatever_min_p_asks(monkeypatch):
+    """Devices choose the counts that make the evidence strong, so they chose how long a window's verdict
+    (computed under the service's lock) took: min_p 1e-7 asked for 5e8 tables."""
+    import scipy.stats
+
+    real, drawn = scipy.stats.random_table, []
+
+    class Counting:
+        def __init__(self, rows, cols, seed=None):
+            self.inner = real(rows, cols, seed=seed)
+
+        def rvs(self, size):
+            drawn.append(size * 2 * 10)
+            assert sum(drawn) <= 20_000_000 + 2000 * 20, "unbounded Monte-Carlo draws"
+            return self.inner.rvs(size)
+
+    monkeypatch.setattr(scipy.stats, "random_table", Counting)
+    _, p = chi2_from_counts([100] * 10, [30] + [0] * 9, min_p=1e-7)
+    assert p <= 1e-5  # still exact and resolved down to about 1 / (cells bound / 20 cells)
