@@ -585,3 +585,20 @@ def test_monte_carlo_draws_are_bounded_in_cells_whatever_min_p_asks(monkeypatch)
     monkeypatch.setattr(scipy.stats, "random_table", Counting)
     _, p = chi2_from_counts([100] * 10, [30] + [0] * 9, min_p=1e-7)
     assert p <= 1e-5  # still exact and resolved down to about 1 / (cells bound / 20 cells)
+
+
+def test_one_device_cannot_move_the_embedding_centroid_alone():
+    """The centroid is a mean: one device of ten claiming a mean of 1e6 in one dimension (the bound) moved the
+    window's 35,000 x the reference spread. Each device's deviation is capped at the median device's."""
+    rng = np.random.default_rng(0)
+    spec = DriftSpec.fit(embeddings=rng.normal(size=(2000, 8)), n_projections=4)
+    mon = DriftMonitor(spec, summarize(spec, embeddings=rng.normal(size=(2000, 8))))
+    honest = [summarize(spec, embeddings=rng.normal(size=(100, 8))) for _ in range(9)]
+    liar = summarize(spec, embeddings=rng.normal(size=(100, 8)))
+    liar.embedding_sum = [1e6 * 100] + [0.0] * 7
+    liar.validate(spec)
+    row = _centroid_row(mon.compare([*honest, liar]))
+    assert not row["drifted"] and row["stat"] < 0.1, row
+    # every device shifted: the median moves too, and the shift is flagged as before
+    moved = [summarize(spec, embeddings=rng.normal(size=(100, 8)) + 0.5) for _ in range(10)]
+    assert _centroid_row(mon.compare(moved))["drifted"]

@@ -922,9 +922,8 @@ class DriftMonitor:
             note = "the drift spec has no embedding_trace (reference spread): refit it with DriftSpec.fit"
             rows.append({**base, **_UNTESTED, "note": note})
             return
-        diff = (
-            weights @ np.array(means) - np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
-        )
+        ref_mean = np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
+        diff = weights @ _clip_to_median_norm(np.array(means) - ref_mean)
         sq = float(diff @ diff)
         stat = float(np.sqrt(sq / trace))
         p = float(chi2.sf(sq / (trace * (1 / n_eff + 1 / self.reference.embedding_n)), 1))
@@ -940,6 +939,21 @@ class DriftMonitor:
                 f"{self.embedding_shift_threshold}, p={p:.2g}",
             )
         )
+
+
+def _clip_to_median_norm(deviations: np.ndarray) -> np.ndarray:
+    """Each device's centroid deviation from the reference, ``(devices, dim)``, its length capped at the
+    window's (lower) median device's.
+
+    Why: the centroid is a mean, so one device of ten claiming a centroid of 1e6 (the bound) in one dimension
+    moved the window's 35,000 x the reference spread, an alert raised alone. Capped, a device pulls no harder
+    than a median device: with no drift elsewhere it cannot alert alone, and when every device sees a shift the
+    median does too and nothing changes. One device's window is its own median (nothing capped).
+    """
+    norms = np.linalg.norm(deviations, axis=1)
+    cap = np.sort(norms)[(len(norms) - 1) // 2]
+    scale = np.where(norms > cap, cap / np.where(norms > 0, norms, 1.0), 1.0)
+    return deviations * scale[:, None]
 
 
 #: the figures of a row that was not tested (too few samples, no reference spread)
