@@ -898,7 +898,9 @@ class DriftMonitor:
         summing to 1; its tail is at most that of χ²₁ for p-values below 0.215 (Székely & Bakirov 2003,
         "Extremal probabilities for Gaussian quadratic forms"), so ``chi2.sf(T, 1)`` is a conservative
         p-value whatever the (unknown) shape of Σ. The live centroid is the devices' centroids weighted as in
-        :func:`_device_weights`, and n_live that weighting's effective n.
+        :func:`_device_weights`, each device's deviation capped by :func:`_clip_to_median_norm` (which only
+        shortens deviations longer than the median's, so under no drift it rarely binds), and n_live that
+        weighting's effective n.
         """
         from scipy.stats import chi2
 
