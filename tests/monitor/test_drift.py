@@ -571,6 +571,9 @@ def test_monte_carlo_draws_are_bounded_in_cells_whatever_min_p_asks(monkeypatch)
     (computed under the service's lock) took: min_p 1e-7 asked for 5e8 tables."""
     import scipy.stats
 
+    import deltaplane.monitor.drift as drift
+
+    monkeypatch.setattr(drift, "MC_MAX_CELLS", 400_000, raising=False)  # 20,000 tables of 2 x 10: fast
     real, drawn = scipy.stats.random_table, []
 
     class Counting:
@@ -579,12 +582,12 @@ def test_monte_carlo_draws_are_bounded_in_cells_whatever_min_p_asks(monkeypatch)
 
         def rvs(self, size):
             drawn.append(size * 2 * 10)
-            assert sum(drawn) <= 20_000_000 + 2000 * 20, "unbounded Monte-Carlo draws"
+            assert sum(drawn) <= 400_000, "unbounded Monte-Carlo draws"
             return self.inner.rvs(size)
 
     monkeypatch.setattr(scipy.stats, "random_table", Counting)
     _, p = chi2_from_counts([100] * 10, [30] + [0] * 9, min_p=1e-7)
-    assert p <= 1e-5  # still exact and resolved down to about 1 / (cells bound / 20 cells)
+    assert p == pytest.approx(1 / 20_001)  # still exact: (0 + 1) / (20,000 draws + 1)
 
 
 def test_one_device_cannot_move_the_embedding_centroid_alone():
