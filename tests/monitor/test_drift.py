@@ -454,3 +454,154 @@ def test_missing_counts_are_validated_and_nan_embeddings_are_refused():
             s.validate(spec)
     with pytest.raises(ConfigError, match="NaN"):
         summarize(spec, embeddings=np.full((3, 4), np.nan))
+
+
+@pytest.mark.parametrize("stat", [psi, ks_from_counts, chi2_from_counts])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 1e300])
+def test_each_statistic_refuses_counts_that_are_not_counts(stat, bad):
+    """A NaN count made psi NaN; a NaN or negative one made chi2_from_counts answer (0, 1), "no difference";
+    an infinite or huge one reached scipy's own ValueError. Each is now an InvalidUpdate naming the value."""
+    with pytest.raises(InvalidUpdate, match="counts"):
+        stat([10, 20, 30], [10, bad, 30])
+    with pytest.raises(InvalidUpdate, match="counts"):
+        stat([10, bad, 30], [10, 20, 30])
+
+
+def test_statistics_match_textbook_formulas_on_random_tables():
+    """PSI, χ² and Holm against straight numpy from their definitions (not the implementation's own code)."""
+    from scipy.stats import chi2
+
+    from deltaplane.monitor import holm
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        k = int(rng.integers(2, 10))
+        r, q = rng.integers(5, 80, k), rng.integers(5, 80, k)
+        rf, qf = np.maximum(r / r.sum(), 1e-4), np.maximum(q / q.sum(), 1e-4)
+        assert psi(r, q) == pytest.approx(float(np.sum((qf - rf) * np.log(qf / rf))), rel=1e-12)
+        t = np.vstack([r, q]).astype(float)
+        e = np.outer(t.sum(1), t.sum(0)) / t.sum()
+        x2 = float(((t - e) ** 2 / e).sum())
+        stat, p = chi2_from_counts(r, q)
+        assert stat == pytest.approx(x2, rel=1e-9)
+        if e.min() >= 5:
+            assert p == pytest.approx(chi2.sf(x2, k - 1), rel=1e-9)
+        pv = rng.random(k) ** 3
+        order, running, adj = np.argsort(pv), 0.0, np.empty(k)
+        for i, j in enumerate(order):  # Holm 1979: max over j <= i of min(1, (m - j + 1) p_(j))
+            running = max(running, min(1.0, (k - i) * pv[j]))
+            adj[j] = running
+        assert holm(pv) == pytest.approx(adj.tolist())
+
+
+def test_a_constant_feature_moving_by_less_than_its_magnitude_is_seen():
+    """A constant 3 got edges (1.5, 4.5), so live values of 4 shared its bin: no drift could be seen."""
+    ref = np.full((500, 1), 3.0)
+    spec = DriftSpec.fit(ref)
+    mon = DriftMonitor(spec, summarize(spec, ref))
+    assert mon.compare(summarize(spec, np.full((200, 1), 4.0))).alerts
+    assert not mon.compare(summarize(spec, np.full((200, 1), 3.0 + 1e-12))).alerts  # float noise is not drift
+
+
+@pytest.mark.parametrize(
+    ("n_classes", "why"), [(1.5, "whole number"), (float("inf"), "whole number"), (None, "whole number")]
+)
+def test_spec_from_dict_refuses_what_cannot_be_a_class_count(n_classes, why):
+    """n_classes 1.5 became 1 without a word, and 1e400 (JSON's infinity) raised OverflowError (a 500)."""
+    with pytest.raises(ConfigError, match=why):
+        DriftSpec.from_dict({"feature_edges": [[0.0, 1.0]], "n_classes": n_classes})
+    with pytest.raises(ConfigError, match="malformed"):
+        DriftSpec.from_dict({"feature_edges": [[0.0, 1.0]], "embedding_trace": 10**400})
+
+
+def test_a_one_sample_device_can_no_longer_hide_the_drift_the_others_see():
+    """Equal weights let one device's single sample set the window's effective size to about D²: two devices
+    of 300 shifted by 1 sd and a liar with one unshifted sample made 9 effective samples, "not enough samples",
+    no alert. Devices now weigh their counts capped at the median device's, so the liar adds one sample."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5000, 2))
+    spec = DriftSpec.fit(ref)
+    mon = DriftMonitor(spec, summarize(spec, ref), window=3, min_devices=3)
+    honest = [summarize(spec, rng.normal(size=(300, 2)) + 1.0) for _ in range(2)]
+    liar = summarize(spec, rng.normal(size=(1, 2)))
+    report = mon.compare([*honest, liar])
+    assert len(report.alerts) == 2, report.rows
+    assert report.rows[0]["n"] == pytest.approx(601)  # 300 + 300 + 1: every sample counts once
+    # and the other lie is still capped: a device claiming 1e9 unshifted samples weighs one median device
+    huge = Summary(n=10**9, feature_counts=[[10**9 // 10] * 10] * 2)
+    capped = mon.compare([*honest, huge])
+    assert capped.rows[0]["n"] == pytest.approx(900**2 / 600, rel=1e-6)  # as under equal weights
+    assert len(capped.alerts) == 2, capped.rows
+
+
+def test_device_weights_are_counts_capped_at_the_median_device():
+    from deltaplane.monitor.drift import _device_weights
+
+    w, n = _device_weights([100.0])
+    assert w.tolist() == [1.0] and n == 100
+    w, n = _device_weights([100.0, 100.0, 100.0])
+    assert w == pytest.approx([1 / 3] * 3) and n == pytest.approx(300)
+    w, n = _device_weights([1.0, 300.0, 300.0, 1e9])
+    assert w == pytest.approx(np.array([1, 300, 300, 300]) / 901)
+    assert n == pytest.approx(901**2 / (1 + 300 + 300 + 300**2 / 1e9))
+    assert _device_weights([0.0])[1] == 0.0
+
+
+def test_a_reference_with_no_inputs_for_a_signal_is_refused():
+    """A reference row of zeros made that signal skipped in every window: "no alerts", whatever the devices saw."""
+    spec = DriftSpec.fit(np.random.default_rng(0).normal(size=(100, 2)), n_bins=4, n_classes=3)
+    with pytest.raises(ConfigError, match="no inputs for f1"):
+        DriftMonitor(spec, Summary(n=10, feature_counts=[[10, 0, 0, 0], [0] * 4], missing_counts=[0, 10]))
+    with pytest.raises(ConfigError, match="predicted class"):
+        DriftMonitor(spec, Summary(n=10, feature_counts=[[10, 0, 0, 0]] * 2, prediction_counts=[0, 0, 0]))
+
+
+def test_a_sparse_2x2_table_gets_fishers_exact_test_not_monte_carlo_draws():
+    """Each feature's missing-values row is a 2x2 table; drawn by Monte Carlo up to 50 / min_p tables per
+    feature, one device reporting every input missing held the service's lock 17 s per window on digits."""
+    from scipy.stats import fisher_exact
+
+    table = [[1797, 0], [80, 40]]
+    stat, p = chi2_from_counts(*table, min_p=1e-5)
+    assert p == pytest.approx(fisher_exact(table).pvalue, rel=1e-9) and stat > 0
+
+
+def test_monte_carlo_draws_are_bounded_in_cells_whatever_min_p_asks(monkeypatch):
+    """Devices choose the counts that make the evidence strong, so they chose how long a window's verdict
+    (computed under the service's lock) took: min_p 1e-7 asked for 5e8 tables."""
+    import scipy.stats
+
+    import deltaplane.monitor.drift as drift
+
+    monkeypatch.setattr(drift, "MC_MAX_CELLS", 400_000, raising=False)  # 20,000 tables of 2 x 10: fast
+    real, drawn = scipy.stats.random_table, []
+
+    class Counting:
+        def __init__(self, rows, cols, seed=None):
+            self.inner = real(rows, cols, seed=seed)
+
+        def rvs(self, size):
+            drawn.append(size * 2 * 10)
+            assert sum(drawn) <= 400_000, "unbounded Monte-Carlo draws"
+            return self.inner.rvs(size)
+
+    monkeypatch.setattr(scipy.stats, "random_table", Counting)
+    _, p = chi2_from_counts([100] * 10, [30] + [0] * 9, min_p=1e-7)
+    assert p == pytest.approx(1 / 20_001)  # still exact: (0 + 1) / (20,000 draws + 1)
+
+
+def test_one_device_cannot_move_the_embedding_centroid_alone():
+    """The centroid is a mean: one device of ten claiming a mean of 1e6 in one dimension (the bound) moved the
+    window's 35,000 x the reference spread. Each device's deviation is capped at the median device's."""
+    rng = np.random.default_rng(0)
+    spec = DriftSpec.fit(embeddings=rng.normal(size=(2000, 8)), n_projections=4)
+    mon = DriftMonitor(spec, summarize(spec, embeddings=rng.normal(size=(2000, 8))))
+    honest = [summarize(spec, embeddings=rng.normal(size=(100, 8))) for _ in range(9)]
+    liar = summarize(spec, embeddings=rng.normal(size=(100, 8)))
+    liar.embedding_sum = [1e6 * 100] + [0.0] * 7
+    liar.validate(spec)
+    row = _centroid_row(mon.compare([*honest, liar]))
+    assert not row["drifted"] and row["stat"] < 0.1, row
+    # every device shifted: the median moves too, and the shift is flagged as before
+    moved = [summarize(spec, embeddings=rng.normal(size=(100, 8)) + 0.5) for _ in range(10)]
+    assert _centroid_row(mon.compare(moved))["drifted"]

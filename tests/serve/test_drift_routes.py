@@ -6,6 +6,8 @@ import pytest
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.serve.client import ServiceError
 
+from .conftest import ADMIN
+
 
 def test_reference_without_feature_names_monitors_every_feature(service):
     rng = np.random.default_rng(0)
@@ -118,3 +120,33 @@ def test_a_device_reporting_missing_feature_values_gets_a_missing_values_alert(s
     out = service.device("d0").report("cnn", version=1, summary=summarize(spec, x).to_dict())
     assert out["drift_evaluated"] and out["alerts"] and all("missing values" in a for a in out["alerts"])
     assert "f1" in out["alerts"][0]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        '{"feature_edges": [[0, 1]], "n_classes": 1e400}',
+        '{"feature_edges": [[0, 1]], "embedding_trace": 1' + "0" * 400 + "}",
+    ],
+)
+def test_a_reference_whose_numbers_overflow_is_a_422_not_a_server_error(service, spec):
+    resp = service.http.put(
+        "/admin/models/cnn/drift-reference",
+        content='{"spec": ' + spec + ', "reference": {"n": 1, "feature_counts": [[0, 1, 0]]}}',
+        headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
+    )
+    assert resp.status_code == 422 and "drift spec is malformed" in resp.json()["detail"], resp.text
+
+
+def test_a_device_reporting_one_sample_cannot_hide_the_fleets_drift(service):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5000, 2))
+    spec = DriftSpec.fit(ref)
+    service.admin.set_drift_reference("cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=3)
+    for i in range(2):
+        x = rng.normal(size=(300, 2)) + 1.0
+        assert not service.device(f"d{i}").report("cnn", version=1, summary=summarize(spec, x).to_dict())[
+            "drift_evaluated"
+        ]
+    out = service.device("liar").report("cnn", version=1, summary=summarize(spec, np.zeros((1, 2))).to_dict())
+    assert out["drift_evaluated"] and len(out["alerts"]) == 2, out

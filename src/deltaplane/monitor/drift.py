@@ -23,7 +23,8 @@ A feature is flagged when its PSI exceeds ``psi_threshold`` *and* its test rejec
 correction over all the signals the window tests (:func:`holm`): with thousands of samples a test alone flags
 negligible shifts, PSI alone ignores sample size, and uncorrected tests over 64 features alert on 1 clean
 window in 6. So ``alpha`` bounds the chance that a window without drift raises *any* alert. Windows weigh
-each device equally (a device's counts count as fractions) and need ``min_devices`` distinct devices; a signal
+each device by its sample count capped at the median device's (:func:`_device_weights`) and need
+``min_devices`` distinct devices; a signal
 with fewer than ``min_samples`` live samples is reported as "not enough samples" rather than tested. See
 ``docs/ops.md`` for the measured false-alarm rates.
 """
@@ -53,23 +54,49 @@ __all__ = [
 #: largest |mean| an embedding dimension may report; real embeddings are O(1), and this keeps merged sums far
 #: from float overflow (a NaN centroid statistic would hide any drift)
 MAX_EMBEDDING_MEAN = 1e6
+#: the largest total a count vector given to :func:`psi`, :func:`ks_from_counts` or :func:`chi2_from_counts`
+#: may have: far above any window (the service bounds each count to 1e9), far below where the χ² table's
+#: margin products (total²) overflow float64
+MAX_COUNT_TOTAL = 1e100
+#: a column constant in the reference is binned as below / the constant / above, the middle bin holding values
+#: within this relative distance of it (absolute for |constant| < 1): float noise, not a change of value
+CONSTANT_TOLERANCE = 1e-6
 PSI_EPS = 1e-4
 #: the largest PSI any pair of count vectors can reach with the ``PSI_EPS`` floor (all mass moving from one
 #: bin to another): a threshold at or above it could never fire.
 PSI_MAX = 2 * (1 - PSI_EPS) * float(np.log(1 / PSI_EPS))
 #: Monte-Carlo χ² draws stop once this many simulated tables reach the observed statistic (Besag–Clifford)
 MC_EXCEEDANCES = 50
+#: at most this many table cells are drawn per Monte-Carlo χ² test (about a second here): 1,000,000 tables of
+#: 2 x 10 classes, enough for p-values down to 1e-6; a table of 2 x 65,536 classes gets 152 draws
+MC_MAX_CELLS = 20_000_000
 
 #: A count vector: a list of numbers or a 1-D array (each test reads it with ``np.asarray``).
 Counts = Sequence[float] | np.ndarray
 
 
 def _pair(reference: Counts, live: Counts, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The two count vectors as float arrays; :class:`ConfigError` unless they are 1-D over the same bins."""
+    """The two count vectors as float arrays; :class:`ConfigError` unless they are 1-D over the same bins,
+    :class:`InvalidUpdate` unless every count is finite, >= 0 and each vector's total at most
+    :data:`MAX_COUNT_TOTAL`.
+
+    Why: these functions are public and read counts that devices sent. A NaN count made ``psi`` NaN, a NaN or
+    negative one made ``chi2_from_counts`` answer (0, 1) ("no difference") without a word, and an infinite or
+    astronomically large one reached scipy's own ``ValueError`` about expected frequencies.
+    """
     r = np.asarray(reference, dtype=np.float64)
     q = np.asarray(live, dtype=np.float64)
     if r.shape != q.shape or r.ndim != 1:
         raise ConfigError(f"{what} needs two count vectors of the same length, got {r.shape} and {q.shape}")
+    for side, a in (("reference", r), ("live", q)):
+        bad = a[~(np.isfinite(a) & (a >= 0))]
+        if bad.size:
+            raise InvalidUpdate(f"{what} needs finite counts >= 0; the {side} counts hold {bad[:3].tolist()}")
+        if a.sum() > MAX_COUNT_TOTAL:
+            raise InvalidUpdate(
+                f"{what}: the {side} counts total {a.sum():.3g}, more than {MAX_COUNT_TOTAL:g} (not counts of "
+                "inputs; scale them down, e.g. to fractions)"
+            )
     return r, q
 
 
@@ -118,6 +145,8 @@ def chi2_from_counts(
     resolve p-values down to ``min_p`` (a family-wise correction over m signals needs about ``alpha / m``:
     with a fixed 2,000 draws the smallest p-value is 1/2001, so a corrected test could never reject). Clean
     tables stop after a few hundred draws, so the extra draws are only spent where the evidence is strong.
+    Draws stop at :data:`MC_MAX_CELLS` cells whatever ``min_p`` asks (at least 99 tables), since devices
+    choose the counts that make the evidence strong. A 2 x 2 table gets Fisher's exact test instead.
     """
     from scipy.stats import chi2_contingency, random_table
 
@@ -139,7 +168,17 @@ def chi2_from_counts(
         return (((t - e) ** 2) / e).sum(axis=(-2, -1))
 
     observed = chi2_stat(counts)
+    if counts.shape == (2, 2):
+        # a 2x2 table (each feature's share of missing inputs) has an exact test conditional on the same
+        # margins: Fisher's, in microseconds. Drawn instead, up to 50 / min_p tables per feature, one device
+        # reporting every feature missing held the service's lock for seconds per window (17 s on digits).
+        from scipy.stats import fisher_exact
+
+        return float(observed), float(fisher_exact(counts).pvalue)
     n_max = max(mc_samples, int(np.ceil(MC_EXCEEDANCES / min_p)) if min_p else 0)
+    # bounded by cells drawn, not tables: a window's verdict is computed under the service's lock, and devices
+    # choose the counts that decide how many draws are needed (the p-value stays exact, only less resolved)
+    n_max = max(99, min(n_max, MC_MAX_CELLS // counts.size))
     null = random_table(rows, cols, seed=seed)
     drawn = exceed = 0
     while (
@@ -274,16 +313,29 @@ class DriftSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DriftSpec:
+        """The spec :meth:`to_dict` wrote; :class:`ConfigError` naming the field for anything else.
+
+        An admin's PUT sends it as JSON, so each field is read with one error type: ``n_classes`` of 1e400
+        (JSON's infinity) or an ``embedding_trace`` of 10**400 raised OverflowError, a server error (500), and
+        ``n_classes`` 1.5 was truncated to 1 without a word.
+        """
         edges = d.get("feature_edges", ())
-        names = d.get("feature_names") or [f"f{j}" for j in range(len(edges))]
-        return cls(
-            tuple(tuple(map(float, e)) for e in edges),
-            tuple(map(str, names)),
-            int(d.get("n_classes", 0)),
-            tuple(tuple(map(float, p)) for p in d.get("projections", ())),
-            tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
-            float(d.get("embedding_trace", 0.0)),
-        )
+        try:
+            names = d.get("feature_names") or [f"f{j}" for j in range(len(edges))]
+            n_classes = d.get("n_classes", 0)
+            whole = isinstance(n_classes, int) or (isinstance(n_classes, float) and n_classes.is_integer())
+            if isinstance(n_classes, bool) or not whole:
+                raise ValueError(f"n_classes must be a whole number. Found {n_classes!r}")
+            return cls(
+                tuple(tuple(map(float, e)) for e in edges),
+                tuple(map(str, names)),
+                int(n_classes),
+                tuple(tuple(map(float, p)) for p in d.get("projections", ())),
+                tuple(tuple(map(float, e)) for e in d.get("projection_edges", ())),
+                float(d.get("embedding_trace", 0.0)),
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(f"drift spec is malformed: {exc}") from None
 
 
 def _reference_rows(values: Any, what: str) -> np.ndarray:
@@ -310,7 +362,8 @@ def _fit_edges(values: np.ndarray, n_bins: int) -> tuple[float, ...]:
     most ``n_bins`` distinct values is therefore binned as categorical (edges halfway between the distinct
     values, plus one just outside each end so an unseen value gets its own bin); a column where some
     quantiles coincide (a point mass inside a continuous spread) gets an extra edge just above the atom so the
-    atom has a bin of its own.
+    atom has a bin of its own. A constant column's bin holds the values within :data:`CONSTANT_TOLERANCE`
+    (relative, absolute near 0) of the constant: any other value is a shift.
     """
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -318,7 +371,13 @@ def _fit_edges(values: np.ndarray, n_bins: int) -> tuple[float, ...]:
         raise ConfigError("cannot fit drift bins on a column with no finite values")
     distinct = np.unique(v)
     if len(distinct) <= n_bins:
-        gap = float(np.min(np.diff(distinct))) if len(distinct) > 1 else max(abs(float(distinct[0])), 1.0)
+        # a constant's own bin is just wide enough for float noise (CONSTANT_TOLERANCE): a bin of half its
+        # magnitude each side put a constant 3 moving to 4 in the same bin, so the move went unseen
+        gap = (
+            float(np.min(np.diff(distinct)))
+            if len(distinct) > 1
+            else 2 * CONSTANT_TOLERANCE * max(abs(float(distinct[0])), 1.0)
+        )
         mids = (distinct[:-1] + distinct[1:]) / 2
         e = np.concatenate([[distinct[0] - gap / 2], mids, [distinct[-1] + gap / 2]])
     else:
@@ -519,13 +578,13 @@ class DriftReport:
     """Per-signal drift figures for one live window, and the alerts they raise."""
 
     n_reference: int
-    #: the window's effective sample size, Kish's ``D² / Σ 1/n_d`` over the devices' reported ``n`` (what the
-    #: tests see, see :func:`_pool`), not the sum of what devices claim: one device claiming 1e9 inputs adds
-    #: at most about one device's worth, as it does in the statistics
+    #: the window's effective sample size over the devices' reported ``n`` (:func:`_device_weights`, what the
+    #: tests see), not the sum of what devices claim: one device claiming 1e9 inputs adds at most about a
+    #: median device's worth, as it does in the statistics
     n_live: float
     rows: list[dict[str, Any]]
     alerts: list[str]
-    devices: int = 1  # distinct devices in the live window, each weighted equally
+    devices: int = 1  # distinct devices in the live window
 
     @property
     def drifted(self) -> bool:
@@ -542,36 +601,50 @@ class DriftReport:
 
 
 def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
-    """Equal-weight pooling of one signal's counts from several devices.
+    """Pooling of one signal's counts from several devices, each weighted by :func:`_device_weights`.
 
-    Each device's counts become fractions and the window's distribution is their mean, so a device sending
-    huge counts (1e9 per bin) weighs no more than one sending 100. The returned pseudo-counts are those
-    fractions times Kish's effective sample size ``D² / Σ 1/n_d`` of that weighting, which is what the KS and
-    χ² tests should see: it equals n for a single device, D·n for D equal devices, and a device claiming a huge
-    n raises it by at most one device's worth. ``None`` when no device reported this signal.
+    Each device's counts become fractions and the window's distribution is their weighted mean, so a device
+    sending huge counts (1e9 per bin) weighs no more than the window's median device. The returned
+    pseudo-counts are those fractions times the effective sample size of that weighting, which is what the KS
+    and χ² tests should see. ``None`` when no device reported this signal.
     """
     arrs = [np.asarray(r, dtype=np.float64) for r in rows]
     arrs = [a for a in arrs if a.sum() > 0]
     if not arrs:
         return None
-    fractions = np.mean([a / a.sum() for a in arrs], axis=0)
-    n_eff = _effective_n([a.sum() for a in arrs])
+    weights, n_eff = _device_weights([a.sum() for a in arrs])
+    fractions = weights @ np.array([a / a.sum() for a in arrs])
     return fractions * n_eff, n_eff
 
 
-def _effective_n(counts: Sequence[float]) -> float:
-    """Kish's effective sample size ``D² / Σ 1/n_d`` of an equal-weight pool of the D devices with ``n_d > 0``
-    (0 when there are none): n for one device, D·n for D equal ones."""
+def _device_weights(counts: Sequence[float]) -> tuple[np.ndarray, float]:
+    """Each device's weight in a window (summing to 1) and the window's effective sample size, for the devices
+    with ``n_d > 0`` (empty weights and 0 when there are none).
+
+    A device weighs its sample count capped at that of the window's median device (the lower median):
+    ``w_d ∝ min(n_d, c)``, and the effective size is Kish's ``(Σ w_d)² / Σ (w_d² / n_d)`` (the variance of
+    a weighted mean of the devices' fractions): n for one device, D·n for D equal ones.
+
+    Why capped, not equal: with equal weights one device claiming 1e9 samples weighed no more than others (it
+    still does not: it is capped at the median), but one reporting a *single* sample weighed as much as any,
+    and its noise set the effective size, ``D² / Σ 1/n_d``, to about D²: two devices of 300 and one of 1 made
+    a window of 9 effective samples, "not enough samples", so one device could hide a drift every other
+    device saw. With the cap a one-sample device adds one sample's weight. With three or more devices the
+    median lies within the others' counts, so neither kind of lie moves it.
+    """
     n = np.asarray([c for c in counts if c > 0], dtype=np.float64)
-    return float(len(n) ** 2 / np.sum(1.0 / n)) if n.size else 0.0
+    if not n.size:
+        return n, 0.0
+    w = np.minimum(n, np.sort(n)[(n.size - 1) // 2])
+    return w / w.sum(), float(w.sum() ** 2 / np.sum(w * w / n))
 
 
 class DriftMonitor:
     """Compares live windows of device summaries against a reference summary.
 
     A window closes when it holds ``window`` reports from at least ``min_devices`` distinct devices; each
-    device gets equal weight in it (see :func:`_pool`), so one device can neither hide a drift the others see
-    nor raise an alert alone. Reports passed without a device id count as distinct devices.
+    device weighs its sample count capped at the median device's (see :func:`_device_weights`), so one device
+    can neither hide a drift the others see (by huge counts or by a single sample) nor raise an alert alone. Reports passed without a device id count as distinct devices.
 
     Args:
         spec: the binning devices use.
@@ -629,6 +702,21 @@ class DriftMonitor:
             raise ConfigError(
                 f"the drift spec has {len(spec.feature_edges)} features but the reference summary has no "
                 "feature_counts: summarize the reference data with this spec"
+            )
+        empty = [
+            name
+            for name, c in [
+                *zip(spec.feature_names, reference.feature_counts, strict=False),
+                *((f"projection {k}", c) for k, c in enumerate(reference.projection_counts)),
+            ]
+            if not sum(c)
+        ]
+        if empty or (reference.prediction_counts and not sum(reference.prediction_counts)):
+            # such a signal was skipped in every window: monitored in name, it could never alert
+            raise ConfigError(
+                "the reference summary holds no inputs for "
+                + ", ".join(empty or ["predicted class"])[:200]
+                + ": summarize the reference data with this spec (every signal needs reference counts)"
             )
         self.spec = spec
         self.reference = reference
@@ -698,7 +786,7 @@ class DriftMonitor:
     def compare(self, live: Summary | Sequence[Summary]) -> DriftReport:
         """Drift figures of a live window against the reference, with alerts for flagged signals.
 
-        ``live`` is one summary or one per device; devices are weighted equally. Every tested signal's row
+        ``live`` is one summary or one per device, weighted as in :func:`_device_weights`. Every tested signal's row
         keeps its own p-value (``p``) and gets its Holm-adjusted one (``p_adjusted``, over the window's tested
         signals); a signal is flagged on the adjusted one, so a window without drift raises any alert with
         probability at most ``alpha`` (see :meth:`_decide`).
@@ -758,7 +846,7 @@ class DriftMonitor:
         if self.reference.embedding_n:
             self._centroid_row(devices, rows, alerts, tested)
         self._decide(tested, alerts)
-        n_live = _effective_n([d.n for d in devices])
+        n_live = _device_weights([d.n for d in devices])[1]
         return DriftReport(self.reference.n, n_live, rows, alerts, devices=len(devices))
 
     def _missing_rows(self, devices: list[Summary], row: Callable[..., None]) -> None:
@@ -809,14 +897,17 @@ class DriftMonitor:
         so ``T = ||diff||² / (trace(Σ) (1/n_live + 1/n_ref))`` is a weighted sum of χ²₁ variables with weights
         summing to 1; its tail is at most that of χ²₁ for p-values below 0.215 (Székely & Bakirov 2003,
         "Extremal probabilities for Gaussian quadratic forms"), so ``chi2.sf(T, 1)`` is a conservative
-        p-value whatever the (unknown) shape of Σ. n_live is the effective n of the equal-weight device pool.
+        p-value whatever the (unknown) shape of Σ. The live centroid is the devices' centroids weighted as in
+        :func:`_device_weights`, each device's deviation capped by :func:`_clip_to_median_norm` (which only
+        shortens deviations longer than the median's, so under no drift it rarely binds), and n_live that
+        weighting's effective n.
         """
         from scipy.stats import chi2
 
         means = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
         if not means:
             return
-        n_eff = _effective_n([d.embedding_n for d in devices])
+        weights, n_eff = _device_weights([d.embedding_n for d in devices])
         base = {
             "kind": "embedding",
             "name": "centroid shift",
@@ -833,7 +924,8 @@ class DriftMonitor:
             note = "the drift spec has no embedding_trace (reference spread): refit it with DriftSpec.fit"
             rows.append({**base, **_UNTESTED, "note": note})
             return
-        diff = np.mean(means, axis=0) - np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
+        ref_mean = np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
+        diff = weights @ _clip_to_median_norm(np.array(means) - ref_mean)
         sq = float(diff @ diff)
         stat = float(np.sqrt(sq / trace))
         p = float(chi2.sf(sq / (trace * (1 / n_eff + 1 / self.reference.embedding_n)), 1))
@@ -849,6 +941,21 @@ class DriftMonitor:
                 f"{self.embedding_shift_threshold}, p={p:.2g}",
             )
         )
+
+
+def _clip_to_median_norm(deviations: np.ndarray) -> np.ndarray:
+    """Each device's centroid deviation from the reference, ``(devices, dim)``, its length capped at the
+    window's (lower) median device's.
+
+    Why: the centroid is a mean, so one device of ten claiming a centroid of 1e6 (the bound) in one dimension
+    moved the window's 35,000 x the reference spread, an alert raised alone. Capped, a device pulls no harder
+    than a median device: with no drift elsewhere it cannot alert alone, and when every device sees a shift the
+    median does too and nothing changes. One device's window is its own median (nothing capped).
+    """
+    norms = np.linalg.norm(deviations, axis=1)
+    cap = np.sort(norms)[(len(norms) - 1) // 2]
+    scale = np.where(norms > cap, cap / np.where(norms > 0, norms, 1.0), 1.0)
+    return deviations * scale[:, None]
 
 
 #: the figures of a row that was not tested (too few samples, no reference spread)
