@@ -658,8 +658,12 @@ def test_a_version_without_a_prediction_reference_is_not_tested_and_says_why():
 
 
 def test_prediction_references_are_checked_bounded_and_kept_in_the_settings():
-    mon, spec, _ = _predicting()
-    for bad, what in [([1, 2], "3 whole counts"), ([0, 0, 0], "holds no inputs"), ([1.5, 1, 1], "whole counts")]:
+    mon, _, _ = _predicting()
+    for bad, what in [
+        ([1, 2], "3 whole counts"),
+        ([0, 0, 0], "holds no inputs"),
+        ([1.5, 1, 1], "whole counts"),
+    ]:
         with pytest.raises(ConfigError, match=what):
             mon.set_prediction_reference(4, bad)
     with pytest.raises(ConfigError, match="version must be a whole number >= 1"):

@@ -171,17 +171,27 @@ def _predictions_monitored(service):
 def test_reports_predictions_are_tested_against_their_versions_registered_predictions(service):
     summary = _predictions_monitored(service)
     devs = [service.device(f"d{i}") for i in range(3)]
-    early = [0.8, 0.15, 0.05]  # an early model: far from the labels' shares, like its own reference predictions
+    early = [
+        0.8,
+        0.15,
+        0.05,
+    ]  # an early model: far from the labels' shares, like its own reference predictions
     for d in devs:  # no prediction reference for version 1 yet: predictions untested, and the row says why
         out = d.report("cnn", version=1, summary=summary(early))
-    (row,) = [r for r in service.admin._get("/admin/models/cnn/drift")[-1]["rows"] if r["kind"] == "prediction"]
-    assert out["alerts"] == [] and row["psi"] is None and "no prediction reference for version 1" in row["note"]
+    (row,) = [
+        r for r in service.admin._get("/admin/models/cnn/drift")[-1]["rows"] if r["kind"] == "prediction"
+    ]
+    assert (
+        out["alerts"] == [] and row["psi"] is None and "no prediction reference for version 1" in row["note"]
+    )
 
     got = service.admin.set_prediction_reference("cnn", 1, [1600, 300, 100])
     assert got == {"model": "cnn", "version": 1, "versions": [1]}
     for d in devs:  # the same model predicting as it did on the reference data: no drift
         out = d.report("cnn", version=1, summary=summary(early))
-    (row,) = [r for r in service.admin._get("/admin/models/cnn/drift")[-1]["rows"] if r["kind"] == "prediction"]
+    (row,) = [
+        r for r in service.admin._get("/admin/models/cnn/drift")[-1]["rows"] if r["kind"] == "prediction"
+    ]
     assert out["alerts"] == [] and row["psi"] < 0.05 and row["version"] == 1
     for d in devs:  # its predictions moving: prediction drift
         out = d.report("cnn", version=1, summary=summary([0.1, 0.2, 0.7]))

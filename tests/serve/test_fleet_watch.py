@@ -694,8 +694,12 @@ def test_prediction_references_and_a_windows_versioned_predictions_survive_a_res
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2000, 2))
     spec = DriftSpec.fit(ref, n_classes=3)
-    svc.admin.set_drift_reference("cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=2, min_devices=1)
-    svc.device("d0").report("cnn", version=1, summary=summarize(spec, ref[:300], np.zeros(300, int)).to_dict())
+    svc.admin.set_drift_reference(
+        "cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=2, min_devices=1
+    )
+    svc.device("d0").report(
+        "cnn", version=1, summary=summarize(spec, ref[:300], np.zeros(300, int)).to_dict()
+    )
     svc.admin.set_prediction_reference("cnn", 1, [2000, 0, 0])  # registered while the window is open: kept
     restart(svc)
     mon = svc.state.monitors["cnn"]

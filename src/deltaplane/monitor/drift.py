@@ -532,7 +532,9 @@ class WindowSummary(Summary):
         data = dict(d)
         by_version = data.pop("version_predictions", None) or {}
         if not isinstance(by_version, Mapping):
-            raise TypeError(f"version_predictions must map versions to counts. Found {type(by_version).__name__}")
+            raise TypeError(
+                f"version_predictions must map versions to counts. Found {type(by_version).__name__}"
+            )
         return cls(**data, version_predictions={int(v): list(c) for v, c in by_version.items()})
 
     def validate(self, spec: DriftSpec) -> None:
@@ -540,7 +542,9 @@ class WindowSummary(Summary):
         super().validate(spec)
         for version, counts in self.version_predictions.items():
             if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-                raise InvalidUpdate(f"version_predictions keys must be model versions >= 1. Found {version!r}")
+                raise InvalidUpdate(
+                    f"version_predictions keys must be model versions >= 1. Found {version!r}"
+                )
             if len(counts) != spec.n_classes or not all(_is_count(v) for v in counts):
                 raise InvalidUpdate(
                     f"version_predictions[{version}] must be {spec.n_classes} whole counts >= 0 (one per class)"
@@ -553,11 +557,16 @@ class WindowSummary(Summary):
         merged = super().merge(other)
         by_version = {v: list(c) for v, c in self.version_predictions.items()}
         for v, c in getattr(other, "version_predictions", {}).items():
-            by_version[v] = [a + b for a, b in zip(by_version[v], c, strict=True)] if v in by_version else list(c)
+            by_version[v] = (
+                [a + b for a, b in zip(by_version[v], c, strict=True)] if v in by_version else list(c)
+            )
         return WindowSummary(**merged.__dict__, version_predictions=by_version)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "version_predictions": {str(v): c for v, c in self.version_predictions.items()}}
+        return {
+            **super().to_dict(),
+            "version_predictions": {str(v): c for v, c in self.version_predictions.items()},
+        }
 
 
 def _is_count(v: Any) -> bool:
@@ -830,8 +839,10 @@ class DriftMonitor:
         :data:`MAX_PREDICTION_REFERENCES` highest versions are kept. :class:`ConfigError` unless ``version`` is a
         whole number >= 1 and ``counts`` one whole count >= 0 per class of the spec, not all zero."""
         if isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 1:
-            raise ConfigError(f"a prediction reference's version must be a whole number >= 1. Found {version!r}")
-        values = list(np.asarray(counts).reshape(-1).tolist()) if np.ndim(counts) else [counts]
+            raise ConfigError(
+                f"a prediction reference's version must be a whole number >= 1. Found {version!r}"
+            )
+        values: list[Any] = np.asarray(counts, dtype=object).reshape(-1).tolist()
         if len(values) != self.spec.n_classes or not all(_is_count(v) for v in values):
             raise ConfigError(
                 f"the prediction reference of version {version} must hold {self.spec.n_classes} whole counts >= 0 "
@@ -865,7 +876,9 @@ class DriftMonitor:
         summary.validate(self.spec)
         if version is not None:
             if isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 1:
-                raise InvalidUpdate(f"a report's model version must be a whole number >= 1. Found {version!r}")
+                raise InvalidUpdate(
+                    f"a report's model version must be a whole number >= 1. Found {version!r}"
+                )
             by_version = {int(version): list(summary.prediction_counts)} if summary.prediction_counts else {}
             fields = {**summary.__dict__, "prediction_counts": []}
             fields.pop("version_predictions", None)
@@ -877,7 +890,9 @@ class DriftMonitor:
         if prev is None:
             self._live[device] = summary
         else:  # a versioned report's merge keeps its predictions apart, whichever side holds them
-            self._live[device] = summary.merge(prev) if isinstance(summary, WindowSummary) else prev.merge(summary)
+            self._live[device] = (
+                summary.merge(prev) if isinstance(summary, WindowSummary) else prev.merge(summary)
+            )
         self._reports += 1
         if self._reports < self.window or len(self._live) < self.min_devices:
             return None

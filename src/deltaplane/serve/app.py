@@ -1337,7 +1337,9 @@ def create_app(
         responses={k: _ERRORS[k] for k in (404, 422)},
     )
     def set_prediction_reference(
-        model: ModelName, version: Annotated[int, PathParam(ge=1, le=2**31 - 1)], body: PredictionReferenceRequest
+        model: ModelName,
+        version: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+        body: PredictionReferenceRequest,
     ) -> dict[str, Any]:
         """Version ``version``'s predicted classes on the reference data: the devices' reports on that version
         are compared with them (a report on a version without one is not tested on predictions)."""

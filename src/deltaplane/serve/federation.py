@@ -119,7 +119,9 @@ def drift_reference(task: Any, clients: list) -> tuple[DriftSpec, Any]:
 def prediction_reference(spec: DriftSpec, model: torch.nn.Module, task: Any, clients: list) -> list[int]:
     """``model``'s predicted-class counts on the drift reference's inputs: the reference its version's device
     reports are compared with (black-box shift detection, Lipton et al. 2018)."""
-    return summarize(spec, predictions=_predictions(model, _reference_inputs(task, clients))).prediction_counts
+    return summarize(
+        spec, predictions=_predictions(model, _reference_inputs(task, clients))
+    ).prediction_counts
 
 
 def holdout_summary(spec: DriftSpec, model: torch.nn.Module, client: Any) -> Any:
