@@ -112,6 +112,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
     UNIQUE (model, number)
 );
 CREATE INDEX IF NOT EXISTS artifacts_delta ON artifacts (model, kind, base, target);
+CREATE INDEX IF NOT EXISTS artifacts_sha256 ON artifacts (sha256);
 CREATE TRIGGER IF NOT EXISTS artifacts_immutable_u BEFORE UPDATE ON artifacts
     BEGIN SELECT RAISE(ABORT, 'registry artifacts are immutable'); END;
 CREATE TRIGGER IF NOT EXISTS artifacts_immutable_d BEFORE DELETE ON artifacts
@@ -343,6 +344,21 @@ def _add_statement_version(con: sqlite3.Connection) -> None:
     except sqlite3.OperationalError as exc:
         # another connection added it first; or a read-only database, whose rows then all read as statement 1
         if "duplicate column" not in str(exc) and "readonly" not in str(exc):
+            raise
+
+
+def _add_sha256_index(con: sqlite3.Connection) -> None:
+    """Give a registry made before it the index by weights' hash (:meth:`Registry._upstream` looks up, for each
+    version a consent walk passes, the earlier versions holding the same weights). A read-only database goes
+    without: the look-up is then a scan, slower but the same answer."""
+    if con.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name='artifacts_sha256'").fetchone():
+        return
+    if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='artifacts'").fetchone():
+        return  # no artifacts table (an unreadable registry is reported elsewhere)
+    try:
+        con.execute("CREATE INDEX IF NOT EXISTS artifacts_sha256 ON artifacts (sha256)")
+    except sqlite3.OperationalError as exc:
+        if "readonly" not in str(exc):
             raise
 
 
@@ -900,6 +916,7 @@ class Registry:
             con.execute("PRAGMA busy_timeout=60000")
             try:
                 _add_statement_version(con)
+                _add_sha256_index(con)
             except BaseException:
                 con.close()
                 raise
@@ -1894,10 +1911,25 @@ class Registry:
         return memo[artifact.ref]
 
     def _upstream(self, artifact: Artifact) -> list[Artifact]:
-        """The versions ``artifact`` was built from: its parent and the lineage's ``sources`` that still resolve."""
+        """The versions ``artifact`` was built from: its parent, the lineage's ``sources`` that still resolve, and
+        every earlier model version holding the same weights.
+
+        The same weights are the same model, whatever the new row says: a version pulled (``registry pull``)
+        and registered again under another name, with no ``--parent`` and no cohorts, would otherwise be a
+        withdrawn cohort's model laundered into a version free to promote and serve. The canonical bytes are
+        compared (:func:`state_to_bytes`: a file re-saved with other metadata or tensor order still matches);
+        only earlier versions count, so the walk stays acyclic and a version's contributors never change after
+        it is registered. Weights changed at all (fine-tuned, re-quantized) are a new model, which only its
+        recorded lineage links."""
         ups: list[Artifact] = []
         if artifact.parent is not None:
             ups.append(self.get(artifact.model, artifact.parent))
+        if artifact.kind == "model":
+            rows = self._connect().execute(
+                "SELECT * FROM artifacts WHERE sha256=? AND kind='model' AND id<? ORDER BY id",
+                (artifact.sha256, artifact.id),
+            )
+            ups.extend(_artifact(r) for r in rows)
         for ref in artifact.lineage.get("sources", []) if isinstance(artifact.lineage, dict) else []:
             try:
                 ups.append(self.resolve(str(ref)))
