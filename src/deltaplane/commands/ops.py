@@ -1036,7 +1036,7 @@ def register(app: typer.Typer) -> None:
 
         A version trained on a cohort that withdrew consent is still pulled, with a warning on stderr and the
         cohorts in manifest.json's ``consent.withdrawn_cohorts`` (empty when none)."""
-        from deltaplane.registry import Registry
+        from deltaplane.registry import Registry, withdrawn_among
         from deltaplane.shards import COMPANION_FILES
 
         with _errors(OSError):
@@ -1055,7 +1055,7 @@ def register(app: typer.Typer) -> None:
             # pulls ("verified" keeps meaning hash and signature), but the user is told and the manifest says so
             # read verified against the signed state log: a withdrawal deleted from registry.db is an error, not a
             # manifest saying no cohort withdrew (IntegrityError, exit 1, nothing written)
-            withdrawn = sorted(reg.contributors(art) & reg.withdrawn_cohorts(verify=True))
+            withdrawn = withdrawn_among(reg.contributors(art), reg.withdrawn_cohorts(verify=True))
             out.mkdir(parents=True, exist_ok=True)
             # the config the version was registered with (a Hugging Face folder's config.json, a run model's
             # metadata) and its tokenizer's and generation config's files: written back so the pulled folder is a

@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,7 @@ __all__ = [
     "rollback_statement",
     "state_from_bytes",
     "state_to_bytes",
+    "withdrawn_among",
 ]
 
 HOME_ENV = "DELTAPLANE_HOME"
@@ -360,6 +361,18 @@ def _add_sha256_index(con: sqlite3.Connection) -> None:
     except sqlite3.OperationalError as exc:
         if "readonly" not in str(exc):
             raise
+
+
+def withdrawn_among(cohorts: Iterable[str], withdrawn: Iterable[str]) -> list[str]:
+    """Those of ``cohorts`` that a withdrawal in ``withdrawn`` names, sorted; names match without regard to case.
+
+    Cohort names are ASCII registry names, so case is the one way two spellings of a cohort can differ: a
+    withdrawal recorded as ``EU`` must reach the versions and devices of ``eu``, not record a cohort nobody
+    is in while their data stays served. Every consent check (serving, promotion, round bases, uploads,
+    ``registry pull``) asks this, never ``in`` or ``&`` on the raw names.
+    """
+    folded = {w.casefold() for w in withdrawn}
+    return sorted({c for c in cohorts if c.casefold() in folded})
 
 
 # -- records ---------------------------------------------------------------------------------------------
@@ -1940,7 +1953,7 @@ class Registry:
     def affected_by(self, cohort: str) -> list[Artifact]:
         """Every artifact that contains ``cohort`` (through its lineage), oldest first."""
         memo: dict[str, set[str]] = {}
-        return [a for a in self.versions() if cohort in self.contributors(a, memo)]
+        return [a for a in self.versions() if withdrawn_among(self.contributors(a, memo), [cohort])]
 
     def governance_problems(
         self, artifact: Artifact, *, verify: bool = False, memo: dict[str, set[str]] | None = None
@@ -1949,7 +1962,7 @@ class Registry:
         the withdrawals are checked against the signed state log first). ``memo`` (a dict kept across calls, as
         :meth:`contributors` takes it) lets a caller asking about many versions of one lineage walk it once: a
         page of 50 versions on a 3,000-version chain walked it 50 times (10 s)."""
-        bad = sorted(self.contributors(artifact, memo) & self.withdrawn_cohorts(verify=verify))
+        bad = withdrawn_among(self.contributors(artifact, memo), self.withdrawn_cohorts(verify=verify))
         return [f"{artifact.ref} was trained on withdrawn cohort {c!r}" for c in bad]
 
     def last_unaffected(self, model: str, number: int, *, verify: bool = False) -> Artifact | None:
@@ -1957,7 +1970,7 @@ class Registry:
         withdrawn = self.withdrawn_cohorts(verify=verify)
         memo: dict[str, set[str]] = {}  # shared along the chain: each version's lineage is walked once
         for cur in [self.get(model, number), *self.lineage(self.get(model, number))]:
-            if cur.kind == "model" and not (self.contributors(cur, memo) & withdrawn):
+            if cur.kind == "model" and not withdrawn_among(self.contributors(cur, memo), withdrawn):
                 return cur
         return None
 

@@ -54,7 +54,7 @@ from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
-from deltaplane.registry import Governance, Registry, publish_update
+from deltaplane.registry import Governance, Registry, publish_update, withdrawn_among
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON, MAX_CLOSED_ROUNDS
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 
@@ -209,7 +209,7 @@ def check_round_binding(r: RoundState, nonce: str, cohort: str) -> None:
             f"upload is not bound to round {r.number}: send the round's nonce (GET /v1/models/{r.model}/round) "
             "as X-Deltaplane-Round-Nonce"
         )
-    if cohort in r.record.excluded:
+    if withdrawn_among([cohort], r.record.excluded):
         raise Conflict(f"round {r.number} excludes cohort {cohort!r} (consent withdrawn)")
 
 
@@ -225,7 +225,7 @@ def refuse_withdrawn_round(
     publication. Plain and SecAgg closes both call it, so both refuse alike.
     """
     withdrawn = reg.withdrawn_cohorts(verify=True)  # a deleted withdrawal is a 409, never a pass
-    late = sorted(set(cohorts) & withdrawn)
+    late = withdrawn_among(cohorts, withdrawn)
     if late:
         raise HTTPException(
             409,
@@ -733,7 +733,7 @@ def round_router(
             )
         check_round_binding(r, request.headers.get("x-deltaplane-round-nonce", ""), ident.cohort)
         # a signed-log read that can wait on the registry's write lock: off the event loop (as SecAgg's)
-        if ident.cohort in await run_in_threadpool(reg.withdrawn_cohorts, verify=True):
+        if withdrawn_among([ident.cohort], await run_in_threadpool(reg.withdrawn_cohorts, verify=True)):
             raise HTTPException(
                 403, f"cohort {ident.cohort!r} withdrew consent; its updates are not accepted"
             )

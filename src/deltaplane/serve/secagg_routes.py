@@ -112,7 +112,7 @@ from deltaplane.delta import Delta
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
-from deltaplane.registry import Governance
+from deltaplane.registry import Governance, withdrawn_among
 from deltaplane.serve.bodies import read_capped
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 from deltaplane.serve.revocation_routes import REVOCATIONS_ADMIN_PATH, read_service_revocations
@@ -544,7 +544,7 @@ def install_secagg_routes(
         u = r.clients.get(ident.device_id)
         if u is None:
             raise HTTPException(403, f"device {ident.device_id} is not invited to SecAgg round {r.number}")
-        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+        if withdrawn_among([ident.cohort], reg.withdrawn_cohorts(verify=True)):
             raise HTTPException(
                 403, f"cohort {ident.cohort!r} withdrew consent; it takes no part in SecAgg round {r.number}"
             )
@@ -669,7 +669,7 @@ def install_secagg_routes(
         """What a polling device does next: an empty list when nothing is open (not an error: poll again). A
         device of a cohort that withdrew consent sees none: every round would refuse its update."""
         found: list[OpenRound] = []
-        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+        if withdrawn_among([ident.cohort], reg.withdrawn_cohorts(verify=True)):
             return OpenRounds(model=model, rounds=found)
         plain = state.rounds.get(model)
         if plain is not None and not plain.closing:
