@@ -1,6 +1,7 @@
 """Consent withdrawal reaches a version however it was registered: the lineage walk cannot be shed by
 registering a withdrawn cohort's weights again under another name."""
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -39,3 +40,20 @@ def test_a_pulled_model_registered_again_keeps_the_cohorts_of_the_version_it_cam
         assert reg.governance_problems(x) == [f"{x.ref} was trained on withdrawn cohort 'eu'"]
     # a version registered with the same weights as a later one does not take that one's cohorts
     assert reg.contributors(reg.resolve("other@1")) == {"us"}
+
+
+def test_a_rollback_onto_a_version_of_a_withdrawn_cohort_is_refused(tmp_path):
+    # the rollback moved production onto the version before, unchecked: a tag held by a version every device
+    # download then refused (451), where the gate refuses the same move as a promotion
+    from deltaplane.errors import PromotionRefused
+    from deltaplane.registry import rollback
+
+    reg = Registry.create(tmp_path / "h")
+    v1 = reg.register_model("m", {"w": torch.zeros(2)}, governance={"cohorts": ["eu"]})
+    v2 = reg.register_model("m", {"w": torch.ones(2)}, governance={"cohorts": ["us"]})
+    for v in (v1, v2):
+        reg.set_tag("m", "production", v.number, action="promote")
+    reg.withdraw_cohort("eu")
+    with pytest.raises(PromotionRefused, match="m@1 was trained on withdrawn cohort 'eu'"):
+        rollback(reg, "m")
+    assert reg.tags("m") == {"production": 2} and reg.tag_history("m", "production")[-1]["number"] == 2
