@@ -317,7 +317,9 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
             raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")
         target = stack[-2]
         problems = registry.governance_problems(registry.get(model, target), verify=True)
-        if problems:  # a rollback moves the tag as a promotion does: never onto a version that may not be served
+        if (
+            problems
+        ):  # a rollback moves the tag as a promotion does: never onto a version that may not be served
             raise PromotionRefused(
                 f"{model}:{tag} cannot roll back to {model}@{target}: {problems[0]}, so it may not be served; "
                 f"rebuild without the cohort (POST /admin/models/{model}/rebuild) and promote the version it "
