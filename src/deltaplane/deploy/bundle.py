@@ -180,7 +180,11 @@ def _in_recorded_order(tensors: dict[str, Tensor], meta: dict[str, str]) -> dict
         order = json.loads(meta.get("deltaplane.order", "null"))
     except ValueError:
         return tensors
-    if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors) or len(order) != len(tensors):
+    if (
+        not isinstance(order, list)
+        or sorted(map(str, order)) != sorted(tensors)
+        or len(order) != len(tensors)
+    ):
         return tensors
     return {k: tensors[k] for k in order}
 
