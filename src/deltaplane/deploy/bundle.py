@@ -180,11 +180,9 @@ def _in_recorded_order(tensors: dict[str, Tensor], meta: dict[str, str]) -> dict
         order = json.loads(meta.get("deltaplane.order", "null"))
     except ValueError:
         return tensors
-    if (
-        not isinstance(order, list)
-        or sorted(map(str, order)) != sorted(tensors)
-        or len(order) != len(tensors)
-    ):
+    if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+        return tensors
+    if sorted(order) != sorted(tensors):  # names missing, extra or repeated: the file's own order
         return tensors
     return {k: tensors[k] for k in order}
 
