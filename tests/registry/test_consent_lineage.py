@@ -31,7 +31,8 @@ def test_a_pulled_model_registered_again_keeps_the_cohorts_of_the_version_it_cam
         meta = f.metadata()
     save_file(load_file(pulled), tmp_path / "re.safetensors", metadata={**meta, "by": "me"})
     for name, path in (("b", "p"), ("c", "p/model.safetensors"), ("d", "re.safetensors")):
-        run("registry", "register", name, str(tmp_path / path))
+        said = " ".join(run("registry", "register", name, str(tmp_path / path)).stderr.split())
+        assert f"note: {name}@1 holds the same weights as a@1" in said, said
     reg = Registry(home)
     copies = [reg.resolve(f"{m}@1") for m in "bcd"]
     assert [x.sha256 for x in copies] == [a.sha256] * 3

@@ -1013,9 +1013,17 @@ def register(app: typer.Typer) -> None:
                 sources=linked,
                 files=src.files or None,  # none of its own: a version with a parent keeps the parent's
             )
+            # a pulled version registered again: say why withdrawals of the original's cohorts will reach it
+            twins = [a.ref for a in reg.same_weights(art) if a.model != model or a.number != parent]
         console.print(f"registered [bold]{art.ref}[/bold] sha256 {art.sha256[:16]}… ({art.size} bytes)")
         if link_note:
             err_console.print(escape(link_note), soft_wrap=True)
+        if twins:
+            err_console.print(
+                f"note: {escape(art.ref)} holds the same weights as {escape(', '.join(twins))}: it counts as built "
+                "from them, so a consent withdrawal of their cohorts reaches it",
+                soft_wrap=True,
+            )
 
     @reg_app.command("pull")
     def registry_pull(

@@ -1937,18 +1937,24 @@ class Registry:
         ups: list[Artifact] = []
         if artifact.parent is not None:
             ups.append(self.get(artifact.model, artifact.parent))
-        if artifact.kind == "model":
-            rows = self._connect().execute(
-                "SELECT * FROM artifacts WHERE sha256=? AND kind='model' AND id<? ORDER BY id",
-                (artifact.sha256, artifact.id),
-            )
-            ups.extend(_artifact(r) for r in rows)
+        ups.extend(self.same_weights(artifact))
         for ref in artifact.lineage.get("sources", []) if isinstance(artifact.lineage, dict) else []:
             try:
                 ups.append(self.resolve(str(ref)))
             except (NotFound, ConfigError):
                 continue
         return ups
+
+    def same_weights(self, artifact: Artifact) -> list[Artifact]:
+        """The model versions registered before ``artifact`` that hold the same weights (the same canonical bytes),
+        oldest first; none for a delta. The consent walk counts ``artifact`` as built from each of them."""
+        if artifact.kind != "model":
+            return []
+        rows = self._connect().execute(
+            "SELECT * FROM artifacts WHERE sha256=? AND kind='model' AND id<? ORDER BY id",
+            (artifact.sha256, artifact.id),
+        )
+        return [_artifact(r) for r in rows]
 
     def affected_by(self, cohort: str) -> list[Artifact]:
         """Every artifact that contains ``cohort`` (through its lineage), oldest first."""
