@@ -132,7 +132,7 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
         try:
             with safe_open(name, "pt") as f:
                 meta = f.metadata() or {}
-            out = Deployable(load_file(name), {"source": source})
+            out = Deployable(_in_recorded_order(load_file(name), meta), {"source": source})
         except (SafetensorError, OSError, ValueError) as e:
             raise DecodeError(f"{p} is not a readable safetensors file: {e}") from e
         try:  # a `deltaplane run` model's config (its architecture), so a pulled copy can be deployed
@@ -167,6 +167,24 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
             state, {"source": source | {"format": "onnx", "opset": model.opset_import[0].version}}
         )
     raise ConfigError(f"{p}: registry register takes .safetensors, .dpla, .onnx or a deploy output folder")
+
+
+def _in_recorded_order(tensors: dict[str, Tensor], meta: dict[str, str]) -> dict[str, Tensor]:
+    """``tensors`` in the order a registry file records (``deltaplane.order``, as ``registry pull`` writes it),
+    else as read.
+
+    Safetensors files keep no order of their own, so a pulled version registered again would otherwise get
+    another tensor order, hence other canonical bytes and another SHA-256: a new model to the registry, cut
+    off from the version (and the consent record) it was pulled from."""
+    try:
+        order = json.loads(meta.get("deltaplane.order", "null"))
+    except ValueError:
+        return tensors
+    if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+        return tensors
+    if sorted(order) != sorted(tensors):  # names missing, extra or repeated: the file's own order
+        return tensors
+    return {k: tensors[k] for k in order}
 
 
 def _hf_folder(p: Path) -> Deployable | None:

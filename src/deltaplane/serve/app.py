@@ -60,7 +60,7 @@ from deltaplane.errors import (
     VersionMismatch,
 )
 from deltaplane.monitor import DriftMonitor, DriftReport, DriftSpec, Summary
-from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback
+from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback, withdrawn_among
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
@@ -1069,7 +1069,7 @@ def create_app(
             if len(contributors) > 100_000:
                 contributors.clear()
             contributors[key] = frozenset(reg.contributors(reg.get(model, version)))
-        bad = sorted(contributors[key] & withdrawn)
+        bad = withdrawn_among(contributors[key], withdrawn)
         if bad:
             raise HTTPException(
                 451,

@@ -36,7 +36,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -54,7 +54,7 @@ from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
-from deltaplane.registry import Governance, Registry, publish_update
+from deltaplane.registry import Governance, Registry, publish_update, withdrawn_among
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON, MAX_CLOSED_ROUNDS
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 
@@ -209,8 +209,36 @@ def check_round_binding(r: RoundState, nonce: str, cohort: str) -> None:
             f"upload is not bound to round {r.number}: send the round's nonce (GET /v1/models/{r.model}/round) "
             "as X-Deltaplane-Round-Nonce"
         )
-    if cohort in r.record.excluded:
+    if withdrawn_among([cohort], r.record.excluded):
         raise Conflict(f"round {r.number} excludes cohort {cohort!r} (consent withdrawn)")
+
+
+def refuse_withdrawn_round(
+    reg: Registry, model: str, base: int, cohorts: Iterable[str], *, what: str, abort: str
+) -> None:
+    """409 before a round publishes when a cohort withdrew consent while it was open: a cohort whose devices'
+    updates are in it, or one the base was built from (the base passed the check when the round opened).
+
+    Either way the version would contain the cohort's data, and nothing can take it out of an aggregate, so
+    the round is left unpublished: the operator aborts it (``abort``, the route) and opens a new one, or
+    rebuilds. Read inside the close's transaction, a withdrawal cannot land between this check and the
+    publication. Plain and SecAgg closes both call it, so both refuse alike.
+    """
+    withdrawn = reg.withdrawn_cohorts(verify=True)  # a deleted withdrawal is a 409, never a pass
+    late = withdrawn_among(cohorts, withdrawn)
+    if late:
+        raise HTTPException(
+            409,
+            f"cohort {late[0]!r} withdrew consent after its devices' inputs entered {what}; leave this round "
+            f"unpublished (abort it: POST {abort}) and open a new one",
+        )
+    problems = reg.governance_problems(reg.get(model, base), verify=True) if withdrawn else []
+    if problems:
+        raise HTTPException(
+            409,
+            f"{problems[0]}, withdrawn after {what} opened on it; leave this round unpublished (abort it: POST "
+            f"{abort}) and rebuild: POST /admin/models/{model}/rebuild",
+        )
 
 
 def _base_norm(base: dict[str, Any]) -> float:
@@ -705,7 +733,7 @@ def round_router(
             )
         check_round_binding(r, request.headers.get("x-deltaplane-round-nonce", ""), ident.cohort)
         # a signed-log read that can wait on the registry's write lock: off the event loop (as SecAgg's)
-        if ident.cohort in await run_in_threadpool(reg.withdrawn_cohorts, verify=True):
+        if withdrawn_among([ident.cohort], await run_in_threadpool(reg.withdrawn_cohorts, verify=True)):
             raise HTTPException(
                 403, f"cohort {ident.cohort!r} withdrew consent; its updates are not accepted"
             )
@@ -922,6 +950,14 @@ def round_router(
             if not r.devices and not isinstance(step.aggregator.find(DPFedAvg), DPFedAvg):
                 # an empty round closes without a version
                 return None, (None, None, *state.close_summary(model, r.number, "plain", None, 0, {}))
+            refuse_withdrawn_round(
+                reg,
+                model,
+                r.base_version,
+                r.cohorts,
+                what=f"round {r.number}",
+                abort=f"/admin/models/{model}/rounds/{r.number}/abort",
+            )
             # under central DP a round that sampled nobody still releases its noise (the accountant counts it)
             outcome = step.close()  # PrivacyBudgetExceeded (409), a non-finite aggregate (422): nothing kept
             version = reg.get(model, publisher.published[-1])

@@ -112,7 +112,7 @@ from deltaplane.delta import Delta
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
-from deltaplane.registry import Governance
+from deltaplane.registry import Governance, withdrawn_among
 from deltaplane.serve.bodies import read_capped
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 from deltaplane.serve.revocation_routes import REVOCATIONS_ADMIN_PATH, read_service_revocations
@@ -121,6 +121,7 @@ from deltaplane.serve.rounds import (
     check_guard_admits_distributed_dp,
     check_update_norm,
     distributed_dp_honest_bound,
+    refuse_withdrawn_round,
     remembering_refusal,
     resume_step,
     step_bytes,
@@ -543,7 +544,7 @@ def install_secagg_routes(
         u = r.clients.get(ident.device_id)
         if u is None:
             raise HTTPException(403, f"device {ident.device_id} is not invited to SecAgg round {r.number}")
-        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+        if withdrawn_among([ident.cohort], reg.withdrawn_cohorts(verify=True)):
             raise HTTPException(
                 403, f"cohort {ident.cohort!r} withdrew consent; it takes no part in SecAgg round {r.number}"
             )
@@ -581,14 +582,14 @@ def install_secagg_routes(
         the sum: the round is refused (409), never published."""
         device_of = {u: d for d, u in r.clients.items()}
         summed = {r.cohorts[device_of[u]] for u in survivors if device_of[u] in r.cohorts}
-        withdrawn = sorted(summed & reg.withdrawn_cohorts(verify=True))
-        if withdrawn:
-            raise HTTPException(
-                409,
-                f"cohort {withdrawn[0]!r} withdrew consent after its devices' inputs entered this round's sum; "
-                f"leave this round unpublished (abort it: POST /admin/models/{r.model}/secagg/{r.number}/abort) "
-                "and open a new SecAgg round",
-            )
+        refuse_withdrawn_round(
+            reg,
+            r.model,
+            r.base_version,
+            summed,
+            what=f"SecAgg round {r.number}'s sum",
+            abort=f"/admin/models/{r.model}/secagg/{r.number}/abort",
+        )
         gov = reg.get(r.model, r.base_version).governance
         cohorts = tuple(sorted(set(gov.cohorts) | summed))
         governance = Governance(
@@ -668,7 +669,7 @@ def install_secagg_routes(
         """What a polling device does next: an empty list when nothing is open (not an error: poll again). A
         device of a cohort that withdrew consent sees none: every round would refuse its update."""
         found: list[OpenRound] = []
-        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+        if withdrawn_among([ident.cohort], reg.withdrawn_cohorts(verify=True)):
             return OpenRounds(model=model, rounds=found)
         plain = state.rounds.get(model)
         if plain is not None and not plain.closing:
@@ -972,7 +973,6 @@ def install_secagg_routes(
         check_update_norm(
             mean, state.base_state(model, r.base_version), config.max_update_norm_ratio, honest=honest
         )
-        governance, lineage = round_governance(r, survivors)
         uplink = sum(r.endpoint.server.bytes_received.values())
         with state.lock:
             if rounds.get((model, number)) is not r:  # a concurrent close published it, or an abort
@@ -983,10 +983,12 @@ def install_secagg_routes(
                 )
             step = resume_step(config, state, store, model, r.base_version)
             publisher = step.publisher
-            publisher.governance, publisher.lineage = governance, lineage  # type: ignore[attr-defined]
             # The new version, its delta, the training tag and the step's stored state commit together or
             # not at all, and the step is put back if anything fails: the round stays closable.
             with undo_on_failure(step), reg.transaction():
+                # read in the transaction: a withdrawal cannot land between its check and the publication
+                governance, lineage = round_governance(r, survivors)
+                publisher.governance, publisher.lineage = governance, lineage  # type: ignore[attr-defined]
                 # the engine's server step gets the unmasked mean and nothing else: its chain, downlink, publisher
                 step.open(number, version=r.base_version, state=state.base_state(model, r.base_version))
                 step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=uplink)
