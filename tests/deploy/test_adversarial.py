@@ -63,7 +63,9 @@ def test_non_finite_eps_is_refused(trained_cnn, digits, eps):
     """A NaN ε made every input NaN (a constant argmax) and reported a drop of 0; inf likewise measured nothing."""
     _, _, xte, yte = digits
     with pytest.raises(ConfigError, match="finite positive"):
-        adversarial_eval(trained_cnn, trained_cnn, torch_predictor(trained_cnn), xte[:10], yte[:10], eps=(eps,))
+        adversarial_eval(
+            trained_cnn, trained_cnn, torch_predictor(trained_cnn), xte[:10], yte[:10], eps=(eps,)
+        )
 
 
 def test_pgd_stays_in_the_ball_and_beats_fgsm(trained_cnn, digits):
