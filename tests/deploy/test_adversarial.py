@@ -58,6 +58,36 @@ def test_fgsm_and_pgd_are_not_masked_by_a_saturated_softmax(trained_cnn, digits)
     assert all(abs(r["drop_points"]) < 5 for r in res["rows"]), res["rows"]  # was −40: "more robust"
 
 
+class _Rounded(nn.Module):
+    """The trained CNN behind a rounding of its input to the digits' 1/16 grid: as easy to fool, but its input
+    gradient is exactly zero everywhere."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.round(x * 16) / 16)
+
+
+def test_a_model_without_input_gradients_is_not_reported_robust(tmp_path, trained_cnn, digits):
+    """FGSM left every input unchanged and reported 99.5% adversarial accuracy at ε = 0.1 (the clean one) for a
+    model that FGSM / PGD crafted on the unrounded CNN (BPDA) take to 35% / 22%: refused as unattackable, naming the way out, and nothing written."""
+    from deltaplane.deploy import deploy_classifier
+    from deltaplane.errors import UnsupportedLayer
+
+    xtr, _, xte, yte = digits
+    model = _Rounded(trained_cnn).eval()
+    with pytest.raises(UnsupportedLayer, match=r"exactly zero on 397 of 397 .*--attack-eps 0"):
+        adversarial_eval(model, model, torch_predictor(model), xte, yte, eps=(0.1,))
+    with pytest.raises(UnsupportedLayer, match="cannot attack the compressed model"):
+        adversarial_eval(trained_cnn, model, torch_predictor(model), xte, yte, eps=(0.1,))
+    kw = {"x_test": xte, "y_test": yte, "x_calib": xtr[:16], "quant": "none", "latency_iters": 2}
+    with pytest.raises(UnsupportedLayer):
+        deploy_classifier(model, tmp_path / "o", adversarial_eps=(0.05,), device_cost=False, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("eps", [float("nan"), float("inf")])
 def test_non_finite_eps_is_refused(trained_cnn, digits, eps):
     """A NaN ε made every input NaN (a constant argmax) and reported a drop of 0; inf likewise measured nothing."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, UnsupportedLayer
 
 __all__ = ["ATTACKS", "adversarial_eval", "encoder_adversarial_eval", "fgsm", "pgd", "token_adversarial_eval"]
 
@@ -114,6 +114,33 @@ def pgd(
     return adv
 
 
+#: above this share of test inputs with an input gradient of exactly zero, FGSM/PGD measure nothing
+MAX_ZERO_GRADIENT_SHARE = 0.5
+
+
+def _refuse_zero_gradients(model: nn.Module, x: np.ndarray, y: np.ndarray, which: str) -> None:
+    """Raise :class:`~deltaplane.errors.UnsupportedLayer` when most inputs' cross-entropy gradient is exactly 0.
+
+    A forward pass that rounds, thresholds or takes an argmax of its input (a quantize-dequantize front end, a
+    lookup) has a zero gradient almost everywhere: FGSM then leaves every input where it is and PGD only adds
+    its random start, and the adversarial accuracy reads as the clean one — "robust" without an attack having
+    run. Gradient masking of this kind is not robustness (Athalye et al. 2018), so the gate refuses to call it
+    measured rather than passing it.
+    """
+    zero = 0
+    for i in range(0, len(x), 256):
+        xb, yb = torch.from_numpy(x[i : i + 256]), torch.from_numpy(y[i : i + 256])
+        zero += int((_grad_sign(model, xb, yb) == 0).flatten(1).all(1).sum())
+    if zero > MAX_ZERO_GRADIENT_SHARE * len(x):
+        raise UnsupportedLayer(
+            f"FGSM/PGD cannot attack the {which}: its input gradient is exactly zero on {zero} of {len(x)} test "
+            "inputs (a rounding, threshold or argmax of the input in its forward pass), so the attack would leave "
+            "them unchanged and report their clean accuracy as adversarial; make that step differentiable (a "
+            "straight-through estimator) for the evaluation, or skip the attack (--attack-eps 0, "
+            "adversarial_eps=()) and the max-adv-drop gate is listed as not evaluated"
+        )
+
+
 def _batched(
     attack: Callable[..., torch.Tensor], model: nn.Module, x: np.ndarray, y: np.ndarray, **kw: Any
 ) -> np.ndarray:
@@ -152,6 +179,9 @@ def adversarial_eval(
     lo, hi = clip if clip is not None else (float(x.min()), float(x.max()))
     reference.eval()
     surrogate.eval()
+    _refuse_zero_gradients(reference, x, y, "fp32 model")
+    if surrogate is not reference:
+        _refuse_zero_gradients(surrogate, x, y, "compressed model (its PyTorch weights before quantization)")
 
     def ref_predict(a: np.ndarray) -> np.ndarray:
         with torch.no_grad():
