@@ -75,7 +75,9 @@ def _folder_manifest(mf: Path, artifact_sha256: str) -> dict[str, Any]:
     """A deploy folder's ``manifest.json``, refused (:class:`DecodeError`) unless it is a JSON object that
     describes the folder's ``model.dpla``: its recorded ``sha256["model.dpla"]``, when present, must be the
     file's. Otherwise another model's quality and gates (a refused model's file copied beside a passing
-    deploy's manifest) would be registered as this model's lineage."""
+    deploy's manifest) would be registered as this model's lineage. A manifest that records hashes must also
+    be the one of the folder's ``model.onnx`` (the graph a device runs): one changed or swapped after the deploy,
+    or one the deploy did not write (a ``--format weights`` deploy), is the same mix of two deploys."""
     text = read_bounded_text(mf, limit=MANIFEST_LIMIT, what="manifest", error=DecodeError)
     try:
         manifest = json.loads(text)
@@ -85,13 +87,22 @@ def _folder_manifest(mf: Path, artifact_sha256: str) -> dict[str, Any]:
         raise DecodeError(
             f"{mf} is not a deploy manifest (a JSON object); it holds a {type(manifest).__name__}"
         )
-    recorded = manifest.get("sha256")
-    recorded = recorded.get("model.dpla") if isinstance(recorded, dict) else None
+    hashes = manifest.get("sha256")
+    recorded = hashes.get("model.dpla") if isinstance(hashes, dict) else None
     if recorded is not None and recorded != artifact_sha256:
         raise DecodeError(
             f"{mf} describes another model.dpla (SHA-256 {str(recorded)[:16]}…, the file's is "
             f"{artifact_sha256[:16]}…): the folder mixes two deploys; register the .dpla file alone or deploy again"
         )
+    graph = mf.parent / "model.onnx"
+    if isinstance(hashes, dict) and os.path.lexists(graph):
+        want, have = hashes.get("model.onnx"), _sha256(graph) if graph.is_file() else "(not a file)"
+        if want != have:
+            said = f"SHA-256 {str(want)[:16]}…" if want is not None else "no model.onnx"
+            raise DecodeError(
+                f"{mf} describes another model.onnx ({said}, the file's is {have[:16]}…): the graph beside "
+                "model.dpla is not the one this deploy evaluated; register the .dpla file alone or deploy again"
+            )
     return manifest
 
 
