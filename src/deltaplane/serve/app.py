@@ -498,9 +498,9 @@ class ServiceState:
         with self.report_lock:
             with self.lock:
                 mon = self.monitors.get(model) if summary is not None else None
-                if mon is not None:
+                if mon is not None and summary is not None:
                     undo = (mon, mon.live_window(), list(mon.history))
-                    closed = mon.ingest(summary, device=device)  # type: ignore[arg-type]
+                    closed = mon.ingest(summary, device=device)
                     del mon.history[:-MAX_DRIFT_HISTORY]
                 unsaved = self._unsaved()
             alerts = [
@@ -1233,7 +1233,7 @@ def create_app(
         response_model=PromoteResponse,
         responses={k: _ERRORS[k] for k in (404, 409)},
     )
-    def promote_version(model: ModelName, body: PromoteRequest) -> PromoteResponse:
+    def promote_version(model: ModelName, body: PromoteRequest, response: Response) -> PromoteResponse:
         if state.evaluator is None:
             raise HTTPException(409, "this service has no evaluator configured, so it cannot gate promotions")
         res = promote(
@@ -1253,7 +1253,7 @@ def create_app(
             regressions=res.regressions,
         )
         if not res.promoted:
-            return JSONResponse(out.model_dump(), status_code=409)  # type: ignore[return-value]
+            response.status_code = 409  # refused by its gates: the same body, with what it missed
         return out
 
     @app.post(

@@ -82,6 +82,7 @@ __all__ = [
     "guard_bound",
     "honest_norm_bound",
     "local_dp_honest_bound",
+    "publisher_of",
     "refusal_of",
     "refuse_plaintext_under_secagg",
     "remembering_refusal",
@@ -172,6 +173,14 @@ def server_step_for(config: "ServiceConfig", registry: Registry, model: str, bas
         publisher=RegistryPublisher(registry, model, compressor),
         simulation=False,  # the service's devices are real: its DP noise must not derive from the config
     )
+
+
+def publisher_of(step: ServerStep) -> RegistryPublisher:
+    """``step``'s publisher, as the service's own: every step it runs is built by :func:`server_step_for`,
+    which gives it a :class:`RegistryPublisher` (the engine's step knows only the :class:`Publisher` protocol)."""
+    publisher = step.publisher
+    assert isinstance(publisher, RegistryPublisher), f"a service step publishes through {publisher!r}"
+    return publisher
 
 
 def abort_reason(given: str, refused: str | None) -> str:
@@ -514,7 +523,7 @@ def undo_on_failure(step: ServerStep) -> Iterator[None]:
     block raises: a round close that fails in the registry (whose transaction rolls its own writes back) must
     not leave the step a round ahead of the registry."""
     checkpoint = step.checkpoint()
-    publisher: RegistryPublisher = step.publisher  # type: ignore[assignment]
+    publisher = publisher_of(step)
     saved = (publisher.compressor.state_dict(), list(publisher.published))
     try:
         yield
@@ -797,7 +806,9 @@ def round_router(
                 # and a durable write that fails (a replay, a full disk) takes the update back out
                 checkpoint = step.checkpoint()
                 if not step.receive_delta(ident.device_id, delta, num_examples):
-                    raise InvalidUpdate(f"update refused: {step.last_rejection.error}")  # type: ignore[union-attr]
+                    refusal = step.last_rejection
+                    assert refusal is not None  # receive_delta recorded why it said no
+                    raise InvalidUpdate(f"update refused: {refusal.error}")
                 if r.record is not None:  # durable before it counts: refuses replays of accepted bytes
                     if digest is not None and not rounds_store.has_payload(digest):
                         # a refused upload of the same bytes discarded the blob after this one stored it
@@ -928,7 +939,7 @@ def round_router(
                 raise HTTPException(409, f"round {round_id} of {model!r} is not open")
             r.closing = True  # uploads are refused from here on; reopened if publishing fails
         step = state.steps[model]
-        publisher: RegistryPublisher = step.publisher  # type: ignore[assignment]
+        publisher = publisher_of(step)
         parent = reg.get(model, r.base_version)
         gov = parent.governance
         cohorts = tuple(sorted(set(gov.cohorts) | r.cohorts))

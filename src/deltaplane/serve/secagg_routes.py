@@ -121,6 +121,7 @@ from deltaplane.serve.rounds import (
     check_guard_admits_distributed_dp,
     check_update_norm,
     distributed_dp_honest_bound,
+    publisher_of,
     refuse_withdrawn_round,
     remembering_refusal,
     resume_step,
@@ -489,9 +490,9 @@ def install_secagg_routes(
             ended["model"],
         )
 
-    def recorded(model: str, number: int) -> dict[str, Any]:
-        """A round this process does not hold, as the store recorded it: 409 saying how it ended (RoundLost
-        for a round the service stopped under), 404 if it never existed."""
+    def recorded(model: str, number: int) -> NoReturn:
+        """Refuse a round this process does not hold, as the store recorded it: 409 saying how it ended
+        (RoundLost for a round the service stopped under), 404 if it never existed."""
         rec = store.secagg_record(model, number)
         if rec is None:
             raise NotFound(f"no SecAgg round {number} for {model!r}")
@@ -525,7 +526,7 @@ def install_secagg_routes(
             if done is not None:
                 done.refuse()
             recorded(model, number)
-        return r  # type: ignore[return-value]  # recorded() always raises
+        return r
 
     def finish(r: SecAggRound, outcome: str, reason: str | None = None) -> dict[str, Any]:
         """Under ``state.lock``: drop the round's protocol state (every masked input, model-sized, goes with it),
@@ -892,7 +893,7 @@ def install_secagg_routes(
         rec = store.secagg_record(model, number)
         if rec is None or rec["finished"] is None:
             recorded(model, number)  # 404, or open in another process (409)
-        return rec  # type: ignore[return-value]
+        return rec
 
     @router.post(
         "/admin/models/{model}/secagg/{number}/advance", tags=["admin", "secagg"], dependencies=AdminDep
@@ -982,18 +983,18 @@ def install_secagg_routes(
                     409, f"plain round {state.rounds[model].number} of {model!r} is open; close it first"
                 )
             step = resume_step(config, state, store, model, r.base_version)
-            publisher = step.publisher
+            publisher = publisher_of(step)
             # The new version, its delta, the training tag and the step's stored state commit together or
             # not at all, and the step is put back if anything fails: the round stays closable.
             with undo_on_failure(step), reg.transaction():
                 # read in the transaction: a withdrawal cannot land between its check and the publication
                 governance, lineage = round_governance(r, survivors)
-                publisher.governance, publisher.lineage = governance, lineage  # type: ignore[attr-defined]
+                publisher.governance, publisher.lineage = governance, lineage
                 # the engine's server step gets the unmasked mean and nothing else: its chain, downlink, publisher
                 step.open(number, version=r.base_version, state=state.base_state(model, r.base_version))
                 step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=uplink)
                 outcome = step.close()  # PrivacyBudgetExceeded (409) leaves the model where it was
-                version = reg.get(model, step.publisher.published[-1])  # type: ignore[attr-defined]
+                version = reg.get(model, publisher.published[-1])
                 reg.set_tag(
                     model, "training", version.number, action="round", reason=f"SecAgg round {number}"
                 )
