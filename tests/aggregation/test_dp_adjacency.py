@@ -208,3 +208,18 @@ def test_distributed_dp_refuses_an_amplified_accountant() -> None:
     acc = PrivacyAccountant(noise_multiplier=Z, sampling_rate=0.1, delta=DELTA)
     with pytest.raises(dp.ConfigError, match="amplification by sampling"):
         DistributedDP(clip=C, noise_multiplier=Z, expected_clients=10, min_contributors=10, accountant=acc)
+
+
+def test_the_service_and_the_fleet_refuse_sampling_under_distributed_dp() -> None:
+    """The HTTP service and the fleet coordinator never sample devices, so they refuse sample_fraction < 1 with
+    DP noise: under SecAgg too (this confirms the refusal; the drivers that sample account at q = 1)."""
+    from deltaplane.errors import UnsupportedOption
+    from deltaplane.serve.device_side import check_real_devices
+    from deltaplane.serve.fleet import coordinate
+
+    cfg = RunConfig(clients=10, sample_fraction=0.5, secagg=True, clip="1.0", dp_noise=Z, dp_delta=DELTA)
+    assert dp_adjacency(cfg) == ZERO_OUT
+    with pytest.raises(UnsupportedOption, match="does not sample devices"):
+        check_real_devices(cfg)
+    with pytest.raises(dp.ConfigError, match="does not sample devices"):
+        coordinate(None, cfg, model="m", rounds=1, deadline=1.0)  # type: ignore[arg-type]  # refused first
