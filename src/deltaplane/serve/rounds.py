@@ -583,6 +583,12 @@ class RoundRecordInfo(BaseModel):
         description="why an aborted round ended unpublished (at most 500 characters; null: not aborted, or "
         "aborted before reasons were kept with the round)",
     )
+    dp_adjacency: str | None = Field(
+        default=None,
+        description="the neighbouring relation measurements.epsilon is stated under: 'add/remove' (central DP), "
+        "'zero-out' (distributed DP under SecAgg), 'unknown' for a round closed before it was stored with "
+        "the round; null without an epsilon",
+    )
 
 
 class AbortRoundResponse(BaseModel):
@@ -927,8 +933,9 @@ def round_router(
             version = reg.get(model, publisher.published[-1])
             reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
             summary, saved = state.close_summary(
-                model, r.number, "plain", version.number, len(r.devices), outcome.measurements
-            )
+                model, r.number, "plain", version.number, len(r.devices), outcome.measurements,
+                dp_adjacency=step.dp_adjacency,
+            )  # fmt: skip
             return version.number, (version, outcome, summary, saved)
 
         try:
@@ -939,6 +946,7 @@ def round_router(
                         publish,
                         snapshot=lambda: step_bytes(step),
                         measured=lambda result: None if result[1] is None else result[1].measurements,
+                        adjacency=step.dp_adjacency,
                     )
                     if r.record is not None
                     else publish()[1]
