@@ -313,6 +313,10 @@ def test_a_dp_rounds_status_and_closed_list_say_its_neighbours_after_a_restart(t
         assert svc.admin.close_round("cnn", number)["dp_adjacency"] == "add/remove"
     assert svc.admin.round_status("cnn", 2)["dp_adjacency"] == "add/remove"
     assert [c["dp_adjacency"] for c in svc.admin.closed_rounds()] == ["add/remove", "add/remove"]
+    # the published version's lineage holds no exact count ε would not cover (the round's status keeps it)
+    lineage = svc.reg.get("cnn", svc.admin.round_status("cnn", 2)["version"]).lineage
+    assert lineage["dp"]["adjacency"] == "add/remove" and not {"uploads", "examples"} & set(lineage)
+    assert svc.admin.round_status("cnn", 2)["uploads"] == 2
     assert _fleet_page(svc).count("data-field='epsilon_neighbours'>add/remove<") == 2
     with svc.reg.transaction() as con:
         con.execute("UPDATE rounds SET dp_adjacency=NULL WHERE number=1")

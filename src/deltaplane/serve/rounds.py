@@ -53,6 +53,7 @@ from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
+from deltaplane.engine.server import released_lineage
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
 from deltaplane.registry import Governance, Registry, publish_update
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON, MAX_CLOSED_ROUNDS
@@ -914,13 +915,16 @@ def round_router(
         publisher.governance = Governance(
             gov.data_sources, cohorts, tuple(sorted(excluded - set(cohorts))), gov.notes
         )
-        publisher.lineage = {
-            # which numbering `round` is in: plain and SecAgg rounds are numbered each on their own
-            "plain_round": r.number,
-            "examples": r.examples,
-            "round_cohorts": sorted(r.cohorts),
-            **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
-        }
+        publisher.lineage = released_lineage(  # under central DP, without the exact example count
+            {
+                # which numbering `round` is in: plain and SecAgg rounds are numbered each on their own
+                "plain_round": r.number,
+                "examples": r.examples,
+                "round_cohorts": sorted(r.cohorts),
+                **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
+            },
+            step.dp_adjacency,
+        )
 
         def publish() -> tuple[int | None, Any]:
             """Publish the round's version and store its fleet summary; inside the close's transaction, so
