@@ -2,8 +2,8 @@
 two Gaussians (docs/aggregation.md, "Which neighbours ε is stated for").
 
 Under SecAgg each of the n ≥ m_min contributing devices adds N(0, σ_d²), σ_d = z·C/√m_min, so the unmasked sum
-carries noise of variance n·σ_d². Zero-out neighbours (Kairouz et al. 2021, https://arxiv.org/abs/2103.00039)
-keep the device, its data replaced by none: N(s, nσ_d²) against N(s + v, nσ_d²), ‖v‖ ≤ C, a Gaussian of
+carries noise of variance n·σ_d². Zero-out neighbours (a record replaced by a "zero" record: arXiv 2103.00039,
+Definition 1.1, dp-accounting's REPLACE_SPECIAL) keep the device, its data replaced by none: N(s, nσ_d²) against N(s + v, nσ_d²), ‖v‖ ≤ C, a Gaussian of
 multiplier √(n/m_min)·z ≥ z, which the reported ε covers. Add/remove neighbours also take the device's noise
 share away: N(s + v, nσ_d²) against N(s, (n−1)σ_d²), and that pair's divergence exceeds the Gaussian's of
 multiplier z: labelled add/remove, the same ε would be false. The audit's case: m_min 7, n 8, z 1, δ 1e-5.

@@ -64,8 +64,11 @@ __all__ = [
 #: Central DP-FedAvg (:class:`DPFedAvg`): one client, with all of its data, added or removed.
 ADD_REMOVE = "add/remove"
 #: Distributed DP (:class:`DistributedDP`): one device's data replaced by none; the device still takes part, so
-#: its update is zero and its noise share stays in the sum (Kairouz et al. 2021, DP-FTRL,
-#: https://arxiv.org/abs/2103.00039, "zero-out"). Add/remove cannot hold there: removing a device also removes
+#: its update is zero and its noise share stays in the sum. The relation (a record replaced by a special
+#: "zero" record) is Kairouz, McMahan, Song, Thakkar, Thakurta & Xu 2021, "Practical and Private (Deep)
+#: Learning without Sampling or Shuffling", https://arxiv.org/abs/2103.00039, Definition 1.1, as dp-accounting
+#: cites it for ``NeighboringRelation.REPLACE_SPECIAL``; keeping the noise share is this module's reading of
+#: it for device-added noise, not the paper's (a central-DP paper). Add/remove cannot hold there: removing a device also removes
 #: its noise share (variance n·σ_d² against (n−1)·σ_d²), and at n = m_min it flips publish / not publish.
 ZERO_OUT = "zero-out"
 #: Local DP (:func:`privatize`): one device's data changed arbitrarily (two clipped updates differ by ≤ 2·clip).
@@ -309,7 +312,8 @@ def distributed_noise(delta: Delta, *, clip: float, std: float, generator: torch
 
 
 class DistributedDP(DPFedAvg):
-    """The server side of distributed DP under secure aggregation (Kairouz et al. 2021's setting, with
+    """The server side of distributed DP under secure aggregation (Kairouz, Liu & Steinke 2021's setting,
+    https://arxiv.org/abs/2102.06387, with
     continuous Gaussian noise): each device clipped its update to ``clip`` and added N(0, σ_d²),
     σ_d = z·C/√m_min (:func:`distributed_noise`), before SecAgg masked it; the server receives only the
     unmasked, *unweighted* mean of ``n`` contributors (:meth:`expect_sum` then :meth:`add`) and adds no noise.
