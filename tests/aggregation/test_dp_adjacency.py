@@ -160,7 +160,12 @@ SAMPLED = {"clients": 100, "q": 0.1, "m_min": 10}  # 10 devices a round expected
 def _sampled_run_epsilon(method: str) -> float:
     """ε after one published round of a distributed-DP run that samples a tenth of 100 devices, as built."""
     cfg = RunConfig(
-        clients=100, sample_fraction=0.1, clip="1.0", dp_noise=Z, dp_delta=DELTA, secagg=True,
+        clients=100,
+        sample_fraction=0.1,
+        clip="1.0",
+        dp_noise=Z,
+        dp_delta=DELTA,
+        secagg=True,
         secagg_min_contributors=10,
     )
     assert dp_adjacency(cfg) == ZERO_OUT
@@ -168,8 +173,13 @@ def _sampled_run_epsilon(method: str) -> float:
         chain = cfg.build_aggregator()
     else:  # the run options carry no accountant method: the factory, with the rate the config passes
         chain = build_aggregator(
-            clip=C, dp_noise=Z, expected_clients=10, sampling_rate=cfg.clients_per_round() / cfg.clients,
-            dp_delta=DELTA, accountant=method, distributed_min_contributors=cfg.min_contributors(),
+            clip=C,
+            dp_noise=Z,
+            expected_clients=10,
+            sampling_rate=cfg.clients_per_round() / cfg.clients,
+            dp_delta=DELTA,
+            accountant=method,
+            distributed_min_contributors=cfg.min_contributors(),
         )
     agg = chain.find(DistributedDP)
     agg.expect_sum(10)

@@ -70,7 +70,9 @@ def test_a_distributed_dp_round_records_its_epsilon_as_zero_out() -> None:
     measured = step.close().measurements
     assert step.dp_adjacency == "zero-out"
     assert pub.lineages[0]["dp"] == {"epsilon": measured["epsilon"], "delta": 1e-3, "adjacency": "zero-out"}
-    assert pub.lineages[0]["uploads"] == 2  # zero-out: the device takes part either way, the count has one law
+    assert (
+        pub.lineages[0]["uploads"] == 2
+    )  # zero-out: the device takes part either way, the count has one law
     assert summarize_lineage(pub.lineages[0])[0].endswith("at δ 0.001 (zero-out)")
 
 

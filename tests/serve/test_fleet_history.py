@@ -294,7 +294,9 @@ def test_each_closed_round_carries_its_own_neighbours_and_an_older_row_reads_unk
     (fmt, text), *_ = reg.query("SELECT format, summary FROM fleet_rounds ORDER BY id")
     assert fmt == 1 and json.loads(text)["dp_adjacency"] == "zero-out"
     with reg.transaction() as con:
-        con.execute("UPDATE fleet_rounds SET summary=? WHERE number=1", (json.dumps(old | {"dp_adjacency": 7}),))
+        con.execute(
+            "UPDATE fleet_rounds SET summary=? WHERE number=1", (json.dumps(old | {"dp_adjacency": 7}),)
+        )
     assert "holds dp_adjacency of the wrong type" in history.load().refused[0]
 
 

@@ -481,7 +481,11 @@ def test_a_store_without_the_measurements_column_is_migrated_and_closes_keep_the
     con.close()
     assert svc.admin.round_status("cnn", 1)["measurements"] == {}  # closed before they were kept
     store = RoundStore(svc.reg)
-    assert store.secagg_record("cnn", 1)["published"] == {"version": 2, "measurements": {}, "dp_adjacency": None}
+    assert store.secagg_record("cnn", 1)["published"] == {
+        "version": 2,
+        "measurements": {},
+        "dp_adjacency": None,
+    }
     svc.admin.open_round("cnn", base_version=2)
     svc.device("d1").upload("cnn", 2, payload(svc, 1, base=2))
     closed = svc.admin.close_round("cnn", 2)

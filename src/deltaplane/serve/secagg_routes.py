@@ -997,7 +997,12 @@ def install_secagg_routes(
                 )
                 store.save_step(model, number, version.number, step_bytes(step))
                 store.finish_secagg(
-                    model, number, "published", version.number, outcome.measurements, adjacency=step.dp_adjacency
+                    model,
+                    number,
+                    "published",
+                    version.number,
+                    outcome.measurements,
+                    adjacency=step.dp_adjacency,
                 )
                 summary, saved = state.close_summary(
                     model,
