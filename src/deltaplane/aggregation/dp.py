@@ -45,7 +45,6 @@ from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate, NotPr
 __all__ = [
     "ADD_REMOVE",
     "REPLACE_ONE",
-    "UNKNOWN_ADJACENCY",
     "ZERO_OUT",
     "DPFedAvg",
     "DPState",
@@ -55,7 +54,6 @@ __all__ = [
     "distributed_ring_range",
     "local_epsilon",
     "privatize",
-    "stored_adjacency",
 ]
 
 
@@ -73,17 +71,6 @@ ADD_REMOVE = "add/remove"
 ZERO_OUT = "zero-out"
 #: Local DP (:func:`privatize`): one device's data changed arbitrarily (two clipped updates differ by ≤ 2·clip).
 REPLACE_ONE = "replace-one"
-#: A stored ε whose record predates the label (written before ``dp_adjacency`` was stored with it): read so,
-#: never guessed from today's configuration, which may not be the one that spent it.
-UNKNOWN_ADJACENCY = "unknown"
-
-
-def stored_adjacency(label: str | None, *, has_epsilon: bool) -> str | None:
-    """The ``dp_adjacency`` of a stored round as read back: its stored ``label``; :data:`UNKNOWN_ADJACENCY`
-    for a record with an ε but no label (an older record); None where there is no ε to qualify."""
-    if not has_epsilon:
-        return None
-    return label if label is not None else UNKNOWN_ADJACENCY
 
 
 @dataclass

@@ -45,7 +45,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltaplane.aggregation.dp import stored_adjacency
 from deltaplane.errors import IntegrityError
 from deltaplane.registry import Registry
 
@@ -55,6 +54,7 @@ __all__ = [
     "MAX_CLOSED_ROUNDS",
     "MAX_REASON",
     "MAX_REPORTS",
+    "UNKNOWN_ADJACENCY",
     "UNPUBLISHED_OUTCOMES",
     "FleetHistory",
     "HistoryRowError",
@@ -64,6 +64,7 @@ __all__ = [
     "is_int",
     "is_number",
     "kept_counter",
+    "stored_adjacency",
 ]
 
 #: the fleet page's "closed rounds" table: the last this many published rounds, plain and SecAgg together; and,
@@ -85,7 +86,7 @@ _REPORT_FORMAT = 1
 _PUBLISHED = (1, ("version", "contributors", "epsilon", "authenticated", "revoked"))
 #: a published round's fields a row may lack: ``dp_adjacency``, the neighbours its ε is stated under, written
 #: beside ε since it was stored (an older deltaplane reads the row and ignores it); a row with an ε and no
-#: label reads "unknown" (:func:`~deltaplane.aggregation.dp.stored_adjacency`), never a guess
+#: label reads "unknown" (:func:`stored_adjacency`), never a guess
 _PUBLISHED_OPTIONAL = ("dp_adjacency",)
 #: a round that ended without publishing: ``invited`` (None: a plain round invites every device),
 #: ``contributors`` (the devices that took part: uploaded, or spoke in a SecAgg stage), ``stage`` (a SecAgg
@@ -127,6 +128,21 @@ def _migrate(con: Any) -> None:
     if "outcome" not in columns:
         con.execute("ALTER TABLE fleet_rounds ADD COLUMN outcome TEXT NOT NULL DEFAULT 'published'")
     con.execute("CREATE INDEX IF NOT EXISTS fleet_rounds_outcome ON fleet_rounds (outcome, id)")
+
+
+#: a stored round's ε whose record predates its label (``dp_adjacency``, one of
+#: :mod:`deltaplane.aggregation.dp`'s): read so, never guessed from today's configuration, which may not be
+#: the one that spent it
+UNKNOWN_ADJACENCY = "unknown"
+
+
+def stored_adjacency(label: str | None, *, has_epsilon: bool) -> str | None:
+    """The ``dp_adjacency`` of a stored round as read back (here and in
+    :mod:`~deltaplane.serve.rounds_store`): its stored ``label``; :data:`UNKNOWN_ADJACENCY` for a record with
+    an ε but no label (an older record); None where there is no ε to qualify."""
+    if not has_epsilon:
+        return None
+    return label if label is not None else UNKNOWN_ADJACENCY
 
 
 def bounded_reason(reason: str) -> str:

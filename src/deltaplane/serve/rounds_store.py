@@ -42,12 +42,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from deltaplane.aggregation.dp import stored_adjacency
 from deltaplane.codecs import Layout, WireSession, decompress, is_compact
 from deltaplane.delta import Delta
 from deltaplane.errors import Conflict, IntegrityError, NotFound
 from deltaplane.registry import Registry
-from deltaplane.serve.fleet_history import bounded_reason
+from deltaplane.serve.fleet_history import bounded_reason, stored_adjacency
 
 __all__ = ["SECAGG_OUTCOMES", "RoundConflict", "RoundRecord", "RoundStore"]
 
@@ -94,7 +93,7 @@ _ADDED_COLUMNS = (
     ("rounds", "reason", "TEXT"),
     ("secagg_rounds", "reason", "TEXT"),
     # the neighbours its measurements' ε is stated under (aggregation.dp: add/remove, zero-out); NULL: no ε, or
-    # closed before the label was stored here (read back as "unknown", aggregation.dp.stored_adjacency)
+    # closed before the label was stored here (read back as "unknown", fleet_history.stored_adjacency)
     ("rounds", "dp_adjacency", "TEXT"),
     ("secagg_rounds", "dp_adjacency", "TEXT"),
 )
