@@ -536,6 +536,7 @@ def test_a_finished_secagg_round_releases_its_state(service, monkeypatch) -> Non
     assert old["finished"] == "published" and old["published"] == {
         "version": closed["published"]["version"],
         "measurements": closed["published"]["measurements"],
+        "dp_adjacency": closed["published"]["dp_adjacency"],  # None: no DP, no ε to qualify
     }
     with pytest.raises(ServiceError) as exc:
         first.get("unmask")
@@ -640,6 +641,7 @@ def test_secagg_round_numbers_continue_after_a_restart_and_an_open_round_is_lost
     assert service.admin._get(f"/admin/models/cnn/secagg/{published}")["published"] == {
         "version": version,
         "measurements": closed["measurements"],  # kept in the store: after the restart too
+        "dp_adjacency": None,  # no DP: no ε to qualify
     }
     again, _ = _walk(service, names, stages=("advertise",))
     assert again == stuck + 1  # never a number an earlier round had

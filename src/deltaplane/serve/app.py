@@ -393,10 +393,12 @@ class ServiceState:
         *,
         authenticated: bool = False,
         revoked: tuple[str, ...] = (),
+        dp_adjacency: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, int]]:
-        """A closed round as the fleet page lists it (what it published, from how many devices, its ε, whether
-        it was an authenticated SecAgg round, the devices left out as revoked), stored in :attr:`history` with
-        the kept counters; returns it and the counters it stored.
+        """A closed round as the fleet page lists it (what it published, from how many devices, its ε and the
+        neighbours ``dp_adjacency`` it is stated under, whether it was an authenticated SecAgg round, the
+        devices left out as revoked), stored in :attr:`history` with the kept counters; returns it and the
+        counters it stored.
 
         Call it inside the transaction that closes the round (the row commits with the version or not at
         all), then :meth:`remember_closed` with both once that transaction committed."""
@@ -408,6 +410,7 @@ class ServiceState:
             "version": version,
             "contributors": contributors,
             "epsilon": None if epsilon is None else float(epsilon),
+            "dp_adjacency": None if epsilon is None else dp_adjacency,
             "authenticated": authenticated,
             "revoked": list(revoked),
             "closed_at": time.time(),

@@ -53,6 +53,7 @@ from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
+from deltaplane.engine.server import released_lineage
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
 from deltaplane.registry import Governance, Registry, publish_update, withdrawn_among
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON, MAX_CLOSED_ROUNDS
@@ -620,6 +621,12 @@ class RoundRecordInfo(BaseModel):
         description="why an aborted round ended unpublished (at most 500 characters; null: not aborted, or "
         "aborted before reasons were kept with the round)",
     )
+    dp_adjacency: str | None = Field(
+        default=None,
+        description="the neighbouring relation measurements.epsilon is stated under: 'add/remove' (central DP), "
+        "'zero-out' (distributed DP under SecAgg), 'unknown' for a round closed before it was stored with "
+        "the round; null without an epsilon",
+    )
 
 
 class AbortRoundResponse(BaseModel):
@@ -947,13 +954,16 @@ def round_router(
         publisher.governance = Governance(
             gov.data_sources, cohorts, tuple(sorted(excluded - set(cohorts))), gov.notes
         )
-        publisher.lineage = {
-            # which numbering `round` is in: plain and SecAgg rounds are numbered each on their own
-            "plain_round": r.number,
-            "examples": r.examples,
-            "round_cohorts": sorted(r.cohorts),
-            **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
-        }
+        publisher.lineage = released_lineage(  # under central DP, without the exact example count
+            {
+                # which numbering `round` is in: plain and SecAgg rounds are numbered each on their own
+                "plain_round": r.number,
+                "examples": r.examples,
+                "round_cohorts": sorted(r.cohorts),
+                **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
+            },
+            step.dp_adjacency,
+        )
 
         def publish() -> tuple[int | None, Any]:
             """Publish the round's version and store its fleet summary; inside the close's transaction, so
@@ -974,8 +984,9 @@ def round_router(
             version = reg.get(model, publisher.published[-1])
             reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
             summary, saved = state.close_summary(
-                model, r.number, "plain", version.number, len(r.devices), outcome.measurements
-            )
+                model, r.number, "plain", version.number, len(r.devices), outcome.measurements,
+                dp_adjacency=step.dp_adjacency,
+            )  # fmt: skip
             return version.number, (version, outcome, summary, saved)
 
         try:
@@ -986,6 +997,7 @@ def round_router(
                         publish,
                         snapshot=lambda: step_bytes(step),
                         measured=lambda result: None if result[1] is None else result[1].measurements,
+                        adjacency=step.dp_adjacency,
                     )
                     if r.record is not None
                     else publish()[1]

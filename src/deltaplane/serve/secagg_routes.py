@@ -999,7 +999,14 @@ def install_secagg_routes(
                     model, "training", version.number, action="round", reason=f"SecAgg round {number}"
                 )
                 store.save_step(model, number, version.number, step_bytes(step))
-                store.finish_secagg(model, number, "published", version.number, outcome.measurements)
+                store.finish_secagg(
+                    model,
+                    number,
+                    "published",
+                    version.number,
+                    outcome.measurements,
+                    adjacency=step.dp_adjacency,
+                )
                 summary, saved = state.close_summary(
                     model,
                     number,
@@ -1009,6 +1016,7 @@ def install_secagg_routes(
                     outcome.measurements,
                     authenticated=r.endpoint.server.authenticated,
                     revoked=r.revoked,
+                    dp_adjacency=step.dp_adjacency,
                 )
             r.published = {  # under the lock: a concurrent close sees the round closed
                 "version": version.number,
