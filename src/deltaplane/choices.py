@@ -11,7 +11,7 @@ Choices with their own spec grammar keep their registries next to their code and
 error: codecs (``deltaplane.codecs.available_codecs``), defences (``deltaplane.aggregation.DEFENSES``) and
 attacks (``deltaplane.engine.attacks.ATTACKS``).
 
-:data:`DEFAULT_ROUNDS`, :data:`DEFAULT_ALPHA` and :data:`DEFAULT_SEED` are here for the same reason: the config's
+:data:`DEFAULT_ROUNDS`, :data:`DEFAULT_ALPHA`, :data:`DEFAULT_SEED` and :data:`DEFAULT_TASK` are here for the same reason: the config's
 defaults, which help texts show without importing the config (and torch with it).
 """
 
@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_ROUNDS",
     "DEFAULT_SEED",
+    "DEFAULT_TASK",
     "ENGINES",
     "PERSONALIZATIONS",
     "TASKS",
@@ -44,6 +45,8 @@ DEFAULT_ROUNDS = 120
 DEFAULT_ALPHA = 0.5
 #: ``RunConfig.seed`` when a config names none; ``deltaplane run --seed``'s help shows it
 DEFAULT_SEED = 0
+#: The task a run federates unless told otherwise (the built-in ``digits``), as the import path a config holds
+DEFAULT_TASK = "deltaplane.apps.digits:make_task"
 
 
 @dataclass(frozen=True)
@@ -140,9 +143,7 @@ PERSONALIZATIONS = Choices(
 TASKS = Choices(
     "task",
     {
-        "digits": Choice(
-            "8×8 handwritten digits, a small CNN, non-IID clients", "deltaplane.apps.digits:make_task"
-        ),
+        "digits": Choice("8×8 handwritten digits, a small CNN, non-IID clients", DEFAULT_TASK),
         "charlm": Choice(
             "next character of the standard library's own source, split by module",
             "deltaplane.apps.charlm:make_task",

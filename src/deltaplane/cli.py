@@ -14,10 +14,11 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable
-from enum import StrEnum
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
+import click
 import typer
 from rich import box
 from rich.markup import escape
@@ -25,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deltaplane import choices, commands
-from deltaplane.choices import AGGREGATORS, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
+from deltaplane.choices import AGGREGATORS, DEFAULT_TASK, ENGINES, PERSONALIZATIONS, TASKS, TRANSPORTS
 from deltaplane.commands import (
     EXIT_REFUSED,
     check_threads,
@@ -47,8 +48,6 @@ if TYPE_CHECKING:  # the simulator pulls in torch; `deltaplane --help` should no
 
 __all__ = ["DEFAULT_RUN_CODEC", "DEFAULT_RUN_DGC", "DEFAULT_RUN_ENGINE", "DEFAULT_RUN_PERSONALIZATION", "app"]
 
-#: The task ``deltaplane run`` federates unless ``--task`` names another (the built-in ``digits``).
-DEFAULT_TASK: str = TASKS["digits"].target  # type: ignore[assignment]
 #: What ``deltaplane run`` compresses with unless told otherwise: STC at 0.6% density with error feedback, DGC
 #: momentum correction (0.5) and momentum factor masking, in compact entropy-coded frames: on 30 paired seeds of
 #: the digits federation, 348x fewer uplink bytes at -0.44 +/- 0.16 point from fp32 (worst seed -1.95), the most
@@ -76,9 +75,9 @@ DEFAULT_RUN_PERSONALIZATION = "alpha_mix"
 BASELINE = "baseline"
 
 
-#: Which driver executes a federated run: the names of :data:`deltaplane.choices.ENGINES`, plus ``inprocess``
-#: (an older name of ``sequential``).
-Engine = StrEnum("Engine", {name: name for name in [*ENGINES, "inprocess"]})  # type: ignore[misc]
+#: What ``--engine`` accepts: the names of :data:`deltaplane.choices.ENGINES`, plus ``inprocess`` (an older name
+#: of ``sequential``). A click choice rather than an Enum built from the names, which no type checker can follow.
+_ENGINE_CHOICE = click.Choice([*ENGINES, "inprocess"])
 
 
 #: Commands that handle SIGTERM themselves (uvicorn's graceful shutdown), so ``main`` leaves it to them.
@@ -109,10 +108,18 @@ def _version(value: bool) -> None:
 
 
 def _show_warning(
-    message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
 ) -> None:
     """A warning as one yellow line on stderr (``--quiet`` hides it; ``-v`` adds where it came from), instead of
-    Python's ``/path/to/module.py:186: UserWarning: ...`` followed by a line of deltaplane's source."""
+    Python's ``/path/to/module.py:186: UserWarning: ...`` followed by a line of deltaplane's source.
+
+    It takes :func:`warnings.showwarning`'s arguments; ``file`` (where Python would print) and ``line`` (the
+    source it would quote) go unused: the warning always goes to the error console, without the source."""
     where = f" ({category.__name__}, {Path(filename).name}:{lineno})" if commands.verbosity > 0 else ""
     err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(str(message))}{where}", soft_wrap=True)
 
@@ -311,8 +318,9 @@ def run(
         ),
     ] = None,
     engine: Annotated[
-        Engine | None,
+        str | None,
         typer.Option(
+            click_type=_ENGINE_CHOICE,
             help="; ".join(f"{name}: {c.summary}" for name, c in ENGINES.items())
             + f". \\[default: '{DEFAULT_RUN_ENGINE}' unless the config sets an engine; 'sequential' over "
             "--transport http and where the model or personalization cannot be batched]",
@@ -404,7 +412,7 @@ def run(
             secagg_neighbours=secagg_neighbours, secagg_authenticated=secagg_authenticated,
             attack=attack, defense=defense, prox_mu=prox_mu, personalization=personalization,
             task=task, task_options=_task_options(cfg_task_options(config), task_option),
-            engine=None if engine is None else "sequential" if engine == Engine.inprocess else str(engine),
+            engine="sequential" if engine == "inprocess" else engine,
             transport=transport,
             threads=threads, client_eval_every=client_eval_every,
         )  # fmt: skip
@@ -871,10 +879,15 @@ def _followup(result: RunResult, deploy_dir: Path, shown: Path, *, name: str) ->
     return {"run": name, **after}
 
 
+#: A column of the run summary: its header, and the cell it shows for one run's result.
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+#: The one look of the run summary's tables: a rule under the header, no outer padding.
+_plain_table = partial(Table, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
 def _followup_tables(after: dict[str, Any]) -> list[Table]:
     p, m, d = after["personalization"], after["merge"], after["deploy"]
-    style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "collapse_padding": True}
-    pers = Table(
+    pers = _plain_table(
         title=f"personalization ({_personalization_how(p)}; "
         f"{p['devices_personalized']}/{p['devices']} devices serve a personal model)",
         # the worst device's own change goes under the table: beside the minimum it read as the minimum's change
@@ -882,7 +895,6 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
         caption="accuracy on each device's own label mix; worst device's change "
         f"{100 * p['gain_min']:+.2f} points",
         min_width=70,
-        **style,
     )
     pers.add_column("model")
     for h in ("device acc mean", "device acc min"):
@@ -895,8 +907,8 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
         f"{p['personal_accuracy_min']:.4f} ({min_change:+.2f})",
     )
     title = f"merge ({m['models']} personalized models into one)"
-    mer = Table(
-        title=title if not m.get("skipped") else f"merge skipped: {m['skipped']}", min_width=70, **style
+    mer = _plain_table(
+        title=title if not m.get("skipped") else f"merge skipped: {m['skipped']}", min_width=70
     )
     mer.add_column("model")
     for h in ("test acc", "device acc mean"):
@@ -904,15 +916,14 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
     for method, r in m["results"].items():
         mer.add_row(method, f"{r['test_accuracy']:.4f}", _fmt(r.get("mean_device_accuracy")))
     if d.get("refused"):
-        dep = Table(title="deploy refused by its quality gates (no artifact written)", min_width=70, **style)
+        dep = _plain_table(title="deploy refused by its quality gates (no artifact written)", min_width=70)
         dep.add_column("gate missed")
         for reason in d["reasons"]:
             dep.add_row(escape(reason))
         return [pers, mer, dep]
-    dep = Table(
+    dep = _plain_table(
         title=f"deploy (prune {float(d['prune']):.0%} + {d['quant']}, {d['gates_passed']} quality gates passed) "
         f"→ {escape(d['artifact'])}",
-        **style,
     )
     for h in ("fp32 safetensors", "artifact", "smaller", "acc fp32", "acc artifact", "latency b=1"):
         dep.add_column(h, justify="right", no_wrap=True)
@@ -1021,15 +1032,15 @@ def _summary_tables(
     when the whole table is wider than ``width`` they move to a table of their own under the results, keyed by
     run, since rich would otherwise shrink numbers to ``0.96…`` and crop the last column (``time``) without a
     word."""
-    columns = [
+    columns: list[Column] = [
         ("test\nacc", lambda r: f"{r['final_accuracy']:.4f}"),
         ("client acc\nmean / min", _client_accuracy),
         ("uplink\ndownlink", lambda r: f"{_human_bytes(r['uplink_bytes'])}\n{_human_bytes(r['downlink_bytes'])}"),
         (_ratio_header(rows), _ratio),
         ("time", lambda r: f"{r['wall_time_s']:.1f} s"),
     ]  # fmt: skip
-    extra = [
-        (header, lambda r, k=key, f=fmt: "—" if r.get(k) is None else f.format(r[k]))
+    extra: list[Column] = [
+        (header, _optional_cell(key, fmt))
         for header, key, fmt in (
             ("ε", "epsilon", "{:.3f}"),
             ("ε\nneighbours", "dp_adjacency", "{}"),  # what ε holds for: add/remove, zero-out, replace-one
@@ -1051,16 +1062,21 @@ def _summary_tables(
     return tables
 
 
+def _optional_cell(key: str, fmt: str) -> Callable[[dict[str, Any]], str]:
+    """The cell of a column only some runs fill: the run's ``key`` in ``fmt``, or a dash where it has none."""
+    return lambda r: "—" if r.get(key) is None else fmt.format(r[key])
+
+
 def _results_table(
     title: str,
     rows: list[dict[str, Any]],
-    columns: list[tuple[str, Callable[[dict[str, Any]], str]]],
+    columns: list[Column],
     *,
     codec: bool,
 ) -> Table:
     """A table of one row per run: its name (folded when long), with ``codec`` its codec, then ``columns``
     (header, cell), right-aligned and never wrapped: a number is never cut."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = _plain_table(title=title)
     table.add_column("run", overflow="fold")
     if codec:
         # wraps at " | " before it breaks "quant(bits=8)"
@@ -1096,11 +1112,8 @@ def _device_cost_table(results: list[dict[str, Any]], *, width: int) -> Table | 
         return None
     first = runs[0]["device_cost"]
     links = list(first["mean"]["total_uj"])
-    table = Table(
-        title=f"device cost per round (mean participating device, {first['profile']} profile; estimates)",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
+    table = _plain_table(
+        title=f"device cost per round (mean participating device, {first['profile']} profile; estimates)"
     )
     table.add_column("run", overflow="fold")
     for header in ("training\nMACs", "training\nmJ", "sent\nreceived", *(f"total mJ\n{k}" for k in links)):

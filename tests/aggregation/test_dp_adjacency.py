@@ -2,8 +2,8 @@
 two Gaussians (docs/aggregation.md, "Which neighbours ε is stated for").
 
 Under SecAgg each of the n ≥ m_min contributing devices adds N(0, σ_d²), σ_d = z·C/√m_min, so the unmasked sum
-carries noise of variance n·σ_d². Zero-out neighbours (Kairouz et al. 2021, https://arxiv.org/abs/2103.00039)
-keep the device, its data replaced by none: N(s, nσ_d²) against N(s + v, nσ_d²), ‖v‖ ≤ C, a Gaussian of
+carries noise of variance n·σ_d². Zero-out neighbours (a record replaced by a "zero" record: arXiv 2103.00039,
+Definition 1.1, dp-accounting's REPLACE_SPECIAL) keep the device, its data replaced by none: N(s, nσ_d²) against N(s + v, nσ_d²), ‖v‖ ≤ C, a Gaussian of
 multiplier √(n/m_min)·z ≥ z, which the reported ε covers. Add/remove neighbours also take the device's noise
 share away: N(s + v, nσ_d²) against N(s, (n−1)σ_d²), and that pair's divergence exceeds the Gaussian's of
 multiplier z: labelled add/remove, the same ε would be false. The audit's case: m_min 7, n 8, z 1, δ 1e-5.
@@ -11,13 +11,15 @@ multiplier z: labelled add/remove, the same ε would be false. The audit's case:
 
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
 from dp_accounting.rdp import rdp_privacy_accountant
+from scipy.stats import binom, norm
 
 import deltaplane as dp
-from deltaplane.aggregation import PrivacyAccountant, epsilon_for
+from deltaplane.aggregation import PrivacyAccountant, build_aggregator, epsilon_for
 from deltaplane.aggregation.dp import ADD_REMOVE, ZERO_OUT, DistributedDP
 from deltaplane.engine import RunConfig
 from deltaplane.engine.scoring import dp_adjacency
@@ -118,3 +120,116 @@ def test_every_chain_labels_its_epsilon_as_the_runs_records_do() -> None:
         assert chain.find(dp.DPFedAvg).adjacency == dp_adjacency(cfg) == expected
     assert dp_adjacency(RunConfig(clients=4, clip="1.0", local_dp_noise=1.0, dp_delta=1e-3)) == "replace-one"
     assert dp_adjacency(RunConfig(clients=4)) is None
+
+
+def _gaussian_hockey_stick(epsilon: np.ndarray, mu: float) -> np.ndarray:
+    """δ(ε) of N(μ, 1) against N(0, 1): Φ(−ε/μ + μ/2) − e^ε·Φ(−ε/μ − μ/2)."""
+    return norm.cdf(-epsilon / mu + mu / 2) - np.exp(epsilon) * norm.cdf(-epsilon / mu - mu / 2)
+
+
+def _sampled_zero_out_delta(epsilon: float, *, clients: int, q: float, m_min: int) -> float:
+    """A lower bound on δ(ε) of one sampled DistributedDP round for zero-out neighbours, computed independently
+    of dp-accounting (the limit of many coordinates, for one dataset; any dataset's δ bounds the mechanism's).
+
+    The other N − 1 devices all send the same v (‖v‖ = C), device i sends x ⟂ v (‖x‖ = C), its neighbour
+    zero. Each device joins with probability q (B for device i) and adds N(0, σ_d²) per coordinate, so the
+    n = n_o + B contributors' noise has variance n·σ_d² and, over many coordinates, tells n exactly; the sum's
+    component along v tells n_o with noise of std z_n = z·√(n/m_min) (in units of C), so S = n − ⟨Y, v⟩/C² =
+    B + N(0, z_n²), the same law under both neighbours. Given (n, S), device i took part with posterior
+    probability r, and along x the pair is the sampled Gaussian (1 − r)·N(0, z_n²) + r·N(1, z_n²) against
+    N(0, z_n²), whose δ at e^ε is r·δ_Gauss(log(1 + (e^ε − 1)/r)) at μ = 1/z_n. A sum of n < m_min is not
+    published: no loss.
+    """
+    total = 0.0
+    for n in range(m_min, clients + 1):
+        weight = binom.pmf(n, clients, q)
+        if weight < 1e-15:
+            continue
+        z_n, prior = Z * math.sqrt(n / m_min), n / clients
+        s = np.linspace(-9 * z_n, 1 + 9 * z_n, 4001)
+        density = (1 - prior) * norm.pdf(s, 0, z_n) + prior * norm.pdf(s, 1, z_n)
+        r = prior * norm.pdf(s, 1, z_n) / density
+        inner = r * _gaussian_hockey_stick(np.log1p(math.expm1(epsilon) / r), 1 / z_n)
+        total += weight * float(np.sum(density * inner) * (s[1] - s[0]))
+    return total
+
+
+SAMPLED = {"clients": 100, "q": 0.1, "m_min": 10}  # 10 devices a round expected, m_min 10, z 1, δ 1e-5
+
+
+def _sampled_run_epsilon(method: str) -> float:
+    """ε after one published round of a distributed-DP run that samples a tenth of 100 devices, as built."""
+    cfg = RunConfig(
+        clients=100,
+        sample_fraction=0.1,
+        clip="1.0",
+        dp_noise=Z,
+        dp_delta=DELTA,
+        secagg=True,
+        secagg_min_contributors=10,
+    )
+    assert dp_adjacency(cfg) == ZERO_OUT
+    if method == "rdp":  # every driver's chain
+        chain = cfg.build_aggregator()
+    else:  # the run options carry no accountant method: the factory, with the rate the config passes
+        chain = build_aggregator(
+            clip=C,
+            dp_noise=Z,
+            expected_clients=10,
+            sampling_rate=cfg.clients_per_round() / cfg.clients,
+            dp_delta=DELTA,
+            accountant=method,
+            distributed_min_contributors=cfg.min_contributors(),
+        )
+    agg = chain.find(DistributedDP)
+    agg.expect_sum(10)
+    agg.add(dp.Delta({"w": torch.zeros(4)}))
+    agg.result()
+    assert agg.measurements["secure_sum_published"] == 1.0
+    return agg.measurements["epsilon"]
+
+
+def test_amplification_by_sampling_does_not_hold_for_zero_out_under_secagg() -> None:
+    """dp-accounting's Poisson-sampled Gaussian (the same curve for add/remove and for REPLACE_SPECIAL, its
+    zero-record relation) gives 2.133 (RDP) and 1.685 (PLD) after one round at q 0.1; the sampled distributed-DP
+    mechanism spends more there: δ ≥ 1.56e-5 and ≥ 7.0e-5, not 1e-5. Its devices' noise shares reveal n."""
+    event = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(Z))
+    special = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+    )
+    amplified_rdp = special.compose(event).get_epsilon(DELTA)
+    amplified_pld = epsilon_for(noise_multiplier=Z, sampling_rate=0.1, steps=1, delta=DELTA, method="pld")
+    assert amplified_rdp == pytest.approx(2.1330, abs=1e-4)
+    assert amplified_pld == pytest.approx(1.6845, abs=1e-3)
+    assert _sampled_zero_out_delta(amplified_rdp, **SAMPLED) == pytest.approx(1.56e-5, rel=0.02)
+    assert _sampled_zero_out_delta(amplified_pld, **SAMPLED) == pytest.approx(7.0e-5, rel=0.02)
+
+
+@pytest.mark.parametrize(("method", "reported"), [("rdp", 4.7285), ("pld", 4.3772)])
+def test_a_sampled_distributed_dp_run_reports_an_epsilon_that_holds_for_zero_out(method, reported) -> None:
+    """As built from a run's options, distributed DP accounts at q = 1 whatever it samples, and the mechanism's
+    δ at the reported ε stays within δ (before, it reported the amplified 2.133 / 1.685)."""
+    epsilon = _sampled_run_epsilon(method)
+    assert epsilon == pytest.approx(reported, abs=1e-3)
+    assert _sampled_zero_out_delta(epsilon, **SAMPLED) <= DELTA
+
+
+def test_distributed_dp_refuses_an_amplified_accountant() -> None:
+    acc = PrivacyAccountant(noise_multiplier=Z, sampling_rate=0.1, delta=DELTA)
+    with pytest.raises(dp.ConfigError, match="amplification by sampling"):
+        DistributedDP(clip=C, noise_multiplier=Z, expected_clients=10, min_contributors=10, accountant=acc)
+
+
+def test_the_service_and_the_fleet_refuse_sampling_under_distributed_dp() -> None:
+    """The HTTP service and the fleet coordinator never sample devices, so they refuse sample_fraction < 1 with
+    DP noise: under SecAgg too (this confirms the refusal; the drivers that sample account at q = 1)."""
+    from deltaplane.errors import UnsupportedOption
+    from deltaplane.serve.device_side import check_real_devices
+    from deltaplane.serve.fleet import coordinate
+
+    cfg = RunConfig(clients=10, sample_fraction=0.5, secagg=True, clip="1.0", dp_noise=Z, dp_delta=DELTA)
+    assert dp_adjacency(cfg) == ZERO_OUT
+    with pytest.raises(UnsupportedOption, match="does not sample devices"):
+        check_real_devices(cfg)
+    with pytest.raises(dp.ConfigError, match="does not sample devices"):
+        coordinate(None, cfg, model="m", rounds=1, deadline=1.0)  # type: ignore[arg-type]  # refused first

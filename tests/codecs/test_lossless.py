@@ -71,9 +71,18 @@ def test_decompression_bomb_is_refused_before_inflating() -> None:
         (zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64)), "declares"),
     ],
 )
-def test_malformed_frames(frame: bytes, message: str) -> None:
+@pytest.mark.parametrize("as_view", [False, True])
+def test_malformed_frames(frame: bytes, message: str, as_view: bool) -> None:
+    # read_body hands the decompressor a view of the payload (no copy): the same frames are refused through it
+    given = memoryview(b"pad" + frame + b"pad")[3:-3] if as_view else frame
     with pytest.raises(dp.DecodeError, match=message):
-        zstd_decompress(frame, 64)
+        zstd_decompress(given, 64)
+
+
+def test_a_view_of_a_frame_reads_only_the_view() -> None:
+    """The bytes around a payload's body (its CRC after it) are not the frame's trailing data."""
+    frame = zstd_compress(bytes(range(64)), 3)
+    assert zstd_decompress(memoryview(b"head" + frame + b"crc!")[4:-4], 64) == bytes(range(64))
 
 
 def test_header_zlib_and_zstd_flags_together() -> None:

@@ -26,6 +26,78 @@ def test_fgsm_matches_the_softmax_regression_gradient_in_closed_form():
     assert np.allclose(fgsm(lin, x, y, 0.1).numpy(), want, atol=1e-6)
 
 
+def _float64_fgsm(model, x, y, eps):
+    """An independent FGSM: the summed cross-entropy in float64, its input gradient's sign, one step."""
+    x = x.detach().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x).double(), y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    return (x + eps * g.sign()).clamp(0, 1).detach()
+
+
+def test_fgsm_and_pgd_are_not_masked_by_a_saturated_softmax(trained_cnn, digits):
+    """The same classifier with its logits ×100 (every decision unchanged) is as easy to attack: its softmax
+    rounds to one-hot in float32 and the plain gradient to 0, which left inputs unperturbed (98.7% "robust")."""
+    import copy
+
+    _, _, xte, yte = digits
+    x, y = torch.from_numpy(xte[:200]), torch.from_numpy(yte[:200])
+    hot = copy.deepcopy(trained_cnn)
+    with torch.no_grad():
+        hot.fc2.weight.mul_(100)
+        hot.fc2.bias.mul_(100)
+        assert torch.equal(hot(x).argmax(1), trained_cnn(x).argmax(1))
+    acc = lambda m, a: float((m(a).argmax(1) == y).float().mean())  # noqa: E731
+    clean = acc(trained_cnn, x)
+    # the unscaled model: exactly the float64 reference's adversarial inputs
+    assert torch.equal(fgsm(trained_cnn, x, y, 0.1), _float64_fgsm(trained_cnn, x, y, 0.1))
+    for attack in (fgsm, pgd):
+        plain, scaled = acc(trained_cnn, attack(trained_cnn, x, y, 0.1)), acc(hot, attack(hot, x, y, 0.1))
+        assert scaled < clean - 0.3, (attack.__name__, clean, scaled)
+        assert abs(scaled - plain) < 0.05, (attack.__name__, plain, scaled)
+    res = adversarial_eval(trained_cnn, hot, torch_predictor(hot), xte[:200], yte[:200], eps=(0.1,))
+    assert all(abs(r["drop_points"]) < 5 for r in res["rows"]), res["rows"]  # was −40: "more robust"
+
+
+class _Rounded(nn.Module):
+    """The trained CNN behind a rounding of its input to the digits' 1/16 grid: as easy to fool, but its input
+    gradient is exactly zero everywhere."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.round(x * 16) / 16)
+
+
+def test_a_model_without_input_gradients_is_not_reported_robust(tmp_path, trained_cnn, digits):
+    """FGSM left every input unchanged and reported 99.5% adversarial accuracy at ε = 0.1 (the clean one) for a
+    model that FGSM / PGD crafted on the unrounded CNN (BPDA) take to 35% / 22%: refused as unattackable, naming the way out, and nothing written."""
+    from deltaplane.deploy import deploy_classifier
+    from deltaplane.errors import UnsupportedLayer
+
+    xtr, _, xte, yte = digits
+    model = _Rounded(trained_cnn).eval()
+    with pytest.raises(UnsupportedLayer, match=r"exactly zero on 397 of 397 .*--attack-eps 0"):
+        adversarial_eval(model, model, torch_predictor(model), xte, yte, eps=(0.1,))
+    with pytest.raises(UnsupportedLayer, match="cannot attack the compressed model"):
+        adversarial_eval(trained_cnn, model, torch_predictor(model), xte, yte, eps=(0.1,))
+    kw = {"x_test": xte, "y_test": yte, "x_calib": xtr[:16], "quant": "none", "latency_iters": 2}
+    with pytest.raises(UnsupportedLayer):
+        deploy_classifier(model, tmp_path / "o", adversarial_eps=(0.05,), device_cost=False, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("eps", [float("nan"), float("inf")])
+def test_non_finite_eps_is_refused(trained_cnn, digits, eps):
+    """A NaN ε made every input NaN (a constant argmax) and reported a drop of 0; inf likewise measured nothing."""
+    _, _, xte, yte = digits
+    with pytest.raises(ConfigError, match="finite positive"):
+        adversarial_eval(
+            trained_cnn, trained_cnn, torch_predictor(trained_cnn), xte[:10], yte[:10], eps=(eps,)
+        )
+
+
 def test_pgd_stays_in_the_ball_and_beats_fgsm(trained_cnn, digits):
     _, _, xte, yte = digits
     x, y = torch.from_numpy(xte[:200]), torch.from_numpy(yte[:200])

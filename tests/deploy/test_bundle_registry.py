@@ -106,6 +106,34 @@ def test_deploy_folder_whose_manifest_describes_another_artifact_is_refused(depl
         load_deployable(mixed)
 
 
+@pytest.mark.parametrize("how", ["flip", "swap", "add"])
+def test_deploy_folder_whose_model_onnx_is_not_the_deployed_one_is_refused(deployed, tmp_path, how):
+    """Only model.dpla was matched against the manifest: a model.onnx changed or swapped after the deploy (the
+    graph a device runs) loaded with the deploy's quality and gates in the lineage."""
+    import hashlib
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(deployed, mixed)
+    graph = mixed / "model.onnx"
+    manifest = json.loads((mixed / "manifest.json").read_text())
+    assert (
+        graph.is_file() and manifest["sha256"]["model.onnx"] == hashlib.sha256(graph.read_bytes()).hexdigest()
+    )
+    load_deployable(mixed)  # as deployed: fine
+    if how == "flip":
+        data = bytearray(graph.read_bytes())
+        data[-1] ^= 1
+        graph.write_bytes(bytes(data))
+    elif how == "swap":
+        graph.write_bytes(b"another graph")
+    else:  # a graph the deploy did not write (as beside a --format weights artifact)
+        del manifest["sha256"]["model.onnx"]
+        (mixed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DecodeError, match="describes another model.onnx"):
+        load_deployable(mixed)
+
+
 def test_a_fifo_is_named_as_one_not_reported_missing(tmp_path):
     """Before: `registry register m pipe.safetensors` said 'pipe.safetensors does not exist' for a FIFO that
     does exist, which sends the user looking for a missing file; now it says what the path is."""

@@ -53,6 +53,51 @@ def test_redeploy_replaces_the_whole_folder_and_manifest_names_its_files(tmp_pat
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # a plain folder's mode, not mkdtemp's
 
 
+@pytest.mark.parametrize(
+    ("fmt", "victim", "how"),
+    [
+        ("onnx", "model.onnx", "flip"),
+        ("onnx", "model.dpla", "swap"),
+        ("onnx", "model.onnx", "remove"),
+        ("weights", "model.dpla", "flip"),
+        ("weights", "model.onnx", "add"),
+    ],
+)
+def test_a_model_file_changed_after_the_gates_is_not_published(
+    tmp_path, digits, monkeypatch, fmt, victim, how
+):
+    """The gates measured the bytes read back from the staged artifact; a staged file changed, swapped for
+    another deploy's, removed or added after they ran was published under their numbers and its own hash."""
+    import deltaplane.deploy.pipeline as pipeline
+    from deltaplane.errors import ExportError
+
+    _deploy(CountingMLP(), tmp_path / "other", digits, fmt=fmt, quant="none")
+    other = (tmp_path / "other" / "model.dpla").read_bytes()
+    real = pipeline._check_gates
+
+    def gates_then_tamper(manifest, gates, why=None):
+        real(manifest, gates, why)
+        (staged,) = [p for p in tmp_path.iterdir() if p.name not in ("other", "out")]
+        f = staged / victim
+        if how == "flip":
+            data = bytearray(f.read_bytes())
+            data[-1] ^= 1
+            f.write_bytes(bytes(data))
+        elif how == "swap":
+            f.write_bytes(other)
+        elif how == "remove":
+            f.unlink()
+        else:  # a graph beside a weights-only artifact, which nothing evaluated
+            f.write_bytes(b"not evaluated")
+
+    monkeypatch.setattr(pipeline, "_check_gates", gates_then_tamper)
+    torch.manual_seed(1)
+    with pytest.raises(ExportError, match="bytes that were evaluated") as e:
+        _deploy(CountingMLP(), tmp_path / "out", digits, fmt=fmt, quant="none")
+    assert victim in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no OUT, no staging left
+
+
 def test_bad_out_is_refused_before_any_work(tmp_path, digits):
     model = CountingMLP()
     afile = tmp_path / "afile"

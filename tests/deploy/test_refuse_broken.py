@@ -136,6 +136,31 @@ def test_untrained_classifier_is_refused_and_min_accuracy_applies(tmp_path, help
     assert gates["min-accuracy"]["passed"] and gates["min-above-chance"]["passed"]
 
 
+class _AlwaysThree(nn.Module):
+    """A collapsed classifier: logits that ignore the input and always name class 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * 0 + torch.eye(10)[3] * 5
+
+
+def test_a_constant_model_is_refused_on_a_test_set_of_one_label(tmp_path, digits):
+    """On a test set holding only label 3, "always 3" scores 100% = chance and passed every gate; even at
+    ``min_above_chance=0`` such a test set cannot tell a model from a constant."""
+    xtr, _, xte, yte = digits
+    keep = yte == 3
+    kw = {"x_test": xte[keep], "y_test": yte[keep], "x_calib": xtr[:16], "quant": "none", **FAST}
+    for gates in (Gates(), Gates(min_above_chance=0.0)):
+        with pytest.raises(QualityGateFailed, match="every test label is the same") as e:
+            deploy_classifier(_AlwaysThree(), tmp_path / "o", gates=gates, **kw)
+        assert e.value.manifest["quality"]["chance"] == 1.0 and not (tmp_path / "o").exists()
+    # two labels: the same model is an ordinary at-chance refusal, and a real one passes
+    assert Gates().check({"accuracy_fp32": 0.99, "chance": 0.5, "num_classes": 10})[0].passed
+
+
 def test_cli_min_accuracy_and_no_gates_recorded_as_off(app, tmp_path, trained_cnn):
     from deltaplane.sim.model import DigitsCNN
 

@@ -47,7 +47,7 @@ def test_a_dp_round_records_its_epsilon_in_the_published_lineage() -> None:
         }
     assert lineages[0]["dp"]["epsilon"] < lineages[1]["dp"]["epsilon"]  # cumulative, as the accountant's
     text, _ = summarize_lineage(lineages[1])
-    assert text == f"round 2, 2 uploads, DP ε {measured[1]['epsilon']:.3f} at δ 0.001 (add/remove)"
+    assert text == f"round 2, DP ε {measured[1]['epsilon']:.3f} at δ 0.001 (add/remove)"  # no exact count
     # a version published before the adjacency was stored reads as it did
     assert summarize_lineage({"dp": {"epsilon": 1.5, "delta": 1e-3}})[0] == "DP ε 1.500 at δ 0.001"
 
@@ -70,6 +70,9 @@ def test_a_distributed_dp_round_records_its_epsilon_as_zero_out() -> None:
     measured = step.close().measurements
     assert step.dp_adjacency == "zero-out"
     assert pub.lineages[0]["dp"] == {"epsilon": measured["epsilon"], "delta": 1e-3, "adjacency": "zero-out"}
+    assert (
+        pub.lineages[0]["uploads"] == 2
+    )  # zero-out: the device takes part either way, the count has one law
     assert summarize_lineage(pub.lineages[0])[0].endswith("at δ 0.001 (zero-out)")
 
 
@@ -77,3 +80,19 @@ def test_without_dp_noise_the_lineage_claims_no_privacy() -> None:
     lineages, _ = _rounds(0.0)
     assert all("dp" not in lineage for lineage in lineages)
     assert summarize_lineage({"dp": {"epsilon": "x"}})[0] == "+1 more"  # malformed: counted, never read as ε
+
+
+def test_a_central_dp_version_records_no_exact_participation_count() -> None:
+    """Under add/remove neighbours an exact count is itself a release ε does not cover: one client more moves
+    the upload count by one (the example count by its examples) with no noise, so with every client in every
+    round it tells the two neighbours apart with certainty; DP-FedAvg divides by the fixed expected count for
+    that reason. The lineage travels with the version to whoever ε protects against: without DP it keeps the
+    count, under central DP it records none."""
+    lineages, _ = _rounds(0.8)
+    assert all(not {"uploads", "examples"} & set(lineage) for lineage in lineages)
+    plain, _ = _rounds(0.0)
+    assert [lineage["uploads"] for lineage in plain] == [2, 2]
+    from deltaplane.engine.server import released_lineage
+
+    assert released_lineage({"round": 1, "uploads": 3, "examples": 40}, "add/remove") == {"round": 1}
+    assert released_lineage({"round": 1, "uploads": 3}, "zero-out") == {"round": 1, "uploads": 3}

@@ -129,3 +129,44 @@ def test_the_service_refuses_to_serve_from_tags_or_withdrawals_edited_in_the_dat
     with pytest.raises(ServiceError) as e:
         device.fetch("cnn")
     assert e.value.status == 409 and "tags: cnn:production points to version 1" in e.value.detail
+
+
+@pytest.mark.parametrize("withdrawn", ["uploader", "base"])
+def test_a_round_open_when_a_cohort_withdraws_is_not_published(tmp_path, withdrawn):
+    """A plain round published a version after a cohort withdrew while it was open: one whose device had
+    uploaded to it, or one its base was built from. Its close is refused (409) and nothing is published; the
+    round is aborted instead, as a SecAgg round's is."""
+    svc = Service(tmp_path / "h")
+    if withdrawn == "base":
+        v2 = svc.reg.register_model("cnn", cnn_state(1), parent=1, governance={"cohorts": ["eu"]})
+        svc.reg.set_tag("cnn", "training", v2.number)
+    rnd = svc.admin.open_round("cnn")
+    if withdrawn == "uploader":
+        upload(svc, svc.device("eu-a", "eu"), rnd, 1)
+    upload(svc, svc.device("us-a", "us"), rnd, 2)
+    before, tags = [v.ref for v in svc.reg.versions()], svc.reg.tags("cnn")
+    svc.admin.withdraw("eu")
+    with pytest.raises(ServiceError) as e:
+        svc.admin.close_round("cnn", rnd["round"])
+    assert e.value.status == 409 and "'eu'" in e.value.detail and "abort" in e.value.detail
+    assert [v.ref for v in svc.reg.versions()] == before and svc.reg.tags("cnn") == tags
+    assert svc.admin.abort_round("cnn", rnd["round"])["aborted"]
+
+
+def test_a_withdrawal_reaches_its_cohort_whatever_the_case_it_is_spelled_in(tmp_path):
+    """`withdraw EU` recorded a cohort nobody was in: versions trained on "eu" stayed served and promotable,
+    "eu" devices kept uploading. Cohort names are ASCII, so case is the one spelling that can differ: every
+    consent check matches without it."""
+    svc = Service(tmp_path / "h")
+    v2 = svc.reg.register_model("cnn", cnn_state(1), parent=1, governance={"cohorts": ["eu"]})
+    svc.reg.set_tag("cnn", "production", v2.number)
+    assert svc.admin.withdraw("EU")["affected"] == [f"cnn@{v2.number}"]
+    assert svc.reg.governance_problems(v2) == [f"cnn@{v2.number} was trained on withdrawn cohort 'eu'"]
+    with pytest.raises(ServiceError) as e:
+        svc.device("us-a", "us").fetch("cnn")
+    assert e.value.status == 451
+    rebuild = svc.admin.rebuild("cnn", tag="production")
+    assert rebuild["base_version"] == 1
+    with pytest.raises(ServiceError) as e:
+        upload(svc, svc.device("eu-a", "Eu"), rebuild, 1)
+    assert e.value.status in (403, 409) and "consent" in e.value.detail

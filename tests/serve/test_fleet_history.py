@@ -155,6 +155,7 @@ def _summary(n: int, model: str = "cnn", **extra) -> dict:
         "version": n + 1,
         "contributors": 3,
         "epsilon": 0.5,
+        "dp_adjacency": "add/remove",
     }
     return fields | {"authenticated": False, "revoked": [], "closed_at": 1000.0 + n} | extra
 
@@ -267,3 +268,61 @@ def test_a_row_of_valid_json_with_the_wrong_types_is_left_out_too(tmp_path, tabl
     assert closed[0]["reports"] == (2 if table == "fleet_rounds" else 1)
     assert svc.admin.stats()["counters"]["errors.history_unreadable"] == 1
     assert _fleet_page(svc).count('data-field="round">') == len(closed)
+
+
+def test_each_closed_round_carries_its_own_neighbours_and_an_older_row_reads_unknown(tmp_path) -> None:
+    """Every stored ε carries the neighbours it is stated under, per round (the federation's label, on the Fleet
+    page only, is today's configuration, not necessarily the one that spent an older round's ε). A row written
+    before the label was stored reads "unknown", never a guess; a round without ε has no label."""
+    reg = Registry.create(tmp_path / "home")
+    history = FleetHistory(reg)
+    history.add_round(_summary(1, dp_adjacency="zero-out"))
+    with reg.transaction() as con:  # a published row as the code before the label wrote it: no such key
+        old = {"version": 3, "contributors": 3, "epsilon": 1.25, "authenticated": False, "revoked": []}
+        con.execute(
+            "INSERT INTO fleet_rounds (format, model, kind, number, summary, closed_at) VALUES (1,?,?,?,?,?)",
+            ("cnn", "plain", 2, json.dumps(old), 1002.0),
+        )
+    history.add_round(_summary(3, epsilon=None, dp_adjacency=None))  # no DP: nothing to label
+    loaded = history.load()
+    assert [(r["round"], r["epsilon"], r["dp_adjacency"]) for r in loaded.rounds] == [
+        (1, 0.5, "zero-out"),
+        (2, 1.25, "unknown"),
+        (3, None, None),
+    ]
+    # the label is an added key of the same format-1 layout, so an older deltaplane still reads the row
+    (fmt, text), *_ = reg.query("SELECT format, summary FROM fleet_rounds ORDER BY id")
+    assert fmt == 1 and json.loads(text)["dp_adjacency"] == "zero-out"
+    with reg.transaction() as con:
+        con.execute(
+            "UPDATE fleet_rounds SET summary=? WHERE number=1", (json.dumps(old | {"dp_adjacency": 7}),)
+        )
+    assert "holds dp_adjacency of the wrong type" in history.load().refused[0]
+
+
+def test_a_dp_rounds_status_and_closed_list_say_its_neighbours_after_a_restart(tmp_path) -> None:
+    """A central-DP plain round: its status (GET /admin/models/{m}/rounds/{n}), the closed list and the Fleet page's
+    row say add/remove beside its ε, after a restart too; a round closed before the label was stored (its
+    column NULL, as the migration leaves older rows) reads "unknown"."""
+    from deltaplane.engine import RunConfig
+
+    run = RunConfig(clients=2, dp_noise=1.0, clip="1.0", downlink_codec="identity")
+    svc = Service(tmp_path / "home", federation=run, max_update_norm_ratio=None)
+    for number in (1, 2):
+        base = svc.admin.open_round("cnn")["base_version"]
+        for i in range(2):
+            svc.device(f"d{i}").upload("cnn", number, payload(svc, i + 2 * number, base=base), num_examples=1)
+        assert svc.admin.close_round("cnn", number)["dp_adjacency"] == "add/remove"
+    assert svc.admin.round_status("cnn", 2)["dp_adjacency"] == "add/remove"
+    assert [c["dp_adjacency"] for c in svc.admin.closed_rounds()] == ["add/remove", "add/remove"]
+    # the published version's lineage holds no exact count ε would not cover (the round's status keeps it)
+    lineage = svc.reg.get("cnn", svc.admin.round_status("cnn", 2)["version"]).lineage
+    assert lineage["dp"]["adjacency"] == "add/remove" and not {"uploads", "examples"} & set(lineage)
+    assert svc.admin.round_status("cnn", 2)["uploads"] == 2
+    assert _fleet_page(svc).count("data-field='epsilon_neighbours'>add/remove<") == 2
+    with svc.reg.transaction() as con:
+        con.execute("UPDATE rounds SET dp_adjacency=NULL WHERE number=1")
+    restart(svc)
+    assert svc.admin.round_status("cnn", 1)["dp_adjacency"] == "unknown"
+    assert svc.admin.round_status("cnn", 2)["dp_adjacency"] == "add/remove"
+    assert [c["dp_adjacency"] for c in svc.admin.closed_rounds()] == ["add/remove", "add/remove"]

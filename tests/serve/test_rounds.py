@@ -468,6 +468,7 @@ def test_a_store_without_the_measurements_column_is_migrated_and_closes_keep_the
     with con:  # the tables as older versions made them, with a published SecAgg round
         for table in ("rounds", "secagg_rounds"):
             con.execute(f"ALTER TABLE {table} DROP COLUMN measurements")
+            con.execute(f"ALTER TABLE {table} DROP COLUMN dp_adjacency")
         con.execute(
             "INSERT INTO secagg_rounds (model, number, base_version, state, invited, opened_at, closed_at, version) "
             "VALUES ('cnn', 1, 1, 'published', 3, 0, 1, 2)"
@@ -476,11 +477,15 @@ def test_a_store_without_the_measurements_column_is_migrated_and_closes_keep_the
     restart(svc)
     con = sqlite3.connect(tmp_path / "h" / "registry.db")
     for table in ("rounds", "secagg_rounds"):
-        assert "measurements" in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+        assert {"measurements", "dp_adjacency"} <= {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
     con.close()
     assert svc.admin.round_status("cnn", 1)["measurements"] == {}  # closed before they were kept
     store = RoundStore(svc.reg)
-    assert store.secagg_record("cnn", 1)["published"] == {"version": 2, "measurements": {}}
+    assert store.secagg_record("cnn", 1)["published"] == {
+        "version": 2,
+        "measurements": {},
+        "dp_adjacency": None,
+    }
     svc.admin.open_round("cnn", base_version=2)
     svc.device("d1").upload("cnn", 2, payload(svc, 1, base=2))
     closed = svc.admin.close_round("cnn", 2)

@@ -429,6 +429,21 @@ def test_secagg_rounds_keep_consent_like_plain_rounds(service) -> None:
     assert info.value.status == 403
 
 
+def test_a_secagg_round_whose_base_cohort_withdraws_before_the_close_is_not_published(service) -> None:
+    """The close checked the cohorts of the devices in the sum, not the base's: a round opened on a version
+    built from a cohort that then withdrew published a version of its data (and moved the training tag)."""
+    svc = service
+    v2 = svc.reg.register_model("cnn", svc.reg.load_state("cnn@1"), parent=1, governance={"cohorts": ["eu"]})
+    svc.reg.set_tag("cnn", "training", v2.number)
+    rnd = _secagg_round_to_unmasking(svc, ["a", "b", "c"], seed=7)
+    assert svc.admin._get(f"/admin/models/cnn/secagg/{rnd}")["base_version"] == v2.number
+    svc.reg.withdraw_cohort("eu")
+    with pytest.raises(ServiceError, match="withdrawn cohort 'eu'") as info:
+        svc.admin.close_secagg("cnn", rnd)
+    assert info.value.status == 409 and "abort" in info.value.detail
+    assert len(svc.reg.versions("cnn")) == 2 and svc.reg.tags("cnn")["training"] == v2.number
+
+
 def test_a_secagg_message_waiting_for_its_round_does_not_stall_the_service(service) -> None:
     """A SecAgg POST ran its protocol step on the event loop under the round's lock: while an admin close
     held that lock (unmasking takes seconds on a large model) one device's message blocked every request of
@@ -521,6 +536,7 @@ def test_a_finished_secagg_round_releases_its_state(service, monkeypatch) -> Non
     assert old["finished"] == "published" and old["published"] == {
         "version": closed["published"]["version"],
         "measurements": closed["published"]["measurements"],
+        "dp_adjacency": closed["published"]["dp_adjacency"],  # None: no DP, no ε to qualify
     }
     with pytest.raises(ServiceError) as exc:
         first.get("unmask")
@@ -625,6 +641,7 @@ def test_secagg_round_numbers_continue_after_a_restart_and_an_open_round_is_lost
     assert service.admin._get(f"/admin/models/cnn/secagg/{published}")["published"] == {
         "version": version,
         "measurements": closed["measurements"],  # kept in the store: after the restart too
+        "dp_adjacency": None,  # no DP: no ε to qualify
     }
     again, _ = _walk(service, names, stages=("advertise",))
     assert again == stuck + 1  # never a number an earlier round had

@@ -13,7 +13,8 @@ The guarantee holds under these conditions, each enforced here rather than assum
 
 * adjacency is adding or removing one client (all of its data) — :data:`ADD_REMOVE`; :class:`DistributedDP`
   states the same figure for zero-out neighbours (:data:`ZERO_OUT`), local DP for replace-one — and clients are
-  sampled by Poisson sampling with the accountant's rate (:func:`deltaplane.aggregation.sampling.sample_round` does this when DP is on);
+  sampled by Poisson sampling with the accountant's rate (distributed DP's accountant claims no amplification
+  and runs at q = 1, see :class:`DistributedDP`) (:func:`deltaplane.aggregation.sampling.sample_round` does this when DP is on);
 * the sum is over clipped, uniformly weighted updates: inside :class:`DPFedAvg` only fixed norm bounds and
   :class:`~deltaplane.aggregation.fedavg.FedAvg` may sit (an adaptive norm bound would adapt from
   an un-noised count; a robust rule or server optimizer would change the sensitivity) — anything else is a
@@ -62,8 +63,11 @@ __all__ = [
 #: Central DP-FedAvg (:class:`DPFedAvg`): one client, with all of its data, added or removed.
 ADD_REMOVE = "add/remove"
 #: Distributed DP (:class:`DistributedDP`): one device's data replaced by none; the device still takes part, so
-#: its update is zero and its noise share stays in the sum (Kairouz et al. 2021, DP-FTRL,
-#: https://arxiv.org/abs/2103.00039, "zero-out"). Add/remove cannot hold there: removing a device also removes
+#: its update is zero and its noise share stays in the sum. The relation (a record replaced by a special
+#: "zero" record) is Kairouz, McMahan, Song, Thakkar, Thakurta & Xu 2021, "Practical and Private (Deep)
+#: Learning without Sampling or Shuffling", https://arxiv.org/abs/2103.00039, Definition 1.1, as dp-accounting
+#: cites it for ``NeighboringRelation.REPLACE_SPECIAL``; keeping the noise share is this module's reading of
+#: it for device-added noise, not the paper's (a central-DP paper). Add/remove cannot hold there: removing a device also removes
 #: its noise share (variance n·σ_d² against (n−1)·σ_d²), and at n = m_min it flips publish / not publish.
 ZERO_OUT = "zero-out"
 #: Local DP (:func:`privatize`): one device's data changed arbitrarily (two clipped updates differ by ≤ 2·clip).
@@ -274,7 +278,8 @@ def distributed_noise(delta: Delta, *, clip: float, std: float, generator: torch
 
 
 class DistributedDP(DPFedAvg):
-    """The server side of distributed DP under secure aggregation (Kairouz et al. 2021's setting, with
+    """The server side of distributed DP under secure aggregation (Kairouz, Liu & Steinke 2021's setting,
+    https://arxiv.org/abs/2102.06387, with
     continuous Gaussian noise): each device clipped its update to ``clip`` and added N(0, σ_d²),
     σ_d = z·C/√m_min (:func:`distributed_noise`), before SecAgg masked it; the server receives only the
     unmasked, *unweighted* mean of ``n`` contributors (:meth:`expect_sum` then :meth:`add`) and adds no noise.
@@ -292,11 +297,21 @@ class DistributedDP(DPFedAvg):
     not publish); replacing its data by none leaves its noise share in the sum, which is what the Gaussian
     accounting of multiplier z covers.
 
+    Its accountant runs at sampling rate **q = 1**, whatever share of devices a round samples (an accountant
+    of rate q < 1 is refused with :class:`~deltaplane.errors.ConfigError`). Amplification by Poisson sampling
+    (dp-accounting's ``PoissonSampledDpEvent``, the same curve for add/remove and for its zero-record relation
+    ``REPLACE_SPECIAL``) assumes the noise on the sum does not depend on who was sampled; here each sampled
+    device brings its own noise share, so the noise variance reveals the count n, and with it whether the
+    device took part becomes partly visible to whoever sees the published sum. Measured
+    (``tests/aggregation/test_dp_adjacency.py``, N 100, q 0.1, z 1, m_min 10, δ 1e-5, one round): the
+    amplified ε 2.133 (RDP) would hold only with δ ≥ 1.56e-5 for zero-out neighbours, and PLD's 1.685 only
+    with δ ≥ 7.0e-5. At q = 1 (4.729 here) each round counts as one Gaussian of multiplier ≥ z whether or
+    not the device was sampled, which holds for any sampling.
+
     Measurements: ``clip``, ``noise_std`` (z·C, the least noise std on a published sum), ``device_noise_std``
     (σ_d), ``noise_multiplier_sum`` (z), ``secure_sum_published`` (1 or 0), ``epsilon``/``delta`` (the
-    central accountant's, against whoever sees the published models) and ``epsilon_vs_server`` (the same
-    Gaussian without amplification by sampling: the server knows which devices took part, so against it
-    each round counts with q = 1).
+    accountant's, at q = 1) and ``epsilon_vs_server`` (the same figure, kept for the records that name it:
+    the server knows which devices took part, so against it too each round counts with q = 1).
     """
 
     #: the adjacency its ε is stated under (see :data:`ZERO_OUT`)
@@ -326,6 +341,12 @@ class DistributedDP(DPFedAvg):
             seed=None,  # the server draws no noise
             like=like,
         )
+        if accountant is not None and accountant.sampling_rate < 1.0:
+            raise ConfigError(
+                f"distributed DP cannot claim amplification by sampling (accountant sampling_rate "
+                f"{accountant.sampling_rate:g}): each sampled device adds its own noise share, so the sum's noise "
+                "reveals how many took part; give its accountant sampling_rate=1.0 (what build_aggregator does)"
+            )
         self.min_contributors = min_contributors
         self.device_noise_std = distributed_noise_std(noise_multiplier, float(clip), min_contributors)
         #: the least SecAgg ring range whose clip does not bind on the devices' noised values

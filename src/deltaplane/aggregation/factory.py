@@ -246,8 +246,9 @@ def build_aggregator(
             knows a seed can subtract the noise it made.
         distributed_min_contributors: with ``dp_noise``, the devices add the noise under SecAgg (distributed
             DP) and a sum of fewer contributors than this is not published: the chain's DP node is then
-            :class:`~deltaplane.aggregation.dp.DistributedDP` (no server noise, the same accountant), fed the
-            unmasked unweighted mean; ``clip`` must be a number and ``defense`` none.
+            :class:`~deltaplane.aggregation.dp.DistributedDP` (no server noise, the same accountant but at
+            ``q = 1``, whatever ``sampling_rate``: see its docstring), fed the unmasked unweighted mean;
+            ``clip`` must be a number and ``defense`` none.
     """
     if aggregator not in SERVER_OPTIMIZERS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; choose one of {list(SERVER_OPTIMIZERS)}")
@@ -270,7 +271,8 @@ def build_aggregator(
             raise ConfigError("DP noise needs a clip norm: set clip to a number or 'adaptive'")
         acc = PrivacyAccountant(
             noise_multiplier=dp_noise,
-            sampling_rate=sampling_rate,
+            # distributed DP claims no amplification by sampling (DistributedDP's docstring says why)
+            sampling_rate=sampling_rate if distributed_min_contributors is None else 1.0,
             delta=dp_delta,
             method=accountant,
             budget=epsilon_budget,

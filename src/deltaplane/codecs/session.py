@@ -869,18 +869,13 @@ class WireSession:
         and, for raw fields, their agreement with the stored lengths are remembered (they depend on the
         skeleton alone)."""
         from deltaplane.codecs.fieldcoding import decode_field
-        from deltaplane.codecs.wire import _materialize
+        from deltaplane.codecs.wire import _inflated, _materialize
 
-        if table.zstd:
-            if max_inflated_bytes is not None and table.size > max_inflated_bytes:
-                raise _fail(
-                    f"data would inflate to {table.size} bytes, beyond its budget of {max_inflated_bytes}"
-                )
-            from deltaplane.codecs.lossless import zstd_decompress
-
-            data = memoryview(zstd_decompress(bytes(table.body), table.size))
-        else:
-            data = table.body
+        if table.zstd and max_inflated_bytes is not None and table.size > max_inflated_bytes:
+            raise _fail(
+                f"data would inflate to {table.size} bytes, beyond its budget of {max_inflated_bytes}"
+            )
+        data = _inflated(table)
         known = facts.get("lengths") if facts is not None else None
         if known is None:
             lengths = [n for _, (_, tree) in table.trees.items() for n in _field_lengths(tree)]

@@ -414,17 +414,22 @@ def read_body(
     ``max_inflated_bytes`` bounds what a zstd body may inflate to (checked before inflating), on top of
     :attr:`Limits.max_inflated_bytes`.
     """
-    if table.zstd:
-        if max_inflated_bytes is not None and table.size > max_inflated_bytes:
-            raise _fail(
-                f"payload would inflate to {table.size} bytes, beyond its decode budget of {max_inflated_bytes}"
-            )
-        from deltaplane.codecs.lossless import zstd_decompress
-
-        data = memoryview(zstd_decompress(bytes(table.body), table.size))
-    else:
-        data = table.body
+    if table.zstd and max_inflated_bytes is not None and table.size > max_inflated_bytes:
+        raise _fail(
+            f"payload would inflate to {table.size} bytes, beyond its decode budget of {max_inflated_bytes}"
+        )
+    data = _inflated(table)
     return {name: (dtype, _materialize(tree, data)) for name, (dtype, tree) in table.trees.items()}
+
+
+def _inflated(table: Table) -> memoryview:
+    """``table``'s body as its fields are read: inflated from its zstd frame (which the decompressor reads in
+    place, a view of the payload), or the body itself. The caller has checked the decode budget."""
+    if not table.zstd:
+        return table.body
+    from deltaplane.codecs.lossless import zstd_decompress
+
+    return memoryview(zstd_decompress(table.body, table.size))
 
 
 def unpack(

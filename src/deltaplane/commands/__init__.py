@@ -17,7 +17,7 @@ Exit codes (documented in docs/cli.md) mean one thing each:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, cast
@@ -54,6 +54,7 @@ __all__ = [
     "fit_table",
     "fleet_size",
     "set_verbosity",
+    "warn_withdrawn_inputs",
     "working_dir_on_path",
 ]
 
@@ -270,6 +271,25 @@ ValidDays = Annotated[
         "--valid-days", min=1, callback=finite_number, help="How long the device certificates are valid."
     ),
 ]
+
+
+def warn_withdrawn_inputs(paths: Iterable[str | os.PathLike[str]], use: str) -> None:
+    """Warn on stderr, whatever ``-q`` says (as ``registry pull`` does), for each input that is a pulled
+    version containing a cohort which withdrew consent (its ``manifest.json`` names the cohorts): ``deploy``,
+    ``merge`` and ``extract-lora`` read folders, not the registry, and must not use such a model silently.
+    ``use`` says what the command makes of it ("merged", "deployed")."""
+    from deltaplane.registry.pulled import withdrawn_in_pulled
+
+    for path in dict.fromkeys(Path(p) for p in paths):
+        cohorts = withdrawn_in_pulled(path)
+        if cohorts:
+            error_console.print(
+                f"[yellow]warning:[/yellow] {escape(str(path))} is a pulled version trained on "
+                f"{escape(', '.join(repr(c) for c in cohorts))}, which withdrew consent (its manifest.json says "
+                f"so); it is {use} anyway, and a version registered from the result may not be promoted, served "
+                "or used as a round base",
+                soft_wrap=True,
+            )
 
 
 @contextmanager

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from deltaplane.commands import DEFAULT_THREADS, Threads, clean_errors, cpu_threads, fit_table
+from deltaplane.commands import (
+    DEFAULT_THREADS,
+    Threads,
+    clean_errors,
+    cpu_threads,
+    fit_table,
+    warn_withdrawn_inputs,
+)
 
 __all__ = ["register"]
 
@@ -65,6 +72,7 @@ def extract_lora_command(
 
             # the rule every command that writes a folder follows (docs/cli.md)
             raise ConfigError(f"output '{out}' already exists; pass --overwrite to replace it")
+        warn_withdrawn_inputs([finetuned, base], "used for the adapter")
         t = time.perf_counter()
         result = extract_lora(
             finetuned,

@@ -53,6 +53,7 @@ from deltaplane.commands import (
     err_console,
     error_console,
     fit_table,
+    warn_withdrawn_inputs,
 )
 
 __all__ = ["register"]
@@ -809,6 +810,7 @@ def register(app: typer.Typer) -> None:
                         "pass a --prune spec, or drop --exclude"
                     )
                 rec = (recover, epochs, recover_lr) if recover == "distill" else None
+                warn_withdrawn_inputs([model], "deployed")
                 say(f"loading {model}")
                 if model.suffix.lower() == ".onnx":
                     _refuse_unused("an ONNX file", data=data, exclude=exclude, sentences=sentences,

@@ -15,6 +15,7 @@ from deltaplane.commands import (
     console,
     cpu_threads,
     err_console,
+    warn_withdrawn_inputs,
 )
 
 __all__ = ["register"]
@@ -81,6 +82,7 @@ def merge_command(
             exact_accumulation=exact_accumulation,
             threads=threads,
         )
+    warn_withdrawn_inputs((ckpt.folder for ckpt in job.plan.models), "merged")
     # clean_errors is outermost, so the progress bar has stopped before an error line is printed; OSError: a
     # folder the checks above cannot foresee refusing the output (a read-only or virtual file system)
     with (

@@ -1013,9 +1013,17 @@ def register(app: typer.Typer) -> None:
                 sources=linked,
                 files=src.files or None,  # none of its own: a version with a parent keeps the parent's
             )
+            # a pulled version registered again: say why withdrawals of the original's cohorts will reach it
+            twins = [a.ref for a in reg.same_weights(art) if a.model != model or a.number != parent]
         console.print(f"registered [bold]{art.ref}[/bold] sha256 {art.sha256[:16]}… ({art.size} bytes)")
         if link_note:
             err_console.print(escape(link_note), soft_wrap=True)
+        if twins:
+            err_console.print(
+                f"note: {escape(art.ref)} holds the same weights as {escape(', '.join(twins))}: it counts as built "
+                "from them, so a consent withdrawal of their cohorts reaches it",
+                soft_wrap=True,
+            )
 
     @reg_app.command("pull")
     def registry_pull(
@@ -1036,7 +1044,7 @@ def register(app: typer.Typer) -> None:
 
         A version trained on a cohort that withdrew consent is still pulled, with a warning on stderr and the
         cohorts in manifest.json's ``consent.withdrawn_cohorts`` (empty when none)."""
-        from deltaplane.registry import Registry
+        from deltaplane.registry import Registry, withdrawn_among
         from deltaplane.shards import COMPANION_FILES
 
         with _errors(OSError):
@@ -1055,7 +1063,7 @@ def register(app: typer.Typer) -> None:
             # pulls ("verified" keeps meaning hash and signature), but the user is told and the manifest says so
             # read verified against the signed state log: a withdrawal deleted from registry.db is an error, not a
             # manifest saying no cohort withdrew (IntegrityError, exit 1, nothing written)
-            withdrawn = sorted(reg.contributors(art) & reg.withdrawn_cohorts(verify=True))
+            withdrawn = withdrawn_among(reg.contributors(art), reg.withdrawn_cohorts(verify=True))
             out.mkdir(parents=True, exist_ok=True)
             # the config the version was registered with (a Hugging Face folder's config.json, a run model's
             # metadata) and its tokenizer's and generation config's files: written back so the pulled folder is a

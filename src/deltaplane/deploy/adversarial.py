@@ -21,6 +21,7 @@ al. 2018, https://arxiv.org/abs/1802.00420). Without quantization the attack is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deltaplane.errors import ConfigError
+from deltaplane.errors import ConfigError, UnsupportedLayer
 
 __all__ = ["ATTACKS", "adversarial_eval", "encoder_adversarial_eval", "fgsm", "pgd", "token_adversarial_eval"]
 
@@ -36,11 +37,14 @@ ATTACKS = ("fgsm", "pgd")
 
 
 def _check_attacks(attacks: Sequence[str], eps: Sequence[float]) -> None:
-    """Refuse an unknown attack, an empty ε list or a non-positive ε (every evaluation here takes both)."""
+    """Refuse an unknown attack, an empty ε list or an ε that is not a finite positive number (every evaluation
+    here takes both): a NaN ε turns every input into NaN, whose argmax is a constant class, and an infinite one
+    every input into the data range's corners — neither measures robustness, yet both gave a drop of 0."""
     bad = [a for a in attacks if a not in ATTACKS]
-    if bad or not eps or any(e <= 0 for e in eps):
+    if bad or not eps or not all(math.isfinite(e) and e > 0 for e in eps):
         raise ConfigError(
-            f"attacks must be among {ATTACKS} and every ε positive. Found {list(attacks)}, {list(eps)}"
+            f"attacks must be among {ATTACKS} and every ε a finite positive number. Found {list(attacks)}, "
+            f"{list(eps)}"
         )
 
 
@@ -49,10 +53,31 @@ def _ids_and_mask(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(tokens[:, 0]), torch.from_numpy(tokens[:, 1])
 
 
+def _ce_logit_grad(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient of each input's cross-entropy with respect to its logits, ``softmax(z) − onehot(y)``, scaled
+    per input by the positive factor ``exp(lse(z) − max_{j≠y} z_j)`` so that it cannot underflow.
+
+    Scaled, the gradient is ``w_j = exp(z_j − max_{j≠y} z_j)`` for every class ``j ≠ y`` (the largest is 1) and
+    ``−Σ_{j≠y} w_j`` for ``y`` — the same identity (``Σ softmax = 1``) whatever the margin. Unscaled, a confident
+    model's softmax rounds to exactly one-hot in float32 (a margin beyond ~100), the gradient to exactly 0 and
+    its sign to 0: FGSM and PGD then leave the input where it is and report the clean accuracy as the
+    adversarial one. The same classifier with its logits ×20 looked 40 points more robust (digits CNN, ε = 0.1).
+    A positive factor per input leaves the sign of every input's gradient as it is (inputs are independent in
+    eval mode), so this is the attack of the papers, computed without the underflow.
+    """
+    z = logits.detach()
+    target = nn.functional.one_hot(y, z.shape[-1]).bool()
+    off = z.masked_fill(target, float("-inf"))
+    top = off.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).min)  # finite: one class gives 0, not NaN
+    w = torch.exp(off - top)  # 0 at the target, 1 at the strongest other class
+    return w - target * w.sum(-1, keepdim=True)
+
+
 def _grad_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The sign of ``∇ₓ`` cross-entropy of ``y``, per input (:func:`_ce_logit_grad`: no softmax underflow)."""
     x = x.detach().requires_grad_(True)
-    loss = nn.functional.cross_entropy(model(x), y)
-    (g,) = torch.autograd.grad(loss, x)
+    logits = model(x)
+    (g,) = torch.autograd.grad(logits, x, grad_outputs=_ce_logit_grad(logits, y))
     return g.sign()
 
 
@@ -87,6 +112,33 @@ def pgd(
         adv = adv + alpha * _grad_sign(model, adv, y)
         adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(*clip).detach()
     return adv
+
+
+#: above this share of test inputs with an input gradient of exactly zero, FGSM/PGD measure nothing
+MAX_ZERO_GRADIENT_SHARE = 0.5
+
+
+def _refuse_zero_gradients(model: nn.Module, x: np.ndarray, y: np.ndarray, which: str) -> None:
+    """Raise :class:`~deltaplane.errors.UnsupportedLayer` when most inputs' cross-entropy gradient is exactly 0.
+
+    A forward pass that rounds, thresholds or takes an argmax of its input (a quantize-dequantize front end, a
+    lookup) has a zero gradient almost everywhere: FGSM then leaves every input where it is and PGD only adds
+    its random start, and the adversarial accuracy reads as the clean one — "robust" without an attack having
+    run. Gradient masking of this kind is not robustness (Athalye et al. 2018), so the gate refuses to call it
+    measured rather than passing it.
+    """
+    zero = 0
+    for i in range(0, len(x), 256):
+        xb, yb = torch.from_numpy(x[i : i + 256]), torch.from_numpy(y[i : i + 256])
+        zero += int((_grad_sign(model, xb, yb) == 0).flatten(1).all(1).sum())
+    if zero > MAX_ZERO_GRADIENT_SHARE * len(x):
+        raise UnsupportedLayer(
+            f"FGSM/PGD cannot attack the {which}: its input gradient is exactly zero on {zero} of {len(x)} test "
+            "inputs (a rounding, threshold or argmax of the input in its forward pass), so the attack would leave "
+            "them unchanged and report their clean accuracy as adversarial; make that step differentiable (a "
+            "straight-through estimator) for the evaluation, or skip the attack (--attack-eps 0, "
+            "adversarial_eps=()) and the max-adv-drop gate is listed as not evaluated"
+        )
 
 
 def _batched(
@@ -127,6 +179,9 @@ def adversarial_eval(
     lo, hi = clip if clip is not None else (float(x.min()), float(x.max()))
     reference.eval()
     surrogate.eval()
+    _refuse_zero_gradients(reference, x, y, "fp32 model")
+    if surrogate is not reference:
+        _refuse_zero_gradients(surrogate, x, y, "compressed model (its PyTorch weights before quantization)")
 
     def ref_predict(a: np.ndarray) -> np.ndarray:
         with torch.no_grad():

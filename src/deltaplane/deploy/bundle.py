@@ -75,7 +75,9 @@ def _folder_manifest(mf: Path, artifact_sha256: str) -> dict[str, Any]:
     """A deploy folder's ``manifest.json``, refused (:class:`DecodeError`) unless it is a JSON object that
     describes the folder's ``model.dpla``: its recorded ``sha256["model.dpla"]``, when present, must be the
     file's. Otherwise another model's quality and gates (a refused model's file copied beside a passing
-    deploy's manifest) would be registered as this model's lineage."""
+    deploy's manifest) would be registered as this model's lineage. A manifest that records hashes must also
+    be the one of the folder's ``model.onnx`` (the graph a device runs): one changed or swapped after the deploy,
+    or one the deploy did not write (a ``--format weights`` deploy), is the same mix of two deploys."""
     text = read_bounded_text(mf, limit=MANIFEST_LIMIT, what="manifest", error=DecodeError)
     try:
         manifest = json.loads(text)
@@ -85,13 +87,22 @@ def _folder_manifest(mf: Path, artifact_sha256: str) -> dict[str, Any]:
         raise DecodeError(
             f"{mf} is not a deploy manifest (a JSON object); it holds a {type(manifest).__name__}"
         )
-    recorded = manifest.get("sha256")
-    recorded = recorded.get("model.dpla") if isinstance(recorded, dict) else None
+    hashes = manifest.get("sha256")
+    recorded = hashes.get("model.dpla") if isinstance(hashes, dict) else None
     if recorded is not None and recorded != artifact_sha256:
         raise DecodeError(
             f"{mf} describes another model.dpla (SHA-256 {str(recorded)[:16]}…, the file's is "
             f"{artifact_sha256[:16]}…): the folder mixes two deploys; register the .dpla file alone or deploy again"
         )
+    graph = mf.parent / "model.onnx"
+    if isinstance(hashes, dict) and os.path.lexists(graph):
+        want, have = hashes.get("model.onnx"), _sha256(graph) if graph.is_file() else "(not a file)"
+        if want != have:
+            said = f"SHA-256 {str(want)[:16]}…" if want is not None else "no model.onnx"
+            raise DecodeError(
+                f"{mf} describes another model.onnx ({said}, the file's is {have[:16]}…): the graph beside "
+                "model.dpla is not the one this deploy evaluated; register the .dpla file alone or deploy again"
+            )
     return manifest
 
 
@@ -132,7 +143,7 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
         try:
             with safe_open(name, "pt") as f:
                 meta = f.metadata() or {}
-            out = Deployable(load_file(name), {"source": source})
+            out = Deployable(_in_recorded_order(load_file(name), meta), {"source": source})
         except (SafetensorError, OSError, ValueError) as e:
             raise DecodeError(f"{p} is not a readable safetensors file: {e}") from e
         try:  # a `deltaplane run` model's config (its architecture), so a pulled copy can be deployed
@@ -167,6 +178,24 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
             state, {"source": source | {"format": "onnx", "opset": model.opset_import[0].version}}
         )
     raise ConfigError(f"{p}: registry register takes .safetensors, .dpla, .onnx or a deploy output folder")
+
+
+def _in_recorded_order(tensors: dict[str, Tensor], meta: dict[str, str]) -> dict[str, Tensor]:
+    """``tensors`` in the order a registry file records (``deltaplane.order``, as ``registry pull`` writes it),
+    else as read.
+
+    Safetensors files keep no order of their own, so a pulled version registered again would otherwise get
+    another tensor order, hence other canonical bytes and another SHA-256: a new model to the registry, cut
+    off from the version (and the consent record) it was pulled from."""
+    try:
+        order = json.loads(meta.get("deltaplane.order", "null"))
+    except ValueError:
+        return tensors
+    if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+        return tensors
+    if sorted(order) != sorted(tensors):  # names missing, extra or repeated: the file's own order
+        return tensors
+    return {k: tensors[k] for k in order}
 
 
 def _hf_folder(p: Path) -> Deployable | None:

@@ -206,7 +206,9 @@ class Gates:
         min_above_chance: how far above chance fp32's clean accuracy must be, as a fraction of the way from
             chance to 100% (0.1 on 10 balanced classes: at least 19%). Chance is the better of uniform guessing
             and always answering the most common test label (:func:`chance_accuracy`). An untrained or
-            collapsed source model has nothing worth shipping, however faithfully it was compressed.
+            collapsed source model has nothing worth shipping, however faithfully it was compressed. A test set
+            with a single label (chance 100%) fails this gate whatever the threshold: a model that always answers
+            that label would score 100% on it, so no accuracy measured there means anything.
         min_r2: lowest coefficient of determination R² = 1 − Σ(shipped − fp32)² / Σ(fp32 − mean fp32)² over the
             evaluation batch, for outputs with one value per input (a regressor, a score), where a per-input
             cosine is only the sign of a product. Offsets, scale errors and noise all lower it.
@@ -327,5 +329,12 @@ class Gates:
             t, v = c + self.min_above_chance * (100.0 - c), 100.0 * float(fp32)
             k = quality.get("num_classes")
             what = f"fp32 clean accuracy (chance {c:.4g}%" + (f", {k} classes)" if k else ")")
-            out.append(GateResult("min-above-chance", what, t, v, v - t, v >= t, "%"))
+            passed = v >= t
+            if c >= 100.0:  # one label: a constant model scores 100% too, and every accuracy gate is blind
+                passed = False
+                what += (
+                    " — every test label is the same, so no accuracy can tell this model from one that always "
+                    "answers it; evaluate on a test set with at least two classes"
+                )
+            out.append(GateResult("min-above-chance", what, t, v, v - t, passed, "%"))
         return out

@@ -24,12 +24,12 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from deltaplane.deploy.artifact import pack_onnx, read_artifact
+from deltaplane.deploy.artifact import pack_onnx
 from deltaplane.deploy.cost import activation_memory, cost_row, count_onnx_macs
 from deltaplane.deploy.encoder import cosine_similarity_rows
 from deltaplane.deploy.gates import (
@@ -326,7 +326,7 @@ def deploy_onnx_model(
     """
     import onnx
 
-    from deltaplane.deploy.pipeline import QUANTS, _check_gates, _embedded, _publish, parse_prune
+    from deltaplane.deploy.pipeline import QUANTS, _check_gates, _embedded, _publish, _read_back, parse_prune
 
     say = progress or (lambda _msg: None)
     if quant not in QUANTS:
@@ -376,8 +376,8 @@ def deploy_onnx_model(
             quant=store,
             manifest=_embedded(src.name, sha, "onnx", prune, quant, scheme, sparsity),
         )
-        onnx_bytes = read_artifact(tmp / "model.dpla").onnx_bytes()
-        (tmp / "model.onnx").write_bytes(onnx_bytes)
+        _, graph, evaluated = _read_back(tmp, graph=True)
+        onnx_bytes = cast("bytes", graph)
         for f in (pruned, tmp / "q.onnx"):
             f.unlink(missing_ok=True)
         refuse_non_finite_outputs(ref, f"the source model {src.name}")
@@ -427,7 +427,7 @@ def deploy_onnx_model(
         if eval_inputs is not None:
             manifest["eval_inputs"] = dict(eval_inputs)
         _check_gates(manifest, gates, ONNX_NOT_EVALUATED)
-        files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
+        files = _publish(tmp, out_dir, manifest, card_info, evaluated=evaluated, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return OnnxDeployResult(out_dir, out_dir / "model.dpla", manifest, files)

@@ -15,13 +15,19 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256, write_artifact
+from deltaplane.deploy.artifact import (
+    Artifact,
+    pack_onnx,
+    read_artifact,
+    state_dict_sha256,
+    write_artifact,
+)
 from deltaplane.deploy.card import render_model_card
 from deltaplane.deploy.cost import deploy_cost
 from deltaplane.deploy.gates import (
@@ -50,7 +56,13 @@ from deltaplane.deploy.prune import (
     sparsity_of,
     wanda_prune,
 )
-from deltaplane.deploy.publish import check_out_dir, manifest_json, publish_dir, staging_dir
+from deltaplane.deploy.publish import (
+    bytes_sha256,
+    check_out_dir,
+    manifest_json,
+    publish_dir,
+    staging_dir,
+)
 from deltaplane.deploy.quantize import quantize_onnx
 from deltaplane.deploy.sparsegpt import sparsegpt_prune
 from deltaplane.deploy.tokens import TokenDeployResult
@@ -227,19 +239,42 @@ def _embedded(
     }
 
 
+def _read_back(tmp: Path, *, graph: bool) -> tuple[Artifact, bytes | None, dict[str, str]]:
+    """The staged ``model.dpla`` read back once (the artifact as shipped), ``model.onnx`` written from it when
+    ``graph``, and the SHA-256 of both files' bytes as read — what :func:`_publish` checks the staged files
+    against, so what is published is what was evaluated."""
+    dpla = (tmp / "model.dpla").read_bytes()
+    evaluated = {"model.dpla": bytes_sha256(dpla)}
+    art = read_artifact(dpla)
+    del dpla
+    onnx_bytes = None
+    if graph:
+        onnx_bytes = art.onnx_bytes()
+        (tmp / "model.onnx").write_bytes(onnx_bytes)
+        evaluated["model.onnx"] = bytes_sha256(onnx_bytes)
+    return art, onnx_bytes, evaluated
+
+
 def _publish(
     tmp: Path,
     out_dir: Path,
     manifest: dict[str, Any],
     card_info: dict[str, str] | None,
     *,
+    evaluated: Mapping[str, str],
     overwrite: bool = False,
 ) -> list[str]:
     """Write manifest (with the model files' SHA-256) + card into the staging folder ``tmp``, then make ``tmp``
     the new ``out_dir`` in one rename (:func:`~deltaplane.deploy.publish.publish_dir`): ``out_dir`` is the old
-    complete deploy or the new one, never a mix, and no file of an earlier deploy survives beside the new ones."""
+    complete deploy or the new one, never a mix, and no file of an earlier deploy survives beside the new ones.
+    ``evaluated`` (from :func:`_read_back`): a staged model file that no longer holds those bytes is refused."""
     return publish_dir(
-        tmp, out_dir, manifest, lambda m: render_model_card(m, **(card_info or {})), overwrite=overwrite
+        tmp,
+        out_dir,
+        manifest,
+        lambda m: render_model_card(m, **(card_info or {})),
+        overwrite=overwrite,
+        evaluated=evaluated,
     )
 
 
@@ -465,9 +500,8 @@ def deploy_classifier(
                 quant=store_quant,
                 manifest=_embedded(model_name, source_sha256, fmt, prune, quant, scheme, weight_sparsity),
             )
-            art = read_artifact(artifact_path)
-            onnx_bytes = art.onnx_bytes()
-            (tmp / "model.onnx").write_bytes(onnx_bytes)
+            art, graph, evaluated = _read_back(tmp, graph=True)
+            onnx_bytes = cast("bytes", graph)
             fp32_graph = fp32_onnx.read_bytes()
             if spec is not None and spec["method"] == "channels":  # shapes changed: cost the original graph
                 fp32_graph = export_onnx(reference, example, tmp / "ref.onnx").path.read_bytes()
@@ -486,7 +520,7 @@ def deploy_classifier(
                 quant=store_quant,
                 manifest=_embedded(model_name, source_sha256, fmt, prune, quant, scheme, weight_sparsity),
             )
-            art = read_artifact(artifact_path)
+            art, _, evaluated = _read_back(tmp, graph=False)
             runnable = copy.deepcopy(work)
             runnable.load_state_dict(art.state_dict())
             cand_predict = torch_predictor(runnable)
@@ -579,7 +613,7 @@ def deploy_classifier(
             )
             manifest["ood"] = {"evaluated": False, "why": ood_why}
         _check_gates(manifest, gates, {"max-ood-drop": ood_why} if ood_why else None)
-        files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
+        files = _publish(tmp, out_dir, manifest, card_info, evaluated=evaluated, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DeployResult(out_dir, out_dir / "model.dpla", manifest, base, cand, cmp, files)

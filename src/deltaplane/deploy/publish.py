@@ -8,6 +8,8 @@ would leave a mix of old and new files on a failure half way, and files of an ea
 not write (an old ``model.onnx`` beside a ``--format weights`` manifest) would survive next to the new manifest.
 
 The manifest records the SHA-256 of every model file, so a manifest and the artifact it describes can be matched.
+A deploy passes :func:`publish_dir` the SHA-256 of the bytes it evaluated: a staged model file that differs from
+them (changed or swapped after the gates ran) is refused, so the recorded hashes and numbers are the shipped file's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from deltaplane.textfile import _UMASK
 
 __all__ = [
     "DEPLOY_FILES",
+    "bytes_sha256",
     "check_out_dir",
     "check_writable_dir",
     "file_sha256",
@@ -126,6 +129,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def bytes_sha256(data: bytes) -> str:
+    """SHA-256 of bytes in memory (what a deploy evaluated), comparable with :func:`file_sha256`."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where not available."""
     if not sys.platform.startswith("linux"):
@@ -151,9 +159,15 @@ def publish_dir(
     render_card: Callable[[dict[str, Any]], str],
     *,
     overwrite: bool = False,
+    evaluated: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Record the model files' SHA-256 in ``manifest``, write it and its card (``render_card(manifest)``) into
     ``tmp``, and make ``tmp`` the new ``out_dir`` in one rename. Returns the file names published.
+
+    ``evaluated``: the SHA-256 of every model file (:data:`MODEL_FILES`) as the deploy read it back and measured
+    it. A staged model file whose bytes differ, or one not among them, raises
+    :class:`~deltaplane.errors.ExportError` and nothing is published: the manifest's numbers and gates describe
+    the bytes that were evaluated, and a file changed or swapped in after the gates ran would ship under them.
 
     ``out_dir`` is checked again (:func:`check_out_dir`: it may have changed while the deploy ran). An existing
     folder is exchanged with ``tmp`` atomically where the OS can (Linux); elsewhere it is moved aside first, so for
@@ -161,7 +175,16 @@ def publish_dir(
     """
     out = check_out_dir(out_dir, overwrite=overwrite)
     target = _target(out)
-    manifest["sha256"] = {n: file_sha256(tmp / n) for n in MODEL_FILES if (tmp / n).is_file()}
+    staged = {n: file_sha256(tmp / n) for n in MODEL_FILES if (tmp / n).is_file()}
+    if evaluated is not None:
+        changed = sorted(n for n in staged.keys() | evaluated.keys() if staged.get(n) != evaluated.get(n))
+        if changed:
+            raise ExportError(
+                f"refusing to publish: the staged {', '.join(changed)} no longer hold(s) the bytes that were "
+                "evaluated (changed, swapped in or removed after the quality gates ran); nothing was published "
+                "— deploy again, and let nothing else write into the deploy's staging folder"
+            )
+    manifest["sha256"] = staged
     (tmp / "manifest.json").write_text(manifest_json(manifest))
     (tmp / "MODEL_CARD.md").write_text(render_card(manifest))
     files = sorted(p.name for p in tmp.iterdir())

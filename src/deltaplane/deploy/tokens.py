@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deltaplane.deploy.artifact import pack_onnx, read_artifact, state_dict_sha256
+from deltaplane.deploy.artifact import pack_onnx, state_dict_sha256
 from deltaplane.deploy.cost import deploy_cost
 from deltaplane.deploy.encoder import MeanPooledEncoder, cosine_similarity_rows
 from deltaplane.deploy.gates import Gates, refuse_non_finite_outputs, refuse_non_finite_tensors
@@ -216,6 +216,7 @@ def deploy_token_model(
         _check_gates,
         _embedded,
         _publish,
+        _read_back,
         parse_prune,
         prune_model,
     )
@@ -313,7 +314,7 @@ def deploy_token_model(
             manifest=_embedded(model_name, source_sha256, "onnx", prune, quant, scheme, sparsity_of(work)),
         )
         shipped_graph = tmp / "model.onnx"
-        shipped_graph.write_bytes(read_artifact(tmp / "model.dpla").onnx_bytes())
+        evaluated = _read_back(tmp, graph=True)[2]
         # the fp32 graph stays a file until the device cost has read it (no channel pruning here: same
         # activation shapes as the reference), then is removed before publishing; held as bytes it was
         # another copy of the weights for the rest of the deploy
@@ -399,7 +400,7 @@ def deploy_token_model(
             manifest.update(extra(reference, wrapped, ort_predict))
         manifest["quality"] = quality_of(task, fidelity) | manifest.get("quality", {})
         _check_gates(manifest, gates, {"max-ood-drop": TOKEN_OOD_WHY})
-        files = _publish(tmp, out_dir, manifest, card_info, overwrite=overwrite)
+        files = _publish(tmp, out_dir, manifest, card_info, evaluated=evaluated, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TokenDeployResult(out_dir, out_dir / "model.dpla", manifest, files)

@@ -17,7 +17,7 @@ in that case. :meth:`ServerStep.close` compresses the update for the downlink an
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from torch import Tensor
 from deltaplane.aggregation import DPFedAvg, FLTrust, Rejection, Validate
 from deltaplane.aggregation.attribution import BackdoorAttribution, TriggerProbe
 from deltaplane.aggregation.checkpoint import chain_state, layout_difference, load_chain_state
-from deltaplane.aggregation.dp import DistributedDP
+from deltaplane.aggregation.dp import ADD_REMOVE, DistributedDP
 from deltaplane.codecs import Compressor, Layout, WireSession, decompress, decompress_many, is_compact
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import Delta, StateDict
@@ -476,7 +476,10 @@ class ServerStep:
         payload, decoded = self.publisher.publish(
             update,
             base_version=base,
-            lineage={"round": self._round, "uploads": self._accepted, **_dp(measurements, self.dp_adjacency)},
+            lineage=released_lineage(
+                {"round": self._round, "uploads": self._accepted, **_dp(measurements, self.dp_adjacency)},
+                self.dp_adjacency,
+            ),
         )
         # a partial update (personalization's local layers excluded) changes only the shared tensors
         self.state = {**self.state, **decoded.apply({k: self.state[k] for k in decoded})}
@@ -491,6 +494,25 @@ class ServerStep:
             uplink_bytes=self._uplink,
             measurements=measurements,
         )
+
+
+#: lineage fields that count a round's participation exactly: how many clients' updates it summed, how many
+#: examples they claimed. Under add/remove neighbours one client's presence moves them (by one, by its example
+#: count) with no noise at all, which is why DP-FedAvg divides by the fixed expected count rather than release
+#: the actual one (McMahan et al. 2018); a version whose ε is stated for add/remove therefore records neither
+#: (:func:`released_lineage`). Under zero-out neighbours the device takes part either way, so ``uploads`` has
+#: the same law under both and stays.
+EXACT_COUNTS = ("uploads", "examples")
+
+
+def released_lineage(lineage: Mapping[str, Any], adjacency: str | None) -> dict[str, Any]:
+    """The lineage a published version records: ``lineage`` without :data:`EXACT_COUNTS` when its ε is stated
+    for add/remove neighbours (central DP), as it is otherwise. The lineage travels with the version (registry
+    entry, a pulled model's manifest) to whoever its ε protects against, so it must hold nothing ε does not
+    cover; the operator still reads the counts in the round's status (admin only)."""
+    if adjacency != ADD_REMOVE:
+        return dict(lineage)
+    return {k: v for k, v in lineage.items() if k not in EXACT_COUNTS}
 
 
 def _dp(measurements: dict[str, Any], adjacency: str | None) -> dict[str, Any]:

@@ -21,14 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaplane.choices import TASKS
+from deltaplane.choices import DEFAULT_TASK
 from deltaplane.data.dataset import Dataset
 from deltaplane.errors import ConfigError, DeltaplaneError, TaskError
 
 __all__ = ["DEFAULT_TASK", "Dataset", "Task", "check_task", "load_task"]
-
-#: The task ``deltaplane run`` federates unless told otherwise (the built-in ``digits``).
-DEFAULT_TASK: str = TASKS["digits"].target  # type: ignore[assignment]
 
 #: Loss signature: ``loss(logits, labels, reduction="mean" | "none")``, as ``torch.nn.functional`` losses.
 Loss = Callable[..., Tensor]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         default_home,
         state_from_bytes,
         state_to_bytes,
+        withdrawn_among,
     )
 
 # Lazy (PEP 562): registry commands that only read metadata must not wait for torch.
@@ -58,6 +59,7 @@ _LAZY = {
     "state_to_bytes": "deltaplane.registry.store",
     "Tolerance": "deltaplane.registry.promotion",
     "Verifier": "deltaplane.registry.signing",
+    "withdrawn_among": "deltaplane.registry.store",
 }
 
 __all__ = [
@@ -85,6 +87,7 @@ __all__ = [
     "rollback",
     "state_from_bytes",
     "state_to_bytes",
+    "withdrawn_among",
 ]
 
 

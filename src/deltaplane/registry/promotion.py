@@ -299,6 +299,9 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
     follow it, and a concurrent rollback waits and then pops the next version instead of the same one. The tag
     and its history are checked against the signed state log first (:class:`~deltaplane.errors.IntegrityError`
     when they differ): a forged history must not choose the version the signed rollback record vouches for.
+
+    Raises:
+        PromotionRefused: the previous version contains a cohort that withdrew consent (nothing is moved).
     """
     with registry.transaction():
         if model not in registry.models():
@@ -313,6 +316,15 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
         if len(stack) < 2:
             raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")
         target = stack[-2]
+        problems = registry.governance_problems(registry.get(model, target), verify=True)
+        if (
+            problems
+        ):  # a rollback moves the tag as a promotion does: never onto a version that may not be served
+            raise PromotionRefused(
+                f"{model}:{tag} cannot roll back to {model}@{target}: {problems[0]}, so it may not be served; "
+                f"rebuild without the cohort (POST /admin/models/{model}/rebuild) and promote the version it "
+                "publishes instead"
+            )
         registry.set_tag(model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}")
         registry.record_rollback(model, tag, target)  # devices already on a newer version may follow it back
     return registry.get(model, target)

@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,7 @@ __all__ = [
     "rollback_statement",
     "state_from_bytes",
     "state_to_bytes",
+    "withdrawn_among",
 ]
 
 HOME_ENV = "DELTAPLANE_HOME"
@@ -112,6 +113,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
     UNIQUE (model, number)
 );
 CREATE INDEX IF NOT EXISTS artifacts_delta ON artifacts (model, kind, base, target);
+CREATE INDEX IF NOT EXISTS artifacts_sha256 ON artifacts (sha256);
 CREATE TRIGGER IF NOT EXISTS artifacts_immutable_u BEFORE UPDATE ON artifacts
     BEGIN SELECT RAISE(ABORT, 'registry artifacts are immutable'); END;
 CREATE TRIGGER IF NOT EXISTS artifacts_immutable_d BEFORE DELETE ON artifacts
@@ -344,6 +346,33 @@ def _add_statement_version(con: sqlite3.Connection) -> None:
         # another connection added it first; or a read-only database, whose rows then all read as statement 1
         if "duplicate column" not in str(exc) and "readonly" not in str(exc):
             raise
+
+
+def _add_sha256_index(con: sqlite3.Connection) -> None:
+    """Give a registry made before it the index by weights' hash (:meth:`Registry._upstream` looks up, for each
+    version a consent walk passes, the earlier versions holding the same weights). A read-only database goes
+    without: the look-up is then a scan, slower but the same answer."""
+    if con.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name='artifacts_sha256'").fetchone():
+        return
+    if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='artifacts'").fetchone():
+        return  # no artifacts table (an unreadable registry is reported elsewhere)
+    try:
+        con.execute("CREATE INDEX IF NOT EXISTS artifacts_sha256 ON artifacts (sha256)")
+    except sqlite3.OperationalError as exc:
+        if "readonly" not in str(exc):
+            raise
+
+
+def withdrawn_among(cohorts: Iterable[str], withdrawn: Iterable[str]) -> list[str]:
+    """Those of ``cohorts`` that a withdrawal in ``withdrawn`` names, sorted; names match without regard to case.
+
+    Cohort names are ASCII registry names, so case is the one way two spellings of a cohort can differ: a
+    withdrawal recorded as ``EU`` must reach the versions and devices of ``eu``, not record a cohort nobody
+    is in while their data stays served. Every consent check (serving, promotion, round bases, uploads,
+    ``registry pull``) asks this, never ``in`` or ``&`` on the raw names.
+    """
+    folded = {w.casefold() for w in withdrawn}
+    return sorted({c for c in cohorts if c.casefold() in folded})
 
 
 # -- records ---------------------------------------------------------------------------------------------
@@ -900,6 +929,7 @@ class Registry:
             con.execute("PRAGMA busy_timeout=60000")
             try:
                 _add_statement_version(con)
+                _add_sha256_index(con)
             except BaseException:
                 con.close()
                 raise
@@ -1894,10 +1924,20 @@ class Registry:
         return memo[artifact.ref]
 
     def _upstream(self, artifact: Artifact) -> list[Artifact]:
-        """The versions ``artifact`` was built from: its parent and the lineage's ``sources`` that still resolve."""
+        """The versions ``artifact`` was built from: its parent, the lineage's ``sources`` that still resolve, and
+        every earlier model version holding the same weights.
+
+        The same weights are the same model, whatever the new row says: a version pulled (``registry pull``)
+        and registered again under another name, with no ``--parent`` and no cohorts, would otherwise be a
+        withdrawn cohort's model laundered into a version free to promote and serve. The canonical bytes are
+        compared (:func:`state_to_bytes`: a file re-saved with other metadata or tensor order still matches);
+        only earlier versions count, so the walk stays acyclic and a version's contributors never change after
+        it is registered. Weights changed at all (fine-tuned, re-quantized) are a new model, which only its
+        recorded lineage links."""
         ups: list[Artifact] = []
         if artifact.parent is not None:
             ups.append(self.get(artifact.model, artifact.parent))
+        ups.extend(self.same_weights(artifact))
         for ref in artifact.lineage.get("sources", []) if isinstance(artifact.lineage, dict) else []:
             try:
                 ups.append(self.resolve(str(ref)))
@@ -1905,10 +1945,21 @@ class Registry:
                 continue
         return ups
 
+    def same_weights(self, artifact: Artifact) -> list[Artifact]:
+        """The model versions registered before ``artifact`` that hold the same weights (the same canonical bytes),
+        oldest first; none for a delta. The consent walk counts ``artifact`` as built from each of them."""
+        if artifact.kind != "model":
+            return []
+        rows = self._connect().execute(
+            "SELECT * FROM artifacts WHERE sha256=? AND kind='model' AND id<? ORDER BY id",
+            (artifact.sha256, artifact.id),
+        )
+        return [_artifact(r) for r in rows]
+
     def affected_by(self, cohort: str) -> list[Artifact]:
         """Every artifact that contains ``cohort`` (through its lineage), oldest first."""
         memo: dict[str, set[str]] = {}
-        return [a for a in self.versions() if cohort in self.contributors(a, memo)]
+        return [a for a in self.versions() if withdrawn_among(self.contributors(a, memo), [cohort])]
 
     def governance_problems(
         self, artifact: Artifact, *, verify: bool = False, memo: dict[str, set[str]] | None = None
@@ -1917,7 +1968,7 @@ class Registry:
         the withdrawals are checked against the signed state log first). ``memo`` (a dict kept across calls, as
         :meth:`contributors` takes it) lets a caller asking about many versions of one lineage walk it once: a
         page of 50 versions on a 3,000-version chain walked it 50 times (10 s)."""
-        bad = sorted(self.contributors(artifact, memo) & self.withdrawn_cohorts(verify=verify))
+        bad = withdrawn_among(self.contributors(artifact, memo), self.withdrawn_cohorts(verify=verify))
         return [f"{artifact.ref} was trained on withdrawn cohort {c!r}" for c in bad]
 
     def last_unaffected(self, model: str, number: int, *, verify: bool = False) -> Artifact | None:
@@ -1925,7 +1976,7 @@ class Registry:
         withdrawn = self.withdrawn_cohorts(verify=verify)
         memo: dict[str, set[str]] = {}  # shared along the chain: each version's lineage is walked once
         for cur in [self.get(model, number), *self.lineage(self.get(model, number))]:
-            if cur.kind == "model" and not (self.contributors(cur, memo) & withdrawn):
+            if cur.kind == "model" and not withdrawn_among(self.contributors(cur, memo), withdrawn):
                 return cur
         return None
 

@@ -60,7 +60,7 @@ from deltaplane.errors import (
     VersionMismatch,
 )
 from deltaplane.monitor import DriftMonitor, DriftReport, DriftSpec, Summary
-from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback
+from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback, withdrawn_among
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
@@ -393,10 +393,12 @@ class ServiceState:
         *,
         authenticated: bool = False,
         revoked: tuple[str, ...] = (),
+        dp_adjacency: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, int]]:
-        """A closed round as the fleet page lists it (what it published, from how many devices, its ε, whether
-        it was an authenticated SecAgg round, the devices left out as revoked), stored in :attr:`history` with
-        the kept counters; returns it and the counters it stored.
+        """A closed round as the fleet page lists it (what it published, from how many devices, its ε and the
+        neighbours ``dp_adjacency`` it is stated under, whether it was an authenticated SecAgg round, the
+        devices left out as revoked), stored in :attr:`history` with the kept counters; returns it and the
+        counters it stored.
 
         Call it inside the transaction that closes the round (the row commits with the version or not at
         all), then :meth:`remember_closed` with both once that transaction committed."""
@@ -408,6 +410,7 @@ class ServiceState:
             "version": version,
             "contributors": contributors,
             "epsilon": None if epsilon is None else float(epsilon),
+            "dp_adjacency": None if epsilon is None else dp_adjacency,
             "authenticated": authenticated,
             "revoked": list(revoked),
             "closed_at": time.time(),
@@ -498,10 +501,10 @@ class ServiceState:
         with self.report_lock:
             with self.lock:
                 mon = self.monitors.get(model) if summary is not None else None
-                if mon is not None:
+                if mon is not None and summary is not None:
                     undo = (mon, mon.live_window(), list(mon.history))
                     # the report's version made its predictions: they are tested against that version's
-                    closed = mon.ingest(summary, device=device, version=report["version"])  # type: ignore[arg-type]
+                    closed = mon.ingest(summary, device=device, version=report["version"])
                     del mon.history[:-MAX_DRIFT_HISTORY]
                 unsaved = self._unsaved()
             alerts = [
@@ -1095,7 +1098,7 @@ def create_app(
             if len(contributors) > 100_000:
                 contributors.clear()
             contributors[key] = frozenset(reg.contributors(reg.get(model, version)))
-        bad = sorted(contributors[key] & withdrawn)
+        bad = withdrawn_among(contributors[key], withdrawn)
         if bad:
             raise HTTPException(
                 451,
@@ -1259,7 +1262,7 @@ def create_app(
         response_model=PromoteResponse,
         responses={k: _ERRORS[k] for k in (404, 409)},
     )
-    def promote_version(model: ModelName, body: PromoteRequest) -> PromoteResponse:
+    def promote_version(model: ModelName, body: PromoteRequest, response: Response) -> PromoteResponse:
         if state.evaluator is None:
             raise HTTPException(409, "this service has no evaluator configured, so it cannot gate promotions")
         res = promote(
@@ -1279,7 +1282,7 @@ def create_app(
             regressions=res.regressions,
         )
         if not res.promoted:
-            return JSONResponse(out.model_dump(), status_code=409)  # type: ignore[return-value]
+            response.status_code = 409  # refused by its gates: the same body, with what it missed
         return out
 
     @app.post(

@@ -691,17 +691,17 @@ class Patient:
                 self.say(f"the service answers again after {lost:.1f} s")
             return out
 
-    def once(self, fn: Callable[[], T], doing: str) -> tuple[bool, T | None]:
-        """``(True, fn())``; or ``(False, None)`` when the connection failed, once the service answers again
+    def once(self, fn: Callable[[], dict[str, Any]], doing: str) -> dict[str, Any] | None:
+        """The service's answer to ``fn()``; or None when the connection failed, once the service answers again
         (whether ``fn`` took effect is unknown: the caller reads the round back)."""
         try:
-            return True, fn()
+            return fn()
         except httpx.TransportError as exc:
             err = unreachable(exc, self.admin.base_url)
             if err.final:
                 raise err from None
             self.call(self.admin.stats, f"learn whether its answer to '{doing}' was lost")
-            return False, None
+            return None
 
     def wait(self, done: Callable[[], bool], deadline: float, poll: float) -> None:
         """Poll ``done`` until it holds or ``deadline`` seconds of the service being up have passed."""
@@ -763,9 +763,9 @@ def _open_plain(p: Patient, model: str) -> int:
     """Open the model's plain round; after a lost answer, adopt the round the service opened (it is durable,
     so it is open after a restart too) rather than open another."""
     while True:
-        ok, opened = p.once(lambda: p.admin.open_round(model), "open a plain round")
-        if ok:
-            return int(opened["round"])  # type: ignore[index]
+        opened = p.once(lambda: p.admin.open_round(model), "open a plain round")
+        if opened is not None:
+            return int(opened["round"])
         current = p.call(p.admin.stats, "read the open rounds")["rounds"].get(model)
         if current is not None:
             return int(current["round"])
@@ -788,14 +788,14 @@ def _plain_round(
             p.call(lambda: p.admin.abort_round(model, number, reason=why), f"abort plain round {number}")
         return number, 0, None, {}, ()
     while True:
-        ok, closed = p.once(lambda: p.admin.close_round(model, number), f"close plain round {number}")
+        closed = p.once(lambda: p.admin.close_round(model, number), f"close plain round {number}")
         # the round as stored: whether a close whose answer was lost went through (never close twice), and
         # which devices uploaded
         rec = p.call(lambda: p.admin.round_status(model, number), f"read plain round {number} back")
         if (
-            ok or rec["state"] == "closed"
+            closed is not None or rec["state"] == "closed"
         ):  # published; after a lost answer, as stored (its measurements kept)
-            done = closed if ok and closed is not None else rec
+            done = closed if closed is not None else rec
             measured = done.get("measurements", {})
             return number, int(done["uploads"]), done["version"], measured, _missing(names, rec)
         if rec["state"] != "open":
@@ -868,16 +868,16 @@ def _open_secagg(
     failed = 0
     signed = {"authenticated": True} if authenticated else {}  # the service's default is unauthenticated
     while True:
-        ok, opened = p.once(
+        opened = p.once(
             lambda: p.admin.open_secagg(
                 model, names, weight_scale=weight_scale, neighbours=neighbours, **signed
             ),
             "open a round",
         )
-        if ok:
+        if opened is not None:
             break
         failed += 1
-    number = int(opened["round"])  # type: ignore[index]
+    number = int(opened["round"])
     for stray in range(max(1, number - failed), number):
         with contextlib.suppress(ServiceError):
             status = p.call(
@@ -890,7 +890,7 @@ def _open_secagg(
                     functools.partial(p.admin.abort_secagg, model, stray, reason=_STRAY),
                     f"abort SecAgg round {stray}",
                 )
-    return number, list(opened.get("revoked", []))  # type: ignore[union-attr]
+    return number, list(opened.get("revoked", []))
 
 
 def _secagg_status(p: Patient, model: str, number: int) -> dict[str, Any]:
@@ -941,39 +941,37 @@ def _secagg_round(
     for counted in ("advertised", "shared", "uploaded"):
         p.wait(functools.partial(_secagg_counted, p, model, number, counted, expected), deadline, poll)
         try:
-            ok, advanced = p.once(
-                lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}"
-            )
+            advanced = p.once(lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}")
         except ServiceError as exc:
             raise (_too_few_advertised(exc, authenticated) if counted == "advertised" else exc) from None
-        if not ok:
+        if advanced is None:
             _secagg_status(p, model, number)  # lost in a restart: says so
             raise ServiceError(
                 409,
                 f"the connection to the service broke while advancing SecAgg round {number} (whether the stage "
                 "closed is unknown: a repeated advance could close the next one)",
             )
-        expected = int(advanced[counted])  # type: ignore[index]
+        expected = int(advanced[counted])
     status = _secagg_status(p, model, number)
     ids = list(status["survivors"])  # client ids: positions in the open's device list
     survivors = len(ids)
     answering = survivors
     if status["stage"] == Stage.CONSISTENCY:  # an authenticated round: survivors sign what they were sent
         p.wait(lambda: _secagg_status(p, model, number)["signed"] >= survivors, deadline, poll)
-        ok, advanced = p.once(lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}")
-        if not ok:
+        advanced = p.once(lambda: p.admin.advance_secagg(model, number), f"advance SecAgg round {number}")
+        if advanced is None:
             _secagg_status(p, model, number)
             raise ServiceError(
                 409,
                 f"the connection to the service broke while closing SecAgg round {number}'s consistency check "
                 "(whether it closed is unknown: a repeated advance could close the next stage)",
             )
-        answering = int(advanced["signed"])  # type: ignore[index]
+        answering = int(advanced["signed"])
     p.wait(lambda: _secagg_status(p, model, number)["responded"] >= answering, deadline, poll)
     while True:
-        ok, closed = p.once(lambda: p.admin.close_secagg(model, number), f"close SecAgg round {number}")
-        if ok:
-            published = closed["published"]  # type: ignore[index]
+        closed = p.once(lambda: p.admin.close_secagg(model, number), f"close SecAgg round {number}")
+        if closed is not None:
+            published = closed["published"]
             return number, survivors, published["version"], published["measurements"], ids
         status = _secagg_status(p, model, number)  # the answer was lost: did the close go through?
         if status.get("finished") == "published":

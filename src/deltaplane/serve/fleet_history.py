@@ -54,6 +54,7 @@ __all__ = [
     "MAX_CLOSED_ROUNDS",
     "MAX_REASON",
     "MAX_REPORTS",
+    "UNKNOWN_ADJACENCY",
     "UNPUBLISHED_OUTCOMES",
     "FleetHistory",
     "HistoryRowError",
@@ -63,6 +64,7 @@ __all__ = [
     "is_int",
     "is_number",
     "kept_counter",
+    "stored_adjacency",
 ]
 
 #: the fleet page's "closed rounds" table: the last this many published rounds, plain and SecAgg together; and,
@@ -82,6 +84,10 @@ FORMAT = 2
 _REPORT_FORMAT = 1
 #: a published round's row: its layout number and summary fields (model, kind, number and closed_at are columns)
 _PUBLISHED = (1, ("version", "contributors", "epsilon", "authenticated", "revoked"))
+#: a published round's fields a row may lack: ``dp_adjacency``, the neighbours its ε is stated under, written
+#: beside ε since it was stored (an older deltaplane reads the row and ignores it); a row with an ε and no
+#: label reads "unknown" (:func:`stored_adjacency`), never a guess
+_PUBLISHED_OPTIONAL = ("dp_adjacency",)
 #: a round that ended without publishing: ``invited`` (None: a plain round invites every device),
 #: ``contributors`` (the devices that took part: uploaded, or spoke in a SecAgg stage), ``stage`` (a SecAgg
 #: round's stage when it ended), ``reason``
@@ -124,6 +130,21 @@ def _migrate(con: Any) -> None:
     con.execute("CREATE INDEX IF NOT EXISTS fleet_rounds_outcome ON fleet_rounds (outcome, id)")
 
 
+#: a stored round's ε whose record predates its label (``dp_adjacency``, one of
+#: :mod:`deltaplane.aggregation.dp`'s): read so, never guessed from today's configuration, which may not be
+#: the one that spent it
+UNKNOWN_ADJACENCY = "unknown"
+
+
+def stored_adjacency(label: str | None, *, has_epsilon: bool) -> str | None:
+    """The ``dp_adjacency`` of a stored round as read back (here and in
+    :mod:`~deltaplane.serve.rounds_store`): its stored ``label``; :data:`UNKNOWN_ADJACENCY` for a record with
+    an ε but no label (an older record); None where there is no ε to qualify."""
+    if not has_epsilon:
+        return None
+    return label if label is not None else UNKNOWN_ADJACENCY
+
+
 def bounded_reason(reason: str) -> str:
     """``reason`` on one line, at most :data:`MAX_REASON` characters (what a device or an error said can be
     long); the page escapes it, this only bounds it."""
@@ -147,6 +168,7 @@ _FIELD_CHECKS: dict[str, Any] = {
     "version": lambda v: v is None or is_int(v),
     "contributors": is_int,
     "epsilon": lambda v: v is None or is_int(v) or isinstance(v, float),  # inf: a round without noise
+    "dp_adjacency": lambda v: v is None or isinstance(v, str),
     "authenticated": lambda v: isinstance(v, bool),
     "revoked": lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v),
     "cohort": lambda v: isinstance(v, str),
@@ -194,7 +216,7 @@ def decode_row(
     missing = [f for f in fields if not isinstance(data, dict) or f not in data]
     if missing:
         raise HistoryRowError(f"{where} lacks {', '.join(missing)}")
-    wrong = [f for f in fields if f in checks and not checks[f](data[f])]
+    wrong = [f for f in data if f in checks and not checks[f](data[f])]  # the optional fields too
     if wrong:
         raise HistoryRowError(f"{where} holds {', '.join(wrong)} of the wrong type")
     return data
@@ -224,7 +246,7 @@ class FleetHistory:
 
     def add_round(self, summary: Mapping[str, Any], counters: Mapping[str, int] | None = None) -> None:
         """Store a published round's summary (``model``, ``round``, ``kind``, ``closed_at`` and its fields:
-        version, contributors, epsilon, authenticated, revoked) and the kept ``counters``, pruning the
+        version, contributors, epsilon, authenticated, revoked; ``dp_adjacency`` beside ε) and the kept ``counters``, pruning the
         published rounds past :data:`MAX_CLOSED_ROUNDS`.
 
         Call it inside the transaction that closes the round: it joins it, so the row commits with the
@@ -267,7 +289,10 @@ class FleetHistory:
                     summary["model"],
                     summary["kind"],
                     summary["round"],
-                    json.dumps({k: summary[k] for k in fields}),
+                    json.dumps(
+                        {k: summary[k] for k in fields}
+                        | {k: summary[k] for k in _PUBLISHED_OPTIONAL if summary.get(k) is not None}
+                    ),
                     summary["closed_at"],
                     outcome,
                 ),
@@ -341,6 +366,10 @@ class FleetHistory:
                 | {k: data[k] for k in fields}
                 | {"revoked": list(data["revoked"]), "closed_at": float(closed_at)}
             )
+            if published:
+                row["dp_adjacency"] = stored_adjacency(
+                    data.get("dp_adjacency"), has_epsilon=data["epsilon"] is not None
+                )
             (out.rounds if published else out.unpublished).append(row)
         rows = self.registry.query(
             "SELECT id, format, model, device, version, report, at FROM fleet_reports ORDER BY id"

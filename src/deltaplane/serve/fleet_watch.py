@@ -317,8 +317,7 @@ class FleetWatch:
             except (HistoryRowError, DeltaplaneError, TypeError, ValueError) as exc:
                 out.refused.append(f"{exc} (the open drift window of {model!r}); left out")
                 dropped.append(device)
-                known = lost is not None and is_int(held) and held >= 1
-                lost = lost + int(held) if known else None  # type: ignore[operator]
+                lost = lost + int(held) if lost is not None and is_int(held) and held >= 1 else None
                 continue
             live[device] = summary
         if not dropped:

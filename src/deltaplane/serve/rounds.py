@@ -36,7 +36,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -53,8 +53,9 @@ from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
+from deltaplane.engine.server import released_lineage
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
-from deltaplane.registry import Governance, Registry, publish_update
+from deltaplane.registry import Governance, Registry, publish_update, withdrawn_among
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON, MAX_CLOSED_ROUNDS
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 
@@ -82,6 +83,7 @@ __all__ = [
     "guard_bound",
     "honest_norm_bound",
     "local_dp_honest_bound",
+    "publisher_of",
     "refusal_of",
     "refuse_plaintext_under_secagg",
     "remembering_refusal",
@@ -174,6 +176,14 @@ def server_step_for(config: "ServiceConfig", registry: Registry, model: str, bas
     )
 
 
+def publisher_of(step: ServerStep) -> RegistryPublisher:
+    """``step``'s publisher, as the service's own: every step it runs is built by :func:`server_step_for`,
+    which gives it a :class:`RegistryPublisher` (the engine's step knows only the :class:`Publisher` protocol)."""
+    publisher = step.publisher
+    assert isinstance(publisher, RegistryPublisher), f"a service step publishes through {publisher!r}"
+    return publisher
+
+
 def abort_reason(given: str, refused: str | None) -> str:
     """Why an aborted round ended unpublished, as its history row says: the abort's ``reason``; without one,
     the refusal of its last close or stage (what the operator gave up on), or that an operator aborted it."""
@@ -209,8 +219,36 @@ def check_round_binding(r: RoundState, nonce: str, cohort: str) -> None:
             f"upload is not bound to round {r.number}: send the round's nonce (GET /v1/models/{r.model}/round) "
             "as X-Deltaplane-Round-Nonce"
         )
-    if cohort in r.record.excluded:
+    if withdrawn_among([cohort], r.record.excluded):
         raise Conflict(f"round {r.number} excludes cohort {cohort!r} (consent withdrawn)")
+
+
+def refuse_withdrawn_round(
+    reg: Registry, model: str, base: int, cohorts: Iterable[str], *, what: str, abort: str
+) -> None:
+    """409 before a round publishes when a cohort withdrew consent while it was open: a cohort whose devices'
+    updates are in it, or one the base was built from (the base passed the check when the round opened).
+
+    Either way the version would contain the cohort's data, and nothing can take it out of an aggregate, so
+    the round is left unpublished: the operator aborts it (``abort``, the route) and opens a new one, or
+    rebuilds. Read inside the close's transaction, a withdrawal cannot land between this check and the
+    publication. Plain and SecAgg closes both call it, so both refuse alike.
+    """
+    withdrawn = reg.withdrawn_cohorts(verify=True)  # a deleted withdrawal is a 409, never a pass
+    late = withdrawn_among(cohorts, withdrawn)
+    if late:
+        raise HTTPException(
+            409,
+            f"cohort {late[0]!r} withdrew consent after its devices' inputs entered {what}; leave this round "
+            f"unpublished (abort it: POST {abort}) and open a new one",
+        )
+    problems = reg.governance_problems(reg.get(model, base), verify=True) if withdrawn else []
+    if problems:
+        raise HTTPException(
+            409,
+            f"{problems[0]}, withdrawn after {what} opened on it; leave this round unpublished (abort it: POST "
+            f"{abort}) and rebuild: POST /admin/models/{model}/rebuild",
+        )
 
 
 def _base_norm(base: dict[str, Any]) -> float:
@@ -486,7 +524,7 @@ def undo_on_failure(step: ServerStep) -> Iterator[None]:
     block raises: a round close that fails in the registry (whose transaction rolls its own writes back) must
     not leave the step a round ahead of the registry."""
     checkpoint = step.checkpoint()
-    publisher: RegistryPublisher = step.publisher  # type: ignore[assignment]
+    publisher = publisher_of(step)
     saved = (publisher.compressor.state_dict(), list(publisher.published))
     try:
         yield
@@ -582,6 +620,12 @@ class RoundRecordInfo(BaseModel):
         default=None,
         description="why an aborted round ended unpublished (at most 500 characters; null: not aborted, or "
         "aborted before reasons were kept with the round)",
+    )
+    dp_adjacency: str | None = Field(
+        default=None,
+        description="the neighbouring relation measurements.epsilon is stated under: 'add/remove' (central DP), "
+        "'zero-out' (distributed DP under SecAgg), 'unknown' for a round closed before it was stored with "
+        "the round; null without an epsilon",
     )
 
 
@@ -705,7 +749,7 @@ def round_router(
             )
         check_round_binding(r, request.headers.get("x-deltaplane-round-nonce", ""), ident.cohort)
         # a signed-log read that can wait on the registry's write lock: off the event loop (as SecAgg's)
-        if ident.cohort in await run_in_threadpool(reg.withdrawn_cohorts, verify=True):
+        if withdrawn_among([ident.cohort], await run_in_threadpool(reg.withdrawn_cohorts, verify=True)):
             raise HTTPException(
                 403, f"cohort {ident.cohort!r} withdrew consent; its updates are not accepted"
             )
@@ -769,7 +813,9 @@ def round_router(
                 # and a durable write that fails (a replay, a full disk) takes the update back out
                 checkpoint = step.checkpoint()
                 if not step.receive_delta(ident.device_id, delta, num_examples):
-                    raise InvalidUpdate(f"update refused: {step.last_rejection.error}")  # type: ignore[union-attr]
+                    refusal = step.last_rejection
+                    assert refusal is not None  # receive_delta recorded why it said no
+                    raise InvalidUpdate(f"update refused: {refusal.error}")
                 if r.record is not None:  # durable before it counts: refuses replays of accepted bytes
                     if digest is not None and not rounds_store.has_payload(digest):
                         # a refused upload of the same bytes discarded the blob after this one stored it
@@ -900,7 +946,7 @@ def round_router(
                 raise HTTPException(409, f"round {round_id} of {model!r} is not open")
             r.closing = True  # uploads are refused from here on; reopened if publishing fails
         step = state.steps[model]
-        publisher: RegistryPublisher = step.publisher  # type: ignore[assignment]
+        publisher = publisher_of(step)
         parent = reg.get(model, r.base_version)
         gov = parent.governance
         cohorts = tuple(sorted(set(gov.cohorts) | r.cohorts))
@@ -908,13 +954,16 @@ def round_router(
         publisher.governance = Governance(
             gov.data_sources, cohorts, tuple(sorted(excluded - set(cohorts))), gov.notes
         )
-        publisher.lineage = {
-            # which numbering `round` is in: plain and SecAgg rounds are numbered each on their own
-            "plain_round": r.number,
-            "examples": r.examples,
-            "round_cohorts": sorted(r.cohorts),
-            **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
-        }
+        publisher.lineage = released_lineage(  # under central DP, without the exact example count
+            {
+                # which numbering `round` is in: plain and SecAgg rounds are numbered each on their own
+                "plain_round": r.number,
+                "examples": r.examples,
+                "round_cohorts": sorted(r.cohorts),
+                **({"excluded_cohorts": list(r.record.excluded)} if r.record and r.record.excluded else {}),
+            },
+            step.dp_adjacency,
+        )
 
         def publish() -> tuple[int | None, Any]:
             """Publish the round's version and store its fleet summary; inside the close's transaction, so
@@ -922,13 +971,22 @@ def round_router(
             if not r.devices and not isinstance(step.aggregator.find(DPFedAvg), DPFedAvg):
                 # an empty round closes without a version
                 return None, (None, None, *state.close_summary(model, r.number, "plain", None, 0, {}))
+            refuse_withdrawn_round(
+                reg,
+                model,
+                r.base_version,
+                r.cohorts,
+                what=f"round {r.number}",
+                abort=f"/admin/models/{model}/rounds/{r.number}/abort",
+            )
             # under central DP a round that sampled nobody still releases its noise (the accountant counts it)
             outcome = step.close()  # PrivacyBudgetExceeded (409), a non-finite aggregate (422): nothing kept
             version = reg.get(model, publisher.published[-1])
             reg.set_tag(model, "training", version.number, action="round", reason=f"round {r.number}")
             summary, saved = state.close_summary(
-                model, r.number, "plain", version.number, len(r.devices), outcome.measurements
-            )
+                model, r.number, "plain", version.number, len(r.devices), outcome.measurements,
+                dp_adjacency=step.dp_adjacency,
+            )  # fmt: skip
             return version.number, (version, outcome, summary, saved)
 
         try:
@@ -939,6 +997,7 @@ def round_router(
                         publish,
                         snapshot=lambda: step_bytes(step),
                         measured=lambda result: None if result[1] is None else result[1].measurements,
+                        adjacency=step.dp_adjacency,
                     )
                     if r.record is not None
                     else publish()[1]

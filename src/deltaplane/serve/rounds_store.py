@@ -46,7 +46,7 @@ from deltaplane.codecs import Layout, WireSession, decompress, is_compact
 from deltaplane.delta import Delta
 from deltaplane.errors import Conflict, IntegrityError, NotFound
 from deltaplane.registry import Registry
-from deltaplane.serve.fleet_history import bounded_reason
+from deltaplane.serve.fleet_history import bounded_reason, stored_adjacency
 
 __all__ = ["SECAGG_OUTCOMES", "RoundConflict", "RoundRecord", "RoundStore"]
 
@@ -92,6 +92,10 @@ _ADDED_COLUMNS = (
     # ended before reasons were recorded here
     ("rounds", "reason", "TEXT"),
     ("secagg_rounds", "reason", "TEXT"),
+    # the neighbours its measurements' ε is stated under (aggregation.dp: add/remove, zero-out); NULL: no ε, or
+    # closed before the label was stored here (read back as "unknown", fleet_history.stored_adjacency)
+    ("rounds", "dp_adjacency", "TEXT"),
+    ("secagg_rounds", "dp_adjacency", "TEXT"),
 )
 
 
@@ -319,6 +323,7 @@ class RoundStore:
         *,
         snapshot: Callable[[], bytes] | None = None,
         measured: Callable[[T], Mapping[str, float] | None] | None = None,
+        adjacency: str | None = None,
     ) -> T:
         """Run ``publish`` and mark the round closed in one transaction (all or nothing).
 
@@ -327,7 +332,8 @@ class RoundStore:
         its uploads. When a version is published, ``snapshot()`` (the server step's state after the round)
         is stored in the same transaction (:meth:`step_snapshot`). ``measured(anything)``, the round's
         measurements (ε spent...), is stored with the round in the same transaction, so an operator whose
-        answer to the close was lost reads them back (:meth:`record`). Returns the second element.
+        answer to the close was lost reads them back (:meth:`record`), with ``adjacency``, the neighbours their
+        ε is stated under (kept only beside measurements). Returns the second element.
         """
         with self.registry.transaction() as con:
             state = con.execute(
@@ -340,9 +346,13 @@ class RoundStore:
             version, result = publish()
             measurements = _stored(measured(result)) if measured is not None else None
             con.execute(
-                "UPDATE rounds SET state='closed', closed_at=?, version=?, measurements=? WHERE model=? AND number=?",
-                (time.time(), version, measurements, rec.model, rec.number),
-            )
+                "UPDATE rounds SET state='closed', closed_at=?, version=?, measurements=?, dp_adjacency=? "
+                "WHERE model=? AND number=?",
+                (
+                    time.time(), version, measurements, None if measurements is None else adjacency,
+                    rec.model, rec.number,
+                ),
+            )  # fmt: skip
             if version is not None and snapshot is not None:
                 _put_snapshot(con, rec.model, rec.number, version, snapshot())
         return result
@@ -369,16 +379,18 @@ class RoundStore:
     def record(self, model: str, number: int) -> dict[str, Any] | None:
         """Round ``number`` of ``model`` as stored (``state``: open, closed or aborted; ``version`` it published,
         ``uploads`` accepted and the ``devices`` they came from, in arrival order; ``measurements`` of its close:
-        {} when none were recorded), or None if it never existed: what an operator re-reads after losing an
+        {} when none were recorded; ``dp_adjacency``, the neighbours their ε is stated under: "unknown" for a
+        round closed before it was stored, None without ε), or None if it never existed: what an operator re-reads after losing an
         answer, and whose devices ``fleet coordinate`` names as dropped out."""
         rows = self.registry.query(
-            "SELECT base_version, state, version, opened_at, closed_at, measurements, reason FROM rounds "
-            "WHERE model=? AND number=?",
+            "SELECT base_version, state, version, opened_at, closed_at, measurements, reason, dp_adjacency "
+            "FROM rounds WHERE model=? AND number=?",
             (model, number),
         )
         if not rows:
             return None
-        base, state, version, opened, closed, measurements, reason = rows[0]
+        base, state, version, opened, closed, measurements, reason, adjacency = rows[0]
+        measured = _measured(measurements)
         devices = [
             str(d)
             for (d,) in self.registry.query(
@@ -388,7 +400,8 @@ class RoundStore:
         return {
             "model": model, "round": number, "base_version": int(base), "state": str(state),
             "version": version, "uploads": len(devices), "devices": devices, "opened_at": opened,
-            "closed_at": closed, "measurements": _measured(measurements), "reason": reason,
+            "closed_at": closed, "measurements": measured, "reason": reason,
+            "dp_adjacency": stored_adjacency(adjacency, has_epsilon="epsilon" in measured),
         }  # fmt: skip
 
     def abort(self, rec: RoundRecord, reason: str) -> None:
@@ -440,22 +453,25 @@ class RoundStore:
         version: int | None = None,
         measurements: Mapping[str, float] | None = None,
         reason: str | None = None,
+        adjacency: str | None = None,
     ) -> None:
         """Record how SecAgg round ``number`` ended (:data:`SECAGG_OUTCOMES`) and, when it published, its close's
-        ``measurements``, else why not (``reason``, bounded); called inside the transaction that publishes or
+        ``measurements`` (and ``adjacency``, the neighbours their ε is stated under), else why not (``reason``,
+        bounded); called inside the transaction that publishes or
         aborts it, so a version is never published by a round still recorded open."""
         if outcome not in SECAGG_OUTCOMES:
             raise ValueError(f"unknown SecAgg outcome {outcome!r}")
         with self.registry.transaction() as con:
             con.execute(
-                "UPDATE secagg_rounds SET state=?, closed_at=?, version=?, measurements=?, reason=? "
-                "WHERE model=? AND number=?",
+                "UPDATE secagg_rounds SET state=?, closed_at=?, version=?, measurements=?, reason=?, "
+                "dp_adjacency=? WHERE model=? AND number=?",
                 (
                     outcome,
                     time.time(),
                     version,
                     _stored(measurements),
                     None if reason is None else bounded_reason(reason),
+                    None if measurements is None else adjacency,
                     model,
                     number,
                 ),
@@ -463,20 +479,27 @@ class RoundStore:
 
     def secagg_record(self, model: str, number: int) -> dict[str, Any] | None:
         """SecAgg round ``number`` of ``model`` as recorded (None if it never existed): ``finished`` is its
-        outcome, or None while it is open; ``published`` the version and the close's measurements."""
+        outcome, or None while it is open; ``published`` the version, the close's measurements and the neighbours
+        their ε is stated under (``dp_adjacency``: "unknown" if closed before it was stored, None without ε)."""
         rows = self.registry.query(
-            "SELECT base_version, state, invited, opened_at, closed_at, version, measurements, reason "
-            "FROM secagg_rounds WHERE model=? AND number=?",
+            "SELECT base_version, state, invited, opened_at, closed_at, version, measurements, reason, "
+            "dp_adjacency FROM secagg_rounds WHERE model=? AND number=?",
             (model, number),
         )
         if not rows:
             return None
-        base, state, invited, opened, closed, version, measurements, reason = rows[0]
+        base, state, invited, opened, closed, version, measurements, reason, adjacency = rows[0]
+        measured = _measured(measurements)
         return {
             "model": model, "round": number, "base_version": int(base), "invited": int(invited),
             "finished": None if state == "open" else str(state),
             "published": (
-                None if version is None else {"version": int(version), "measurements": _measured(measurements)}
+                None
+                if version is None
+                else {
+                    "version": int(version), "measurements": measured,
+                    "dp_adjacency": stored_adjacency(adjacency, has_epsilon="epsilon" in measured),
+                }
             ),
             "opened_at": opened, "closed_at": closed, "reason": reason,
         }  # fmt: skip

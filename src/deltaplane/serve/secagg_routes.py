@@ -112,7 +112,7 @@ from deltaplane.delta import Delta
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
 from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
-from deltaplane.registry import Governance
+from deltaplane.registry import Governance, withdrawn_among
 from deltaplane.serve.bodies import read_capped
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 from deltaplane.serve.revocation_routes import REVOCATIONS_ADMIN_PATH, read_service_revocations
@@ -121,6 +121,8 @@ from deltaplane.serve.rounds import (
     check_guard_admits_distributed_dp,
     check_update_norm,
     distributed_dp_honest_bound,
+    publisher_of,
+    refuse_withdrawn_round,
     remembering_refusal,
     resume_step,
     step_bytes,
@@ -488,9 +490,9 @@ def install_secagg_routes(
             ended["model"],
         )
 
-    def recorded(model: str, number: int) -> dict[str, Any]:
-        """A round this process does not hold, as the store recorded it: 409 saying how it ended (RoundLost
-        for a round the service stopped under), 404 if it never existed."""
+    def recorded(model: str, number: int) -> NoReturn:
+        """Refuse a round this process does not hold, as the store recorded it: 409 saying how it ended
+        (RoundLost for a round the service stopped under), 404 if it never existed."""
         rec = store.secagg_record(model, number)
         if rec is None:
             raise NotFound(f"no SecAgg round {number} for {model!r}")
@@ -524,7 +526,7 @@ def install_secagg_routes(
             if done is not None:
                 done.refuse()
             recorded(model, number)
-        return r  # type: ignore[return-value]  # recorded() always raises
+        return r
 
     def finish(r: SecAggRound, outcome: str, reason: str | None = None) -> dict[str, Any]:
         """Under ``state.lock``: drop the round's protocol state (every masked input, model-sized, goes with it),
@@ -543,7 +545,7 @@ def install_secagg_routes(
         u = r.clients.get(ident.device_id)
         if u is None:
             raise HTTPException(403, f"device {ident.device_id} is not invited to SecAgg round {r.number}")
-        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+        if withdrawn_among([ident.cohort], reg.withdrawn_cohorts(verify=True)):
             raise HTTPException(
                 403, f"cohort {ident.cohort!r} withdrew consent; it takes no part in SecAgg round {r.number}"
             )
@@ -581,14 +583,14 @@ def install_secagg_routes(
         the sum: the round is refused (409), never published."""
         device_of = {u: d for d, u in r.clients.items()}
         summed = {r.cohorts[device_of[u]] for u in survivors if device_of[u] in r.cohorts}
-        withdrawn = sorted(summed & reg.withdrawn_cohorts(verify=True))
-        if withdrawn:
-            raise HTTPException(
-                409,
-                f"cohort {withdrawn[0]!r} withdrew consent after its devices' inputs entered this round's sum; "
-                f"leave this round unpublished (abort it: POST /admin/models/{r.model}/secagg/{r.number}/abort) "
-                "and open a new SecAgg round",
-            )
+        refuse_withdrawn_round(
+            reg,
+            r.model,
+            r.base_version,
+            summed,
+            what=f"SecAgg round {r.number}'s sum",
+            abort=f"/admin/models/{r.model}/secagg/{r.number}/abort",
+        )
         gov = reg.get(r.model, r.base_version).governance
         cohorts = tuple(sorted(set(gov.cohorts) | summed))
         governance = Governance(
@@ -668,7 +670,7 @@ def install_secagg_routes(
         """What a polling device does next: an empty list when nothing is open (not an error: poll again). A
         device of a cohort that withdrew consent sees none: every round would refuse its update."""
         found: list[OpenRound] = []
-        if ident.cohort in reg.withdrawn_cohorts(verify=True):
+        if withdrawn_among([ident.cohort], reg.withdrawn_cohorts(verify=True)):
             return OpenRounds(model=model, rounds=found)
         plain = state.rounds.get(model)
         if plain is not None and not plain.closing:
@@ -891,7 +893,7 @@ def install_secagg_routes(
         rec = store.secagg_record(model, number)
         if rec is None or rec["finished"] is None:
             recorded(model, number)  # 404, or open in another process (409)
-        return rec  # type: ignore[return-value]
+        return rec
 
     @router.post(
         "/admin/models/{model}/secagg/{number}/advance", tags=["admin", "secagg"], dependencies=AdminDep
@@ -972,7 +974,6 @@ def install_secagg_routes(
         check_update_norm(
             mean, state.base_state(model, r.base_version), config.max_update_norm_ratio, honest=honest
         )
-        governance, lineage = round_governance(r, survivors)
         uplink = sum(r.endpoint.server.bytes_received.values())
         with state.lock:
             if rounds.get((model, number)) is not r:  # a concurrent close published it, or an abort
@@ -982,21 +983,30 @@ def install_secagg_routes(
                     409, f"plain round {state.rounds[model].number} of {model!r} is open; close it first"
                 )
             step = resume_step(config, state, store, model, r.base_version)
-            publisher = step.publisher
-            publisher.governance, publisher.lineage = governance, lineage  # type: ignore[attr-defined]
+            publisher = publisher_of(step)
             # The new version, its delta, the training tag and the step's stored state commit together or
             # not at all, and the step is put back if anything fails: the round stays closable.
             with undo_on_failure(step), reg.transaction():
+                # read in the transaction: a withdrawal cannot land between its check and the publication
+                governance, lineage = round_governance(r, survivors)
+                publisher.governance, publisher.lineage = governance, lineage
                 # the engine's server step gets the unmasked mean and nothing else: its chain, downlink, publisher
                 step.open(number, version=r.base_version, state=state.base_state(model, r.base_version))
                 step.receive_secure_sum(mean, contributors=len(survivors), uplink_bytes=uplink)
                 outcome = step.close()  # PrivacyBudgetExceeded (409) leaves the model where it was
-                version = reg.get(model, step.publisher.published[-1])  # type: ignore[attr-defined]
+                version = reg.get(model, publisher.published[-1])
                 reg.set_tag(
                     model, "training", version.number, action="round", reason=f"SecAgg round {number}"
                 )
                 store.save_step(model, number, version.number, step_bytes(step))
-                store.finish_secagg(model, number, "published", version.number, outcome.measurements)
+                store.finish_secagg(
+                    model,
+                    number,
+                    "published",
+                    version.number,
+                    outcome.measurements,
+                    adjacency=step.dp_adjacency,
+                )
                 summary, saved = state.close_summary(
                     model,
                     number,
@@ -1006,6 +1016,7 @@ def install_secagg_routes(
                     outcome.measurements,
                     authenticated=r.endpoint.server.authenticated,
                     revoked=r.revoked,
+                    dp_adjacency=step.dp_adjacency,
                 )
             r.published = {  # under the lock: a concurrent close sees the round closed
                 "version": version.number,

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import ssl
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,6 +460,26 @@ def check_service_key(der: bytes | None, pinned: str, where: str, *, sent: bool 
     )
 
 
+@dataclass(frozen=True)
+class _Pin:
+    """What :func:`pin_service_key` pinned a context to: the service key's SPKI digest (hex) and the service's
+    URL, if given."""
+
+    spki: str
+    service: str | None
+
+
+#: Each context :func:`pin_service_key` changed, with its pin: kept beside the context, since ``ssl.SSLContext``
+#: declares no attribute to hold it, and weakly, so a context its caller drops takes its pin along.
+_PINS: weakref.WeakKeyDictionary[ssl.SSLContext, _Pin] = weakref.WeakKeyDictionary()
+
+
+def _check_pin(conn: ssl.SSLSocket | ssl.SSLObject) -> None:
+    """:func:`check_service_key` on a pinned connection whose handshake just succeeded."""
+    pin = _PINS[conn.context]
+    check_service_key(conn.getpeercert(True), pin.spki, _pinned_where(conn, pin.service))
+
+
 class _PinnedSocket(ssl.SSLSocket):
     """A client TLS socket that, once the handshake (and the CA's verification) succeeds, refuses a server
     whose key is not its context's pin, before the connection carries a byte of the request."""
@@ -466,7 +487,7 @@ class _PinnedSocket(ssl.SSLSocket):
     def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
         try:
-            check_service_key(self.getpeercert(True), self.context._deltaplane_spki, _pinned_where(self))  # type: ignore[attr-defined]
+            _check_pin(self)
         except ServiceKeyMismatch:
             self.close()
             raise
@@ -477,16 +498,15 @@ class _PinnedObject(ssl.SSLObject):
 
     def do_handshake(self) -> None:
         super().do_handshake()
-        check_service_key(self.getpeercert(True), self.context._deltaplane_spki, _pinned_where(self))  # type: ignore[attr-defined]
+        _check_pin(self)
 
 
-def _pinned_where(conn: ssl.SSLSocket | ssl.SSLObject) -> str:
+def _pinned_where(conn: ssl.SSLSocket | ssl.SSLObject, service: str | None) -> str:
     """The service a pinned connection went to, as its refusal names it: the URL :func:`pin_service_key` was
     given (``https://127.0.0.1:8443``, what the operator typed and the docs quote) when the connection is to
     its host, else the host name alone (a context pinned for one URL and used for another host). The socket's
     peer cannot say it: through an ``https://`` proxy's ``CONNECT`` the peer is the proxy."""
     host = str(conn.server_hostname)
-    service = getattr(conn.context, "_deltaplane_service", None)
     if service and urlsplit(service).hostname == host.strip("[]").lower():
         return service
     return host
@@ -498,8 +518,7 @@ def pin_service_key(context: ssl.SSLContext, pin: str, service: str | None = Non
     with a valid certificate from the trusted CA for the right name, but another key, raises
     :class:`ServiceKeyMismatch` before any request is sent (a bearer token included). ``service``: the
     service's URL, which the refusal names (``the service at https://…``); without it, the host name."""
-    context._deltaplane_spki = parse_spki_pin(pin)  # type: ignore[attr-defined]
-    context._deltaplane_service = service.rstrip("/") if service else None  # type: ignore[attr-defined]
+    _PINS[context] = _Pin(parse_spki_pin(pin), service.rstrip("/") if service else None)
     context.sslsocket_class = _PinnedSocket
     context.sslobject_class = _PinnedObject
     return context

@@ -844,6 +844,8 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + _num(r["version"], "{}", "version")
         + _num(r["contributors"], "{}", "contributors")
         + _num(r["epsilon"], "{:.3f}", "epsilon")
+        # the round's own label, as stored with its ε ("unknown": closed before it was stored); blank: no ε
+        + f"<td data-field='epsilon_neighbours'>{escape(str(r.get('dp_adjacency') or ''))}</td>"
         + _num(r.get("local_epsilon_max"), "{:.3f}", "local_epsilon_max")
         + _num(r.get("holdout_accuracy_mean"), "{:.3f}", "holdout_accuracy_mean")
         + _num(r.get("holdout_accuracy_min"), "{:.3f}", "holdout_accuracy_min")
@@ -946,6 +948,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
                 "version",
                 "devices in it",
                 "ε spent",
+                "ε neighbours",
                 "local ε (max reported)",
                 "held-out accuracy mean",
                 "min",
