@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import chi2_contingency, ks_2samp
@@ -13,6 +15,7 @@ from deltaplane.monitor import (
     psi,
     summarize,
 )
+from deltaplane.monitor.drift import WindowSummary
 
 
 def test_psi_matches_the_formula_and_is_zero_for_identical():
@@ -605,3 +608,88 @@ def test_one_device_cannot_move_the_embedding_centroid_alone():
     # every device shifted: the median moves too, and the shift is flagged as before
     moved = [summarize(spec, embeddings=rng.normal(size=(100, 8)) + 0.5) for _ in range(10)]
     assert _centroid_row(mon.compare(moved))["drifted"]
+
+
+def _predicting(n_classes=3, seed=0):
+    """A monitor of 3 features and ``n_classes`` predicted classes (windows of 3 reports from 3 devices), with
+    version 2's predictions on the reference data registered: far from the label prior (the model of version 2
+    predicts class 0 for most inputs, as an early model does)."""
+    rng = np.random.default_rng(seed)
+    ref = rng.standard_normal((2000, 3))
+    spec = DriftSpec.fit(ref, n_classes=n_classes)
+    labels = rng.integers(0, n_classes, 2000)
+    mon = DriftMonitor(spec, summarize(spec, ref, labels), window=3, min_devices=3)
+    mon.set_prediction_reference(2, [1400, 400, 200])
+    return mon, spec, rng
+
+
+def _window(mon, spec, rng, shares, versions=(2, 2, 2)):
+    """One window: each device's 400 inputs like the reference, its predictions drawn with ``shares``."""
+    report = None
+    for i, version in enumerate(versions):
+        pred = rng.choice(len(shares), size=400, p=shares)
+        report = mon.ingest(summarize(spec, rng.standard_normal((400, 3)), pred), f"d{i}", version=version)
+    assert report is not None
+    return report
+
+
+def test_predictions_are_compared_with_their_own_versions_predictions_not_the_label_prior():
+    """Black-box shift detection: a model that predicts as it did on the reference data is no drift, however far
+    its predictions are from the labels (compared with the label prior, every window of a federation still
+    learning alerted); the same model's predictions moving is drift."""
+    mon, spec, rng = _predicting()
+    same = _window(mon, spec, rng, [0.7, 0.2, 0.1])
+    (row,) = [r for r in same.rows if r["kind"] == "prediction"]
+    assert row["name"] == "predicted class (version 2)" and row["version"] == 2
+    assert row["psi"] < 0.02 and same.alerts == []
+    shifted = _window(mon, spec, rng, [0.1, 0.2, 0.7])
+    assert [a.split(":")[0] for a in shifted.alerts] == ["prediction drift on predicted class (version 2)"]
+
+
+def test_a_version_without_a_prediction_reference_is_not_tested_and_says_why():
+    mon, spec, rng = _predicting()
+    report = _window(mon, spec, rng, [0.0, 0.0, 1.0], versions=(2, 3, 3))
+    rows = {r["version"]: r for r in report.rows if r["kind"] == "prediction"}
+    assert rows[3]["psi"] is None and rows[3]["p"] is None and not rows[3]["drifted"]
+    assert "no prediction reference for version 3 (held: versions 2)" in rows[3]["note"]
+    assert rows[3]["devices"] == 2 and rows[2]["devices"] == 1  # each version's own devices
+    # version 2's one device predicting class 2 only is drift, tested on its own reports
+    assert report.alerts and all("version 2" in a for a in report.alerts)
+
+
+def test_prediction_references_are_checked_bounded_and_kept_in_the_settings():
+    mon, _, _ = _predicting()
+    for bad, what in [
+        ([1, 2], "3 whole counts"),
+        ([0, 0, 0], "holds no inputs"),
+        ([1.5, 1, 1], "whole counts"),
+    ]:
+        with pytest.raises(ConfigError, match=what):
+            mon.set_prediction_reference(4, bad)
+    with pytest.raises(ConfigError, match="version must be a whole number >= 1"):
+        mon.set_prediction_reference(0, [1, 1, 1])
+    for v in range(3, 13):
+        mon.set_prediction_reference(v, [v, 1, 1])
+    assert sorted(mon.prediction_references) == list(range(5, 13))  # the 8 newest versions
+    again = DriftMonitor.from_settings(json.loads(json.dumps(mon.settings())))
+    assert again.prediction_references == mon.prediction_references
+    old = {k: v for k, v in mon.settings().items() if k != "prediction_references"}  # stored before
+    assert DriftMonitor.from_settings(old).prediction_references == {}
+
+
+def test_a_windows_versioned_predictions_survive_its_resumption_and_merge_apart():
+    """A device reporting on two versions in one window: each version's predictions stay apart, through a
+    JSON round trip of the window (what the service stores) and an unversioned report merged in."""
+    mon, spec, rng = _predicting()
+    x = rng.standard_normal((100, 3))
+    mon.ingest(summarize(spec, x, np.zeros(100, int)), "d0", version=2)
+    mon.ingest(summarize(spec, x, np.full(100, 2)), "d0", version=3)
+    mon.ingest(summarize(spec, x), "d0")
+    live, reports, anonymous = mon.live_window()
+    stored = {d: WindowSummary.from_dict(json.loads(json.dumps(s.to_dict()))) for d, s in live.items()}
+    assert stored["d0"].version_predictions == {2: [100, 0, 0], 3: [0, 0, 100]} and stored["d0"].n == 300
+    assert stored["d0"].prediction_counts == []
+    mon.resume_window(stored, reports, anonymous)
+    forged = WindowSummary(**{**stored["d0"].__dict__, "version_predictions": {2: [500, 0, 0]}})
+    with pytest.raises(InvalidUpdate, match="prediction counts of all versions"):
+        forged.validate(spec)

@@ -150,3 +150,73 @@ def test_a_device_reporting_one_sample_cannot_hide_the_fleets_drift(service):
         ]
     out = service.device("liar").report("cnn", version=1, summary=summarize(spec, np.zeros((1, 2))).to_dict())
     assert out["drift_evaluated"] and len(out["alerts"]) == 2, out
+
+
+def _predictions_monitored(service):
+    """A reference of 2 features and 3 classes (windows of 3 devices) and a summary maker: 300 inputs like the
+    reference, predicted with the given class shares."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(2000, 2))
+    spec = DriftSpec.fit(ref, n_classes=3)
+    # the reference PUT carries the label prior, as before: the service never compares predictions with it
+    prior = summarize(spec, ref, rng.integers(0, 3, 2000)).to_dict()
+    service.admin.set_drift_reference("cnn", spec.to_dict(), prior, window=3)
+
+    def summary(shares):
+        return summarize(spec, rng.normal(size=(300, 2)), rng.choice(3, size=300, p=shares)).to_dict()
+
+    return summary
+
+
+def test_reports_predictions_are_tested_against_their_versions_registered_predictions(service):
+    summary = _predictions_monitored(service)
+    devs = [service.device(f"d{i}") for i in range(3)]
+    early = [
+        0.8,
+        0.15,
+        0.05,
+    ]  # an early model: far from the labels' shares, like its own reference predictions
+    for d in devs:  # no prediction reference for version 1 yet: predictions untested, and the row says why
+        out = d.report("cnn", version=1, summary=summary(early))
+    (row,) = [
+        r for r in service.admin._get("/admin/models/cnn/drift")[-1]["rows"] if r["kind"] == "prediction"
+    ]
+    assert (
+        out["alerts"] == [] and row["psi"] is None and "no prediction reference for version 1" in row["note"]
+    )
+
+    got = service.admin.set_prediction_reference("cnn", 1, [1600, 300, 100])
+    assert got == {"model": "cnn", "version": 1, "versions": [1]}
+    for d in devs:  # the same model predicting as it did on the reference data: no drift
+        out = d.report("cnn", version=1, summary=summary(early))
+    (row,) = [
+        r for r in service.admin._get("/admin/models/cnn/drift")[-1]["rows"] if r["kind"] == "prediction"
+    ]
+    assert out["alerts"] == [] and row["psi"] < 0.05 and row["version"] == 1
+    for d in devs:  # its predictions moving: prediction drift
+        out = d.report("cnn", version=1, summary=summary([0.1, 0.2, 0.7]))
+    assert [a.split(":")[0] for a in out["alerts"]] == ["prediction drift on predicted class (version 1)"]
+
+
+def test_a_prediction_reference_is_checked(service):
+    _predictions_monitored(service)
+    for counts, what in [([1, 2], "3 whole counts"), ([0, 0, 0], "holds no inputs"), ([], "at least 1")]:
+        with pytest.raises(ServiceError) as e:
+            service.admin.set_prediction_reference("cnn", 1, counts)
+        assert e.value.status == 422 and what in e.value.detail, e.value.detail
+    with pytest.raises(ServiceError) as e:
+        service.admin.set_prediction_reference("cnn", 7, [1, 1, 1])
+    assert e.value.status == 404
+    r = service.http.put(
+        "/admin/models/cnn/drift-reference/predictions/1",
+        json={"prediction_counts": [1, -1, 1]},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert r.status_code == 422
+    assert service.state.monitors["cnn"].prediction_references == {}  # nothing refused was kept
+
+
+def test_a_prediction_reference_needs_a_drift_reference(service):
+    with pytest.raises(ServiceError) as e:
+        service.admin.set_prediction_reference("cnn", 1, [1, 1, 1])
+    assert e.value.status == 404 and "drift-reference first" in e.value.detail

@@ -204,3 +204,13 @@ def test_devices_larger_than_the_default_example_bound_are_taken_over_http(big_t
     assert [r.rejected for r in b.rounds] == [0]
     for k, v in a.final_state.items():
         torch.testing.assert_close(b.final_state[k], v, rtol=0, atol=0)
+
+
+def test_an_unshifted_http_run_raises_no_prediction_alert_while_the_model_learns():
+    """Each version's held-out predictions are compared with the same version's predictions on the training
+    set (registered by the run when it publishes the version). Compared with the label prior, every round of
+    this run alerted on the predicted class (PSI 8.3 in round 1: the first model predicts one class), with no
+    data drift at all."""
+    res = run_http_simulation(RunConfig(clients=3, rounds=2))
+    assert [d["alerts"] for d in res.drift] == [[], []]
+    assert all(d["prediction_psi"] is not None and d["prediction_psi"] < 0.1 for d in res.drift), res.drift

@@ -687,3 +687,26 @@ def test_a_clean_stop_waits_for_the_periodic_flush_under_way(tmp_path, monkeypat
     time.sleep(0.05)
     assert most[0] == 1, order  # before: 2 (the last flush ran beside the periodic one)
     assert order == ["start", "end", "start", "end"], order
+
+
+def test_prediction_references_and_a_windows_versioned_predictions_survive_a_restart(tmp_path) -> None:
+    svc = Service(tmp_path / "home")
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2000, 2))
+    spec = DriftSpec.fit(ref, n_classes=3)
+    svc.admin.set_drift_reference(
+        "cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=2, min_devices=1
+    )
+    svc.device("d0").report(
+        "cnn", version=1, summary=summarize(spec, ref[:300], np.zeros(300, int)).to_dict()
+    )
+    svc.admin.set_prediction_reference("cnn", 1, [2000, 0, 0])  # registered while the window is open: kept
+    restart(svc)
+    mon = svc.state.monitors["cnn"]
+    assert mon.prediction_references == {1: [2000, 0, 0]}
+    assert mon.live_window()[0]["d0"].version_predictions == {1: [300, 0, 0]}
+    out = svc.device("d1").report(
+        "cnn", version=1, summary=summarize(spec, ref[300:600], np.full(300, 2)).to_dict()
+    )
+    (row,) = [r for r in svc.admin._get("/admin/models/cnn/drift")[-1]["rows"] if r["kind"] == "prediction"]
+    assert row["n"] == 600 and row["devices"] == 2 and out["alerts"]  # half the window's predictions moved

@@ -44,6 +44,7 @@ __all__ = [
     "DriftReport",
     "DriftSpec",
     "Summary",
+    "WindowSummary",
     "chi2_from_counts",
     "holm",
     "ks_from_counts",
@@ -70,6 +71,10 @@ MC_EXCEEDANCES = 50
 #: at most this many table cells are drawn per Monte-Carlo χ² test (about a second here): 1,000,000 tables of
 #: 2 x 10 classes, enough for p-values down to 1e-6; a table of 2 x 65,536 classes gets 152 draws
 MC_MAX_CELLS = 20_000_000
+
+#: prediction references a monitor keeps, one per model version (the highest version numbers): a report names
+#: the version it ran, and reports from older versions than these are not tested on predictions
+MAX_PREDICTION_REFERENCES = 8
 
 #: A count vector: a list of numbers or a 1-D array (each test reads it with ``np.asarray``).
 Counts = Sequence[float] | np.ndarray
@@ -511,6 +516,59 @@ class Summary:
         return dict(self.__dict__)
 
 
+@dataclass
+class WindowSummary(Summary):
+    """A device's merged reports in a monitor's open window: a :class:`Summary` whose predicted-class counts are
+    kept apart per model version (``version_predictions``), since predictions are compared only with the same
+    version's predictions on the reference data (:meth:`DriftMonitor.set_prediction_reference`). A device never
+    sends one; the monitor builds it from a report that names its version."""
+
+    version_predictions: dict[int, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WindowSummary:
+        """The summary :meth:`to_dict` wrote (JSON's string keys read back as versions); TypeError or
+        ValueError for anything else."""
+        data = dict(d)
+        by_version = data.pop("version_predictions", None) or {}
+        if not isinstance(by_version, Mapping):
+            raise TypeError(
+                f"version_predictions must map versions to counts. Found {type(by_version).__name__}"
+            )
+        return cls(**data, version_predictions={int(v): list(c) for v, c in by_version.items()})
+
+    def validate(self, spec: DriftSpec) -> None:
+        """The summary's checks, and one count per class for each version, adding up to at most ``n``."""
+        super().validate(spec)
+        for version, counts in self.version_predictions.items():
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise InvalidUpdate(
+                    f"version_predictions keys must be model versions >= 1. Found {version!r}"
+                )
+            if len(counts) != spec.n_classes or not all(_is_count(v) for v in counts):
+                raise InvalidUpdate(
+                    f"version_predictions[{version}] must be {spec.n_classes} whole counts >= 0 (one per class)"
+                )
+        total = sum(self.prediction_counts) + sum(sum(c) for c in self.version_predictions.values())
+        if total > self.n:
+            raise InvalidUpdate(f"prediction counts of all versions sum to {total} > n={self.n}")
+
+    def merge(self, other: Summary) -> WindowSummary:
+        merged = super().merge(other)
+        by_version = {v: list(c) for v, c in self.version_predictions.items()}
+        for v, c in getattr(other, "version_predictions", {}).items():
+            by_version[v] = (
+                [a + b for a, b in zip(by_version[v], c, strict=True)] if v in by_version else list(c)
+            )
+        return WindowSummary(**merged.__dict__, version_predictions=by_version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "version_predictions": {str(v): c for v, c in self.version_predictions.items()},
+        }
+
+
 def _is_count(v: Any) -> bool:
     if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
         return False
@@ -665,6 +723,16 @@ class DriftMonitor:
             is noise.
         min_devices: distinct devices a window needs before it is evaluated (a window keeps collecting
             reports until it has them).
+        prediction_references: each model version's predicted-class counts on the reference data
+            (:meth:`set_prediction_reference`).
+
+    Predictions are compared with the *same model's* predictions on the reference data (black-box shift
+    detection, Lipton et al. 2018, "Detecting and Correcting for Label Shift with Black Box Predictors",
+    https://arxiv.org/abs/1802.03916): a report that names the model version it ran (``ingest(...,
+    version=v)``) is tested against version ``v``'s prediction reference, and one whose version has none is not
+    tested on predictions (its row says so). ``reference.prediction_counts`` serves the reports that name no
+    version (a monitor of one fixed model). Compared with the label prior instead, the test measured how
+    inaccurate the model still was: every window of a federation still learning alerted, with no drift at all.
     """
 
     def __init__(
@@ -678,6 +746,7 @@ class DriftMonitor:
         embedding_shift_threshold: float = 0.1,
         min_samples: int = 30,
         min_devices: int = 1,
+        prediction_references: Mapping[int, Counts] | None = None,
     ) -> None:
         if not 0 < psi_threshold < PSI_MAX:
             raise ConfigError(
@@ -726,6 +795,9 @@ class DriftMonitor:
         self.min_samples = min_samples
         self.min_devices = min_devices
         self.embedding_shift_threshold = embedding_shift_threshold
+        self.prediction_references: dict[int, list[int]] = {}
+        for version, counts in (prediction_references or {}).items():
+            self.set_prediction_reference(version, counts)
         self._live: dict[str, Summary] = {}
         self._reports = 0
         self._anonymous = 0
@@ -743,6 +815,8 @@ class DriftMonitor:
             "min_samples": self.min_samples,
             "min_devices": self.min_devices,
             "embedding_shift_threshold": self.embedding_shift_threshold,
+            # JSON keys are strings; from_settings reads them back as versions
+            "prediction_references": {str(v): c for v, c in self.prediction_references.items()},
         }
 
     @classmethod
@@ -754,7 +828,34 @@ class DriftMonitor:
             Summary(**d["reference"]),
             **{k: d[k] for k in ("psi_threshold", "alpha", "window", "min_samples", "min_devices")},
             embedding_shift_threshold=d["embedding_shift_threshold"],
+            # settings stored before prediction references were kept have none
+            prediction_references={int(v): c for v, c in (d.get("prediction_references") or {}).items()},
         )
+
+    def set_prediction_reference(self, version: int, counts: Counts) -> None:
+        """Register model ``version``'s predicted-class counts on the reference data: reports naming ``version``
+        are compared with them. Whoever publishes a version and holds the reference data calls this (the
+        service: ``PUT /admin/models/{m}/drift-reference/predictions/{version}``). The
+        :data:`MAX_PREDICTION_REFERENCES` highest versions are kept. :class:`ConfigError` unless ``version`` is a
+        whole number >= 1 and ``counts`` one whole count >= 0 per class of the spec, not all zero."""
+        if isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 1:
+            raise ConfigError(
+                f"a prediction reference's version must be a whole number >= 1. Found {version!r}"
+            )
+        values: list[Any] = np.asarray(counts, dtype=object).reshape(-1).tolist()
+        if len(values) != self.spec.n_classes or not all(_is_count(v) for v in values):
+            raise ConfigError(
+                f"the prediction reference of version {version} must hold {self.spec.n_classes} whole counts >= 0 "
+                f"(one per class of the drift spec). Found {values[:8]}"
+            )
+        if not sum(values):
+            raise ConfigError(
+                f"the prediction reference of version {version} holds no inputs: count the version's predicted "
+                "classes on the reference data"
+            )
+        self.prediction_references[int(version)] = [int(v) for v in values]
+        for old in sorted(self.prediction_references)[:-MAX_PREDICTION_REFERENCES]:
+            del self.prediction_references[old]
 
     def live_window(self) -> tuple[dict[str, Summary], int, int]:
         """The open window: each device's merged summary, the reports it holds, the anonymous reports counted
@@ -767,14 +868,31 @@ class DriftMonitor:
             summary.validate(self.spec)
         self._live, self._reports, self._anonymous = dict(live), int(reports), int(anonymous)
 
-    def ingest(self, summary: Summary, device: str | None = None) -> DriftReport | None:
-        """Add one report (from ``device``); returns the window's report when the window closes, else None."""
+    def ingest(
+        self, summary: Summary, device: str | None = None, *, version: int | None = None
+    ) -> DriftReport | None:
+        """Add one report (from ``device``, whose predictions model ``version`` made: they are compared with
+        that version's prediction reference); returns the window's report when the window closes, else None."""
         summary.validate(self.spec)
+        if version is not None:
+            if isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 1:
+                raise InvalidUpdate(
+                    f"a report's model version must be a whole number >= 1. Found {version!r}"
+                )
+            by_version = {int(version): list(summary.prediction_counts)} if summary.prediction_counts else {}
+            fields = {**summary.__dict__, "prediction_counts": []}
+            fields.pop("version_predictions", None)
+            summary = WindowSummary(**fields, version_predictions=by_version)
         if device is None:
             self._anonymous += 1
             device = f"\0anonymous-{self._anonymous}"  # cannot collide with a real device id
         prev = self._live.get(device)
-        self._live[device] = summary if prev is None else prev.merge(summary)
+        if prev is None:
+            self._live[device] = summary
+        else:  # a versioned report's merge keeps its predictions apart, whichever side holds them
+            self._live[device] = (
+                summary.merge(prev) if isinstance(summary, WindowSummary) else prev.merge(summary)
+            )
         self._reports += 1
         if self._reports < self.window or len(self._live) < self.min_devices:
             return None
@@ -795,25 +913,35 @@ class DriftMonitor:
         rows: list[dict[str, Any]] = []
         alerts: list[str] = []
         tested: list[_Tested] = []
-        min_p = self.alpha / max(1, self._n_signals())  # what a Monte-Carlo p-value must be able to reach
+        versions = sorted({v for d in devices for v in getattr(d, "version_predictions", {})})
+        # what a Monte-Carlo p-value must be able to reach
+        min_p = self.alpha / max(1, self._n_signals() + len(versions))
 
         def row(
-            kind: str, name: str, ref: Sequence[float], cur: Sequence[Sequence[float]], test: str
+            kind: str,
+            name: str,
+            ref: Sequence[float],
+            cur: Sequence[Sequence[float]],
+            test: str,
+            untested: str | None = None,
+            **extra: Any,
         ) -> None:
             pooled = _pool(cur)
-            if sum(ref) == 0 or pooled is None:
+            if (sum(ref) == 0 and untested is None) or pooled is None:
                 return
             counts, n_eff = pooled
             base = {
                 "kind": kind,
                 "name": name,
                 "test": test,
+                **extra,
                 "devices": sum(1 for c in cur if sum(c) > 0),
                 "n": n_eff,  # the effective sample size this signal's test sees
             }
-            if n_eff < self.min_samples:  # too few to test: say so instead of a noisy verdict
-                note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
-                rows.append({**base, **_UNTESTED, "note": note})
+            if untested is None and n_eff < self.min_samples:  # too few to test: say so, not a noisy verdict
+                untested = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+            if untested is not None:
+                rows.append({**base, **_UNTESTED, "note": untested})
                 return
             value = psi(ref, counts)
             if test == "ks":
@@ -840,6 +968,18 @@ class DriftMonitor:
         if self.reference.prediction_counts:
             cur = [d.prediction_counts for d in devices if d.prediction_counts]
             row("prediction", "predicted class", self.reference.prediction_counts, cur, "chi2")
+        for v in versions:  # each version's predictions against that version's on the reference data
+            cur = [d.version_predictions.get(v, []) for d in devices if isinstance(d, WindowSummary)]
+            ref = self.prediction_references.get(v)
+            row(
+                "prediction",
+                f"predicted class (version {v})",
+                ref or [],
+                [c for c in cur if c],
+                "chi2",
+                None if ref else _no_prediction_reference(v, self.prediction_references),
+                version=v,
+            )
         for k, ref_counts in enumerate(self.reference.projection_counts):
             cur = [d.projection_counts[k] for d in devices if d.projection_counts]
             row("embedding", f"projection {k}", ref_counts, cur, "ks")
@@ -956,6 +1096,17 @@ def _clip_to_median_norm(deviations: np.ndarray) -> np.ndarray:
     cap = np.sort(norms)[(len(norms) - 1) // 2]
     scale = np.where(norms > cap, cap / np.where(norms > 0, norms, 1.0), 1.0)
     return deviations * scale[:, None]
+
+
+def _no_prediction_reference(version: int, references: Mapping[int, Any]) -> str:
+    """Why a version's predictions were not tested: no reference of that version's predictions (never compared
+    with another version's, or with the labels: that measures the model's errors, not drift)."""
+    held = f"held: versions {', '.join(map(str, sorted(references)))}" if references else "none held"
+    return (
+        f"no prediction reference for version {version} ({held}): predictions are compared only with the same "
+        f"version's predictions on the reference data; register them (DriftMonitor.set_prediction_reference, "
+        f"PUT /admin/models/{{model}}/drift-reference/predictions/{version})"
+    )
 
 
 #: the figures of a row that was not tested (too few samples, no reference spread)

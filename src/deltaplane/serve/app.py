@@ -503,7 +503,8 @@ class ServiceState:
                 mon = self.monitors.get(model) if summary is not None else None
                 if mon is not None and summary is not None:
                     undo = (mon, mon.live_window(), list(mon.history))
-                    closed = mon.ingest(summary, device=device)
+                    # the report's version made its predictions: they are tested against that version's
+                    closed = mon.ingest(summary, device=device, version=report["version"])
                     del mon.history[:-MAX_DRIFT_HISTORY]
                 unsaved = self._unsaved()
             alerts = [
@@ -537,6 +538,26 @@ class ServiceState:
                 del kept[:-MAX_REPORTS]
                 self.alerts.extend(alerts)
         return closed
+
+    def set_prediction_reference(self, model: str, version: int, counts: list[int]) -> DriftMonitor | None:
+        """Register ``version``'s predicted-class counts on the reference data with ``model``'s monitor (stored
+        first, so a restart keeps it; the open window is kept); None when ``model`` has no monitor. A refused
+        reference (ConfigError) or a failed write changes nothing."""
+        with self.report_lock:
+            with self.lock:
+                mon = self.monitors.get(model)
+                if mon is None:
+                    return None
+                before = dict(mon.prediction_references)
+                mon.set_prediction_reference(version, counts)
+            try:
+                if self.watch is not None:
+                    self.watch.save_settings(model, mon)
+            except BaseException:
+                with self.lock:
+                    mon.prediction_references = before
+                raise
+        return mon
 
     def set_monitor(self, model: str, monitor: DriftMonitor) -> None:
         """Monitor ``model``'s drift with ``monitor`` from now on (stored first: a restart keeps it); between
@@ -785,6 +806,11 @@ class ReportAccepted(BaseModel):
     accepted: bool
     drift_evaluated: bool
     alerts: list[str]
+
+
+class PredictionReferenceRequest(_Strict):
+    #: the version's predicted-class counts on the drift reference's data, one per class of its spec
+    prediction_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(min_length=1, max_length=65536)
 
 
 class DriftReferenceRequest(_Strict):
@@ -1306,6 +1332,27 @@ def create_app(
             "window": body.window,
             "min_devices": mon.min_devices,
         }
+
+    @app.put(
+        "/admin/models/{model}/drift-reference/predictions/{version}",
+        tags=["admin"],
+        dependencies=[Admin],
+        responses={k: _ERRORS[k] for k in (404, 422)},
+    )
+    def set_prediction_reference(
+        model: ModelName,
+        version: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+        body: PredictionReferenceRequest,
+    ) -> dict[str, Any]:
+        """Version ``version``'s predicted classes on the reference data: the devices' reports on that version
+        are compared with them (a report on a version without one is not tested on predictions)."""
+        reg.get(model, version)  # 404 for an unknown model or version
+        mon = state.set_prediction_reference(model, version, body.prediction_counts)
+        if mon is None:
+            raise NotFound(
+                f"no drift reference set for {model!r}: PUT /admin/models/{model}/drift-reference first"
+            )
+        return {"model": model, "version": version, "versions": sorted(mon.prediction_references)}
 
     @app.get("/admin/alerts", tags=["admin"], dependencies=[Admin])
     def alerts(

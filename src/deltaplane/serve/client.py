@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -612,6 +612,17 @@ class AdminClient:
         body = {"spec": dict(spec), "reference": dict(reference), **kw}
         return _check(
             self._http.put(f"/admin/models/{model}/drift-reference", json=body, headers=self._headers)
+        ).json()
+
+    def set_prediction_reference(self, model: str, version: int, prediction_counts: Sequence[int]) -> Any:
+        """Register ``version``'s predicted-class counts on the drift reference's data: reports on ``version``
+        are compared with them (the service keeps the last few versions')."""
+        return _check(
+            self._http.put(
+                f"/admin/models/{model}/drift-reference/predictions/{version}",
+                json={"prediction_counts": [int(c) for c in prediction_counts]},
+                headers=self._headers,
+            )
         ).json()
 
     def alerts(self, model: str | None = None) -> list[dict[str, Any]]:

@@ -66,6 +66,7 @@ __all__ = [
     "HttpRunResult",
     "drift_reference",
     "holdout_summary",
+    "prediction_reference",
     "run_http_simulation",
 ]
 
@@ -95,17 +96,32 @@ def _predictions(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         return model(x).argmax(1).numpy()
 
 
+def _reference_inputs(task: Any, clients: list) -> torch.Tensor:
+    """The drift reference's inputs: the task's training set (its clients' training data when it has none)."""
+    if task.train is not None:
+        return task.train.x
+    return Dataset(torch.cat([c.train.x for c in clients]), torch.cat([c.train.y for c in clients])).x
+
+
 def drift_reference(task: Any, clients: list) -> tuple[DriftSpec, Any]:
-    """The drift monitor's reference: pixel (feature) histograms of the training set and the label prior (what a
-    good model predicts). Deterministic in the task, so a coordinator and every device compute the same one."""
-    train = (
-        task.train
-        if task.train is not None
-        else Dataset(torch.cat([c.train.x for c in clients]), torch.cat([c.train.y for c in clients]))
-    )
-    flat_train = train.x.reshape(len(train), -1).numpy()
-    spec = DriftSpec.fit(flat_train, n_classes=int(task.num_classes), n_bins=8)
-    return spec, summarize(spec, flat_train, train.y.numpy())
+    """The drift monitor's reference: pixel (feature) histograms of the training set. Deterministic in the task,
+    so a coordinator and every device compute the same one.
+
+    It holds no predicted classes: predictions are compared with the same model version's predictions on these
+    inputs (:func:`prediction_reference`, registered per version). The label prior it held before measured how
+    inaccurate the model still was, not drift: on an unshifted digits fleet every round's window alerted."""
+    x = _reference_inputs(task, clients)
+    flat = x.reshape(len(x), -1).numpy()
+    spec = DriftSpec.fit(flat, n_classes=int(task.num_classes), n_bins=8)
+    return spec, summarize(spec, flat)
+
+
+def prediction_reference(spec: DriftSpec, model: torch.nn.Module, task: Any, clients: list) -> list[int]:
+    """``model``'s predicted-class counts on the drift reference's inputs: the reference its version's device
+    reports are compared with (black-box shift detection, Lipton et al. 2018)."""
+    return summarize(
+        spec, predictions=_predictions(model, _reference_inputs(task, clients))
+    ).prediction_counts
 
 
 def holdout_summary(spec: DriftSpec, model: torch.nn.Module, client: Any) -> Any:
@@ -296,6 +312,11 @@ def _run(
                     client_rows = rows
             model.load_state_dict(global_state)
             client_acc = evaluate_clients(model, clients)
+            # the operator holds the reference data: it registers the new version's predictions on it, which
+            # the devices' predictions with that version are compared with
+            admin.set_prediction_reference(
+                MODEL, closed["version"], prediction_reference(spec, model, task, clients)
+            )
             alerts: list[str] = []
             for c, d in zip(clients, devices, strict=True):  # summaries only: histograms and class counts
                 s = holdout_summary(spec, model, c)
@@ -306,7 +327,7 @@ def _run(
                     summary=s.to_dict(),
                     round_id=opened["round"],
                 )["alerts"]
-            requests += len(devices) + 2
+            requests += len(devices) + 3
             rows = admin._get(f"/admin/models/{MODEL}/drift")[-1]["rows"]
             # a signal with too few samples to test has psi None ("not enough samples"): report None, not 0
             feature_psi = [r["psi"] for r in rows if r["kind"] == "feature" and r["psi"] is not None]

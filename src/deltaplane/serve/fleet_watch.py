@@ -41,6 +41,7 @@ from typing import Any
 
 from deltaplane.errors import DeltaplaneError
 from deltaplane.monitor import DriftMonitor, DriftReport, Summary
+from deltaplane.monitor.drift import WindowSummary
 from deltaplane.registry import Registry
 from deltaplane.serve.fleet_history import HistoryRowError, decode_row, is_int, is_number
 from deltaplane.wording import count
@@ -158,6 +159,14 @@ class FleetWatch:
             )
             con.execute("DELETE FROM drift_live WHERE model=?", (model,))
             con.execute("DELETE FROM drift_windows WHERE model=?", (model,))
+
+    def save_settings(self, model: str, monitor: DriftMonitor) -> None:
+        """Store ``model``'s monitor's settings (a version's prediction reference added), keeping its open window
+        and closed windows."""
+        with self.registry.transaction() as con:
+            con.execute(
+                "UPDATE drift_monitors SET settings=? WHERE model=?", (json.dumps(monitor.settings()), model)
+            )
 
     def restart_window(self, model: str) -> None:
         """Empty ``model``'s stored open window (its counts and devices' summaries), keeping its monitor and
@@ -302,7 +311,8 @@ class FleetWatch:
         ):
             try:
                 data = decode_row("drift_live", device, fmt, text, (), checks={})
-                summary = Summary(**data)
+                # a report that named its model version holds its predictions per version
+                summary = WindowSummary.from_dict(data) if "version_predictions" in data else Summary(**data)
                 summary.validate(mon.spec)
             except (HistoryRowError, DeltaplaneError, TypeError, ValueError) as exc:
                 out.refused.append(f"{exc} (the open drift window of {model!r}); left out")
