@@ -324,11 +324,11 @@ def encoder_adversarial_eval(
     FGSM starts from a random signed step of ``ε/2`` and takes its gradient step of ``ε/2`` from there (R+FGSM,
     Tramèr et al. 2018, https://arxiv.org/abs/1705.07204), for both models. Plain FGSM starts at ``δ = 0``, where
     fp32's objective is at its minimum (cosine 1) and its gradient is rounding noise (‖∇‖ ~7e-7 against ~4e-2 at
-    ``ε/2`` for the benchmark's BERT): its step was the sign of that noise, a random direction — fp32's recorded
-    "FGSM" cosine was that of a random perturbation (0.9998 vs 0.9999 for random signs at ε = 0.05), while the
-    compressed model, whose embedding differs from fp32's, got a real gradient. Rather than refuse FGSM here
-    (``--attack-eps`` keeps its rows and gate keys), FGSM is made the attack it names on this objective; the
-    ``fgsm`` rows read R+FGSM.
+    ``ε/2``, the benchmark's BERT config on random tokens): its step was the sign of that noise, a random
+    direction — fp32's recorded "FGSM" cosine was that of a random perturbation (0.9998 vs 0.9999 for random
+    signs at ε = 0.05), while the compressed model, whose embedding differs from fp32's, got a real gradient.
+    Rather than refuse FGSM here (``--attack-eps`` keeps its rows and gate keys), FGSM is made the attack it names
+    on this objective; the ``fgsm`` rows read R+FGSM.
 
     Args:
         reference, surrogate: the fp32 and compressed Hugging Face encoders (``inputs_embeds`` keyword).
