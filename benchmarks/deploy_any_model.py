@@ -185,7 +185,12 @@ def main() -> None:
             "Token models are attacked and scored through their PyTorch weights before quantization (the shipped "
             "graph takes ids, not embeddings), so an int8-only level shows no gap by construction; the pruned rows "
             "show what the gate sees when the weights really differ. The random decoder's next-token accuracy on "
-            "random ids is near chance (1/512): the row shows the mechanics, not a language model's robustness.",
+            "random ids is near chance (1/512): the row shows the mechanics, not a language model's robustness. "
+            "The encoders' `fgsm` rows are R+FGSM (a random signed step of ε/2, then the gradient step of ε/2): "
+            "fp32's cosine objective has a zero gradient at the clean input, and the rows before 2026-12-07 "
+            "were plain FGSM along the sign of its rounding noise, a random direction (cosine 0.9998 / 0.9990, "
+            "now 0.9997 / 0.9987). The token models' cross-entropy gradient is taken without float32 underflow "
+            "since the same day; these random models are not confident enough for it to have changed a row.",
             table(["model", "attack", "ε", "metric", "fp32 → compressed", "drop (points)"], adv_rows),
         ]
     )

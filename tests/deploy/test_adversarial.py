@@ -142,15 +142,10 @@ def test_cli_adversarial_gate_blocks_a_level(app, tmp_path, trained_cnn):
 
 
 def test_encoder_attack_on_input_embeddings():
-    transformers = pytest.importorskip("transformers")
     from deltaplane.deploy.adversarial import encoder_adversarial_eval
     from deltaplane.deploy.tokens import random_tokens
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    enc = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    enc = _tiny("bert")
     toks = random_tokens(97, 8, 10, seed=3)
     res = encoder_adversarial_eval(enc, enc, toks, eps=(0.5, 2.0))
     assert res["metric"] == "cosine" and all(r["drop_points"] == 0.0 for r in res["rows"])
@@ -160,16 +155,19 @@ def test_encoder_attack_on_input_embeddings():
         token_adversarial_eval(enc, enc, toks, task="sentence-embedding")
 
 
-def _tiny(kind: str):
+def _tiny(kind: str, num_labels: int = 3):
+    """A small seeded Hugging Face model from a config: ``gpt2``, ``bert`` (an encoder) or a BERT classifier."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64)
         return transformers.GPT2LMHeadModel(cfg).eval()
-    cfg = transformers.BertConfig(
-        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        num_labels=3, initializer_range=0.5,
-    )  # fmt: skip
+    bert = dict(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    if kind == "bert":
+        return transformers.BertModel(transformers.BertConfig(**bert), add_pooling_layer=False).eval()
+    cfg = transformers.BertConfig(**bert, num_labels=num_labels, initializer_range=0.5)
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
@@ -219,3 +217,85 @@ def test_cli_gates_a_pruned_decoder_on_adversarial_next_token_accuracy(app, tmp_
     limit = worst - 0.5  # just under what was measured: the same deploy must now be refused
     r = CliRunner().invoke(app, [*base, "--max-adv-drop", f"{limit}", "-o", str(tmp_path / "no")])
     assert r.exit_code == 3 and "max-adv-drop" in r.output and not (tmp_path / "no").exists()
+
+
+def _scaled(model, module, factor: float):
+    """``model`` with ``module``'s weight and bias ×``factor``: the same decisions, ×``factor`` logits."""
+    import copy
+
+    hot = copy.deepcopy(model)
+    with torch.no_grad():
+        target = hot
+        for name in module:
+            target = getattr(target, name)
+        target.weight.mul_(factor)
+        target.bias.mul_(factor)
+    return hot
+
+
+def test_sequence_classifier_attack_does_not_depend_on_the_logits_scale():
+    """Two classes: the input gradient of the cross-entropy is a positive multiple of ∇(z_other − z_y) whatever
+    the logits' scale, so ×100 logits (margins up to ~750) must be attacked exactly as the model itself. Before,
+    their float32 softmax rounded to one-hot, the gradient to 0, and FGSM left 100% of fp32's classes (78% at
+    scale 1) — the confident model looked robust."""
+    from deltaplane.deploy.tokens import random_tokens
+
+    clf = _tiny("bert-cls", num_labels=2)
+    hot = _scaled(clf, ("classifier",), 100.0)
+    toks = random_tokens(97, 32, 10, seed=5)
+    plain = token_adversarial_eval(clf, clf, toks, task="text-classification", eps=(0.5, 1.0))["rows"]
+    scaled = token_adversarial_eval(hot, hot, toks, task="text-classification", eps=(0.5, 1.0))["rows"]
+    assert [r["fp32"] for r in scaled] == [r["fp32"] for r in plain]
+    assert all(r["fp32"] < 0.9 for r in scaled)
+
+
+def test_decoder_attack_is_not_masked_by_a_confident_next_token_softmax():
+    """A decoder scored on its own greedy continuation (every target its argmax) with ×1e5 logits: the plain
+    float32 cross-entropy's gradient is 0 at every position, so FGSM kept next-token accuracy at 100% (86% now)
+    and PGD moved only by its random start. The gradient is rescaled per sequence, not per position (which would
+    reweight a sequence's sum)."""
+    lm = _tiny("gpt2")
+    start = torch.arange(8).view(8, 1) * 11 % 97
+    with torch.no_grad():
+        ids = lm.generate(
+            start, attention_mask=torch.ones_like(start), max_new_tokens=9, do_sample=False, pad_token_id=0
+        )
+    toks = np.stack([ids.numpy(), np.ones_like(ids.numpy())], 1)
+    hot = _scaled(lm, ("transformer", "ln_f"), 1e5)
+    rows = token_adversarial_eval(hot, hot, toks, task="next-token", eps=(1e-6, 1.0))["rows"]
+    acc = {(r["attack"], r["eps"]): r["fp32"] for r in rows}
+    assert acc["fgsm", 1e-6] == 1.0  # every target is the clean prediction
+    assert acc["fgsm", 1.0] < 0.9 and acc["pgd", 1.0] < 0.7, acc  # were 1.0 and 0.72 (the random start only)
+
+
+def test_encoder_fgsm_is_an_attack_not_the_sign_of_rounding_noise():
+    """At δ = 0 the cosine to the clean fp32 embedding is at its maximum: fp32's gradient there is rounding noise
+    (‖∇‖ ~7e-7 against ~4e-2 at δ = ε/2, a larger BERT), and plain FGSM stepped along its sign — the float32 and
+    float64 copies of one model moved in different directions (1 − cos 0.019 vs 0.013), 2.5× a random sign's.
+    R+FGSM steps along a real gradient: the same in both precisions (0.028), 3.6× the largest of 5 random signs."""
+    import copy
+
+    from deltaplane.deploy.adversarial import _embed_forward, _input_embeddings, encoder_adversarial_eval
+    from deltaplane.deploy.tokens import random_tokens
+
+    enc = _tiny("bert")
+    toks = random_tokens(97, 8, 10, seed=3)
+    f32 = encoder_adversarial_eval(enc, enc, toks, eps=(0.5, 1.0), attacks=("fgsm",))["rows"]
+    e64 = copy.deepcopy(enc).double()
+    f64 = encoder_adversarial_eval(e64, e64, toks, eps=(0.5, 1.0), attacks=("fgsm",))["rows"]
+    for a, b in zip(f32, f64, strict=True):
+        assert 1 - a["fp32"] == pytest.approx(1 - b["fp32"], rel=1e-3)
+    ids, mask = torch.from_numpy(toks[:, 0]), torch.from_numpy(toks[:, 1])
+    with torch.no_grad():
+        x, scale = _input_embeddings(enc)(ids), float(_input_embeddings(enc).weight.std())
+        clean = _embed_forward(enc, x, mask)
+        for row in f32:
+            signs = [
+                (torch.rand(x.shape, generator=torch.Generator().manual_seed(k)) * 2 - 1).sign()
+                for k in range(5)
+            ]
+            rand = [
+                1 - float((_embed_forward(enc, x + row["eps"] * scale * s, mask) * clean).sum(-1).mean())
+                for s in signs
+            ]
+            assert 1 - row["fp32"] > 3 * max(rand), (row, rand)
