@@ -310,15 +310,16 @@ def _attack_embeddings(
 
 
 def _refuse_zero_embedding_gradients(
-    at: torch.Tensor,
+    ids: torch.Tensor,
+    shift: torch.Tensor | None,
     objective: Callable[[torch.Tensor, nn.Module], tuple[torch.Tensor, torch.Tensor]],
     reference: nn.Module,
     surrogate: nn.Module,
 ) -> None:
     """Raise :class:`~deltaplane.errors.UnsupportedLayer` when, for the fp32 or the compressed model, the attack
-    objective's gradient with respect to the input embeddings ``at`` (``(B, T, D)``, where the first attack step
-    takes it; ``objective(embeddings, model)``) is exactly 0 for most sequences — :func:`_refuse_zero_gradients`
-    for the text attacks.
+    objective's gradient with respect to the model's own input embeddings of ``ids``, moved by ``shift`` (``(B, T,
+    D)``: where the first attack step takes it; ``objective(embeddings, model)``), is exactly 0 for most
+    sequences — :func:`_refuse_zero_gradients` for the text attacks.
 
     A rounding, threshold, argmax or quantizer without a straight-through estimator between the input
     embeddings and the output (a quantize-dequantize of the embedding output, a codebook lookup) makes this
@@ -327,7 +328,9 @@ def _refuse_zero_embedding_gradients(
     attack step.
     """
     for model, which in _attacked(reference, surrogate):
-        emb = at.detach().requires_grad_(True)
+        with torch.no_grad():
+            at = _input_embeddings(model)(ids)
+        emb = (at if shift is None else at + shift).requires_grad_(True)
         out, grad_out = objective(emb, model)
         (grad,) = torch.autograd.grad(out, emb, grad_outputs=grad_out)
         zero = int((grad == 0).flatten(1).all(1).sum())
@@ -389,7 +392,7 @@ def encoder_adversarial_eval(
 
     # checked where R+FGSM takes its gradient at the smallest ε (at δ = 0 it is rounding noise, not the model's)
     start = (torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1).sign()
-    _refuse_zero_embedding_gradients(x + start * min(eps) * scale / 2, away, reference, surrogate)
+    _refuse_zero_embedding_gradients(ids, start * min(eps) * scale / 2, away, reference, surrogate)
     rows, drops = [], {}
     for attack in attacks:
         for e in eps:
@@ -492,9 +495,7 @@ def token_adversarial_eval(
         logits = scored(_token_logits(model, emb, mask))
         return logits, _ce_logit_grad_per_sequence(logits, target, weight)
 
-    with torch.no_grad():
-        x = _input_embeddings(reference)(ids)
-    _refuse_zero_embedding_gradients(x, wrong, reference, surrogate)  # where FGSM takes its gradient
+    _refuse_zero_embedding_gradients(ids, None, wrong, reference, surrogate)  # where FGSM takes its gradient
     total = float(weight.sum())
     rows, drops = [], {}
     for attack in attacks:
