@@ -1,5 +1,6 @@
 import re
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -121,3 +122,100 @@ def test_privacy_epsilon_refuses_what_the_accountant_cannot_compute() -> None:
     assert out.exit_code == 0 and 0 < pld < epsilon_for(
         noise_multiplier=1, sampling_rate=0.01, steps=1000, delta=1e-5
     )
+
+
+def _dp_accounting_gaussian(z: float, rounds: int, delta: float, method: str) -> float:
+    """ε of ``rounds`` unsampled Gaussian mechanisms of multiplier ``z``, straight from dp-accounting."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    if method == "rdp":
+        acc = rdp_privacy_accountant.RdpAccountant()
+    else:
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    acc.compose(dp_accounting.GaussianDpEvent(z), rounds)
+    return float(acc.get_epsilon(delta))
+
+
+def _privacy_json(*args: str) -> dict:
+    import json
+
+    out = CliRunner().invoke(_app(), ["privacy", *args, "--json"])
+    assert out.exit_code == 0, out.output
+    return json.loads(out.output)
+
+
+def test_distributed_epsilon_is_what_a_sampled_distributed_dp_run_reports() -> None:
+    """A distributed-DP run (DP noise under SecAgg) samples a quarter of 20 devices and reports ε 9.010 after 3
+    rounds, for zero-out neighbours: its accountant runs at q = 1. The planning command gave only the amplified
+    central figure (4.42 at q 0.25), an ε the run does not report; --distributed gives the run's, whatever
+    m_min, and dp-accounting's own for 3 unsampled Gaussians of multiplier 1 (RDP and PLD)."""
+    from deltaplane.apps.runner import run_federation
+    from deltaplane.engine.config import RunConfig
+
+    cfg = RunConfig(
+        clients=20,
+        sample_fraction=0.25,
+        rounds=3,
+        local_epochs=1,
+        secagg=True,
+        clip="1.0",
+        dp_noise=1.0,
+        dp_delta=1e-5,
+        secagg_min_contributors=2,
+        secagg_range=20.0,
+    )
+    reported = run_federation(cfg).rounds[-1]
+    schedule = ["-z", "1", "-q", "0.25", "-T", "3", "--delta", "1e-5"]
+    doc = _privacy_json("epsilon", *schedule, "--distributed")
+    assert doc["epsilon"] == pytest.approx(reported.epsilon, rel=1e-9) and reported.epsilon == pytest.approx(
+        9.010, abs=1e-3
+    )
+    assert doc["neighbours"] == reported.dp_adjacency == "zero-out"
+    assert (doc["sampling_rate"], doc["accounted_sampling_rate"]) == (0.25, 1.0)
+    for method in ("rdp", "pld"):
+        eps = _privacy_json("epsilon", *schedule, "--distributed", "--method", method)["epsilon"]
+        assert eps == pytest.approx(_dp_accounting_gaussian(1.0, 3, 1e-5, method), rel=1e-3), method
+    central = _privacy_json("epsilon", *schedule)  # the default is unchanged: amplified, add/remove
+    assert central["epsilon"] == epsilon_for(noise_multiplier=1.0, sampling_rate=0.25, steps=3, delta=1e-5)
+    assert central["neighbours"] == "add/remove" and central["epsilon"] == pytest.approx(4.4205, abs=1e-3)
+    out = CliRunner().invoke(_app(), ["privacy", "epsilon", *schedule, "--distributed"])
+    text = " ".join(out.output.split())  # rich wraps the line
+    assert (
+        "ε = 9.0100" in text and "q = 1, not the sampling rate 0.25" in text and "zero-out neighbours" in text
+    )
+
+
+def test_distributed_epsilon_does_not_depend_on_m_min() -> None:
+    """A published sum carries noise of std ≥ z·C whatever m_min (σ_d = z·C/√m_min), so the run's ε is z's."""
+    import torch
+
+    import deltaplane as dp
+    from deltaplane.aggregation.dp import DistributedDP
+
+    doc = _privacy_json("epsilon", "-z", "1.5", "-q", "0.1", "-T", "2", "--distributed")
+    for m_min in (2, 9):
+        acc = dp.PrivacyAccountant(noise_multiplier=1.5, sampling_rate=1.0, delta=1e-5)
+        agg = DistributedDP(
+            clip=1.0, noise_multiplier=1.5, expected_clients=10, min_contributors=m_min, accountant=acc
+        )
+        for _ in range(2):
+            agg.reset()
+            agg.expect_sum(10)
+            agg.add(dp.Delta({"w": torch.zeros(2)}))
+            agg.result()
+        assert agg.measurements["epsilon"] == pytest.approx(doc["epsilon"], rel=1e-12), m_min
+
+
+def test_distributed_noise_is_the_least_z_a_distributed_dp_run_needs() -> None:
+    """--distributed plans at q = 1: the central z (amplified at q 0.1) would leave a distributed run at ε 64.7
+    after 40 rounds, not 8 (z 0.823 against 4.033)."""
+    z = _privacy_json("noise", "-e", "8", "-q", "0.1", "-T", "40", "--distributed")
+    assert z["neighbours"] == "zero-out" and z["accounted_sampling_rate"] == 1.0
+    z = z["noise_multiplier"]
+    assert _dp_accounting_gaussian(z, 40, 1e-5, "rdp") <= 8.0 + 1e-3
+    assert epsilon_for(noise_multiplier=z * 0.99, sampling_rate=1.0, steps=40, delta=1e-5) > 8.0
+    central = _privacy_json("noise", "-e", "8", "-q", "0.1", "-T", "40")["noise_multiplier"]
+    assert central < z / 4
+    assert epsilon_for(noise_multiplier=central, sampling_rate=1.0, steps=40, delta=1e-5) > 60

@@ -53,12 +53,53 @@ Delta = Annotated[
 ]
 Accountant = Annotated[Method, typer.Option("--method", help="Accountant.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+Distributed = Annotated[
+    bool,
+    typer.Option(
+        "--distributed/--central",
+        help="Distributed DP (a run with DP noise and --secagg: the devices add the noise): the figure such a "
+        "run reports, for zero-out neighbours at q = 1 whatever the sampling rate.",
+    ),
+]
+
+
+def _schedule(sampling_rate: float, distributed: bool) -> tuple[float, str, str | None]:
+    """The rate a run's accountant uses, the neighbours its ε is stated for, and (distributed DP only) the
+    note that says so, to print.
+
+    Distributed DP's accountant runs at q = 1 (:class:`~deltaplane.aggregation.dp.DistributedDP` refuses one
+    below): each sampled device adds its own noise share, so the sum's noise reveals how many took part and
+    amplification by sampling does not hold. Its ε depends on z alone, not on m_min or the devices' share σ_d
+    (a published sum carries noise of std ≥ z·C; a smaller sum is not published), so z here is the run's
+    ``dp_noise`` as for central DP.
+    """
+    from deltaplane.aggregation.dp import ADD_REMOVE, ZERO_OUT
+
+    if not distributed:
+        return sampling_rate, ADD_REMOVE, None
+    note = (
+        f"distributed DP: q = 1, not the sampling rate {sampling_rate} (no amplification by sampling: each "
+        "sampled device adds its own noise share, so the sum's noise reveals how many took part); zero-out "
+        "neighbours; z is the run's noise multiplier on the sum, whatever m_min"
+    )
+    return 1.0, ZERO_OUT, note
 
 
 def _quiet_absl() -> None:
     # dp-accounting logs "failed to converge ... Excluding this order" through absl for orders it skips; the
     # figure it returns already accounts for that, so the lines are noise in a terminal (and break --json)
     logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _json_schedule(sampling_rate: float, rate: float, neighbours: str, method: Method) -> dict[str, object]:
+    """The schedule's keys in ``--json``: the rate given, the rate accounted (1 under distributed DP) and the
+    neighbours ε is stated for."""
+    return {
+        "sampling_rate": sampling_rate,
+        "accounted_sampling_rate": rate,
+        "neighbours": neighbours,
+        "method": method.value,
+    }
 
 
 def register(app: typer.Typer) -> None:
@@ -80,31 +121,38 @@ def register(app: typer.Typer) -> None:
         rounds: Rounds,
         delta: Delta = 1e-5,
         method: Accountant = Method.rdp,
+        distributed: Distributed = False,
         as_json: AsJson = False,
     ) -> None:
         """ε after ROUNDS rounds of DP-FedAvg with noise multiplier z and client sampling rate q.
 
         The figure a run reports: clients Poisson-sampled at rate q (what `deltaplane run` does with DP on, at
-        q = clients per round / clients), one client added or removed, a fixed or an adaptive clip alike."""
+        q = clients per round / clients), one client added or removed, a fixed or an adaptive clip alike.
+        With --distributed, what a distributed-DP run (--secagg) reports: q = 1, zero-out neighbours."""
         from deltaplane.aggregation.accounting import epsilon_for
 
         _quiet_absl()
+        rate, neighbours, note = _schedule(sampling_rate, distributed)
         with clean_errors():
             eps = epsilon_for(
                 noise_multiplier=noise,
-                sampling_rate=sampling_rate,
+                sampling_rate=rate,
                 steps=rounds,
                 delta=delta,
                 method=method.value,
             )
         if as_json:
             doc = {"epsilon": eps, "delta": delta, "rounds": rounds, "noise_multiplier": noise}
-            typer.echo(json.dumps(doc | {"sampling_rate": sampling_rate, "method": method.value}))
+            typer.echo(json.dumps(doc | _json_schedule(sampling_rate, rate, neighbours, method)))
             return
+        schedule = (
+            f"{method.value}; {note}"
+            if note
+            else f"q = {sampling_rate}, {method.value}; Poisson sampling at rate q, add/remove one client; fixed "
+            "or adaptive clip alike"
+        )
         console.print(
-            f"ε = [bold]{eps:.4f}[/bold] at δ = {delta:g} after {rounds} rounds "
-            f"(z = {noise}, q = {sampling_rate}, {method.value}; Poisson sampling at rate q, add/remove one "
-            "client; fixed or adaptive clip alike)"
+            f"ε = [bold]{eps:.4f}[/bold] at δ = {delta:g} after {rounds} rounds (z = {noise}, {schedule})"
         )
 
     @privacy.command("noise")
@@ -116,23 +164,27 @@ def register(app: typer.Typer) -> None:
         rounds: Rounds,
         delta: Delta = 1e-5,
         method: Accountant = Method.rdp,
+        distributed: Distributed = False,
         as_json: AsJson = False,
     ) -> None:
-        """The smallest noise multiplier z that keeps ε ≤ EPSILON after ROUNDS rounds."""
+        """The smallest noise multiplier z that keeps ε ≤ EPSILON after ROUNDS rounds.
+
+        With --distributed, for a distributed-DP run (--secagg): accounted at q = 1, zero-out neighbours."""
         from deltaplane.aggregation.accounting import noise_for_epsilon
 
         _quiet_absl()
+        rate, neighbours, note = _schedule(sampling_rate, distributed)
         with clean_errors():
             z = noise_for_epsilon(
-                epsilon=epsilon, sampling_rate=sampling_rate, steps=rounds, delta=delta, method=method.value
+                epsilon=epsilon, sampling_rate=rate, steps=rounds, delta=delta, method=method.value
             )
         if as_json:
             doc = {"noise_multiplier": z, "epsilon": epsilon, "delta": delta, "rounds": rounds}
-            typer.echo(json.dumps(doc | {"sampling_rate": sampling_rate, "method": method.value}))
+            typer.echo(json.dumps(doc | _json_schedule(sampling_rate, rate, neighbours, method)))
             return
+        schedule = f"{method.value}; {note}" if note else f"q = {sampling_rate}, {method.value}"
         console.print(
-            f"z = [bold]{z:.4f}[/bold] keeps ε ≤ {epsilon:g} at δ = {delta:g} over {rounds} rounds "
-            f"(q = {sampling_rate}, {method.value})"
+            f"z = [bold]{z:.4f}[/bold] keeps ε ≤ {epsilon:g} at δ = {delta:g} over {rounds} rounds ({schedule})"
         )
 
     app.add_typer(privacy, name="privacy")

@@ -22,6 +22,7 @@ al. 2018, https://arxiv.org/abs/1802.00420). Without quantization the attack is 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -140,8 +141,29 @@ def pgd(
     return adv
 
 
+def _attacked(reference: nn.Module, surrogate: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The distinct models an evaluation attacks, each with the name an error gives it."""
+    named = [(reference, "fp32 model")]
+    if surrogate is not reference:
+        named.append((surrogate, "compressed model (its PyTorch weights before quantization)"))
+    return named
+
+
 #: above this share of test inputs with an input gradient of exactly zero, FGSM/PGD measure nothing
 MAX_ZERO_GRADIENT_SHARE = 0.5
+
+
+def _refuse_mostly_zero(zero: int, total: int, which: str, gradient: str, inputs: str) -> None:
+    """Raise :class:`~deltaplane.errors.UnsupportedLayer` when ``zero`` of ``total`` inputs had an exactly-zero
+    ``gradient`` — more than :data:`MAX_ZERO_GRADIENT_SHARE` of them (the image and text attacks' one message)."""
+    if zero > MAX_ZERO_GRADIENT_SHARE * total:
+        raise UnsupportedLayer(
+            f"FGSM/PGD cannot attack the {which}: its {gradient} is exactly zero on {zero} of {total} {inputs} "
+            "(a rounding, threshold or argmax of the input in its forward pass), so the attack would leave "
+            "them unchanged and report their clean accuracy as adversarial; make that step differentiable (a "
+            "straight-through estimator) for the evaluation, or skip the attack (--attack-eps 0, "
+            "adversarial_eps=()) and the max-adv-drop gate is listed as not evaluated"
+        )
 
 
 def _refuse_zero_gradients(model: nn.Module, x: np.ndarray, y: np.ndarray, which: str) -> None:
@@ -151,20 +173,13 @@ def _refuse_zero_gradients(model: nn.Module, x: np.ndarray, y: np.ndarray, which
     lookup) has a zero gradient almost everywhere: FGSM then leaves every input where it is and PGD only adds
     its random start, and the adversarial accuracy reads as the clean one — "robust" without an attack having
     run. Gradient masking of this kind is not robustness (Athalye et al. 2018), so the gate refuses to call it
-    measured rather than passing it.
+    measured rather than passing it. The text attacks' counterpart is :func:`_refuse_zero_embedding_gradients`.
     """
     zero = 0
     for i in range(0, len(x), 256):
         xb, yb = torch.from_numpy(x[i : i + 256]), torch.from_numpy(y[i : i + 256])
         zero += int((_grad_sign(model, xb, yb) == 0).flatten(1).all(1).sum())
-    if zero > MAX_ZERO_GRADIENT_SHARE * len(x):
-        raise UnsupportedLayer(
-            f"FGSM/PGD cannot attack the {which}: its input gradient is exactly zero on {zero} of {len(x)} test "
-            "inputs (a rounding, threshold or argmax of the input in its forward pass), so the attack would leave "
-            "them unchanged and report their clean accuracy as adversarial; make that step differentiable (a "
-            "straight-through estimator) for the evaluation, or skip the attack (--attack-eps 0, "
-            "adversarial_eps=()) and the max-adv-drop gate is listed as not evaluated"
-        )
+    _refuse_mostly_zero(zero, len(x), which, "input gradient", "test inputs")
 
 
 def _batched(
@@ -205,9 +220,8 @@ def adversarial_eval(
     lo, hi = clip if clip is not None else (float(x.min()), float(x.max()))
     reference.eval()
     surrogate.eval()
-    _refuse_zero_gradients(reference, x, y, "fp32 model")
-    if surrogate is not reference:
-        _refuse_zero_gradients(surrogate, x, y, "compressed model (its PyTorch weights before quantization)")
+    for model, which in _attacked(reference, surrogate):
+        _refuse_zero_gradients(model, x, y, which)
 
     def ref_predict(a: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -295,6 +309,34 @@ def _attack_embeddings(
     return adv.detach()
 
 
+def _refuse_zero_embedding_gradients(
+    ids: torch.Tensor,
+    shift: torch.Tensor | None,
+    objective: Callable[[torch.Tensor, nn.Module], tuple[torch.Tensor, torch.Tensor]],
+    reference: nn.Module,
+    surrogate: nn.Module,
+) -> None:
+    """Raise :class:`~deltaplane.errors.UnsupportedLayer` when, for the fp32 or the compressed model, the attack
+    objective's gradient with respect to the model's own input embeddings of ``ids``, moved by ``shift`` (``(B, T,
+    D)``: where the first attack step takes it; ``objective(embeddings, model)``), is exactly 0 for most
+    sequences — :func:`_refuse_zero_gradients` for the text attacks.
+
+    A rounding, threshold, argmax or quantizer without a straight-through estimator between the input
+    embeddings and the output (a quantize-dequantize of the embedding output, a codebook lookup) makes this
+    gradient 0 almost everywhere: FGSM leaves the embeddings where they are, PGD adds only its random start, and
+    the model reads as robust without an attack having run. One gradient of the whole batch, as cheap as one
+    attack step.
+    """
+    for model, which in _attacked(reference, surrogate):
+        with torch.no_grad():
+            at = _input_embeddings(model)(ids)
+        emb = (at if shift is None else at + shift).requires_grad_(True)
+        out, grad_out = objective(emb, model)
+        (grad,) = torch.autograd.grad(out, emb, grad_outputs=grad_out)
+        zero = int((grad == 0).flatten(1).all(1).sum())
+        _refuse_mostly_zero(zero, len(at), which, "input-embedding gradient", "evaluation inputs")
+
+
 def _embed_forward(encoder: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embedding computed from input embeddings (``inputs_embeds``)."""
     hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
@@ -341,20 +383,31 @@ def encoder_adversarial_eval(
     with torch.no_grad():
         table = _input_embeddings(reference).weight
         scale = float(table.std())
-        clean = _embed_forward(reference, _input_embeddings(reference)(ids), mask)
+        x = _input_embeddings(reference)(ids)
+        clean = _embed_forward(reference, x, mask)
+
+    def away(emb: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = (1 - (_embed_forward(model, emb, mask) * clean).sum(-1)).sum()
+        return loss, torch.ones_like(loss)
+
+    # checked where R+FGSM takes its gradient at the smallest ε (at δ = 0 it is rounding noise, not the model's)
+    start = (torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1).sign()
+    _refuse_zero_embedding_gradients(ids, start * min(eps) * scale / 2, away, reference, surrogate)
     rows, drops = [], {}
     for attack in attacks:
         for e in eps:
             radius = float(e) * scale
             scores = {}
             for key, model in (("fp32", reference), ("compressed", surrogate)):
-
-                def away(emb: torch.Tensor, model: nn.Module = model) -> tuple[torch.Tensor, torch.Tensor]:
-                    loss = (1 - (_embed_forward(model, emb, mask) * clean).sum(-1)).sum()
-                    return loss, torch.ones_like(loss)
-
                 adv = _attack_embeddings(
-                    model, ids, attack, radius, away, pgd_steps=pgd_steps, seed=seed, fgsm_random_start=True
+                    model,
+                    ids,
+                    attack,
+                    radius,
+                    functools.partial(away, model=model),
+                    pgd_steps=pgd_steps,
+                    seed=seed,
+                    fgsm_random_start=True,
                 )
                 with torch.no_grad():
                     scores[key] = float((_embed_forward(model, adv, mask) * clean).sum(-1).mean())
@@ -438,6 +491,11 @@ def token_adversarial_eval(
         ce = nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none")
         return ce.view_as(target), (logits.argmax(-1) == target).to(torch.float32)
 
+    def wrong(emb: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = scored(_token_logits(model, emb, mask))
+        return logits, _ce_logit_grad_per_sequence(logits, target, weight)
+
+    _refuse_zero_embedding_gradients(ids, None, wrong, reference, surrogate)  # where FGSM takes its gradient
     total = float(weight.sum())
     rows, drops = [], {}
     for attack in attacks:
@@ -445,12 +503,10 @@ def token_adversarial_eval(
             radius = float(e) * scale
             result: dict[str, float] = {}
             for key, model in (("fp32", reference), ("compressed", surrogate)):
-
-                def wrong(emb: torch.Tensor, model: nn.Module = model) -> tuple[torch.Tensor, torch.Tensor]:
-                    logits = scored(_token_logits(model, emb, mask))
-                    return logits, _ce_logit_grad_per_sequence(logits, target, weight)
-
-                adv = _attack_embeddings(model, ids, attack, radius, wrong, pgd_steps=pgd_steps, seed=seed)
+                attack_wrong = functools.partial(wrong, model=model)
+                adv = _attack_embeddings(
+                    model, ids, attack, radius, attack_wrong, pgd_steps=pgd_steps, seed=seed
+                )
                 with torch.no_grad():
                     ce, hit = per_item(_token_logits(model, adv, mask))
                 result[key] = float((hit * weight).sum()) / total
