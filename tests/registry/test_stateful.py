@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from tests.conftest import stateful_settings
 
-from deltaplane.errors import NotFound
+from deltaplane.errors import NotFound, PromotionRefused
 from deltaplane.registry import Registry
 from deltaplane.registry.promotion import rollback
 
@@ -120,6 +120,11 @@ class RegistryMachine(RuleBasedStateMachine):
         stack = self.model.stacks.get((model, tag), [])
         if len(stack) < 2:
             with pytest.raises(NotFound):
+                rollback(self.reg, model, tag=tag)
+            return
+        if self.model.contributors(model, stack[-2]) & self.model.withdrawn:
+            # never back onto a version that may not be served (nothing moves)
+            with pytest.raises(PromotionRefused):
                 rollback(self.reg, model, tag=tag)
             return
         got = rollback(self.reg, model, tag=tag)

@@ -316,10 +316,9 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
         if len(stack) < 2:
             raise NotFound(f"{model}:{tag} has no previous version to roll back to (history: {stack})")
         target = stack[-2]
+        # a rollback moves the tag as a promotion does: never onto a version that may not be served
         problems = registry.governance_problems(registry.get(model, target), verify=True)
-        if (
-            problems
-        ):  # a rollback moves the tag as a promotion does: never onto a version that may not be served
+        if problems:
             raise PromotionRefused(
                 f"{model}:{tag} cannot roll back to {model}@{target}: {problems[0]}, so it may not be served; "
                 f"rebuild without the cohort (POST /admin/models/{model}/rebuild) and promote the version it "
