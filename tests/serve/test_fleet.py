@@ -943,8 +943,8 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
             for i in range(3)
         ]
         done = _cli("fleet", "coordinate", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation",
-                    "fleet.yaml", "--model", MODEL, "--rounds", "2", "--deadline", "60",
-                    cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+                    "fleet.yaml", "--model", MODEL, "--rounds", "2", "--deadline", "60", "--trusted",
+                    str(f.reg.home / "keys" / "signing.ed25519.pub"), cwd=tmp_path, env=env, timeout=300)  # fmt: skip
         outs = [p.communicate(timeout=120) for p in procs]
         assert done.returncode == 0, done.stderr
         assert "round 2/2 (secagg #2): 3/3 devices" in done.stdout
@@ -955,6 +955,8 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
         assert len(f.reg.versions(MODEL, kind="model")) == 3
         assert [r["kind"] for r in f.state.closed_rounds] == ["secagg", "secagg"]
         assert f.state.counters["uploads.accepted"] == 0  # no plaintext upload was ever accepted
+        versions = [int(v) for v in re.findall(r"version (\d+)", done.stdout)]
+        assert sorted(f.state.monitors[MODEL].prediction_references) == [1, *versions], done.stderr
 
 
 def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_task, monkeypatch) -> None:
