@@ -7,6 +7,7 @@ The service runs in this process (uvicorn over TLS with a private CA); devices a
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -899,8 +900,6 @@ def test_a_device_process_stops_cleanly_on_sigterm(byo_task, tmp_path) -> None:
 def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task, tmp_path) -> None:
     """docs/fleet.md end to end with separate processes: its fleet.yaml (SecAgg with distributed DP), 2 rounds,
     3 devices."""
-    import re
-
     guide = (Path(__file__).resolve().parents[2] / "docs" / "fleet.md").read_text()
     yaml = next(b for b in re.findall(r"```yaml\n(.*?)```", guide, re.S) if b.startswith("task:"))
     assert "mytask:make_task" in yaml and byo_task == "mytask:make_task"  # the guide's task file, in tmp_path
@@ -944,8 +943,8 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
             for i in range(3)
         ]
         done = _cli("fleet", "coordinate", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation",
-                    "fleet.yaml", "--model", MODEL, "--rounds", "2", "--deadline", "60",
-                    cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+                    "fleet.yaml", "--model", MODEL, "--rounds", "2", "--deadline", "60", "--trusted",
+                    str(f.reg.home / "keys" / "signing.ed25519.pub"), cwd=tmp_path, env=env, timeout=300)  # fmt: skip
         outs = [p.communicate(timeout=120) for p in procs]
         assert done.returncode == 0, done.stderr
         assert "round 2/2 (secagg #2): 3/3 devices" in done.stdout
@@ -956,6 +955,8 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
         assert len(f.reg.versions(MODEL, kind="model")) == 3
         assert [r["kind"] for r in f.state.closed_rounds] == ["secagg", "secagg"]
         assert f.state.counters["uploads.accepted"] == 0  # no plaintext upload was ever accepted
+        versions = [int(v) for v in re.findall(r"version (\d+)", done.stdout)]
+        assert sorted(f.state.monitors[MODEL].prediction_references) == [1, *versions], done.stderr
 
 
 def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_task, monkeypatch) -> None:
@@ -1202,3 +1203,113 @@ def test_a_device_waiting_on_a_round_stops_when_its_token_is_refused() -> None:
     with pytest.raises(TokenRefused) as exc:
         fleet.run_device(dev, patience=1)
     assert "the service refused this device's token (missing, invalid, expired" in str(exc.value)
+
+
+def _prediction_rows(f: Fleet) -> list[dict]:
+    """The predicted-class rows of every drift window the service closed, oldest first."""
+    reports = f.admin._get(f"/admin/models/{MODEL}/drift")
+    return [r for rep in reports for r in rep["rows"] if r["kind"] == "prediction"]
+
+
+def _report_after_its_reference(f: Fleet, dev: fleet.Device, wait: float = 10.0) -> None:
+    """``dev`` reports on a version only once the service holds its prediction reference (or ``wait`` seconds
+    passed): the order a device polling every 0.2-2 s sees in practice, after the coordinator that published
+    the version registered it, made certain here, where devices poll every 0.05 s on a loaded machine."""
+    real_report = dev.conn.report
+
+    def report(model, *, version, **kw):
+        end = time.monotonic() + wait
+        while version not in f.state.monitors[MODEL].prediction_references and time.monotonic() < end:
+            time.sleep(0.02)
+        return real_report(model, version=version, **kw)
+
+    dev.conn.report = report
+
+
+def test_the_coordinator_registers_each_published_versions_prediction_reference(byo_task, tmp_path) -> None:
+    """With a verified model connection the coordinator registers each version it publishes (and, at start, the
+    one the training tag serves) with the HTTP simulation's counts: the devices' predicted-class rows are
+    tested (a PSI), not "no prediction reference for version N"."""
+    from deltaplane.serve.federation import drift_reference, prediction_reference
+
+    cfg = _config(byo_task)
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        for dev in devices:
+            _report_after_its_reference(f, dev)
+        threads = _threads(devices, rounds=2)
+        conn = DeviceClient(f.url, f.admin.issue_token("coordinator"), verifier=f.reg.verifier, tls=f.ctx)
+        said: list[str] = []
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=2, deadline=60, poll=0.05, say=said.append,
+                               drift_min_samples=1, models=conn)  # fmt: skip
+        for t in threads:
+            t.join(60)
+        versions = [s.version for s in out]
+        assert [s.failed for s in out] == [None, None] and said == []
+        task = make_task(cfg)
+        clients = build_clients(cfg, task)
+        spec, _ = drift_reference(task, clients)
+        net = task.build_model(derive_seed(cfg.seed, Stream.MODEL_INIT))
+        refs = f.state.monitors[MODEL].prediction_references
+        assert sorted(refs) == [1, *versions]  # the initial version too: a restarted coordinator's
+        for v in [1, *versions]:
+            net.load_state_dict(f.reg.load_state(f.reg.get(MODEL, v)))
+            assert refs[v] == prediction_reference(spec, net, task, clients)
+        rows = _prediction_rows(f)
+        assert [r["version"] for r in rows] == versions, rows
+        assert all(r["psi"] is not None and "note" not in r for r in rows), rows
+
+
+def test_a_version_the_coordinator_cannot_verify_is_said_and_its_prediction_row_stays_untested(
+    byo_task, tmp_path
+) -> None:
+    """A connection that trusts another key: every fetch fails verification; the coordinator says so, registers
+    nothing of unverified weights, and the rounds publish as before."""
+    from deltaplane.registry.signing import Signer
+
+    cfg = _config(byo_task, rounds=1)
+    with Fleet(tmp_path, cfg) as f:
+        threads = _threads([f.device(i) for i in range(3)], rounds=1)
+        other = Signer.generate().verifier()
+        conn = DeviceClient(f.url, f.admin.issue_token("coordinator"), verifier=other, tls=f.ctx)
+        said: list[str] = []
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=60, poll=0.05, say=said.append,
+                               drift_min_samples=1, models=conn)  # fmt: skip
+        for t in threads:
+            t.join(60)
+        assert out[0].failed is None and out[0].version == 2
+        assert len(said) == 2 and "fetch version 2" in said[1] and "stays untested" in said[1], said
+        assert f.state.monitors[MODEL].prediction_references == {}
+        rows = _prediction_rows(f)
+        assert [r["psi"] for r in rows] == [None] and "no prediction reference for version 2" in rows[0][
+            "note"
+        ]
+
+
+def test_fleet_coordinate_trusted_registers_the_secagg_versions_prediction_references(
+    byo_task, tmp_path
+) -> None:
+    """``fleet coordinate --trusted``, a SecAgg federation: the coordinator verifies each version it publishes
+    under the registry's key and registers its prediction reference, so the devices' predicted-class rows are
+    tested."""
+    (tmp_path / "fleet.yaml").write_text(
+        f"task: {{path: '{byo_task}'}}\nclients: {{count: 3}}\nseed: 3\nsecagg: {{enabled: true}}\n"
+    )
+    cfg = RunConfig.from_yaml(tmp_path / "fleet.yaml")
+    with Fleet(tmp_path / "svc", cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        for dev in devices:
+            _report_after_its_reference(f, dev, wait=30)
+        threads = _threads(devices, rounds=2, stage_wait=60)
+        done = _cli("fleet", "coordinate", "--url", f.url, "--ca", str(f.tls.ca_cert), "--federation",
+                    "fleet.yaml", "--model", MODEL, "--rounds", "2", "--deadline", "60", "--drift-min-samples",
+                    "1", "--trusted", str(f.reg.home / "keys" / "signing.ed25519.pub"),
+                    cwd=tmp_path, env=_env(tmp_path), timeout=300)  # fmt: skip
+        for t in threads:
+            t.join(60)
+        assert done.returncode == 0, done.stderr
+        assert "round 2/2 (secagg #2): 3/3 devices" in done.stdout and "untested" not in done.stderr
+        versions = [int(v) for v in re.findall(r"version (\d+)", done.stdout)]
+        assert sorted(f.state.monitors[MODEL].prediction_references) == [1, *versions]
+        rows = _prediction_rows(f)
+        assert [r["version"] for r in rows] == versions and all(r["psi"] is not None for r in rows), rows

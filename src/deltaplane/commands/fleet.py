@@ -295,6 +295,41 @@ def _recover(url: str, out: Path, admin: Any, abandoned: list[str]) -> None:
         console.print(escape(f"no reservation in {out}: nothing to recover"), soft_wrap=True)
 
 
+class _ModelsConnection:
+    """The coordinator's verified model connection (``fleet coordinate --trusted``): a device token of its own,
+    issued through the admin API for the run (device id ``coordinator``) and revoked when it ends, and the
+    registry's public key, so a version it registers predictions of is one it verified as a device does."""
+
+    def __init__(self, url: str, trusted: Path | None, tls: Any, service_spki: str | None) -> None:
+        self.url, self.trusted, self.tls, self.service_spki = url, trusted, tls, service_spki
+        # read before any round: a missing or malformed key file is a usage error, not a mid-run warning
+        self.verifier = None
+        if trusted is not None:
+            from deltaplane.registry.signing import load_trusted_keys
+
+            self.verifier = load_trusted_keys(trusted)
+
+    def run(self, admin: Any, fn: Any) -> Any:
+        """``fn(conn)``: ``conn`` the connection (None without ``--trusted``), its token revoked afterwards."""
+        if self.verifier is None:
+            return fn(None)
+        import httpx
+
+        from deltaplane.serve.client import DeviceClient, ServiceError
+
+        issued = admin.issue_token_info("coordinator")
+        conn = DeviceClient(
+            self.url, issued["token"], verifier=self.verifier, tls=self.tls, service_spki=self.service_spki
+        )
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+            # best effort: a service gone by now cannot be told; the token then lapses with its lifetime
+            with suppress(ServiceError, httpx.HTTPError):
+                admin.revoke_token(issued["token_id"])
+
+
 def admin_client(
     url: str,
     ca: Path | None,
@@ -883,6 +918,17 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option(min=1, help="Rounds to run.", show_default=_FILE_ROUNDS)
         ] = None,
         service_spki: ServiceSpki = None,
+        trusted: Annotated[
+            Path | None,
+            typer.Option(
+                "--trusted",
+                envvar="DELTAPLANE_TRUSTED_KEYS",
+                help="The registry's public signing key(s) (HOME/keys/signing.ed25519.pub): the coordinator "
+                "fetches each version it publishes, verified as a device does, and registers its predictions "
+                "on the reference data, so the devices' predicted-class drift is tested.",
+                show_default="not registered: that drift row stays untested",
+            ),
+        ] = None,
     ) -> None:
         """Run ROUNDS rounds: open each for the enrolled devices, wait for them up to DEADLINE, close it;
         admin token from $DELTAPLANE_ADMIN_TOKEN."""
@@ -907,23 +953,28 @@ def register(app: typer.Typer) -> None:
             from deltaplane.serve.fleet import coordinate
 
             admin = admin_client(url, ca, tls_cert, tls_key, service_spki)
+            models = _ModelsConnection(url, trusted, _tls(url, ca, tls_cert, tls_key), service_spki)
             done = _connected(
                 url,
-                lambda: coordinate(
+                lambda: models.run(
                     admin,
-                    run,
-                    model=model,
-                    rounds=n_rounds,
-                    deadline=deadline,
-                    weight_scale=weight_scale,
-                    # one line per round however narrow the terminal (or a pipe's 80 columns), and the
-                    # service's words (a failed round's reason) as text, never as rich markup
-                    progress=lambda s: console.print(s.line(n_rounds), soft_wrap=True, markup=False),
-                    patience=patience,
-                    say=lambda line: err_console.print(line, soft_wrap=True, markup=False),
-                    authenticated=authenticated,
-                    devices=names,
-                    drift_min_samples=drift_min_samples,
+                    lambda conn: coordinate(
+                        admin,
+                        run,
+                        model=model,
+                        rounds=n_rounds,
+                        deadline=deadline,
+                        weight_scale=weight_scale,
+                        # one line per round however narrow the terminal (or a pipe's 80 columns), and the
+                        # service's words (a failed round's reason) as text, never as rich markup
+                        progress=lambda s: console.print(s.line(n_rounds), soft_wrap=True, markup=False),
+                        patience=patience,
+                        say=lambda line: err_console.print(line, soft_wrap=True, markup=False),
+                        authenticated=authenticated,
+                        devices=names,
+                        drift_min_samples=drift_min_samples,
+                        models=conn,
+                    ),
                 ),
             )
         failed = sum(1 for s in done if s.failed)

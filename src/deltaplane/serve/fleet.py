@@ -52,6 +52,7 @@ from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import (
     ConfigError,
     DecodeError,
+    DeltaplaneError,
     PrivacyBudgetExceeded,
     RoundAborted,
     RoundLost,
@@ -66,7 +67,7 @@ from deltaplane.serve.client import (
     TokenRefused,
 )
 from deltaplane.serve.device_releases import read_releases, write_releases
-from deltaplane.serve.federation import drift_reference, holdout_summary
+from deltaplane.serve.federation import drift_reference, holdout_summary, prediction_reference
 from deltaplane.serve.reach import unreachable
 from deltaplane.serve.secagg_client import BINDING, SecAggDevice
 from deltaplane.wording import count
@@ -990,6 +991,43 @@ def weight_scale_of(config: RunConfig, clients: list[Any] | None = None) -> floa
     return secure_weight_scale(config, [c.num_samples for c in clients])
 
 
+def register_predictions(
+    p: Patient,
+    models: DeviceClient,
+    model: str,
+    version: int | None,
+    net: torch.nn.Module,
+    reference: Callable[[torch.nn.Module], list[int]],
+) -> int | None:
+    """Register the prediction reference of the version the training tag serves (expected: ``version``; None:
+    whichever it is, as at the coordinator's start): its predicted-class counts on the drift reference's data
+    (``reference``, the HTTP simulation's :func:`~deltaplane.serve.federation.prediction_reference`), computed
+    on the weights ``models`` fetched and verified as a device does (the registry's signature, the service's
+    signed answer). The version registered, or None: a version that cannot be fetched and verified, or that the
+    tag no longer serves, is said (``p.say``) and left unregistered, so its predicted-class row stays untested
+    ("no prediction reference") and the rounds go on; never counts of unverified weights."""
+    doing = "fetch the published version" if version is None else f"fetch version {version}"
+    try:
+        got, state = p.call(lambda: models.fetch(model, channel="training"), doing)
+        if version is not None and got != version:
+            raise ConfigError(f"the training tag serves version {got}, not {version} (moved meanwhile?)")
+        net.load_state_dict(state)
+        counts = reference(net)
+        p.call(
+            lambda: p.admin.set_prediction_reference(model, got, counts),
+            f"register version {got}'s prediction reference",
+        )
+    except ServiceUnreachable:
+        raise
+    except DeltaplaneError as exc:
+        p.say(
+            f"could not {doing} to register its prediction reference ({type(exc).__name__}: {exc}); its "
+            "predicted-class drift row stays untested (no prediction reference)"
+        )
+        return None
+    return got
+
+
 def coordinate(
     admin: AdminClient,
     config: RunConfig,
@@ -1006,6 +1044,7 @@ def coordinate(
     say: Callable[[str], None] | None = None,
     authenticated: bool = False,
     drift_min_samples: int = 30,
+    models: DeviceClient | None = None,
 ) -> list[RoundSummary]:
     """Run ``rounds`` rounds of ``model`` with the enrolled devices (default: ``device-0`` … one per partition).
 
@@ -1019,6 +1058,12 @@ def coordinate(
     ``drift_min_samples`` is its monitor's ``min_samples`` (:class:`~deltaplane.monitor.drift.DriftMonitor`): a
     feature with fewer live samples in a window (one report per device) is shown as "not enough samples", not
     tested, so a small fleet (3 devices holding a few dozen samples each) needs it lower than the default 30.
+    ``models`` is a device connection trusting the registry's signing key (the coordinator's own token): with
+    ``drift``, the coordinator fetches each version it publishes through it, verified, and registers that
+    version's predictions on the reference data (:func:`register_predictions`) before its next request, so the
+    devices' predicted-class reports on it are tested as in ``deltaplane run --transport http``; and at start the
+    version the training tag serves (the drift reference's PUT drops the references held). Without ``models``
+    the predicted-class row stays untested ("no prediction reference"), said once.
 
     A service that stops answering (a restart, an outage) is waited for up to ``patience`` seconds at a time
     (:class:`Patient`; ``say`` hears what it waits for, default: a log warning), and the time it was down does
@@ -1068,6 +1113,20 @@ def coordinate(
             ),
             "set the drift reference",
         )
+    predictions: Callable[[int | None], int | None] = lambda version: None  # noqa: E731
+    if drift and models is not None:
+        task, clients = task_and_clients()
+        net = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
+        predictions = functools.partial(
+            register_predictions, p, models, model, net=net,
+            reference=lambda m: prediction_reference(spec, m, task, clients),
+        )  # fmt: skip
+        predictions(None)  # a restarted coordinator: the version the devices may still report on
+    elif drift:
+        p.say(
+            "no verified model connection (fleet coordinate --trusted): the published versions' prediction "
+            "references are not registered, so the predicted-class drift row stays untested"
+        )
     done: list[RoundSummary] = []
     for index in range(1, rounds + 1):
         t0 = time.perf_counter()
@@ -1109,6 +1168,8 @@ def coordinate(
             )  # fmt: skip
             if version is None:  # closed without an update (no device uploaded): nothing was published
                 summary.failed = "no device took part; nothing was published"
+            else:
+                predictions(int(version))
         done.append(summary)
         if progress is not None:
             progress(summary)
