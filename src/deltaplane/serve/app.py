@@ -772,21 +772,26 @@ class RollbackResponse(BaseModel):
     sha256: str
 
 
+#: the most features, predicted classes, projections and embedding dimensions a drift report may carry; a
+#: reference needing more is refused at its PUT (no device report could ever match it)
+REPORT_FEATURES, REPORT_CLASSES, REPORT_PROJECTIONS, REPORT_EMBEDDING_DIM = 4096, 65536, 1024, 65536
+
+
 class SummaryModel(_Strict):
     n: int = Field(default=0, ge=0, le=10**9)
     feature_counts: list[list[Annotated[int, Field(ge=0, le=10**9)]]] = Field(
-        default_factory=list, max_length=4096
+        default_factory=list, max_length=REPORT_FEATURES
     )
     prediction_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(
-        default_factory=list, max_length=65536
+        default_factory=list, max_length=REPORT_CLASSES
     )
     projection_counts: list[list[Annotated[int, Field(ge=0, le=10**9)]]] = Field(
-        default_factory=list, max_length=1024
+        default_factory=list, max_length=REPORT_PROJECTIONS
     )
     # |sum| <= 1e15 = 1e9 embeddings x |mean| 1e6 (monitor.drift.MAX_EMBEDDING_MEAN): larger is no embedding
     # sum, and values near 1e308 overflow to NaN when a window merges them
     embedding_sum: list[Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]] = Field(
-        default_factory=list, max_length=65536
+        default_factory=list, max_length=REPORT_EMBEDDING_DIM
     )
     embedding_n: int = Field(default=0, ge=0, le=10**9)
     #: inputs missing (NaN) per feature, counted apart from feature_counts (see monitor.drift.Summary)
@@ -811,6 +816,23 @@ class ReportAccepted(BaseModel):
 class PredictionReferenceRequest(_Strict):
     #: the version's predicted-class counts on the drift reference's data, one per class of its spec
     prediction_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(min_length=1, max_length=65536)
+
+
+def _reportable(spec: DriftSpec) -> None:
+    """Refuse (422) a drift spec whose reports could never pass :class:`SummaryModel`'s bounds: the monitor
+    would be set, answer 200, and test nothing (an ``n_classes`` of 10**30 left every prediction unreported)."""
+    dim = len(spec.projections[0]) if spec.projections else 0
+    for what, have, most in (
+        ("features (feature_edges)", len(spec.feature_edges), REPORT_FEATURES),
+        ("classes (n_classes)", spec.n_classes, REPORT_CLASSES),
+        ("projections", len(spec.projections), REPORT_PROJECTIONS),
+        ("embedding dimensions", dim, REPORT_EMBEDDING_DIM),
+    ):
+        if have > most:
+            raise ConfigError(
+                f"drift spec has {have} {what}, more than a device report may carry ({most}): no report could "
+                "match it; monitor fewer (e.g. group classes or features)"
+            )
 
 
 class DriftReferenceRequest(_Strict):
@@ -1315,6 +1337,7 @@ def create_app(
     )
     def set_reference(model: ModelName, body: DriftReferenceRequest) -> dict[str, Any]:
         spec = DriftSpec.from_dict(body.spec)  # ConfigError (422) naming what is malformed
+        _reportable(spec)
         mon = DriftMonitor(
             spec,
             Summary(**body.reference.model_dump()),
