@@ -50,6 +50,7 @@ __all__ = [
     "DPFedAvg",
     "DPState",
     "DistributedDP",
+    "accounted_sampling_rate",
     "distributed_noise",
     "distributed_noise_std",
     "distributed_ring_range",
@@ -72,6 +73,12 @@ ADD_REMOVE = "add/remove"
 ZERO_OUT = "zero-out"
 #: Local DP (:func:`privatize`): one device's data changed arbitrarily (two clipped updates differ by ≤ 2·clip).
 REPLACE_ONE = "replace-one"
+
+
+def accounted_sampling_rate(sampling_rate: float, *, distributed: bool) -> float:
+    """The sampling rate a DP run's accountant uses: ``sampling_rate`` for central DP-FedAvg, 1 for distributed DP,
+    which claims no amplification by sampling (:class:`DistributedDP` says why and refuses any other rate)."""
+    return 1.0 if distributed else sampling_rate
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 from deltaplane.aggregation.accounting import PrivacyAccountant
 from deltaplane.aggregation.base import Aggregator
 from deltaplane.aggregation.clipping import Clip, NormBound, QuantileClip
-from deltaplane.aggregation.dp import DistributedDP, DPFedAvg
+from deltaplane.aggregation.dp import DistributedDP, DPFedAvg, accounted_sampling_rate
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import ServerSGD
 from deltaplane.aggregation.robust import (
@@ -271,8 +271,9 @@ def build_aggregator(
             raise ConfigError("DP noise needs a clip norm: set clip to a number or 'adaptive'")
         acc = PrivacyAccountant(
             noise_multiplier=dp_noise,
-            # distributed DP claims no amplification by sampling (DistributedDP's docstring says why)
-            sampling_rate=sampling_rate if distributed_min_contributors is None else 1.0,
+            sampling_rate=accounted_sampling_rate(
+                sampling_rate, distributed=distributed_min_contributors is not None
+            ),
             delta=dp_delta,
             method=accountant,
             budget=epsilon_budget,

@@ -73,16 +73,17 @@ def _schedule(sampling_rate: float, distributed: bool) -> tuple[float, str, str 
     (a published sum carries noise of std ≥ z·C; a smaller sum is not published), so z here is the run's
     ``dp_noise`` as for central DP.
     """
-    from deltaplane.aggregation.dp import ADD_REMOVE, ZERO_OUT
+    from deltaplane.aggregation.dp import ADD_REMOVE, ZERO_OUT, accounted_sampling_rate
 
+    rate = accounted_sampling_rate(sampling_rate, distributed=distributed)
     if not distributed:
-        return sampling_rate, ADD_REMOVE, None
+        return rate, ADD_REMOVE, None
     note = (
         f"distributed DP: q = 1, not the sampling rate {sampling_rate} (no amplification by sampling: each "
         "sampled device adds its own noise share, so the sum's noise reveals how many took part); zero-out "
         "neighbours; z is the run's noise multiplier on the sum, whatever m_min"
     )
-    return 1.0, ZERO_OUT, note
+    return rate, ZERO_OUT, note
 
 
 def _quiet_absl() -> None:

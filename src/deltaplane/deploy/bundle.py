@@ -18,7 +18,6 @@ The lineage names the source file, its SHA-256 and, for artifacts, the deploy re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deltaplane.deploy.publish import file_sha256
 from deltaplane.errors import ConfigError, DecodeError
 from deltaplane.shards import INDEX_NAME, folder_weights, load_sharded, read_companion_files
 from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text, require_regular_file, safetensors_path
@@ -57,14 +57,6 @@ class Deployable:
     state: dict[str, Tensor]
     lineage: dict[str, Any] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +88,7 @@ def _folder_manifest(mf: Path, artifact_sha256: str) -> dict[str, Any]:
         )
     graph = mf.parent / "model.onnx"
     if isinstance(hashes, dict) and os.path.lexists(graph):
-        want, have = hashes.get("model.onnx"), _sha256(graph) if graph.is_file() else "(not a file)"
+        want, have = hashes.get("model.onnx"), file_sha256(graph) if graph.is_file() else "(not a file)"
         if want != have:
             said = f"SHA-256 {str(want)[:16]}…" if want is not None else "no model.onnx"
             raise DecodeError(
@@ -133,7 +125,7 @@ def load_deployable(path: str | os.PathLike[str]) -> Deployable:
     if not os.path.lexists(p):
         raise ConfigError(f"{p} does not exist")
     require_regular_file(p, what="model file")  # a FIFO is not "missing": name what it is
-    source = {"file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size}
+    source = {"file": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size}
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
@@ -213,7 +205,7 @@ def _hf_folder(p: Path) -> Deployable | None:
                 "source": {
                     "file": weights.name,
                     "shards": [f.name for f in shards],
-                    "sha256": _sha256(weights),
+                    "sha256": file_sha256(weights),
                 }
             },
         )
