@@ -815,7 +815,9 @@ class ReportAccepted(BaseModel):
 
 class PredictionReferenceRequest(_Strict):
     #: the version's predicted-class counts on the drift reference's data, one per class of its spec
-    prediction_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(min_length=1, max_length=65536)
+    prediction_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(
+        min_length=1, max_length=REPORT_CLASSES
+    )
 
 
 def _reportable(spec: DriftSpec) -> None:
