@@ -86,3 +86,15 @@ def test_flower_round_bytes_are_what_its_messages_carried(loopback_grid, secagg:
     sent = [grid.down[v] for v in (0, 1)]
     assert all(nodes == cfg.clients for _, nodes in sent)
     assert [r.downlink_bytes for r in rounds[:2]] == [len(p) * nodes for p, nodes in sent]
+
+
+@pytest.mark.slow
+def test_run_flower_raw_fp32_bytes_leave_out_fedper_head() -> None:
+    """``run_flower`` (Ray) states one update's raw fp32 size as the other drivers do: FedPer's head (fc2) stays
+    on the node, so it is not part of what the report's "vs raw fp32" divides."""
+    from deltaplane.flower.engine import run_flower
+
+    result = run_flower(RunConfig(clients=2, rounds=1, local_epochs=1, personalization="fedper"), num_cpus=1)
+    sizes = {k: v.numel() * v.element_size() for k, v in result.final_state.items()}
+    assert result.raw_update_bytes == sum(n for k, n in sizes.items() if not k.startswith("fc2."))
+    assert result.raw_update_bytes == run_simulation(result.config).raw_update_bytes
