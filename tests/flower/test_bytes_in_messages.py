@@ -8,21 +8,14 @@ from collections.abc import Iterable
 
 import pytest
 from flwr.app import Context, Message, RecordDict
+from tests.default_run import SMALL_DEFAULT_RUN
 
 from deltaplane.flower import task_client_app, task_server_app
 from deltaplane.flower.records import CONTROL_KEY, DOWNLINK_KEY, UPLINK_KEY
 from deltaplane.flower.secagg import SECAGG_KEY
 from deltaplane.sim import RunConfig, run_simulation
 
-CFG = RunConfig(
-    clients=3,
-    rounds=3,
-    local_epochs=1,
-    codec="stc(0.006)",
-    momentum_correction=0.5,
-    momentum_masking=True,
-    downlink_codec="topk(0.05) | quant(bits=8)",
-)
+CFG = SMALL_DEFAULT_RUN.replace(rounds=3)
 
 
 def _tapped(grid_type: type) -> type:

@@ -13,21 +13,13 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import torch
+from tests.default_run import SMALL_DEFAULT_RUN
 
 import deltaplane.serve.federation as federation
 from deltaplane.serve.federation import MODEL, run_http_simulation
 from deltaplane.sim import RunConfig, run_simulation
 
-#: the default run's uplink (stc(0.006), DGC options, compact frames with entropy coding) and a lossy downlink
-CFG = RunConfig(
-    clients=3,
-    rounds=2,
-    local_epochs=1,
-    codec="stc(0.006)",
-    momentum_correction=0.5,
-    momentum_masking=True,
-    downlink_codec="topk(0.05) | quant(bits=8)",
-)
+CFG = SMALL_DEFAULT_RUN
 _OPEN = re.compile(rf"^/admin/models/{MODEL}/(rounds|secagg)$")
 _UPLOAD = re.compile(
     rf"^/v1/models/{MODEL}/(rounds/\d+/update|secagg/\d+/(keys|shares|masked|consistency|unmask))$"
