@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,7 +12,18 @@ from deltaplane.delta import StateDict
 from deltaplane.engine.config import RunConfig
 from deltaplane.errors import PrivacyBudgetExceeded
 
-__all__ = ["RoundMetrics", "RunResult", "budget_stop"]
+__all__ = ["RoundMetrics", "RunResult", "budget_stop", "raw_upload_bytes"]
+
+
+def raw_upload_bytes(state: StateDict, local_keys: Iterable[str] = ()) -> int:
+    """Bytes of one update as raw tensors in the model's dtypes: the tensors a device uploads, which are the
+    model's less the layers personalization keeps on the device (``local_keys``: FedPer's head, FedBN's norms).
+
+    What a run's :attr:`RunResult.raw_update_bytes` holds on every driver, and so what the report's "vs raw
+    fp32" ratio divides: with the kept layers counted too, an uncompressed FedPer run read 1.04× smaller than
+    the raw fp32 tensors it sent."""
+    kept = frozenset(local_keys)
+    return sum(v.numel() * v.element_size() for k, v in state.items() if k not in kept)
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,8 @@ class RunResult:
     config: RunConfig
     rounds: list[RoundMetrics]
     num_params: int
-    #: bytes of one update as raw float32 tensors (the size compression ratios are measured against)
+    #: bytes of one update as raw float32 tensors, the layers a device keeps to itself left out
+    #: (:func:`raw_upload_bytes`): the size compression ratios are measured against
     raw_update_bytes: int
     wall_time_s: float
     final_state: dict[str, Tensor] = field(repr=False, default_factory=dict)

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from deltaplane.delta import Delta
 from deltaplane.engine import RoundMetrics, RunConfig, RunResult
+from deltaplane.engine.results import raw_upload_bytes
 from deltaplane.flower.digits import FlowerRunError, digits_client_app, digits_server_app
 from deltaplane.flower.strategy import DeltaStrategy, RoundTraffic
 
@@ -55,7 +55,7 @@ def run_flower(
         config=config,
         rounds=rounds,
         num_params=sum(v.numel() for v in state.values()),
-        raw_update_bytes=Delta.zeros_like(state).nbytes,
+        raw_update_bytes=final["raw_update_bytes"],
         wall_time_s=time.perf_counter() - start,
         final_state=state,
         # with personalization: each device's accuracies as its node reported them (its model stays there)
@@ -99,6 +99,9 @@ def _simulate(
 
     def on_done(strategy: DeltaStrategy, state: dict) -> None:
         final["state"] = state
+        # what a node uploads: the model less the layers its personalizer keeps (the server step leaves them out)
+        step = strategy.server_step
+        final["raw_update_bytes"] = raw_upload_bytes(state, step.local_keys if step is not None else ())
 
     def on_clients(rows: list[dict[str, Any]]) -> None:
         final["clients"] = rows

@@ -251,8 +251,11 @@ class DeviceClient:
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.sha256 = ""  # signed hash of the version held
+        #: bodies of the model downloads (:meth:`fetch`), as they crossed the wire
         self.bytes_received = 0
         self.full_bytes_equivalent = 0
+        #: bodies of the wire sessions fetched (:meth:`session`), apart: a one-off per layout and codec
+        self.session_bytes_received = 0
 
     def close(self) -> None:
         self._http.close()
@@ -394,6 +397,7 @@ class DeviceClient:
         from deltaplane.codecs import WireSession
 
         resp = _check(self._send("GET", f"/v1/models/{model}/session", headers=self._headers))
+        self.session_bytes_received += len(resp.content)
         return WireSession.from_bytes(resp.content)
 
     def open_rounds(self, model: str) -> list[dict[str, Any]]:

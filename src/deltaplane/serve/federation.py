@@ -41,7 +41,7 @@ from deltaplane.engine import (
     sample_clients,
 )
 from deltaplane.engine.admission import examples_bound
-from deltaplane.engine.results import budget_stop
+from deltaplane.engine.results import budget_stop, raw_upload_bytes
 from deltaplane.engine.scoring import backdoor_success, dp_adjacency, personal_metrics, round_epsilon
 from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
@@ -243,7 +243,7 @@ def _run(
     # authenticated SecAgg: the run's enrollment authority certifies each device's identity (out of band, as an
     # operator's `fleet enroll --authority-key`), under the device name its token carries
     enrollment = run_enrollment(config)
-    raw_bytes = Delta.zeros_like(initial).nbytes
+    raw_bytes = raw_upload_bytes(initial, step.local_keys(model))
     history: list[RoundMetrics] = []
     client_rows: list[dict[str, Any]] = []
     drift: list[dict[str, Any]] = []
@@ -264,8 +264,11 @@ def _run(
             )
             for c in clients
         ]
-        for d in devices:  # every device starts from the initial model (not counted, as in process)
+        for (
+            d
+        ) in devices:  # every device starts from the initial model (not in the rounds' bytes, as in process)
             d.fetch(MODEL, channel="training")
+        initial_bytes = sum(d.bytes_received for d in devices)
         requests += 2 + 2 * len(devices)
         cum_up = cum_down = 0
         for rnd in range(1, config.rounds + 1):
@@ -384,6 +387,13 @@ def _run(
             "rejected": {k: v for k, v in stats.items() if k.startswith("rejected.")},
             "registry_versions": len(reg.versions(MODEL, kind="model")),
             "registry_ok": report.ok,
+            # downlink the rounds' figures leave out, as every driver does: each device's first full model
+            # and the wire session's text (compact uploads; fetched once for the run's devices, which share
+            # one client step: each device of a real fleet fetches it once)
+            "setup_downlink_bytes": {
+                "initial_models": initial_bytes,
+                "session": sum(d.session_bytes_received for d in devices),
+            },
         },
         drift=drift,
     )

@@ -51,7 +51,7 @@ from deltaplane.engine import (
     sample_clients,
 )
 from deltaplane.engine.dgc import NormHistory
-from deltaplane.engine.results import budget_stop
+from deltaplane.engine.results import budget_stop, raw_upload_bytes
 from deltaplane.engine.scoring import backdoor_success, dp_adjacency, round_epsilon
 from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
@@ -477,7 +477,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             rounds=history,
             final_state=server.state,
             num_params=sum(v.numel() for v in initial.values()),
-            raw_update_bytes=Delta.zeros_like(initial).nbytes,
+            raw_update_bytes=raw_upload_bytes(initial),  # no personalization: every tensor travels
             stopped=stopped,
         )
     finally:

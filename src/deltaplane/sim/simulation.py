@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
-from deltaplane.delta import Delta
 from deltaplane.engine import (
     ClientStep,
     RoundMetrics,
@@ -40,7 +39,7 @@ from deltaplane.engine import (
 from deltaplane.engine.federation import Client, build_clients
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
 from deltaplane.engine.metrics import score_round
-from deltaplane.engine.results import budget_stop
+from deltaplane.engine.results import budget_stop, raw_upload_bytes
 from deltaplane.engine.scoring import backdoor_success, dp_adjacency, personal_metrics, round_epsilon
 from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
@@ -258,8 +257,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step = ClientStep(config, task, base_id=BASE_ID)
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
-    raw_bytes = Delta.zeros_like(initial).nbytes
     local_keys = step.local_keys(model)  # the server step leaves the same tensors out (ServerStep.for_run)
+    raw_bytes = raw_upload_bytes(initial, local_keys)
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     enrollment = run_enrollment(config)  # authenticated SecAgg: the devices' identities, enrolled once a run
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
