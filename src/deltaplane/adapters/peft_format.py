@@ -330,8 +330,11 @@ def peft_config(lora: LoRADelta) -> dict[str, Any]:
     flags = {(layer.rslora, layer.fan_in_fan_out) for layer in lora.values() if not layer.embedding}
     rslora = {layer.rslora for layer in lora.values()}
     if len(rslora) > 1 or len(flags) > 1:
+        fifo = sorted(name for name, layer in lora.items() if layer.fan_in_fan_out)
+        mixed = f" (fan_in_fan_out on {fifo[:3]}, not on the others)" if len(flags) > 1 else ""
         raise UnsupportedAdapter(
-            "PEFT stores use_rslora and fan_in_fan_out once per adapter; this adapter mixes them across layers"
+            "PEFT stores use_rslora and fan_in_fan_out once per adapter; this adapter mixes them across "
+            f"layers{mixed}: save its layers as two adapters (extract-lora --include / --exclude)"
         )
     r, alpha = Counter((layer.rank, layer.alpha) for layer in lora.values()).most_common(1)[0][0]
     rank_pattern, alpha_pattern = {}, {}
