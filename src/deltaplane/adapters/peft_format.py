@@ -110,6 +110,24 @@ def _in_layers(module: str, cfg: Mapping[str, Any]) -> bool:
     return index == indexes if isinstance(indexes, int) else index in indexes
 
 
+def _check_layer_kind(module: str, A: Tensor, B: Tensor, where: str) -> None:
+    """Raise :class:`UnsupportedAdapter` for the PEFT LoRA layers that are not ``ΔW = s · B A`` on one weight:
+    a convolution's (4-D or 3-D factors, ``ΔW`` a convolution of the two kernels) and ``nn.MultiheadAttention``'s
+    (PEFT adapts its packed ``in_proj_weight`` and, nested under ``base_layer``, its ``out_proj``)."""
+    if ".base_layer." in f".{module}.":
+        raise UnsupportedAdapter(
+            f"{where}: layer '{module}' sits inside a wrapped module's base_layer, as PEFT writes LoRA on "
+            "nn.MultiheadAttention; that LoRA is not supported: target its projections' nn.Linear modules instead, "
+            "or merge the adapter with PEFT (merge_and_unload) and use the full weights"
+        )
+    if A.dim() != 2 or B.dim() != 2:
+        raise UnsupportedAdapter(
+            f"{where}: layer '{module}' has {A.dim()}-D factors (lora_A {tuple(A.shape)}, lora_B "
+            f"{tuple(B.shape)}): LoRA on a convolution (nn.Conv1d/Conv2d/Conv3d) is not supported; merge the "
+            "adapter with PEFT (merge_and_unload) and use the full weights"
+        )
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
@@ -271,6 +289,7 @@ def from_peft_state(
         if not {"A", "B"} <= set(ab):
             missing = "B" if "A" in ab else "A"
             raise AdapterError(f"{weights}: layer '{module}' has no lora_{missing} factor")
+        _check_layer_kind(module, ab["A"], ab["B"], weights)
         if not _is_target(module, targets) or (excluded and _is_target(module, excluded)):
             raise AdapterError(
                 f"{weights}: layer '{module}' is not covered by target_modules={targets!r} "
