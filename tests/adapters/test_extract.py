@@ -117,6 +117,42 @@ def test_extracted_adapter_loads_in_peft(tmp_path):
     assert load_peft(tmp_path / "ad").ranks == result.lora.ranks
 
 
+def truncation(delta: torch.Tensor, k: int) -> np.ndarray:
+    """numpy's best rank-k approximation of ``delta`` (Eckart–Young): ``U_k Σ_k V_kᵀ``."""
+    u, s, vt = np.linalg.svd(delta.double().numpy(), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vt[:k]
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=3), dict(energy=0.5, rank=12)])
+def test_peft_applies_numpys_rank_r_truncation_of_each_change(tmp_path, kwargs):
+    """Independent of our own materialize: what PEFT merges from the extracted folder (its own scaling from r,
+    lora_alpha, rank_pattern and alpha_pattern) is numpy's truncated SVD of W_ft − W_base, layer by layer, and
+    each changed bias exactly."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48
+    )
+    model = transformers.BertModel(cfg)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    ft = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in base.items()
+    }
+    result = extract_lora(ft, base, **kwargs)
+    result.lora.save_peft(tmp_path / "ad")
+    merged = peft.PeftModel.from_pretrained(model, tmp_path / "ad").merge_and_unload().state_dict()
+    assert len(result.layers) == 7  # q, k, v, attention output, intermediate, output, pooler
+    for rep in result.layers:
+        want = truncation(ft[rep.name] - base[rep.name], rep.rank)
+        got = (merged[rep.name].double() - base[rep.name].double()).numpy()
+        assert np.abs(got - want).max() <= 2e-6, rep.name
+        bias = rep.name.removesuffix(".weight") + ".bias"
+        assert torch.allclose(merged[bias] - base[bias], ft[bias] - base[bias], atol=1e-6)
+
+
 def test_bad_requests(tmp_path):
     base, ft = _models(tmp_path)
     with pytest.raises(ConfigError, match="needs a rank"):
