@@ -8,8 +8,12 @@ import torch
 
 from deltaplane.adapters.federated import LoRARefactor, factor_pairs, fedit_bias
 from deltaplane.aggregation import FedAvg
+from deltaplane.aggregation.clipping import Clip
+from deltaplane.aggregation.dp import DPFedAvg
+from deltaplane.aggregation.fedopt import FedAvgM
+from deltaplane.aggregation.robust import Krum
 from deltaplane.delta import Delta
-from deltaplane.errors import AdapterMismatch
+from deltaplane.errors import AdapterMismatch, ConfigError
 
 
 def clients(n=5, r=3, seed=0, drift=1.0):
@@ -165,3 +169,26 @@ def test_refactor_keeps_a_rank_above_the_layers_size():
     deltas = _random_deltas(initial, 2, g)
     got, best = _refactored_error(initial, deltas, a, b)
     assert best == 0.0 and got < 1e-9
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Clip(FedAvg(), clip=0.1),
+        lambda: DPFedAvg(FedAvg(), clip=0.1, noise_multiplier=1.0, expected_clients=3),
+        lambda: FedAvgM(FedAvg(), lr=0.5),
+        lambda: Krum(byzantine=1),
+    ],
+    ids=["clip", "dp", "server-momentum", "krum"],
+)
+def test_refactor_refuses_an_inner_aggregator_the_factors_would_escape(make):
+    """The factors never reach ``inner``: a clip, DP noise, robust rule or server optimizer there acted on the head
+    alone while the adapter's average went through untouched (a DP run whose adapter got no noise). Before, with
+    ``Clip(FedAvg(), clip=0.1)`` inside, one update's head came out at norm 0.1 and its factors at 2.47 and 3.02."""
+    g = torch.Generator().manual_seed(0)
+    initial = {"fc.lora_A.weight": torch.randn(2, 6, generator=g), "fc.lora_B.weight": torch.zeros(4, 2)}
+    with pytest.raises(
+        ConfigError, match=r"inner must be a plain FedAvg.*LoRARefactor\(FedAvg\(\), initial\)"
+    ):
+        LoRARefactor(make(), initial)
+    LoRARefactor(FedAvg(), initial)  # the documented form
