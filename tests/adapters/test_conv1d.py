@@ -174,3 +174,45 @@ def test_saving_an_adapter_mixing_layouts_names_the_layers():
     b = LoRALayer(torch.ones(1, 3), torch.ones(2, 1), 1.0)
     with pytest.raises(UnsupportedAdapter, match=r"fan_in_fan_out on \['x.weight'\].*two adapters"):
         LoRADelta({"x.weight": a, "y.weight": b}).save_peft("/nonexistent/never-written")
+
+
+@pytest.mark.parametrize(
+    ("kind", "weights", "kwargs"),
+    [
+        ("linear", [2.0, -0.5], {}),
+        ("cat", [2.0, -0.5], {}),
+        ("svd", [2.0, -0.5], {}),
+        ("ties", [1.0, 1.0], {"density": 0.5}),
+    ],
+)
+def test_merging_conv1d_adapters_equals_peft_add_weighted_adapter(kind, weights, kwargs):
+    """PEFT's add_adapter keeps the config's fan_in_fan_out (false by default) for a second adapter on GPT-2,
+    whose layers are Conv1D whatever it says, so both configs name it here."""
+    from peft.utils import get_peft_model_state_dict
+
+    from deltaplane.adapters import from_peft_state
+    from deltaplane.adapters.merge import merge_adapters
+
+    def config(alpha):
+        return peft.LoraConfig(
+            r=2, lora_alpha=alpha, target_modules=CONV1D_TARGETS, fan_in_fan_out=True, init_lora_weights=False
+        )
+
+    pm = peft.get_peft_model(tiny_gpt2(), config(4), adapter_name="a")
+    pm.add_adapter("b", config(4 if kind == "ties" else 7))  # TIES: equal scalings (see docs/adapters.md)
+    adapters = [
+        from_peft_state(pm.peft_config[n].to_dict(), get_peft_model_state_dict(pm, adapter_name=n))
+        for n in "ab"
+    ]
+    merged = merge_adapters(adapters, weights, kind, **kwargs)
+    pm.add_weighted_adapter(["a", "b"], weights, "m", combination_type=kind, **kwargs)
+    checked = 0
+    for module_name, module in pm.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "m" in module.lora_A:
+            layer = merged[module_name + ".weight"]
+            assert layer.fan_in_fan_out
+            assert float((layer.delta_weight() - module.get_delta_weight("m")).abs().max()) <= 1e-5, (
+                module_name
+            )
+            checked += 1
+    assert checked == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in two blocks
