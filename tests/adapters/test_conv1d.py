@@ -108,11 +108,13 @@ def test_a_layer_whose_saved_flag_is_provably_wrong_is_refused_naming_fan_in_fan
 
 
 def _fine_tune(base: dict, seed: int = 1) -> dict:
+    """Every Conv1D weight and bias changed (the biases travel as lora_B.bias, PEFT's lora_bias)."""
     g = torch.Generator().manual_seed(seed)
+    conv1d = tuple(f"{m}.{p}" for m in ("c_attn", "c_fc", "c_proj") for p in ("weight", "bias"))
     return {
-        k: v + 0.05 * torch.randn(v.shape, generator=g) if k.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")) else v.clone()
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if k.endswith(conv1d) else v.clone()
         for k, v in base.items()
-    }  # fmt: skip
+    }
 
 
 def _optimum(delta: torch.Tensor, k: int) -> float:
@@ -128,6 +130,7 @@ def test_extracting_conv1d_layers_gives_what_peft_applies(tmp_path):
     ft = _fine_tune(base)
     result = extract_lora(ft, base, rank=4, fan_in_fan_out=[CONV1D])
     assert {layer.fan_in_fan_out for layer in result.lora.values()} == {True}
+    assert all(layer.bias is not None for layer in result.lora.values())
     for rep in result.layers:  # the Eckart–Young optimum of the same change, transposed or not
         assert rep.rel_error == pytest.approx(_optimum(ft[rep.name] - base[rep.name], 4), rel=1e-4)
     result.lora.save_peft(tmp_path / "ad")
@@ -135,6 +138,8 @@ def test_extracting_conv1d_layers_gives_what_peft_applies(tmp_path):
         peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ad").merge_and_unload().state_dict()
     )
     assert max_diff(result.lora.merged_into(base), merged) <= 1e-6
+    bias = "transformer.h.1.attn.c_attn.bias"  # (out,): PEFT adds scaling · lora_B.bias, exactly the change
+    assert torch.allclose(merged[bias], ft[bias], atol=1e-6)
     square = "transformer.h.0.attn.c_proj.weight"  # (16, 16): PEFT would transpose a plain (Linear) factoring
     full = extract_lora({square: ft[square]}, {square: base[square]}, rank=16, fan_in_fan_out=[CONV1D])
     full.lora.save_peft(tmp_path / "sq")
@@ -164,9 +169,21 @@ def test_a_gpt2_folder_is_extracted_for_peft_by_default_and_by_the_cli(tmp_path)
     )
     assert max_diff(load_peft(tmp_path / "ad").merged_into(base), merged) <= 1e-6
     assert max_diff(result.lora.merged_into(base), merged) <= 1e-6
-    # --fan-in-fan-out names the layers itself: here none, so the plain factoring PEFT cannot load
-    plain = extract_lora(tmp_path / "ft", tmp_path / "base", rank=2, fan_in_fan_out=[])
-    assert not any(layer.fan_in_fan_out for layer in plain.lora.values())
+    # fan_in_fan_out names the layers itself: none here, and the biases prove the weights are stored (in, out), so
+    # the plain factoring PEFT cannot load is refused before any SVD (it failed, after them, as a bias/rank clash)
+    with pytest.raises(
+        AdapterMismatch, match=r"c_attn\.weight' has shape \(16, 48\) but its bias has 48 .*--fan-in-fan-out"
+    ):
+        extract_lora(tmp_path / "ft", tmp_path / "base", rank=2, fan_in_fan_out=[])
+
+
+def test_a_gpt2_state_dict_without_fan_in_fan_out_is_refused_naming_it():
+    """A state dict does not say its modules' types; the biases' lengths prove GPT-2's layout."""
+    base = tiny_gpt2().state_dict()
+    with pytest.raises(
+        AdapterMismatch, match=r"bias has \d+ values: it is stored \(in, out\).*--fan-in-fan-out"
+    ):
+        extract_lora(_fine_tune(base), base, rank=2)
 
 
 def test_saving_an_adapter_mixing_layouts_names_the_layers():

@@ -228,6 +228,8 @@ def extract_lora(
         and _is_float(bs, n)
         and _matches(n, include, exclude)
     }
+    for name in (n for n in names if n in targets):  # shapes only, before any tensor is read; in file order
+        _check_orientation(bs, name, any(re.search(p, name) for p in conv1d))
     layers: dict[str, LoRALayer] = {}
     reports: list[LayerReport] = []
     uncaptured: dict[str, float] = {}
@@ -275,6 +277,26 @@ def extract_lora(
             )
     ordered = {n: layers[n] for n in names if n in layers}
     return Extraction(LoRADelta(ordered), reports, uncaptured)
+
+
+def _check_orientation(base: Mapping[str, Tensor], name: str, fan_in_fan_out: bool) -> None:
+    """Raise :class:`AdapterMismatch` when the layer's bias proves the weight is laid out the other way: a bias as
+    long as the weight's second side (not its first) is a ``Conv1D`` weight stored (in, out), whose plain factors
+    PEFT would refuse (or transpose, were it square), and the reverse for a layer named in ``fan_in_fan_out``."""
+    bias_name = module_of(name) + ".bias"
+    shape = _shape(base, name)
+    if bias_name not in base or shape[0] == shape[1] or len(_shape(base, bias_name)) != 1:
+        return
+    n = _shape(base, bias_name)[0]
+    out = shape[1] if fan_in_fan_out else shape[0]
+    if n != out and n == shape[int(not fan_in_fan_out)]:
+        fix = (
+            "it is stored (in, out), as transformers' Conv1D stores it (GPT-2): name it in fan_in_fan_out "
+            "(--fan-in-fan-out REGEX)"
+            if not fan_in_fan_out
+            else "it is stored (out, in), as nn.Linear stores it: leave it out of fan_in_fan_out (--fan-in-fan-out)"
+        )
+        raise AdapterMismatch(f"weight '{name}' has shape {shape} but its bias has {n} values: {fix}")
 
 
 _ROW_CHUNK = 1 << 18
