@@ -93,8 +93,8 @@ def test_extraction_from_files_reports_layers_and_what_it_cannot_hold(tmp_path):
     assert torch.allclose(merged["layer.0.query.bias"], ft["layer.0.query.bias"], atol=1e-6)
 
 
-def test_extracted_adapter_loads_in_peft(tmp_path):
-    peft = pytest.importorskip("peft")
+def tiny_bert_fine_tune():
+    """A tiny random BertModel, its state dict, and that state with every floating tensor moved (a fine-tune)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
@@ -107,6 +107,12 @@ def test_extracted_adapter_loads_in_peft(tmp_path):
         k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
         for k, v in base.items()
     }
+    return model, base, ft
+
+
+def test_extracted_adapter_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, base, ft = tiny_bert_fine_tune()
     result = extract_lora(ft, base, energy=0.5, rank=12)
     assert len({r.rank for r in result.layers}) > 1  # per-layer ranks -> rank_pattern / alpha_pattern
     result.lora.save_peft(tmp_path / "ad")
@@ -129,18 +135,7 @@ def test_peft_applies_numpys_rank_r_truncation_of_each_change(tmp_path, kwargs):
     lora_alpha, rank_pattern and alpha_pattern) is numpy's truncated SVD of W_ft − W_base, layer by layer, and
     each changed bias exactly."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48
-    )
-    model = transformers.BertModel(cfg)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    ft = {
-        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-        for k, v in base.items()
-    }
+    model, base, ft = tiny_bert_fine_tune()
     result = extract_lora(ft, base, **kwargs)
     result.lora.save_peft(tmp_path / "ad")
     merged = peft.PeftModel.from_pretrained(model, tmp_path / "ad").merge_and_unload().state_dict()
