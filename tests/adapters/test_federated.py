@@ -41,6 +41,28 @@ def test_fedit_is_biased_and_the_bias_grows_with_drift():
     assert 0 < small < fedit_bias(As2, Bs2, w)
 
 
+def test_fedit_through_fedavg_is_off_by_the_factors_covariance_as_documented():
+    """What FedIT does (FedAvg of the factor updates, as every driver's default chain computes it) against the exact
+    average of the products, in numpy: ``B̄Ā − Σ pᵢBᵢAᵢ = −Σ pᵢ(Bᵢ − B̄)(Aᵢ − Ā)`` (docs/adapters.md), and
+    :func:`fedit_bias` is its norm relative to ``‖Σ pᵢBᵢAᵢ‖``."""
+    initial, deltas, w = clients(drift=1.0)
+    agg = FedAvg()
+    for d, wi in zip(deltas, w, strict=True):
+        agg.add(d, wi)
+    mean = agg.result()
+    A_bar = (initial["l.lora_A.w"] + mean["l.lora_A.w"]).numpy()
+    B_bar = (initial["l.lora_B.w"] + mean["l.lora_B.w"]).numpy()
+    As = [(initial["l.lora_A.w"] + d["l.lora_A.w"]).numpy() for d in deltas]
+    Bs = [(initial["l.lora_B.w"] + d["l.lora_B.w"]).numpy() for d in deltas]
+    p = np.array(w) / sum(w)
+    exact = sum(pi * B @ A for pi, A, B in zip(p, As, Bs, strict=True))
+    covariance = sum(pi * (B - B_bar) @ (A - A_bar) for pi, A, B in zip(p, As, Bs, strict=True))
+    np.testing.assert_allclose(B_bar @ A_bar - exact, -covariance, atol=1e-12)
+    want = np.linalg.norm(covariance) / np.linalg.norm(exact)
+    got = fedit_bias([torch.from_numpy(a) for a in As], [torch.from_numpy(b) for b in Bs], w)
+    assert got == pytest.approx(want, rel=1e-12) and want > 0.1
+
+
 def test_ffa_lora_fedavg_of_b_is_exact():
     g = torch.Generator().manual_seed(1)
     A = torch.randn(3, 12, generator=g, dtype=torch.float64)  # frozen, shared
