@@ -11,6 +11,9 @@ Martinsson & Tropp 2011, "Finding structure with randomness", https://arxiv.org/
 ``O(m n min(m, n))``; on MiniLM's fine-tuned layers its error is within 0.1 % of the exact truncation's. The rank is fixed (``rank``) or chosen per layer as the smallest k
 whose singular values hold an ``energy`` fraction of ``‖ΔW‖²_F`` (capped by ``rank`` when both are given).
 
+Weights stored (in, out) — ``transformers``' ``Conv1D``, GPT-2's attention and MLP — are factored as ``ΔWᵀ`` into
+``fan_in_fan_out`` layers, the layout PEFT gives those modules (found from a folder's ``config.json``, or named).
+
 Streamed: the two checkpoints are read tensor by tensor (:class:`~deltaplane.merging.checkpoint.Checkpoint`), so
 peak memory is one pair of weights plus the factors found so far. Every layer's relative reconstruction error
 ``‖ΔW − B A‖_F / ‖ΔW‖_F`` is computed exactly, and what a LoRA cannot hold (changed norms, embeddings left out)
