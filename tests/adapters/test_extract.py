@@ -93,8 +93,8 @@ def test_extraction_from_files_reports_layers_and_what_it_cannot_hold(tmp_path):
     assert torch.allclose(merged["layer.0.query.bias"], ft["layer.0.query.bias"], atol=1e-6)
 
 
-def test_extracted_adapter_loads_in_peft(tmp_path):
-    peft = pytest.importorskip("peft")
+def tiny_bert_fine_tune():
+    """A tiny random BertModel, its state dict, and that state with every floating tensor moved (a fine-tune)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
@@ -107,6 +107,12 @@ def test_extracted_adapter_loads_in_peft(tmp_path):
         k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
         for k, v in base.items()
     }
+    return model, base, ft
+
+
+def test_extracted_adapter_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, base, ft = tiny_bert_fine_tune()
     result = extract_lora(ft, base, energy=0.5, rank=12)
     assert len({r.rank for r in result.layers}) > 1  # per-layer ranks -> rank_pattern / alpha_pattern
     result.lora.save_peft(tmp_path / "ad")
@@ -115,6 +121,31 @@ def test_extracted_adapter_loads_in_peft(tmp_path):
     ours = result.lora.merged_into(base)
     assert max(float((merged[k] - ours[k]).abs().max()) for k in ours) <= 1e-6
     assert load_peft(tmp_path / "ad").ranks == result.lora.ranks
+
+
+def truncation(delta: torch.Tensor, k: int) -> np.ndarray:
+    """numpy's best rank-k approximation of ``delta`` (Eckart–Young): ``U_k Σ_k V_kᵀ``."""
+    u, s, vt = np.linalg.svd(delta.double().numpy(), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vt[:k]
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=3), dict(energy=0.5, rank=12)])
+def test_peft_applies_numpys_rank_r_truncation_of_each_change(tmp_path, kwargs):
+    """Independent of our own materialize: what PEFT merges from the extracted folder (its own scaling from r,
+    lora_alpha, rank_pattern and alpha_pattern) is numpy's truncated SVD of W_ft − W_base, layer by layer, and
+    each changed bias exactly."""
+    peft = pytest.importorskip("peft")
+    model, base, ft = tiny_bert_fine_tune()
+    result = extract_lora(ft, base, **kwargs)
+    result.lora.save_peft(tmp_path / "ad")
+    merged = peft.PeftModel.from_pretrained(model, tmp_path / "ad").merge_and_unload().state_dict()
+    assert len(result.layers) == 7  # q, k, v, attention output, intermediate, output, pooler
+    for rep in result.layers:
+        want = truncation(ft[rep.name] - base[rep.name], rep.rank)
+        got = (merged[rep.name].double() - base[rep.name].double()).numpy()
+        assert np.abs(got - want).max() <= 2e-6, rep.name
+        bias = rep.name.removesuffix(".weight") + ".bias"
+        assert torch.allclose(merged[bias] - base[bias], ft[bias] - base[bias], atol=1e-6)
 
 
 def test_bad_requests(tmp_path):

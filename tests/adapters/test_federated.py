@@ -8,8 +8,12 @@ import torch
 
 from deltaplane.adapters.federated import LoRARefactor, factor_pairs, fedit_bias
 from deltaplane.aggregation import FedAvg
+from deltaplane.aggregation.clipping import Clip
+from deltaplane.aggregation.dp import DPFedAvg
+from deltaplane.aggregation.fedopt import FedAvgM
+from deltaplane.aggregation.robust import Krum
 from deltaplane.delta import Delta
-from deltaplane.errors import AdapterMismatch
+from deltaplane.errors import AdapterMismatch, ConfigError
 
 
 def clients(n=5, r=3, seed=0, drift=1.0):
@@ -35,6 +39,28 @@ def test_fedit_is_biased_and_the_bias_grows_with_drift():
     As2 = [initial["l.lora_A.w"] + d["l.lora_A.w"] for d in far]
     Bs2 = [initial["l.lora_B.w"] + d["l.lora_B.w"] for d in far]
     assert 0 < small < fedit_bias(As2, Bs2, w)
+
+
+def test_fedit_through_fedavg_is_off_by_the_factors_covariance_as_documented():
+    """What FedIT does (FedAvg of the factor updates, as every driver's default chain computes it) against the exact
+    average of the products, in numpy: ``B̄Ā − Σ pᵢBᵢAᵢ = −Σ pᵢ(Bᵢ − B̄)(Aᵢ − Ā)`` (docs/adapters.md), and
+    :func:`fedit_bias` is its norm relative to ``‖Σ pᵢBᵢAᵢ‖``."""
+    initial, deltas, w = clients(drift=1.0)
+    agg = FedAvg()
+    for d, wi in zip(deltas, w, strict=True):
+        agg.add(d, wi)
+    mean = agg.result()
+    A_bar = (initial["l.lora_A.w"] + mean["l.lora_A.w"]).numpy()
+    B_bar = (initial["l.lora_B.w"] + mean["l.lora_B.w"]).numpy()
+    As = [(initial["l.lora_A.w"] + d["l.lora_A.w"]).numpy() for d in deltas]
+    Bs = [(initial["l.lora_B.w"] + d["l.lora_B.w"]).numpy() for d in deltas]
+    p = np.array(w) / sum(w)
+    exact = sum(pi * B @ A for pi, A, B in zip(p, As, Bs, strict=True))
+    covariance = sum(pi * (B - B_bar) @ (A - A_bar) for pi, A, B in zip(p, As, Bs, strict=True))
+    np.testing.assert_allclose(B_bar @ A_bar - exact, -covariance, atol=1e-12)
+    want = np.linalg.norm(covariance) / np.linalg.norm(exact)
+    got = fedit_bias([torch.from_numpy(a) for a in As], [torch.from_numpy(b) for b in Bs], w)
+    assert got == pytest.approx(want, rel=1e-12) and want > 0.1
 
 
 def test_ffa_lora_fedavg_of_b_is_exact():
@@ -165,3 +191,26 @@ def test_refactor_keeps_a_rank_above_the_layers_size():
     deltas = _random_deltas(initial, 2, g)
     got, best = _refactored_error(initial, deltas, a, b)
     assert best == 0.0 and got < 1e-9
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Clip(FedAvg(), clip=0.1),
+        lambda: DPFedAvg(FedAvg(), clip=0.1, noise_multiplier=1.0, expected_clients=3),
+        lambda: FedAvgM(FedAvg(), lr=0.5),
+        lambda: Krum(byzantine=1),
+    ],
+    ids=["clip", "dp", "server-momentum", "krum"],
+)
+def test_refactor_refuses_an_inner_aggregator_the_factors_would_escape(make):
+    """The factors never reach ``inner``: a clip, DP noise, robust rule or server optimizer there acted on the head
+    alone while the adapter's average went through untouched (a DP run whose adapter got no noise). Before, with
+    ``Clip(FedAvg(), clip=0.1)`` inside, one update's head came out at norm 0.1 and its factors at 2.47 and 3.02."""
+    g = torch.Generator().manual_seed(0)
+    initial = {"fc.lora_A.weight": torch.randn(2, 6, generator=g), "fc.lora_B.weight": torch.zeros(4, 2)}
+    with pytest.raises(
+        ConfigError, match=r"inner must be a plain FedAvg.*LoRARefactor\(FedAvg\(\), initial\)"
+    ):
+        LoRARefactor(make(), initial)
+    LoRARefactor(FedAvg(), initial)  # the documented form

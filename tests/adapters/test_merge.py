@@ -16,7 +16,7 @@ from peft.utils import get_peft_model_state_dict, merge_utils  # noqa: E402
 NAMES = ("a", "b", "c")
 
 
-def peft_with_adapters(ranks=(4, 4, 4), alphas=(8, 4, 16)):
+def peft_with_adapters(ranks=(4, 4, 4), alphas=(8, 4, 16), **config):
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=40
@@ -25,7 +25,7 @@ def peft_with_adapters(ranks=(4, 4, 4), alphas=(8, 4, 16)):
     pm = None
     for name, r, alpha in zip(NAMES, ranks, alphas, strict=True):
         c = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value", "intermediate.dense"],
-                            init_lora_weights=False)  # fmt: skip
+                            init_lora_weights=False, **config)  # fmt: skip
         if pm is None:
             pm = peft.get_peft_model(model, c, adapter_name=name)
         else:
@@ -171,3 +171,33 @@ def test_a_lora_bias_is_merged_not_dropped(kind):
     assert merge_adapters(adapters[1:2], [1.0], kind)["fc.weight"].bias is None
     # TIES trims and elects signs on the bias changes too: not the sum, but never dropped
     assert merge_adapters(adapters, weights, "ties", density=0.5)["fc.weight"].bias is not None
+
+
+@pytest.mark.parametrize(
+    ("kind", "weights", "kwargs"),
+    [
+        ("cat", [2.0, 0.5, -1.0], {}),
+        ("svd", [2.0, 0.5, -1.0], {"svd_rank": 12}),
+        ("linear", [1.0], {}),
+        ("svd", [1.0], {}),
+    ],
+)
+def test_rslora_adapters_merge_to_the_weighted_sum_of_their_changes(kind, weights, kwargs):
+    """The reference is PEFT's own ΔWᵢ of each source adapter (scaling α/√r): an exact combination (cat, a
+    full-rank svd, one adapter with weight 1) must give Σ wᵢ ΔWᵢ. PEFT 0.21's add_weighted_adapter does not here:
+    its merged adapter keeps use_rslora from the first adapter while setting lora_alpha = r, so its scaling is
+    √r instead of 1 (huggingface/peft#3449); ours has α = r and no rslora, scaling 1."""
+    pm = peft_with_adapters(ranks=(4, 4, 4), alphas=(8, 4, 16), use_rslora=True)
+    names = NAMES[: len(weights)]
+    merged = merge_adapters([ours(pm, n) for n in names], weights, kind, **kwargs)
+    checked = 0
+    for module_name, module in pm.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "a" in module.lora_A:
+            want = sum(w * module.get_delta_weight(n) for w, n in zip(weights, names, strict=True))
+            layer = merged[module_name + ".weight"]
+            assert layer.scaling == 1.0 and not layer.rslora
+            assert float((layer.delta_weight() - want).abs().max()) <= 2e-5 * float(want.abs().max()), (
+                module_name
+            )
+            checked += 1
+    assert checked == 3

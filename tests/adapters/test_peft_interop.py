@@ -298,3 +298,34 @@ def test_malformed_layers_to_transform_is_typed(tmp_path):
     _edit_config(folder, layers_to_transform=[1], layers_pattern=3)
     with pytest.raises(AdapterError, match="'layers_pattern' must be"):
         load_peft(folder)
+
+
+class _ConvAndAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.mha = torch.nn.MultiheadAttention(4, 2)
+
+
+@pytest.mark.parametrize(
+    ("target", "named"),
+    [
+        ("conv", r"layer 'conv' has 4-D factors.*convolution"),
+        ("mha", r"'mha\.base_layer\.out_proj'.*MultiheadAttention"),
+    ],
+)
+def test_peft_layers_that_are_not_one_weights_b_a_are_refused_naming_the_layer_kind(tmp_path, target, named):
+    """PEFT's LoRA on a convolution (kernels, not matrices) and on nn.MultiheadAttention (a packed in_proj_weight
+    plus an out_proj nested in base_layer) are not ΔW = s·B A on a tensor of the base's name: refused by kind."""
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(
+        _ConvAndAttention(), peft.LoraConfig(r=2, target_modules=[target], init_lora_weights=False)
+    )
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedAdapter, match=named):
+        load_peft(tmp_path)
+
+
+def test_peft_bias_lora_only_is_refused_naming_bias(tmp_path):
+    with pytest.raises(UnsupportedAdapter, match="bias='lora_only'"):
+        load_peft(_saved(tmp_path, bias="lora_only"))

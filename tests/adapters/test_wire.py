@@ -91,3 +91,24 @@ def test_malformed_adapter_payloads():
     }
     with pytest.raises(DecodeError, match="lacks"):
         decompress_adapter(pack(trees, WireHeader("", 0, "identity", meta)))
+
+
+def test_a_fan_in_fan_out_layer_survives_the_wire_and_the_bundle(tmp_path):
+    """GPT-2's Conv1D layers (weight stored (in, out)): the payload header carries fan_in_fan_out, so the change
+    the device rebuilds is the sender's, not its transpose (a square layer would otherwise fit the base silently)."""
+    from deltaplane.adapters.bundle import AdapterBundle, write_bundle
+
+    g = torch.Generator().manual_seed(0)
+    base = {"h.attn.c_proj.weight": torch.randn(16, 16, generator=g), "h.attn.c_proj.bias": torch.zeros(16)}
+    layer = LoRALayer(
+        torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g), 4.0, fan_in_fan_out=True
+    )
+    lora = LoRADelta({"h.attn.c_proj.weight": layer})
+    want = lora.materialize(base)["h.attn.c_proj.weight"]
+    assert not torch.allclose(want, want.T, atol=1e-3)  # the orientation shows
+    back = decompress_adapter(compress_adapter(lora, "identity", base_id="gpt2", base_version=1))
+    assert back["h.attn.c_proj.weight"].fan_in_fan_out
+    assert torch.equal(back.materialize(base)["h.attn.c_proj.weight"], want)
+    write_bundle(tmp_path / "b.dplb", base, {"u": lora}, base_id="gpt2", base_quant="none", codec="identity")
+    state = AdapterBundle(tmp_path / "b.dplb").model_state("u")
+    assert torch.allclose(state["h.attn.c_proj.weight"], base["h.attn.c_proj.weight"] + want, atol=1e-6)

@@ -11,6 +11,9 @@ Martinsson & Tropp 2011, "Finding structure with randomness", https://arxiv.org/
 ``O(m n min(m, n))``; on MiniLM's fine-tuned layers its error is within 0.1 % of the exact truncation's. The rank is fixed (``rank``) or chosen per layer as the smallest k
 whose singular values hold an ``energy`` fraction of ``‖ΔW‖²_F`` (capped by ``rank`` when both are given).
 
+Weights stored (in, out) — ``transformers``' ``Conv1D``, GPT-2's attention and MLP — are factored as ``ΔWᵀ`` into
+``fan_in_fan_out`` layers, the layout PEFT gives those modules (found from a folder's ``config.json``, or named).
+
 Streamed: the two checkpoints are read tensor by tensor (:class:`~deltaplane.merging.checkpoint.Checkpoint`), so
 peak memory is one pair of weights plus the factors found so far. Every layer's relative reconstruction error
 ``‖ΔW − B A‖_F / ‖ΔW‖_F`` is computed exactly, and what a LoRA cannot hold (changed norms, embeddings left out)
@@ -19,6 +22,7 @@ is reported rather than silently dropped.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -31,11 +35,19 @@ from torch import Tensor
 
 from deltaplane.adapters.lora import LoRADelta, LoRALayer, module_of
 from deltaplane.errors import AdapterMismatch, ConfigError, InvalidUpdate
+from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
 
-__all__ = ["DEFAULT_EXCLUDE", "Extraction", "LayerReport", "extract_lora", "low_rank_factors"]
+__all__ = ["CONV1D", "DEFAULT_EXCLUDE", "Extraction", "LayerReport", "extract_lora", "low_rank_factors"]
 
 DEFAULT_EXCLUDE = (r"(^|\.)embeddings?(\.|$)|embed_tokens|wte|wpe|lm_head",)
 """Embeddings and tied output heads are not linear layers a LoRA adapts by default (mergekit saves them in full)."""
+
+CONV1D = r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$"
+"""The weights ``transformers`` stores (in, out) in ``Conv1D`` modules: GPT-2's family (``model_type`` in
+:data:`CONV1D_MODEL_TYPES`). PEFT adapts those with ``fan_in_fan_out=True``, so their factors must be taken from
+``ΔWᵀ``; other architectures' ``c_fc`` / ``c_proj`` (GPT-Neo's) are ``nn.Linear``."""
+
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,26 @@ def _matches(name: str, include: Sequence[str] | None, exclude: Sequence[str]) -
     return not any(re.search(p, name) for p in exclude)
 
 
+def _conv1d_patterns(*models: str | os.PathLike[str] | Mapping[str, Tensor]) -> tuple[str, ...]:
+    """``(CONV1D,)`` if a model is a checkpoint (in a folder) whose ``config.json`` names a GPT-2-family
+    ``model_type``, else ``()``: the module types that decide PEFT's layout are not in the weights themselves."""
+    for model in models:
+        if isinstance(model, Mapping):
+            continue
+        path = Path(model)
+        config = (path if path.is_dir() else path.parent) / "config.json"
+        if not config.is_file():
+            continue
+        try:
+            text = read_bounded_text(config, limit=MANIFEST_LIMIT, what="model config", error=ConfigError)
+            model_type = json.loads(text).get("model_type")
+        except (OSError, ValueError, AttributeError, ConfigError):
+            continue  # not a transformers config: nothing says the layers are Conv1D
+        if model_type in CONV1D_MODEL_TYPES:
+            return (CONV1D,)
+    return ()
+
+
 def _open(model: str | os.PathLike[str] | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     if isinstance(model, Mapping):
         return model
@@ -140,6 +172,7 @@ def extract_lora(
     bias: bool = True,
     randomized_above: int = 256,
     seed: int = 0,
+    fan_in_fan_out: Sequence[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Extraction:
     """Extract a LoRA adapter from a full fine-tune (checkpoint folders/files or state dicts).
@@ -153,6 +186,11 @@ def extract_lora(
         bias: carry the change of an extracted layer's bias as PEFT's ``lora_B.bias`` (``lora_bias=True``).
         randomized_above: layers whose smaller side exceeds this use a randomized SVD (when the rank is small).
         seed: seed of the randomized SVD.
+        fan_in_fan_out: regular expressions on weight names stored (in, out), as ``transformers``' ``Conv1D``
+            stores them: their layers get ``fan_in_fan_out=True`` and factors of ``ΔWᵀ``, the layout PEFT gives
+            these modules (plain factors of ``ΔW`` would not load in PEFT, or be transposed there when square).
+            By default :data:`CONV1D` when either model is a folder whose ``config.json`` names a GPT-2-family
+            ``model_type`` (:data:`CONV1D_MODEL_TYPES`), else none (a state dict does not say its modules' types).
         progress: ``progress(done, total, name)`` after each tensor.
 
     Raises:
@@ -167,11 +205,14 @@ def extract_lora(
         raise ConfigError(f"rank must be a positive integer. Found {rank!r}")
     if energy is not None and not 0 < energy <= 1:
         raise ConfigError(f"energy must be in (0, 1]. Found {energy!r}")
-    for pattern in (*(include or ()), *exclude):  # before any file is opened, not on the first weight name
+    conv1d = tuple(fan_in_fan_out) if fan_in_fan_out is not None else _conv1d_patterns(finetuned, base)
+    for pattern in (*(include or ()), *exclude, *conv1d):  # before any file is opened, not on the first name
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ConfigError(f"include/exclude {pattern!r} is not a regular expression: {exc}") from None
+            raise ConfigError(
+                f"include/exclude/fan_in_fan_out {pattern!r} is not a regular expression: {exc}"
+            ) from None
     ft, bs = _open(finetuned), _open(base)
     # non-floating tensors (buffers such as BERT's position_ids, which a newer transformers no longer saves) are
     # never extracted, so only the floating-point ones must match
@@ -190,6 +231,8 @@ def extract_lora(
         and _is_float(bs, n)
         and _matches(n, include, exclude)
     }
+    for name in (n for n in names if n in targets):  # shapes only, before any tensor is read; in file order
+        _check_orientation(bs, name, any(re.search(p, name) for p in conv1d))
     layers: dict[str, LoRALayer] = {}
     reports: list[LayerReport] = []
     uncaptured: dict[str, float] = {}
@@ -207,10 +250,17 @@ def extract_lora(
             delta = ft[name].float() - b.float() if b.dtype != torch.float64 else ft[name] - b
             changed = _check_finite(delta, name) > 0  # unchanged: no adapter layer, nothing lost
             if changed and name in targets:
+                fifo = any(re.search(p, name) for p in conv1d)
                 A, B, err, kept, rnd = low_rank_factors(
-                    delta, rank=rank, energy=energy, randomized_above=randomized_above, seed=seed
+                    delta.T if fifo else delta,
+                    rank=rank,
+                    energy=energy,
+                    randomized_above=randomized_above,
+                    seed=seed,
                 )
-                layers[name] = LoRALayer(A.to(b.dtype), B.to(b.dtype), alpha=float(A.shape[0]))
+                layers[name] = LoRALayer(
+                    A.to(b.dtype), B.to(b.dtype), alpha=float(A.shape[0]), fan_in_fan_out=fifo
+                )
                 reports.append(LayerReport(name, tuple(delta.shape), int(A.shape[0]), err, kept, rnd))  # type: ignore[arg-type]
             elif changed:
                 pending_bias[bias_of[name]] = delta.to(b.dtype)
@@ -230,6 +280,26 @@ def extract_lora(
             )
     ordered = {n: layers[n] for n in names if n in layers}
     return Extraction(LoRADelta(ordered), reports, uncaptured)
+
+
+def _check_orientation(base: Mapping[str, Tensor], name: str, fan_in_fan_out: bool) -> None:
+    """Raise :class:`AdapterMismatch` when the layer's bias proves the weight is laid out the other way: a bias as
+    long as the weight's second side (not its first) is a ``Conv1D`` weight stored (in, out), whose plain factors
+    PEFT would refuse (or transpose, were it square), and the reverse for a layer named in ``fan_in_fan_out``."""
+    bias_name = module_of(name) + ".bias"
+    shape = _shape(base, name)
+    if bias_name not in base or shape[0] == shape[1] or len(_shape(base, bias_name)) != 1:
+        return
+    n = _shape(base, bias_name)[0]
+    out = shape[1] if fan_in_fan_out else shape[0]
+    if n != out and n == shape[int(not fan_in_fan_out)]:
+        fix = (
+            "it is stored (in, out), as transformers' Conv1D stores it (GPT-2): name it in fan_in_fan_out "
+            "(--fan-in-fan-out REGEX)"
+            if not fan_in_fan_out
+            else "it is stored (out, in), as nn.Linear stores it: leave it out of fan_in_fan_out (--fan-in-fan-out)"
+        )
+        raise AdapterMismatch(f"weight '{name}' has shape {shape} but its bias has {n} values: {fix}")
 
 
 _ROW_CHUNK = 1 << 18

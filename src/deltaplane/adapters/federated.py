@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
+from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.delta import Delta, StateDict
 from deltaplane.errors import AdapterMismatch, ConfigError, InvalidUpdate
 
@@ -71,12 +72,28 @@ class LoRARefactor(AggregatorWrapper):
     ``initial`` and moves by each round's result — so the downlink must deliver the result exactly (an exact
     downlink codec, as by default). Memory: one ``out × in`` accumulator per adapted layer.
 
+    The factors never reach ``inner``, so ``inner`` must be a plain :class:`~deltaplane.aggregation.FedAvg`: a
+    clipping, DP, robust or server-optimizer aggregator there would act on the other tensors only, and the adapter
+    would silently escape it (refused). Anything outside this wrapper must leave its result unchanged
+    (:class:`~deltaplane.aggregation.validation.Validate` does; a server optimizer would not, and the factors
+    tracked here would no longer be the server's).
+
     Args:
-        inner: aggregates the tensors that are not LoRA factors (FedAvg).
+        inner: aggregates the tensors that are not LoRA factors: a :class:`~deltaplane.aggregation.FedAvg`.
         initial: the global state at version 0 (its factor names define the adapted layers).
+
+    Raises:
+        ConfigError: ``inner`` is not a FedAvg, or ``initial`` holds no factor pair.
     """
 
     def __init__(self, inner: Aggregator, initial: StateDict) -> None:
+        if not isinstance(inner, FedAvg):
+            raise ConfigError(
+                f"LoRARefactor: inner must be a plain FedAvg, not {type(inner).__name__}: LoRARefactor averages the "
+                "factors' products itself and hands its inner aggregator only the other tensors, so clipping, DP "
+                "noise, a robust rule or a server optimizer there would not touch the adapter; use "
+                "LoRARefactor(FedAvg(), initial)"
+            )
         super().__init__(inner)
         self.pairs = factor_pairs(initial)
         if not self.pairs:

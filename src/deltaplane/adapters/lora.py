@@ -123,6 +123,29 @@ class LoRALayer:
         return self.A.numel() + self.B.numel() + (0 if self.bias is None else self.bias.numel())
 
 
+def _orientation_hint(name: str, layer: LoRALayer, want: tuple[int, ...]) -> str:
+    """What a layer whose shape is the base weight's transposed means: the wrong ``fan_in_fan_out``.
+
+    PEFT decides ``fan_in_fan_out`` per module from its type (True for ``transformers``' ``Conv1D``, which stores
+    its weight (in, out) as GPT-2's ``c_attn`` / ``c_proj`` / ``c_fc`` do; False for ``nn.Linear``), whatever the
+    config says, but saves one flag per adapter: the last wrapped module's. An adapter on both kinds of layer
+    therefore records the wrong flag for some of them. A non-square layer proves it (this message); a square one
+    cannot be told from its files (docs/adapters.md)."""
+    kind = (
+        "(in, out), as transformers' Conv1D does"
+        if not layer.fan_in_fan_out
+        else "(out, in), as nn.Linear does"
+    )
+    return (
+        f"adapter layer '{name}' has shape {layer.shape} (fan_in_fan_out={layer.fan_in_fan_out}) but the base "
+        f"stores that weight transposed, {want}: {kind}. PEFT picks fan_in_fan_out per module type (True for "
+        "transformers' Conv1D, False for nn.Linear) and saves only the last module's in adapter_config.json, so "
+        "an adapter on both kinds of layer records it wrongly for some; set it per layer with "
+        f"lora.replace(layers={{..., '{name}': dataclasses.replace(layer, "
+        f"fan_in_fan_out={not layer.fan_in_fan_out})}}), or train one adapter per kind of layer"
+    )
+
+
 class LoRADelta(Mapping[str, LoRALayer]):
     """A LoRA adapter: adapted base-weight name → :class:`LoRALayer`, plus whole tensors saved in full.
 
@@ -234,6 +257,8 @@ class LoRADelta(Mapping[str, LoRALayer]):
                 self._layers[name].shape if name in self._layers else tuple(self.modules_to_save[name].shape)
             )
             if tuple(have) != want:
+                if layer is not None and not layer.embedding and tuple(reversed(have)) == want:
+                    raise AdapterMismatch(_orientation_hint(name, layer, want))
                 raise AdapterMismatch(
                     f"adapter layer '{name}' has shape {tuple(have)} but the base weight is {want}: "
                     "the adapter was trained on a different model"

@@ -110,6 +110,24 @@ def _in_layers(module: str, cfg: Mapping[str, Any]) -> bool:
     return index == indexes if isinstance(indexes, int) else index in indexes
 
 
+def _check_layer_kind(module: str, A: Tensor, B: Tensor, where: str) -> None:
+    """Raise :class:`UnsupportedAdapter` for the PEFT LoRA layers that are not ``ΔW = s · B A`` on one weight:
+    a convolution's (4-D or 3-D factors, ``ΔW`` a convolution of the two kernels) and ``nn.MultiheadAttention``'s
+    (PEFT adapts its packed ``in_proj_weight`` and, nested under ``base_layer``, its ``out_proj``)."""
+    if ".base_layer." in f".{module}.":
+        raise UnsupportedAdapter(
+            f"{where}: layer '{module}' sits inside a wrapped module's base_layer, as PEFT writes LoRA on "
+            "nn.MultiheadAttention; that LoRA is not supported: target its projections' nn.Linear modules instead, "
+            "or merge the adapter with PEFT (merge_and_unload) and use the full weights"
+        )
+    if A.dim() != 2 or B.dim() != 2:
+        raise UnsupportedAdapter(
+            f"{where}: layer '{module}' has {A.dim()}-D factors (lora_A {tuple(A.shape)}, lora_B "
+            f"{tuple(B.shape)}): LoRA on a convolution (nn.Conv1d/Conv2d/Conv3d) is not supported; merge the "
+            "adapter with PEFT (merge_and_unload) and use the full weights"
+        )
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
@@ -271,6 +289,7 @@ def from_peft_state(
         if not {"A", "B"} <= set(ab):
             missing = "B" if "A" in ab else "A"
             raise AdapterError(f"{weights}: layer '{module}' has no lora_{missing} factor")
+        _check_layer_kind(module, ab["A"], ab["B"], weights)
         if not _is_target(module, targets) or (excluded and _is_target(module, excluded)):
             raise AdapterError(
                 f"{weights}: layer '{module}' is not covered by target_modules={targets!r} "
@@ -330,8 +349,11 @@ def peft_config(lora: LoRADelta) -> dict[str, Any]:
     flags = {(layer.rslora, layer.fan_in_fan_out) for layer in lora.values() if not layer.embedding}
     rslora = {layer.rslora for layer in lora.values()}
     if len(rslora) > 1 or len(flags) > 1:
+        fifo = sorted(name for name, layer in lora.items() if layer.fan_in_fan_out)
+        mixed = f" (fan_in_fan_out on {fifo[:3]}, not on the others)" if len(flags) > 1 else ""
         raise UnsupportedAdapter(
-            "PEFT stores use_rslora and fan_in_fan_out once per adapter; this adapter mixes them across layers"
+            "PEFT stores use_rslora and fan_in_fan_out once per adapter; this adapter mixes them across "
+            f"layers{mixed}: save its layers as two adapters (extract-lora --include / --exclude)"
         )
     r, alpha = Counter((layer.rank, layer.alpha) for layer in lora.values()).most_common(1)[0][0]
     rank_pattern, alpha_pattern = {}, {}

@@ -47,6 +47,14 @@ def extract_lora_command(
         list[str] | None, typer.Option(help="regex on weight names to skip (default: embeddings, heads)")
     ] = None,
     bias: Annotated[bool, typer.Option(help="carry changed biases as lora_B.bias (lora_bias=true)")] = True,
+    fan_in_fan_out: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fan-in-fan-out",
+            help="regex on weight names stored (in, out) as transformers' Conv1D does (repeatable)",
+            show_default="GPT-2's c_attn/c_proj/c_fc when a folder's config.json is a GPT-2-family model",
+        ),
+    ] = None,
     randomized_above: Annotated[
         int, typer.Option(help="randomized SVD for layers whose smaller side exceeds this")
     ] = 256,
@@ -83,6 +91,7 @@ def extract_lora_command(
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE,
             bias=bias,
             randomized_above=randomized_above,
+            fan_in_fan_out=fan_in_fan_out or None,
         )
         if not result.lora:
             from deltaplane.errors import AdapterError
