@@ -191,7 +191,7 @@ def _strict_json(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw, parse_constant=refuse)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise DecodeError(f"artifact {what} is not valid JSON ({type(e).__name__}: {str(e):.120})") from None
+        raise DecodeError(f"artifact {what} is not valid JSON ({type(e).__name__}: {e!s:.120})") from None
 
 
 def _is_count(v: Any) -> bool:
