@@ -35,7 +35,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -194,7 +194,7 @@ def _strict_json(raw: bytes, what: str) -> Any:
         raise DecodeError(f"artifact {what} is not valid JSON ({type(e).__name__}: {e!s:.120})") from None
 
 
-def _is_count(v: Any) -> bool:
+def _is_count(v: object) -> TypeGuard[int]:
     """A non-negative JSON integer (not a bool, a float or a numeric string)."""
     return type(v) is int and v >= 0
 
