@@ -112,3 +112,13 @@ def test_a_tensor_table_nested_past_the_recursion_limit_is_a_decode_error(tmp_pa
     deep = b'{"tensors":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(DecodeError, match="tensor table is not valid JSON .RecursionError"):
         read_artifact(_frame(header, deep, buffers))
+
+
+def test_a_deploy_manifest_nested_past_the_recursion_limit_is_a_decode_error(tmp_path: Path) -> None:
+    """A folder's manifest.json of 100,000 nested lists raised RecursionError from ``registry register``."""
+    from deltaplane.deploy.bundle import _folder_manifest
+
+    mf = tmp_path / "manifest.json"
+    mf.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DecodeError, match="is not valid JSON: maximum recursion depth"):
+        _folder_manifest(mf, "0" * 64)
