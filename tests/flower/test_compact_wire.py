@@ -52,9 +52,30 @@ def test_compact_uplink_gives_the_same_model_in_fewer_bytes(loopback_grid) -> No
 
 
 def test_a_strategy_without_the_uplink_codec_refuses_compact_payloads(loopback_grid) -> None:
-    from deltaplane.errors import DecodeError
+    from deltaplane.errors import InvalidUpdate
 
-    with pytest.raises(DecodeError, match="uplink_codec"):
+    with pytest.raises(InvalidUpdate, match="uplink_codec.*every update of the round was refused"):
         _run(loopback_grid, "compact", None)
     with pytest.raises(ConfigError):
         delta_mod(codec=SPEC, wire="tiny")
+
+
+def test_one_node_sending_a_compact_frame_is_refused_and_the_round_goes_on(loopback_grid) -> None:
+    """A strategy without wire sessions raised out of the round for every node when one node's payload started
+    with b"DQ" (a compact frame's magic); that node is now refused like any undecodable payload."""
+
+    def hostile(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id == 100:  # one node of three lies
+            reply.content.config_records[UPLINK_KEY]["payload"] = b"DQ" + bytes(20)
+        return reply
+
+    app = ClientApp(mods=[hostile, delta_mod(codec="fp16")])  # +1 exactly: the honest nodes agree
+    app.train()(_add_one)
+    strategy = DeltaStrategy(
+        inner=FlowerFedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=3), base_id="m"
+    )
+    result = strategy.start(loopback_grid(app, 3), state_to_arrays(_state(0.0)), num_rounds=2)
+    got = result.arrays.to_torch_state_dict()
+    torch.testing.assert_close(got["w"], torch.full((4, 5), 2.0))  # two rounds of the honest nodes' +1
+    assert [t.rejected for t in strategy.traffic] == [1, 1]

@@ -284,3 +284,16 @@ def test_a_kek_file_that_is_not_a_regular_file_is_named_as_such_not_as_missing(
     monkeypatch.setenv("DELTAPLANE_KEK_FILE", str(path))
     with pytest.raises(ConfigError, match="must be a regular file"):
         KeyRing.load(home)
+
+
+def test_model_bytes_whose_order_nests_past_the_recursion_limit_are_a_decode_error():
+    """A safetensors file whose 'deltaplane.order' metadata is 100,000 nested lists raised RecursionError."""
+    import torch
+    from safetensors.torch import save
+
+    from deltaplane.errors import DecodeError
+    from deltaplane.registry.store import state_from_bytes
+
+    data = save({"a": torch.zeros(2)}, metadata={"deltaplane.order": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(DecodeError, match="not a safetensors state dict: maximum recursion depth"):
+        state_from_bytes(data)

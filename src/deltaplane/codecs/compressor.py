@@ -155,9 +155,13 @@ def decompress(
             "this is a compact payload: decode it with the wire session it was made in "
             "(decompress(payload, session=...))"
         )
-    table = read_table(payload, limits=limits)
-    check_base(table.header, expect_base)
     layout = Layout.of(expect_layout) if expect_layout is not None else None
+    # the header, inflated and parsed before anything else, within a budget linear in the receiver's model
+    header_bytes = (
+        (limits or Limits()).header_budget(len(layout), sum(map(len, layout))) if layout is not None else None
+    )
+    table = read_table(payload, limits=limits, max_header_bytes=header_bytes)
+    check_base(table.header, expect_base)
     # layout and budget from the table alone, before the body is inflated or read
     budget = check_budget(table.trees, payload_bytes=len(payload), layout=layout, limits=limits)
     # the body may inflate to the decode budget, not to the model's size: a legitimate body can exceed the

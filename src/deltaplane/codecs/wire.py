@@ -119,6 +119,22 @@ class Limits:
     #: rand-k's 8-byte seed) do not shrink with the tensor, so a model of empty tensors (budget 3 × 0) refused
     #: every such codec; the allowance keeps the budget linear in the model (at most 6.4 MB at 100,000 tensors)
     tensor_overhead_bytes: int = 64
+    #: header budget with an expected layout: the (inflated) header JSON may hold at most ``min_header_bytes +
+    #: header_bytes_per_tensor`` a tensor plus its name (as JSON escapes it), never beyond ``max_header_bytes``.
+    #: A zlib header inflates up to ~1000×: without this a 16 KB payload (CRC valid) inflated to the 16 MiB
+    #: limit of ``[{},{},...]``, which ``json.loads`` made into ~420 MB of Python objects. An honest header
+    #: carries ~200 bytes a tensor (a pipeline's nested nodes, codec specs, field lengths) and a few of metadata
+    min_header_bytes: int = 1 << 20
+    header_bytes_per_tensor: int = 4096
+
+    def header_budget(self, tensors: int | None = None, name_chars: int = 0) -> int:
+        """Most bytes a payload's (inflated) header may hold: ``max_header_bytes``, or for a receiver expecting
+        ``tensors`` tensors whose names hold ``name_chars`` characters in all, a budget linear in those
+        (see the fields; a name's character is at most 12 bytes of JSON, an escaped surrogate pair)."""
+        if tensors is None:
+            return self.max_header_bytes
+        allowance = self.min_header_bytes + self.header_bytes_per_tensor * tensors + 12 * name_chars
+        return min(self.max_header_bytes, allowance)
 
     def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None, tensors: int = 0) -> int:
         """Most bytes a payload of ``payload_bytes`` may decode to, all nodes together (see the fields);
@@ -240,7 +256,10 @@ def _fail(msg: str) -> DecodeError:
     return DecodeError(f"invalid deltaplane payload: {msg}")
 
 
-def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memoryview, int]:
+def _read_header(
+    payload: bytes, limits: Limits, max_header_bytes: int | None = None
+) -> tuple[dict[str, Any], memoryview, int]:
+    cap = limits.max_header_bytes if max_header_bytes is None else max_header_bytes
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise _fail(f"expected bytes, got {type(payload).__name__}")
     buf = memoryview(payload)
@@ -253,8 +272,8 @@ def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memory
         raise _fail(f"unsupported format version {version}; this deltaplane reads version {VERSION}")
     if flags & ~_KNOWN_FLAGS:
         raise _fail(f"unknown flag bits {flags:#04x}")
-    if header_len > limits.max_header_bytes:
-        raise _fail(f"header of {header_len} bytes exceeds the {limits.max_header_bytes}-byte limit")
+    if header_len > cap:
+        raise _fail(f"header of {header_len} bytes exceeds the {cap}-byte header limit")
     if _PREFIX.size + header_len + _CRC.size > len(buf):
         raise _fail(f"truncated: header claims {header_len} bytes but the payload has {len(buf)} in all")
     (crc,) = _CRC.unpack_from(buf, len(buf) - _CRC.size)
@@ -270,9 +289,9 @@ def _read_header(payload: bytes, limits: Limits) -> tuple[dict[str, Any], memory
                 if flags & FLAG_ZLIB_HEADER
                 else zlib.decompressobj(-15, zdict=HEADER_DICT)
             )
-            raw = d.decompress(raw, limits.max_header_bytes)
+            raw = d.decompress(raw, cap)  # inflates at most cap bytes, whatever the stream says
             if d.unconsumed_tail or not d.eof:
-                raise _fail("compressed header is truncated or expands beyond the header limit")
+                raise _fail(f"compressed header is truncated or inflates beyond the {cap}-byte header limit")
         except zlib.error as exc:
             raise _fail(f"compressed header is corrupt ({exc})") from None
     try:
@@ -362,10 +381,15 @@ class Table:
     size: int
 
 
-def read_table(payload: bytes, *, limits: Limits | None = None) -> Table:
-    """Validate a payload's frame, header and tensor table; the body is left unread (see :class:`Table`)."""
+def read_table(payload: bytes, *, limits: Limits | None = None, max_header_bytes: int | None = None) -> Table:
+    """Validate a payload's frame, header and tensor table; the body is left unread (see :class:`Table`).
+
+    ``max_header_bytes`` bounds the (inflated) header below ``limits.max_header_bytes``: a receiver holding
+    the model passes :meth:`Limits.header_budget` of its layout, so parsing the header costs memory in
+    proportion to the model, not to what a 16 KB zlib stream inflates to.
+    """
     limits = limits or Limits()
-    doc, body, flags = _read_header(payload, limits)
+    doc, body, flags = _read_header(payload, limits, max_header_bytes)
     if set(doc) - {"base", "codec", "t", "meta"} or "t" not in doc:
         raise _fail("header has unknown or missing keys")
     base = doc.get("base", ["", 0])

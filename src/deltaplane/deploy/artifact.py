@@ -35,7 +35,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -181,16 +181,82 @@ def _encode_tensor(
     return entry, bufs
 
 
-def _declared_nbytes(e: Any) -> int:
-    """Bytes the tensor entry ``e`` decodes to, from its shape and dtype alone (nothing is allocated)."""
+def _strict_json(raw: bytes, what: str) -> Any:
+    """``raw`` parsed as JSON without NaN/Infinity (``int(Infinity)`` raised OverflowError from a size) and
+    within Python's nesting depth; anything else is a :class:`DecodeError` naming ``what``."""
+
+    def refuse(token: str) -> Any:
+        raise ValueError(f"{token} is not a JSON number")
+
     try:
-        shape = [int(s) for s in e["shape"]]
-        itemsize = np.dtype(_NP_DTYPES[e["dtype"]]).itemsize
-    except (KeyError, TypeError, ValueError) as err:
-        raise DecodeError(f"malformed tensor entry {e!r}: {err}") from err
-    if any(s < 0 for s in shape):
-        raise DecodeError(f"tensor {e['name']!r}: bad shape {shape}")
-    return math.prod(shape) * itemsize
+        return json.loads(raw, parse_constant=refuse)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DecodeError(f"artifact {what} is not valid JSON ({type(e).__name__}: {e!s:.120})") from None
+
+
+def _is_count(v: object) -> TypeGuard[int]:
+    """A non-negative JSON integer (not a bool, a float or a numeric string)."""
+    return type(v) is int and v >= 0
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A tensor table entry, every field checked for type and range: what :func:`write_artifact` writes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sparse: bool
+    quant: str
+    nnz: int
+    group_size: int
+    index_coder: str
+    buffers: list[tuple[int, int]]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _entry(e: Any) -> _Entry:
+    """Check one tensor table entry (strictly: a numeric string is not a size, ``[True, 32]`` not a shape)."""
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+        raise DecodeError(f"malformed tensor entry {e!r:.200}: an object with a string 'name'")
+    name = e["name"]
+    shape, dtype, layout, quant = e.get("shape"), e.get("dtype"), e.get("layout"), e.get("quant")
+    if not isinstance(shape, list) or len(shape) > 16 or not all(_is_count(s) for s in shape):
+        raise DecodeError(
+            f"tensor {name!r:.80}: shape must list at most 16 non-negative integers, got {shape!r:.80}"
+        )
+    if not isinstance(dtype, str) or dtype not in _NP_DTYPES:
+        raise DecodeError(
+            f"tensor {name!r:.80}: unknown dtype {dtype!r:.40} (known: {', '.join(_NP_DTYPES)})"
+        )
+    if layout not in ("dense", "sparse") or quant not in QUANT_SCHEMES:
+        raise DecodeError(f"tensor {name!r:.80}: unknown layout/quant {layout!r:.40}/{quant!r:.40}")
+    nnz, g, coder, ranges = (
+        e.get("nnz"),
+        e.get("group_size", 0),
+        e.get("index_coder", ""),
+        e.get("buffers", []),
+    )
+    n = math.prod(shape)
+    if not _is_count(nnz) or nnz > n:
+        raise DecodeError(f"tensor {name!r:.80}: nnz {nnz!r:.40} is not an integer in 0..{n}")
+    if not _is_count(g) or (quant != "none" and g < 1):
+        raise DecodeError(f"tensor {name!r:.80}: bad group_size {g!r:.40}")
+    if not isinstance(coder, str):
+        raise DecodeError(f"tensor {name!r:.80}: index_coder must be a string, got {coder!r:.40}")
+    if not isinstance(ranges, list) or not all(
+        isinstance(r, list) and len(r) == 2 and _is_count(r[0]) and _is_count(r[1]) for r in ranges
+    ):
+        raise DecodeError(
+            f"tensor {name!r:.80}: buffers must list [offset, length] pairs, got {ranges!r:.80}"
+        )
+    buffers = [(r[0], r[1]) for r in ranges]
+    return _Entry(
+        name, tuple(shape), np.dtype(_NP_DTYPES[dtype]), layout == "sparse", quant, nnz, g, coder, buffers
+    )
 
 
 def _check_budget(what: str, nbytes: int, file_nbytes: int) -> None:
@@ -202,48 +268,35 @@ def _check_budget(what: str, nbytes: int, file_nbytes: int) -> None:
         )
 
 
-def _decode_tensor(e: Mapping[str, Any], bufs: list[bytes]) -> np.ndarray:
-    try:
-        shape = tuple(int(s) for s in e["shape"])
-        dtype = np.dtype(_NP_DTYPES[e["dtype"]])
-        n = math.prod(shape)
-        sparse = e["layout"] == "sparse"
-        if e["layout"] not in ("dense", "sparse") or e["quant"] not in QUANT_SCHEMES:
-            raise DecodeError(f"tensor {e['name']!r}: unknown layout/quant {e['layout']!r}/{e['quant']!r}")
-        nnz = int(e["nnz"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise DecodeError(f"malformed tensor entry {e!r}: {err}") from err
-    if any(s < 0 for s in shape) or not 0 <= nnz <= n:
-        raise DecodeError(f"tensor {e['name']!r}: bad shape {shape} or nnz {nnz}")
-    k = nnz if sparse else n
-    expected_bufs = (1 if sparse else 0) + (1 if e["quant"] == "none" else 2)
+def _decode_tensor(e: _Entry, bufs: list[bytes]) -> np.ndarray:
+    n, dtype = e.numel, e.dtype
+    k = e.nnz if e.sparse else n
+    expected_bufs = (1 if e.sparse else 0) + (1 if e.quant == "none" else 2)
     if len(bufs) != expected_bufs:
-        raise DecodeError(f"tensor {e['name']!r}: {len(bufs)} buffers, expected {expected_bufs}")
-    idx = decode_indices(e.get("index_coder", ""), bufs[0], n, k) if sparse else None
-    vbufs = bufs[1:] if sparse else bufs
-    if e["quant"] == "none":
+        raise DecodeError(f"tensor {e.name!r}: {len(bufs)} buffers, expected {expected_bufs}")
+    idx = decode_indices(e.index_coder, bufs[0], n, k) if e.sparse else None
+    vbufs = bufs[1:] if e.sparse else bufs
+    if e.quant == "none":
         if len(vbufs[0]) != k * dtype.itemsize:
             raise DecodeError(
-                f"tensor {e['name']!r}: {len(vbufs[0])} value bytes, expected {k * dtype.itemsize}"
+                f"tensor {e.name!r}: {len(vbufs[0])} value bytes, expected {k * dtype.itemsize}"
             )
         values = np.frombuffer(vbufs[0], dtype=dtype, count=k)
     else:
-        bits = 8 if e["quant"] == "int8" else 4
-        g = int(e.get("group_size", 0))
-        if g < 1:
-            raise DecodeError(f"tensor {e['name']!r}: bad group_size {g}")
+        bits = 8 if e.quant == "int8" else 4
+        g = e.group_size
         n_groups = -(-k // g)
         if len(vbufs[1]) != 2 * n_groups:
-            raise DecodeError(f"tensor {e['name']!r}: {len(vbufs[1])} scale bytes, expected {2 * n_groups}")
+            raise DecodeError(f"tensor {e.name!r}: {len(vbufs[1])} scale bytes, expected {2 * n_groups}")
         codes = unpack_bits(vbufs[0], bits, k)
         scales = np.frombuffer(vbufs[1], dtype="<f2", count=n_groups)
         values = _group_dequant(GroupQuant(codes, scales, g, bits)).astype(dtype)
     out = np.zeros(n, dtype=dtype)
-    if sparse:
+    if e.sparse:
         out[idx] = values
     else:
         out[:] = values
-    return out.reshape(shape)
+    return out.reshape(e.shape)
 
 
 def write_artifact(
@@ -325,13 +378,15 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
         raise DecodeError(f"artifact version {version} is not supported (this reader knows {VERSION})")
     if hlen > MAX_HEADER or _PREFIX.size + hlen > len(data):
         raise DecodeError(f"header length {hlen} exceeds the file or the {MAX_HEADER}-byte limit")
-    try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
-        raw_size = int(header["payload_nbytes"])
-        manifest = dict(header.get("manifest", {}))  # the header is not hashed: a JSON object, or refused
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DecodeError(f"artifact header is not valid JSON of the expected shape: {e}") from e
-    if not 0 <= raw_size <= MAX_PAYLOAD:
+    header = _strict_json(data[_PREFIX.size : _PREFIX.size + hlen], "header")
+    raw_size = header.get("payload_nbytes") if isinstance(header, dict) else None
+    manifest = header.get("manifest", {}) if isinstance(header, dict) else None
+    if not _is_count(raw_size) or not isinstance(manifest, dict):  # the header is not hashed: checked here
+        raise DecodeError(
+            "artifact header must be an object with 'payload_nbytes' (a non-negative integer) and "
+            "'manifest' (an object)"
+        )
+    if raw_size > MAX_PAYLOAD:
         raise DecodeError(f"artifact declares a payload of {raw_size} bytes (limit {MAX_PAYLOAD})")
     _check_budget("a payload", raw_size, len(data))  # before inflating: no zstd bomb
     # the wire format's hardened inflate: the frame must declare exactly raw_size bytes before anything is
@@ -347,37 +402,31 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
     (tlen,) = struct.unpack_from("<I", payload)
     if 4 + tlen > raw_size:
         raise DecodeError(f"tensor table length {tlen} exceeds the payload")
-    try:
-        table = json.loads(payload[4 : 4 + tlen])
-        entries = table["tensors"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DecodeError(f"artifact tensor table is not valid JSON of the expected shape: {e}") from e
-    if not isinstance(entries, list) or len(entries) > MAX_TENSORS:
+    table = _strict_json(payload[4 : 4 + tlen], "tensor table")
+    listed = table.get("tensors") if isinstance(table, dict) else None
+    if not isinstance(listed, list) or len(listed) > MAX_TENSORS:
         raise DecodeError(
-            f"artifact declares {len(entries)} tensors (limit {MAX_TENSORS}) or no list of them"
+            f"artifact tensor table must be an object listing at most {MAX_TENSORS} tensors under 'tensors'"
         )
-    for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise DecodeError(f"malformed tensor entry {entry!r}")
-    if len({e["name"] for e in entries}) != len(entries):  # a second entry would silently replace the first
+    entries = [_entry(e) for e in listed]
+    if len({e.name for e in entries}) != len(entries):  # a second entry would silently replace the first
         raise DecodeError("artifact tensor table names a tensor twice")
     # before allocating any tensor: all of them together within the budget (sparse ones decode to full size)
-    _check_budget("tensors", sum(_declared_nbytes(e) for e in entries), file_nbytes)
+    _check_budget("tensors", sum(e.numel * e.dtype.itemsize for e in entries), file_nbytes)
     buffers = memoryview(payload)[4 + tlen :]  # a view: not a second copy of the whole buffer area
 
-    def view(rng: Any) -> bytes:
-        try:
-            off, ln = int(rng[0]), int(rng[1])
-        except (TypeError, ValueError, IndexError) as e:
-            raise DecodeError(f"bad byte range {rng!r}") from e
-        if off < 0 or ln < 0 or off + ln > len(buffers):
+    def view(off: int, ln: int) -> bytes:
+        if off + ln > len(buffers):
             raise DecodeError(f"byte range {off}+{ln} lies outside the {len(buffers)}-byte buffer area")
         return bytes(buffers[off : off + ln])
 
-    tensors = {}
-    for entry in entries:
-        tensors[entry["name"]] = _decode_tensor(entry, [view(r) for r in entry.get("buffers", [])])
-    graph = view(table["graph"]) if table.get("graph") is not None else None
+    tensors = {e.name: _decode_tensor(e, [view(*r) for r in e.buffers]) for e in entries}
+    graph_range = table.get("graph")
+    if graph_range is not None and not (
+        isinstance(graph_range, list) and len(graph_range) == 2 and all(_is_count(v) for v in graph_range)
+    ):
+        raise DecodeError(f"artifact graph must be an [offset, length] pair or null, got {graph_range!r:.80}")
+    graph = view(*graph_range) if graph_range is not None else None
     return Artifact(tensors, manifest, graph)
 
 

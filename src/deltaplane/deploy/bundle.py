@@ -73,8 +73,8 @@ def _folder_manifest(mf: Path, artifact_sha256: str) -> dict[str, Any]:
     text = read_bounded_text(mf, limit=MANIFEST_LIMIT, what="manifest", error=DecodeError)
     try:
         manifest = json.loads(text)
-    except ValueError as e:
-        raise DecodeError(f"{mf} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # recursion: nested past Python's limit
+        raise DecodeError(f"{mf} is not valid JSON: {e!s:.200}") from e
     if not isinstance(manifest, dict):
         raise DecodeError(
             f"{mf} is not a deploy manifest (a JSON object); it holds a {type(manifest).__name__}"

@@ -291,9 +291,11 @@ class DeltaStrategy(Strategy):
             up_payload += len(payload)
             up_msg += content_bytes(m.content)
             session = self.uplink_sessions.get(Layout.of(self._global)) if is_compact(payload) else None
-            if is_compact(payload) and session is None:  # this strategy's configuration, not the node's fault
-                raise DecodeError("a compact uplink payload: give DeltaStrategy the nodes' uplink_codec")
             try:
+                # refused like any undecodable payload, not raised: b"DQ" from one hostile node aborted the round
+                # for every node; when all nodes send compact frames the round's InvalidUpdate names the fix
+                if is_compact(payload) and session is None:
+                    raise DecodeError("a compact uplink payload: give DeltaStrategy the nodes' uplink_codec")
                 delta = decompress(payload, expect_base=base, expect_layout=self._global, session=session)
             except DeltaplaneError as exc:  # one bad payload is refused, the round goes on
                 refused.append((self._client_id(m), exc))

@@ -307,8 +307,8 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(bytes(data[8 : 8 + header_len])).get("__metadata__", {}) or {}
         order = json.loads(meta.get("deltaplane.order", "null")) or list(tensors)
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise DecodeError(f"model bytes are not a safetensors state dict: {exc}") from exc
+    except (SafetensorError, ValueError, TypeError, RecursionError) as exc:  # recursion: a nested order
+        raise DecodeError(f"model bytes are not a safetensors state dict: {exc!s:.200}") from exc
     if not (isinstance(order, list) and all(isinstance(k, str) for k in order)):
         raise DecodeError(f"model bytes: 'deltaplane.order' must list tensor names. Found {order!r:.80}")
     if sorted(order) != sorted(tensors):
