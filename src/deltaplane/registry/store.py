@@ -52,6 +52,7 @@ from deltaplane.errors import (
     IntegrityError,
     MissingTrustedKeys,
     NotFound,
+    PromotionRefused,
     SignatureError,
 )
 from deltaplane.registry import eventlog, seal
@@ -80,6 +81,7 @@ __all__ = [
     "Registry",
     "RepairReport",
     "default_home",
+    "is_gated_tag",
     "rollback_statement",
     "state_from_bytes",
     "state_to_bytes",
@@ -238,6 +240,23 @@ def _lineage_json(lineage: Mapping[str, Any] | None) -> str:
 LINEAGE_DEPTH = 64
 """How deeply a version's lineage may nest (objects and lists): deep enough for any config, shallow enough that
 reading the row back never nears Python's recursion limit."""
+
+
+PRODUCTION = "production"
+GATED_ACTIONS = ("promote", "rollback")
+"""The tag moves that run the promotion gate's checks (:func:`~deltaplane.registry.promotion.promote`,
+:func:`~deltaplane.registry.promotion.rollback`): the only ones that may move a gated tag once it is held."""
+
+
+def is_gated_tag(tag: str) -> bool:
+    """Whether ``tag`` says what devices are served as production: ``production`` itself or a cohort's
+    ``production.<cohort>`` (the service serves a device of cohort ``eu`` ``production.eu`` before
+    ``production``, so moving either changes what devices run, and only the gate may do it).
+
+    Tag names are ASCII letters, digits, ``.``, ``_`` and ``-`` and compared exactly (``Production`` or
+    ``production `` is another tag, or no tag at all, and is never served as production).
+    """
+    return tag == PRODUCTION or tag.startswith(PRODUCTION + ".")
 
 
 def _check_name(what: str, name: str) -> str:
@@ -1628,8 +1647,26 @@ class Registry:
 
         Refused (:class:`IntegrityError`) when the tag or its history already differ from the signed state log:
         the move would otherwise sign a ``previous`` version that someone else wrote.
+
+        A gated tag (:func:`is_gated_tag`: ``production``, ``production.<cohort>``) says what devices are served,
+        so it moves only through the promotion gate: ``action`` ``"promote"`` or ``"rollback"`` is for
+        :func:`~deltaplane.registry.promotion.promote` and :func:`~deltaplane.registry.promotion.rollback`,
+        which run its checks first. Any other move of a gated tag is a :class:`PromotionRefused`, with one
+        exception: placing a model's first ``production`` (a new model's initial version, which no device runs
+        yet and nothing can be compared with) when that version contains no withdrawn cohort.
         """
         _check_name("tag", tag)
+        gated = is_gated_tag(tag) and action not in GATED_ACTIONS
+        if gated and tag != PRODUCTION:
+            raise PromotionRefused(
+                f"{model}:{tag} is what devices of cohort {tag.partition('.')[2]!r} are served as production, so it "
+                f"moves only through the promotion gate: `deltaplane registry promote {model}@{number} --to {tag}` "
+                f"(promote(registry, '{model}@{number}', to='{tag}'), POST /admin/models/{model}/promote)"
+            )
+        if gated:
+            problems = self.governance_problems(self.get(model, number), verify=True)
+            if problems:
+                raise PromotionRefused(f"{model}@{number} may not be tagged {tag!r}: {problems[0]}")
         signer = self.signer  # before the write lock: loading the key reads a file
         with self._write() as con:
             if not con.execute(
@@ -1640,6 +1677,17 @@ class Registry:
             self._signed = eventlog.check(
                 con, self.verifier, self._signed, model=model, tag=tag, parts=("tags", "tag_history")
             )
+            if (
+                gated
+                and con.execute(
+                    "SELECT 1 FROM tag_history WHERE model=? AND tag=? LIMIT 1", (model, tag)
+                ).fetchone()
+            ):
+                raise PromotionRefused(
+                    f"{model}:{tag} is already held: it moves only through the promotion gate "
+                    f"(`deltaplane registry promote {model}@{number}`, promote(registry, '{model}@{number}'), "
+                    f"POST /admin/models/{model}/promote) or back with `deltaplane registry rollback {model}`"
+                )
             self._seal_if_due()
             prev = con.execute("SELECT number FROM tags WHERE model=? AND tag=?", (model, tag)).fetchone()
             previous, now = (prev[0] if prev else None), time.time()
