@@ -399,7 +399,7 @@ def test_a_cohorts_first_production_is_not_taken_when_production_moved_meanwhile
     reg.register_model("m", {"w": torch.full((2,), 0.95)}, parent=1)
 
     def moving(state):  # production moves while the candidate is evaluated against m@1
-        if not reg.tag_history("m", "production")[-1]["number"] == 3:
+        if reg.tag_history("m", "production")[-1]["number"] != 3:
             promote(reg, "m@3", evaluator=_scored)
         return _scored(state)
 
