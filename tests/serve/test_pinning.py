@@ -218,3 +218,53 @@ def test_a_tls_context_with_a_plain_http_url_is_refused(tmp_path, service):
     with pytest.raises(ConfigError, match="https://"):
         AdminClient("http://127.0.0.1:8000", "t" * 16, tls=ctx)
     DeviceClient("https://127.0.0.1:8000", "t", verifier=service.verifier, tls=ctx).close()
+
+
+def test_a_rollback_of_another_tag_does_not_move_a_production_device_back(service, mitm):
+    # staging's rollback record (signed, covering v2) was served to production devices as permission to go back
+    # to v1 when production moved there without a rollback; a MITM could replay it too
+    from deltaplane.registry import rollback
+
+    m, dev = mitm
+    v2 = bump(service, 1)
+    service.reg.set_tag("cnn", "production", v2, action="promote")
+    assert dev.fetch("cnn")[0] == v2
+    service.reg.set_tag("cnn", "staging", 1)
+    service.reg.set_tag("cnn", "staging", v2)
+    assert rollback(service.reg, "cnn", tag="staging").number == 1
+    record = service.reg.rollback_record("cnn", 1, v2)
+    assert record is not None and record["tag"] == "staging"
+    service.reg.set_tag("cnn", "production", 1, action="promote")  # production moved back, not rolled back
+    with pytest.raises(DowngradeRefused, match="rollback"):
+        dev.fetch("cnn")  # the service no longer offers staging's record
+    assert service.reg.rollback_record("cnn", 1, v2, tag="production") is None
+
+    def replay_staging_record(req, forward):  # the genuinely signed record, added by a man in the middle
+        resp = forward(req)
+        headers = dict(resp.headers)
+        headers["x-deltaplane-rollback"] = f"staging:{record['supersedes']}:{record['signature']}"
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = replay_staging_record
+    with pytest.raises(DowngradeRefused, match="'staging', which does not serve the 'production' channel"):
+        dev.fetch("cnn")
+    assert dev.version == v2
+
+
+@pytest.mark.parametrize(
+    ("tag", "channel", "serves"),
+    [
+        ("production", "production", True),
+        ("production.eu", "production", True),
+        ("production", "training", True),  # training falls back to production
+        ("training.eu", "training", True),
+        ("staging", "production", False),
+        ("production_eu", "production", False),
+        ("productionx", "production", False),
+        ("training", "production", False),
+    ],
+)
+def test_which_rollback_records_a_device_follows(tag, channel, serves):
+    from deltaplane.serve.client import _serves_channel
+
+    assert _serves_channel(tag, channel) is serves

@@ -1724,14 +1724,17 @@ class Registry:
             )
         return {"tag": tag, "version": number, "supersedes": int(supersedes), "signature": sig}
 
-    def rollback_record(self, model: str, number: int, have: int) -> dict[str, Any] | None:
-        """The newest signed rollback record that lets a device on ``have`` move back to ``number``, if any."""
+    def rollback_record(
+        self, model: str, number: int, have: int, *, tag: str | None = None
+    ) -> dict[str, Any] | None:
+        """The newest signed rollback record that lets a device on ``have`` move back to ``number``, if any
+        (``tag``: only a rollback of that tag, the one the device is served from)."""
         row = (
             self._connect()
             .execute(
                 "SELECT tag, number, supersedes, signature FROM rollbacks WHERE model=? AND number=? "
-                "AND supersedes>=? ORDER BY id DESC",
-                (model, number, have),
+                "AND supersedes>=? AND (? IS NULL OR tag=?) ORDER BY id DESC",
+                (model, number, have, tag, tag),
             )
             .fetchone()
         )
