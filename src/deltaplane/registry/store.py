@@ -764,6 +764,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _card_mismatch(card: Mapping[str, Any], model: str | None, number: int | None) -> str | None:
+    """Why ``card`` (a card row's JSON) is not the card of ``model@number``, the version its row points to.
+
+    A card row points to its version by the artifact's row id, which no signature covers: ids swapped in
+    ``registry.db`` would show one version's promotion card (the gate's passing metrics) on another. The card's
+    JSON is bound to the signed state log by its SHA-256, and a promotion card names its version, so the two
+    must agree. A card that names no version (attached by hand) cannot be checked this way.
+    """
+    named = (card.get("model"), card.get("version"))
+    if named == (None, None) or named == (model, number):
+        return None
+    owner = f"{model}@{number}" if model is not None else "a version that does not exist"
+    return (
+        f"the model card of {owner} is {named[0]}@{named[1]}'s: the cards row or the artifact row ids were edited "
+        "in registry.db (restore it from a backup)"
+    )
+
+
 class Registry:
     """A registry rooted at ``home`` (``<home>/registry.db`` + ``<home>/blobs``), safe across threads/processes.
 
@@ -1815,7 +1833,11 @@ class Registry:
                 return None
             what = f"the model card of {artifact.ref} (cards row {row['id']})"
             status = self._record_status(signed, "cards", row, what)
-        return _stored_json(self.get_blob(row["sha256"]), f"{what}, blob {row['sha256']}", dict), status
+        card = _stored_json(self.get_blob(row["sha256"]), f"{what}, blob {row['sha256']}", dict)
+        mismatch = _card_mismatch(card, artifact.model, artifact.number)
+        if mismatch:
+            raise IntegrityError(mismatch)
+        return card, status
 
     def card(self, artifact: Artifact) -> dict[str, Any] | None:
         """The current model card of ``artifact`` (None when it has none), checked as :meth:`card_entry` says."""
@@ -2091,10 +2113,20 @@ class Registry:
                 "bytes, version and base/target are verified, their parent, codec, lineage and governance are "
                 "not covered by the signature"
             )
-        for (sha,) in con.execute("SELECT sha256 FROM cards"):
+        for sha, owner_model, owner_number in con.execute(
+            "SELECT cards.sha256, artifacts.model, artifacts.number FROM cards "
+            "LEFT JOIN artifacts ON artifacts.id = cards.artifact"
+        ).fetchall():
             referenced.add(sha)
             if not self.blob_path(sha).exists():
                 report.problems.append(f"card blob {sha} is missing")
+                continue
+            with contextlib.suppress(DeltaplaneError):  # a corrupt blob is reported by the blob walk below
+                mismatch = _card_mismatch(
+                    _stored_json(self.get_blob(sha), f"card blob {sha}", dict), owner_model, owner_number
+                )
+                if mismatch:
+                    report.problems.append(mismatch)
         # the uploads of a device round still open (deltaplane.serve.rounds_store): a restarted service
         # replays them, so they are no orphans (a closed round's rows keep only the hashes, for replays)
         with contextlib.suppress(sqlite3.OperationalError):  # no such tables: never served device rounds
