@@ -1333,7 +1333,9 @@ def register(app: typer.Typer) -> None:
     @reg_app.command("tag")
     def registry_tag(
         ref: Annotated[str, typer.Argument(help="model@N")],
-        tag: Annotated[str, typer.Argument(help="e.g. staging, production.eu")],
+        tag: Annotated[
+            str, typer.Argument(help="e.g. staging, canary (not production, production.<cohort>)")
+        ],
         home: Home = None,
     ) -> None:
         """Point a tag at a version without the gate (refused for 'production' and 'production.<cohort>', which
