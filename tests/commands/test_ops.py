@@ -503,3 +503,17 @@ def test_serve_flush_every_sets_the_fleet_flush_period_and_refuses_a_bad_one(cli
     assert ServiceConfig(**base).flush_every_s == 5.0
     # the running service's period is the config's (state.flush_every_s is what the lifespan waits on)
     assert create_app(ServiceConfig(**base, flush_every_s=3600)).state.deltaplane.flush_every_s == 3600
+
+
+@pytest.mark.parametrize("tag", ["production", "production.eu"])
+def test_registry_tag_refuses_what_devices_are_served_as_production(cli, tmp_path, tag):
+    # `registry tag M@N production.eu` skipped the gate: eu devices are served production.eu before production
+    assert cli("registry", "init").exit_code == 0
+    for i in range(2):
+        f = tmp_path / f"m{i}.safetensors"
+        save_file({"w": torch.full((2,), float(i))}, str(f))
+        assert cli("registry", "register", "cnn", str(f)).exit_code == 0
+    r = cli("registry", "tag", "cnn@2", tag)
+    assert r.exit_code == 2 and "registry promote cnn@2 --to " + tag in r.output.replace("\n", " "), r.output
+    assert Registry(tmp_path / "home").tags("cnn", verify=True) == {}
+    assert cli("registry", "tag", "cnn@2", "production_eu").exit_code == 0  # another tag, never served

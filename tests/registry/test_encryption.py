@@ -150,3 +150,134 @@ def test_a_registry_from_before_encryption_stays_plaintext(tmp_path):
     con.close()
     again = Registry.create(tmp_path / "h")
     assert not again.encrypted and again.verify().ok
+
+
+# -- the envelope, opened with the cryptography package from the documented layout ---------------------------
+def _envelope(raw: bytes) -> dict:
+    """b"DPEB" | u8 version | u8 kid_len | kid | wrap_nonce(12) | wrapped_dek(48) | nonce(12) | ciphertext+tag"""
+    assert raw[:4] == b"DPEB" and raw[4] == 1
+    off = 6 + raw[5]
+    return {
+        "kid": raw[6:off].decode(),
+        "wrap_nonce": raw[off : off + 12],
+        "wrapped": raw[off + 12 : off + 60],
+        "nonce": raw[off + 60 : off + 72],
+        "body": raw[off + 72 :],
+    }
+
+
+def _open(raw: bytes, kek: bytes, name: str) -> tuple[bytes, bytes]:
+    """(data key, plaintext) of a sealed blob named ``name``, with AES-GCM from cryptography directly."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    e = _envelope(raw)
+    dek = AESGCM(kek).decrypt(e["wrap_nonce"], e["wrapped"], b"deltaplane/kek-wrap/v1\x00" + name.encode())
+    return dek, AESGCM(dek).decrypt(e["nonce"], e["body"], b"deltaplane/blob/v1\x00" + name.encode())
+
+
+def test_a_blob_opens_with_cryptography_only_under_its_own_name(tmp_path, monkeypatch):
+    import hashlib
+
+    from cryptography.exceptions import InvalidTag
+
+    kek = os.urandom(32)
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(kek).decode())
+    reg = Registry.create(tmp_path / "h")
+    a, b = reg.register_model("m", state(0)), reg.register_model("m", state(1))
+    raw_a = reg.blob_path(a.sha256).read_bytes()
+    _, plain = _open(raw_a, kek, a.sha256)
+    assert hashlib.sha256(plain).hexdigest() == a.sha256 and plain == reg.read(a)
+    assert _envelope(raw_a)["kid"] == kek_id(kek)
+    with pytest.raises(InvalidTag):  # version 1's blob presented as version 2's: its name is the AAD
+        _open(raw_a, kek, b.sha256)
+    # the same move through the registry: version 2's row now finds version 1's (validly sealed) blob
+    shutil.copy(reg.blob_path(a.sha256), reg.blob_path(b.sha256))
+    with pytest.raises(IntegrityError, match="AES-GCM"):
+        Registry(tmp_path / "h").load_state("m@2")
+
+
+def test_every_blob_gets_its_own_data_key_and_a_rotation_reencrypts_nothing(tmp_path, monkeypatch):
+    """AES-GCM must never see one (key, nonce) pair twice: each blob has a fresh random data key and nonce, a
+    rotation re-wraps only the data key (fresh wrap nonce; the ciphertext, its key and nonce are unchanged), and
+    a corrupt blob rewritten is sealed afresh."""
+    from deltaplane.registry import state_to_bytes
+
+    old, new = os.urandom(32), os.urandom(32)
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(old).decode())
+    reg = Registry.create(tmp_path / "h")
+    arts = [reg.register_model("m", state(i)) for i in range(12)]
+    arts.append(reg.register_model("m", state(0)))  # the same weights again: one blob, sealed once
+    assert len({a.sha256 for a in arts}) == 12
+    before = {a.sha256: reg.blob_path(a.sha256).read_bytes() for a in arts}
+    envs = {sha: _envelope(raw) for sha, raw in before.items()}
+    deks = {sha: _open(raw, old, sha)[0] for sha, raw in before.items()}
+    assert len(set(deks.values())) == 12
+    assert len({e["nonce"] for e in envs.values()}) == 12
+    assert len({e["wrap_nonce"] for e in envs.values()}) == 12  # 12 wraps under one KEK, 12 nonces
+    monkeypatch.setenv(KEK_ENV, f"{base64.b64encode(new).decode()},{base64.b64encode(old).decode()}")
+    assert reg.rotate_kek().rewrapped == 12
+    for sha in before:
+        after = reg.blob_path(sha).read_bytes()
+        e = _envelope(after)
+        assert (e["nonce"], e["body"]) == (envs[sha]["nonce"], envs[sha]["body"])
+        assert e["kid"] == kek_id(new) and e["wrap_nonce"] != envs[sha]["wrap_nonce"]
+        assert _open(after, new, sha)[0] == deks[sha]
+    # a blob corrupted, then written again: sealed under a new data key and nonce, not the old pair reused
+    sha = arts[0].sha256
+    damaged = bytearray(reg.blob_path(sha).read_bytes())
+    damaged[-1] ^= 1
+    reg.blob_path(sha).write_bytes(bytes(damaged))
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(new).decode())
+    fresh = Registry(tmp_path / "h")
+    assert fresh.put_blob(fresh.read(arts[1])) == arts[1].sha256  # an intact blob is kept as it is
+    assert fresh.blob_path(arts[1].sha256).read_bytes()[-64:] == before[arts[1].sha256][-64:]
+    state_bytes = state_to_bytes(state(0))
+    assert fresh.put_blob(state_bytes) == sha
+    resealed = fresh.blob_path(sha).read_bytes()
+    dek, plain = _open(resealed, new, sha)
+    assert plain == state_bytes and dek != deks[sha] and _envelope(resealed)["nonce"] != envs[sha]["nonce"]
+
+
+@pytest.mark.parametrize("edit", ["kid", "version", "truncated"])
+def test_a_header_edited_to_name_another_key_or_format_is_a_typed_error(tmp_path, monkeypatch, edit):
+    """The header's key id is not authenticated, but naming another loaded key only unwraps with the wrong
+    key: an IntegrityError, as for a format or a length that is not the registry's."""
+    a_key, b_key = os.urandom(32), os.urandom(32)
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(a_key).decode())
+    reg = Registry.create(tmp_path / "h")
+    art = reg.register_model("m", state())
+    path = reg.blob_path(art.sha256)
+    raw = path.read_bytes()
+    if edit == "kid":
+        raw = raw.replace(kek_id(a_key).encode(), kek_id(b_key).encode(), 1)
+    elif edit == "version":
+        raw = raw[:4] + b"\x02" + raw[5:]
+    else:
+        raw = raw[:80]
+    path.write_bytes(raw)
+    monkeypatch.setenv(KEK_ENV, f"{base64.b64encode(a_key).decode()},{base64.b64encode(b_key).decode()}")
+    match = {
+        "kid": "data key fails the AES-GCM tag",
+        "version": "encryption format 2",
+        "truncated": "truncated",
+    }
+    with pytest.raises(IntegrityError, match=match[edit]):
+        Registry(tmp_path / "h").load_state("m@1")
+
+
+def test_a_write_that_fails_midway_leaves_no_blob_and_no_temp_file(tmp_path, monkeypatch):
+    reg = Registry.create(tmp_path / "h")
+    reg.register_model("m", state(0))
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "h" / "blobs").rglob("*") if p.is_file())
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="No space left"):
+        reg.register_model("m", state(1))
+    monkeypatch.undo()
+    assert (
+        sorted(p.relative_to(tmp_path) for p in (tmp_path / "h" / "blobs").rglob("*") if p.is_file()) == files
+    )
+    assert [a.number for a in reg.versions("m")] == [1] and Registry(tmp_path / "h").verify().ok

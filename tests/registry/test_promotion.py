@@ -61,7 +61,7 @@ def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, 
 def test_gate_refuses_ood_regression_and_withdrawn_cohort(tmp_path, train, evaluate):
     reg = Registry.create(tmp_path / "h")
     prod = reg.register_model("digits", train(600))
-    reg.set_tag("digits", "production", prod.number)
+    reg.set_tag("digits", "production", prod.number, action="promote")
     cand = reg.register_model("digits", train(1200, seed=1), governance={"cohorts": ["eu"]})
 
     calls = []
@@ -111,7 +111,7 @@ def _three_productions(home) -> Registry:
     reg = Registry.create(home)
     for i in range(3):
         v = reg.register_model("m", {"w": torch.full((2,), float(i))})
-        reg.set_tag("m", "production", v.number)
+        reg.set_tag("m", "production", v.number, action="promote")
     return reg
 
 
@@ -235,7 +235,7 @@ def test_a_tag_moved_by_another_process_during_the_evaluation_is_not_overwritten
 
     reg = Registry.create(tmp_path / "h")
     prod = reg.register_model("digits", train(300))
-    reg.set_tag("digits", "production", prod.number)
+    reg.set_tag("digits", "production", prod.number, action="promote")
     strong = reg.register_model("digits", train(1200), parent=prod.number)
     weaker = reg.register_model("digits", train(600, seed=1), parent=prod.number)
     other = Registry(tmp_path / "h")  # another process's connection
@@ -279,7 +279,7 @@ def test_a_forged_tag_history_is_refused_before_anything_is_evaluated(tmp_path):
     reg = Registry.create(tmp_path / "h")
     reg.register_model("m", {"w": torch.zeros(2)})
     reg.register_model("m", {"w": torch.ones(2)}, parent=1)
-    reg.set_tag("m", "production", 1)
+    reg.set_tag("m", "production", 1, action="promote")
     con = sqlite3.connect(tmp_path / "h" / "registry.db", isolation_level=None)
     con.execute(
         "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) "
@@ -309,7 +309,7 @@ def test_promoting_the_version_the_tag_holds_again_does_not_make_rollback_a_no_o
     gate = {"evaluator": lambda s: {"accuracy": 0.9}, "tolerance": Tolerance({"accuracy": 0.01})}
     for ref in ("m@1", "m@2", "m@2"):
         promote(reg, ref, **gate)
-    reg.set_tag("m", "production", 2)  # an ungated move onto the same version: no new stack entry either
+    reg.set_tag("m", "production", 2, action="promote")  # a move onto the same version: no new stack entry
     assert production_stack(reg, "m") == [1, 2]
     assert rollback(reg, "m").number == 1
     assert reg.tag("m", "production", verify=True) == 1
@@ -333,3 +333,88 @@ def test_a_tag_no_move_could_name_is_refused_before_the_evaluator_runs(tmp_path,
     with pytest.raises(ConfigError, match="tag must be"):
         promote(reg, "m@1", to=to, evaluator=evaluate, tolerance=Tolerance({"accuracy": 0.01}))
     assert calls == [] and reg.evaluations(art) == [] and reg.promotion_decisions("m") == []
+
+
+# -- every way onto a gated tag (production, production.<cohort>) passes the gate or is refused ----------------
+def _two_versions(tmp_path, *, cohorts=()):
+    """m@1 (accuracy 0.9 under _scored) in production through the gate, m@2 (accuracy 0.5) registered."""
+    reg = Registry.create(tmp_path / "home", encrypt=False)
+    reg.register_model("m", {"w": torch.full((2,), 0.9)})
+    reg.register_model("m", {"w": torch.full((2,), 0.5)}, parent=1, governance={"cohorts": list(cohorts)})
+    promote(reg, "m@1", evaluator=_scored)
+    return reg
+
+
+def _scored(state):
+    s = float(state["w"].mean())
+    return {"accuracy": s, "ood_accuracy": s}
+
+
+@pytest.mark.parametrize("tag", ["production", "production.eu", "production.EU", "production.eu-west.2"])
+def test_set_tag_cannot_move_a_gated_tag_around_the_gate(tmp_path, tag):
+    # production.<cohort> is what that cohort's devices are served before production (serve/app.py resolve_tag)
+    reg = _two_versions(tmp_path)
+    history = reg.tag_history("m", "production")
+    with pytest.raises(PromotionRefused, match="promot"):
+        reg.set_tag("m", tag, 2)
+    assert reg.tags("m", verify=True) == {"production": 1}
+    assert reg.tag_history("m", "production", verify=True) == history
+    reg.set_tag("m", "staging", 2)  # an ungated tag still moves without the gate
+    assert reg.tags("m", verify=True) == {"production": 1, "staging": 2}
+
+
+@pytest.mark.parametrize(
+    "tag", ["production ", " production", "production\n", "prоduction", "production\u200b", "production/eu"]
+)
+def test_a_look_alike_of_production_is_no_tag_at_all(tmp_path, tag):
+    # whitespace, a Cyrillic 'о', a zero-width space: refused by name, before anything is written
+    from deltaplane.errors import ConfigError
+
+    reg = _two_versions(tmp_path)
+    with pytest.raises(ConfigError, match="tag must be"):
+        reg.set_tag("m", tag, 2)
+    with pytest.raises(ConfigError, match="tag must be"):
+        promote(reg, "m@2", to=tag, evaluator=_scored)
+    assert reg.tags("m", verify=True) == {"production": 1}
+
+
+def test_a_cohorts_first_production_is_gated_against_what_that_cohort_is_served(tmp_path):
+    # until production.eu exists, eu devices run production (m@1, accuracy 0.9): m@2 (0.5) used to be gated
+    # against nothing and promoted to production.eu, a 0.4 drop for every eu device
+    reg = _two_versions(tmp_path)
+    res = promote(reg, "m@2", to="production.eu", evaluator=_scored, raise_on_refusal=False)
+    assert not res.promoted and res.previous == "m@1"
+    assert any("accuracy drops by 0.4000" in r for r in res.regressions), res.regressions
+    assert "production.eu" not in reg.tags("m", verify=True)
+    # a candidate as good as production passes, and from then on production.eu is gated against its own holder
+    reg.register_model("m", {"w": torch.full((2,), 0.95)}, parent=1)
+    assert promote(reg, "m@3", to="production.eu", evaluator=_scored).promoted
+    assert reg.tags("m", verify=True) == {"production": 1, "production.eu": 3}
+
+
+def test_a_cohorts_first_production_is_not_taken_when_production_moved_meanwhile(tmp_path):
+    from deltaplane.errors import Conflict
+
+    reg = _two_versions(tmp_path)
+    reg.register_model("m", {"w": torch.full((2,), 0.95)}, parent=1)
+
+    def moving(state):  # production moves while the candidate is evaluated against m@1
+        if reg.tag_history("m", "production")[-1]["number"] != 3:
+            promote(reg, "m@3", evaluator=_scored)
+        return _scored(state)
+
+    with pytest.raises(Conflict, match="m:production moved to v3"):
+        promote(reg, "m@1", to="production.eu", evaluator=moving)
+    assert reg.tags("m", verify=True) == {"production": 3}
+
+
+def test_the_first_production_may_be_placed_but_not_with_a_withdrawn_cohort(tmp_path):
+    reg = Registry.create(tmp_path / "home", encrypt=False)
+    reg.register_model("m", {"w": torch.zeros(2)}, governance={"cohorts": ["eu"]})
+    reg.register_model("m", {"w": torch.ones(2)}, governance={"cohorts": ["us"]})
+    reg.withdraw_cohort("eu")
+    with pytest.raises(PromotionRefused, match="withdrawn cohort 'eu'"):
+        reg.set_tag("m", "production", 1)
+    assert reg.tags("m") == {}
+    reg.set_tag("m", "production", 2)  # a new model's initial version: nothing to gate it against
+    assert reg.tags("m", verify=True) == {"production": 2}

@@ -232,3 +232,156 @@ def test_a_bad_pin_is_a_config_error(tmp_path, content, message):
         path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         load_trusted_keys(path)
+
+
+# -- what the signatures cover, checked with the cryptography package, not deltaplane's verifier ------------
+def _ed25519(home):
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    raw = base64.b64decode((home / "keys" / "signing.ed25519.pub").read_text().strip())
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _signed_bytes(context) -> bytes:
+    import json
+
+    return b"deltaplane/artifact/v1\x00" + json.dumps(context, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sig(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text.partition(":")[2])
+
+
+def test_an_artifact_signature_covers_exactly_the_documented_fields(home):
+    """The statement written out by hand from the docs (Artifact.statement), checked with cryptography: every
+    covered field changed breaks it; the row id and created_at are not covered (hence the card check below)."""
+    import hashlib
+    import json
+
+    from cryptography.exceptions import InvalidSignature
+
+    key = _ed25519(home)
+    con = sqlite3.connect(home / "registry.db")
+    con.row_factory = sqlite3.Row
+    row = con.execute("SELECT * FROM artifacts WHERE number=2").fetchone()
+    con.close()
+
+    def digest(text: str) -> str:
+        canonical = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    stmt = {
+        "kind": "model",
+        "model": "m",
+        "version": 2,
+        "base": None,
+        "target": None,
+        "sha256": row["sha256"],
+        "statement": 2,
+        "size": row["size"],
+        "parent": 1,
+        "codec": None,
+        "lineage_sha256": digest(row["lineage"]),
+        "governance_sha256": digest(row["governance"]),
+    }
+    assert json.loads(row["governance"])["cohorts"] == ["eu", "us"]  # the parent's cohort flowed down
+    key.verify(_sig(row["signature"]), _signed_bytes(stmt))
+    changes = {
+        "kind": "delta",
+        "model": "n",
+        "version": 3,
+        "base": 1,
+        "target": 2,
+        "sha256": "0" * 64,
+        "statement": 1,
+        "size": row["size"] + 1,
+        "parent": None,
+        "codec": "raw",
+        "lineage_sha256": digest('{"round": 2}'),
+        "governance_sha256": digest('{"cohorts": ["us"]}'),
+    }
+    assert set(changes) == set(stmt)
+    for field, value in changes.items():
+        with pytest.raises(InvalidSignature):
+            key.verify(_sig(row["signature"]), _signed_bytes({**stmt, field: value}))
+    for extra in ("id", "created_at"):  # not in the statement: a signature says nothing about them
+        with pytest.raises(InvalidSignature):
+            key.verify(_sig(row["signature"]), _signed_bytes({**stmt, extra: row[extra]}))
+
+
+def test_one_versions_signature_does_not_verify_another_versions_row(home):
+    """Signature and weights of m@1 copied onto m@2's row (or m@2's signature onto m@1's bytes): refused."""
+    con = sqlite3.connect(home / "registry.db")
+    sig1, sha1, size1 = con.execute("SELECT signature, sha256, size FROM artifacts WHERE number=1").fetchone()
+    con.close()
+    _tamper(home, "UPDATE artifacts SET signature=? WHERE number=2", (sig1,))
+    reg = Registry(home)
+    with pytest.raises(SignatureError):
+        reg.load_state("m@2")
+    _tamper(home, "UPDATE artifacts SET sha256=?, size=? WHERE number=2", (sha1, size1))
+    with pytest.raises(SignatureError):
+        Registry(home).load_state("m@2")
+    assert [p.partition(":")[0] for p in Registry(home).verify().problems] == ["m@2"]
+
+
+def test_a_tag_move_is_signed_in_the_state_log_as_documented(home):
+    """The newest state log entry is the tag move; its signature, checked with cryptography, covers
+    {kind: state-log, seq, sha256(entry)}, and the entry names the tag, the version and the previous entry."""
+    import hashlib
+    import json
+
+    reg = Registry(home)
+    reg.set_tag("m", "staging", 2)
+    con = sqlite3.connect(home / "registry.db")
+    seq, prev, sha, entry, sig = con.execute(
+        "SELECT seq, prev, sha256, entry, signature FROM state_log ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    before = con.execute("SELECT sha256 FROM state_log WHERE seq=?", (seq - 1,)).fetchone()
+    con.close()
+    assert hashlib.sha256(entry.encode()).hexdigest() == sha
+    doc = json.loads(entry)
+    assert doc["prev"] == prev and (before is None or before[0] == prev)
+    assert {k: doc[k] for k in ("op", "model", "tag", "number")} == {
+        "op": "tag",
+        "model": "m",
+        "tag": "staging",
+        "number": 2,
+    }
+    _ed25519(home).verify(_sig(sig), _signed_bytes({"kind": "state-log", "seq": seq, "sha256": sha}))
+
+
+def test_swapped_artifact_row_ids_do_not_move_a_promotion_card(tmp_path):
+    """Cards point to their version by row id, which no signature covers: ids swapped in registry.db showed
+    m@1's promotion card (the gate's passing metrics) as the card of m@3, which the gate refused."""
+    from deltaplane.errors import IntegrityError
+    from deltaplane.registry import promote
+
+    h = tmp_path / "h"
+    reg = Registry.create(h, encrypt=False)
+    for i in range(3):
+        reg.register_model("m", {"w": torch.full((2,), 0.9 - 0.3 * i)})
+
+    def ev(state):
+        return {"accuracy": float(state["w"].mean()), "ood_accuracy": float(state["w"].mean())}
+
+    promote(reg, "m@1", evaluator=ev)
+    assert not promote(reg, "m@3", evaluator=ev, raise_on_refusal=False).promoted
+    assert reg.card(reg.get("m", 3)) is None
+    con = sqlite3.connect(h / "registry.db", isolation_level=None)
+    con.execute("DROP TRIGGER artifacts_immutable_u")
+    ids = dict(con.execute("SELECT number, id FROM artifacts").fetchall())
+    con.execute("UPDATE artifacts SET id=999 WHERE number=1")
+    con.execute("UPDATE artifacts SET id=? WHERE number=3", (ids[1],))
+    con.execute("UPDATE artifacts SET id=? WHERE number=1", (ids[3],))
+    con.close()
+    reg = Registry(h)
+    with pytest.raises(IntegrityError, match="the model card of m@3 is m@1's"):
+        reg.card(reg.get("m", 3))
+    assert reg.verify().problems == [
+        "the model card of m@3 is m@1's: the cards row or the artifact row ids were edited in registry.db "
+        "(restore it from a backup)"
+    ]

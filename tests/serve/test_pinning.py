@@ -55,7 +55,7 @@ def bump(service, parent: int, scale: float = 2.0, model: str = "cnn") -> int:
 def test_a_validly_signed_artifact_of_another_model_is_refused(service, mitm, make_state):
     m, dev = mitm
     other = service.reg.register_model("other", make_state(7))
-    service.reg.set_tag("other", "production", other.number)
+    service.reg.set_tag("other", "production", other.number, action="promote")
 
     def swap_path(req, forward):  # ask upstream for "other", keep or rewrite the announced name
         url = req.url.copy_with(path=req.url.path.replace("/cnn/", "/other/"))
@@ -82,7 +82,7 @@ def test_replayed_older_answer_is_refused(service, mitm):
     assert dev.fetch("cnn")[0] == 1
     old_answer = m.recorded[-1]
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2)
+    service.reg.set_tag("cnn", "production", v2, action="promote")
     assert dev.fetch("cnn")[0] == v2
     held = dict(dev.state)
     m.rewrite = lambda req, forward: httpx.Response(
@@ -97,7 +97,7 @@ def test_faked_204_cannot_freeze_the_device(service, mitm):
     m, dev = mitm
     dev.fetch("cnn")
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2)
+    service.reg.set_tag("cnn", "production", v2, action="promote")
 
     def freeze(req, forward):
         resp = forward(req)
@@ -121,16 +121,16 @@ def test_a_genuine_204_is_accepted(service, mitm):
 def test_downgrade_needs_a_signed_rollback_record(service, mitm):
     m, dev = mitm
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2)
+    service.reg.set_tag("cnn", "production", v2, action="promote")
     assert dev.fetch("cnn")[0] == v2
     # the tag moved back without a rollback record (or a MITM drops the record): the device refuses
-    service.reg.set_tag("cnn", "production", 1)
+    service.reg.set_tag("cnn", "production", 1, action="promote")
     with pytest.raises(DowngradeRefused):
         dev.fetch("cnn")
     # an explicit rollback signs a record covering v2: the device follows it
     from deltaplane.registry import rollback
 
-    service.reg.set_tag("cnn", "production", v2)
+    service.reg.set_tag("cnn", "production", v2, action="promote")
     assert rollback(service.reg, "cnn").number == 1
     dl_headers: list[httpx.Headers] = []
 
@@ -218,3 +218,53 @@ def test_a_tls_context_with_a_plain_http_url_is_refused(tmp_path, service):
     with pytest.raises(ConfigError, match="https://"):
         AdminClient("http://127.0.0.1:8000", "t" * 16, tls=ctx)
     DeviceClient("https://127.0.0.1:8000", "t", verifier=service.verifier, tls=ctx).close()
+
+
+def test_a_rollback_of_another_tag_does_not_move_a_production_device_back(service, mitm):
+    # staging's rollback record (signed, covering v2) was served to production devices as permission to go back
+    # to v1 when production moved there without a rollback; a MITM could replay it too
+    from deltaplane.registry import rollback
+
+    m, dev = mitm
+    v2 = bump(service, 1)
+    service.reg.set_tag("cnn", "production", v2, action="promote")
+    assert dev.fetch("cnn")[0] == v2
+    service.reg.set_tag("cnn", "staging", 1)
+    service.reg.set_tag("cnn", "staging", v2)
+    assert rollback(service.reg, "cnn", tag="staging").number == 1
+    record = service.reg.rollback_record("cnn", 1, v2)
+    assert record is not None and record["tag"] == "staging"
+    service.reg.set_tag("cnn", "production", 1, action="promote")  # production moved back, not rolled back
+    with pytest.raises(DowngradeRefused, match="rollback"):
+        dev.fetch("cnn")  # the service no longer offers staging's record
+    assert service.reg.rollback_record("cnn", 1, v2, tag="production") is None
+
+    def replay_staging_record(req, forward):  # the genuinely signed record, added by a man in the middle
+        resp = forward(req)
+        headers = dict(resp.headers)
+        headers["x-deltaplane-rollback"] = f"staging:{record['supersedes']}:{record['signature']}"
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = replay_staging_record
+    with pytest.raises(DowngradeRefused, match="'staging', which does not serve the 'production' channel"):
+        dev.fetch("cnn")
+    assert dev.version == v2
+
+
+@pytest.mark.parametrize(
+    ("tag", "channel", "serves"),
+    [
+        ("production", "production", True),
+        ("production.eu", "production", True),
+        ("production", "training", True),  # training falls back to production
+        ("training.eu", "training", True),
+        ("staging", "production", False),
+        ("production_eu", "production", False),
+        ("productionx", "production", False),
+        ("training", "production", False),
+    ],
+)
+def test_which_rollback_records_a_device_follows(tag, channel, serves):
+    from deltaplane.serve.client import _serves_channel
+
+    assert _serves_channel(tag, channel) is serves

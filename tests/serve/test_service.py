@@ -57,7 +57,7 @@ def test_tampered_downlink_is_refused_by_the_device(service):
     service.reg.register_model(
         "cnn", {k: v + 1 for k, v in service.reg.load_state("cnn@1").items()}, parent=1
     )
-    service.reg.set_tag("cnn", "production", 2)
+    service.reg.set_tag("cnn", "production", 2, action="promote")
     dev = service.device("d1")
     dl = dev.download("cnn")
     body = bytearray(dl.body)
@@ -74,7 +74,7 @@ def test_cohort_tag_is_served_to_that_cohort(service):
     v2 = service.reg.register_model(
         "cnn", {k: v * 2 for k, v in service.reg.load_state("cnn@1").items()}, parent=1
     )
-    service.reg.set_tag("cnn", "production.eu", v2.number)
+    service.reg.set_tag("cnn", "production.eu", v2.number, action="promote")
     assert service.device("a", "eu").fetch("cnn")[0] == 2
     assert service.device("b", "us").fetch("cnn")[0] == 1
 

@@ -1333,15 +1333,22 @@ def register(app: typer.Typer) -> None:
     @reg_app.command("tag")
     def registry_tag(
         ref: Annotated[str, typer.Argument(help="model@N")],
-        tag: Annotated[str, typer.Argument(help="e.g. staging, production.eu")],
+        tag: Annotated[
+            str, typer.Argument(help="e.g. staging, canary (not production, production.<cohort>)")
+        ],
         home: Home = None,
     ) -> None:
-        """Point a tag at a version without the gate (refused for 'production': use promote)."""
+        """Point a tag at a version without the gate (refused for 'production' and 'production.<cohort>', which
+        devices are served: use promote)."""
         from deltaplane.registry import Registry
+        from deltaplane.registry.store import is_gated_tag
 
         with _errors():
-            if tag == "production":
-                raise ConfigError("'production' only moves through `deltaplane registry promote` (the gate)")
+            if is_gated_tag(tag):
+                raise ConfigError(
+                    f"{tag!r} only moves through the gate: `deltaplane registry promote {ref} --to {tag} "
+                    "--evaluator ...` (or back with `deltaplane registry rollback MODEL --tag ...`)"
+                )
             reg = Registry(_home(home))
             art = reg.resolve(ref)
             reg.set_tag(art.model, tag, art.number, reason="cli tag")

@@ -15,6 +15,7 @@ versions back (also when they run at once: each is one transaction). Versions ar
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from deltaplane.errors import ConfigError, Conflict, DeltaplaneError, NotFound, PromotionRefused
 from deltaplane.monitor.cards import NOT_MEASURED, ModelCard
-from deltaplane.registry.store import Artifact, Registry, _check_name
+from deltaplane.registry.store import PRODUCTION, Artifact, Registry, _check_name, is_gated_tag
 
 if TYPE_CHECKING:
     import torch
@@ -161,10 +162,7 @@ def promote(
     name = evaluator_name or getattr(evaluator, "__qualname__", type(evaluator).__name__)
     gated = list(tolerance.limits)
     regressions = registry.governance_problems(cand, verify=True)
-    try:
-        prev: Artifact | None = registry.get(cand.model, registry.tag(cand.model, to, verify=True))
-    except NotFound:
-        prev = None
+    prev, served = _served_before(registry, cand.model, to)
     cand_metrics = _evaluate(registry, cand, evaluator, name)
     regressions += _unusable(cand_metrics, gated, "candidate")
     base_metrics = None
@@ -210,32 +208,52 @@ def promote(
     # overwritten by a decision taken on stale state; a failed attach leaves the tag where it was, never a
     # promoted version with no card.
     with registry.transaction():
-        _check_unchanged(registry, cand, to, prev)
+        _check_unchanged(registry, cand, to, prev, served)
         registry.record_promotion_decision(cand.model, to, cand.number, promoted=True, reasons=[], **decision)
         registry.set_tag(cand.model, to, cand.number, action="promote", reason=f"gate passed ({name})")
         registry.attach_card(cand, card.to_dict())
     return result
 
 
-def _check_unchanged(registry: Registry, cand: Artifact, to: str, prev: Artifact | None) -> None:
-    """Refuse to move ``to`` if it left ``prev`` or ``cand`` lost its consent since the gate read them.
+def _served_before(registry: Registry, model: str, to: str) -> tuple[Artifact | None, str]:
+    """The version devices are served on ``to`` now, which the candidate is gated against, and the tag that
+    holds it.
+
+    That is ``to``'s holder, or, for a cohort's ``production.<cohort>`` not held yet, ``production``'s: the
+    service serves that cohort ``production`` until it has its own, so a cohort's first own production must not
+    regress from what its devices run (gated against nothing, any model would pass).
+    """
+    with contextlib.suppress(NotFound):
+        return registry.get(model, registry.tag(model, to, verify=True)), to
+    if to != PRODUCTION and is_gated_tag(to):
+        with contextlib.suppress(NotFound):
+            return registry.get(model, registry.tag(model, PRODUCTION, verify=True)), PRODUCTION
+    return None, to
+
+
+def _check_unchanged(
+    registry: Registry, cand: Artifact, to: str, prev: Artifact | None, served: str | None = None
+) -> None:
+    """Refuse to move ``to`` if what devices are served on it left ``prev`` (``served``: the tag that held it,
+    see :func:`_served_before`) or ``cand`` lost its consent since the gate read them.
 
     Raises:
         Conflict: the tag moved meanwhile (the gate compared against a version no longer there).
         PromotionRefused: a cohort of the candidate was withdrawn meanwhile.
     """
-    try:
-        now: int | None = registry.tag(cand.model, to, verify=True)
-    except NotFound:
-        now = None
-    expected = prev.number if prev is not None else None
-    if now != expected:
-        holder = f"v{now}" if now is not None else "nothing"
-        gated = prev.ref if prev is not None else "nothing"
-        raise Conflict(
-            f"{cand.model}:{to} moved to {holder} while {cand.ref} was evaluated against {gated}; nothing was "
-            "changed: promote again to gate against the version the tag holds now"
-        )
+    gated = prev.ref if prev is not None else "nothing"
+    for tag in dict.fromkeys((to, served or to)):
+        try:
+            now: int | None = registry.tag(cand.model, tag, verify=True)
+        except NotFound:
+            now = None
+        expected = prev.number if prev is not None and tag == (served or to) else None
+        if now != expected:
+            holder = f"v{now}" if now is not None else "nothing"
+            raise Conflict(
+                f"{cand.model}:{tag} moved to {holder} while {cand.ref} was evaluated against {gated}; nothing "
+                f"was changed: promote again to gate against the version {to!r} serves now"
+            )
     late = registry.governance_problems(cand, verify=True)
     if late:
         raise PromotionRefused(f"{cand.ref} was not promoted to {to!r}: " + "; ".join(late))

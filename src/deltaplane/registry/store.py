@@ -52,6 +52,7 @@ from deltaplane.errors import (
     IntegrityError,
     MissingTrustedKeys,
     NotFound,
+    PromotionRefused,
     SignatureError,
 )
 from deltaplane.registry import eventlog, seal
@@ -80,6 +81,7 @@ __all__ = [
     "Registry",
     "RepairReport",
     "default_home",
+    "is_gated_tag",
     "rollback_statement",
     "state_from_bytes",
     "state_to_bytes",
@@ -238,6 +240,23 @@ def _lineage_json(lineage: Mapping[str, Any] | None) -> str:
 LINEAGE_DEPTH = 64
 """How deeply a version's lineage may nest (objects and lists): deep enough for any config, shallow enough that
 reading the row back never nears Python's recursion limit."""
+
+
+PRODUCTION = "production"
+GATED_ACTIONS = ("promote", "rollback")
+"""The tag moves that run the promotion gate's checks (:func:`~deltaplane.registry.promotion.promote`,
+:func:`~deltaplane.registry.promotion.rollback`): the only ones that may move a gated tag once it is held."""
+
+
+def is_gated_tag(tag: str) -> bool:
+    """Whether ``tag`` says what devices are served as production: ``production`` itself or a cohort's
+    ``production.<cohort>`` (the service serves a device of cohort ``eu`` ``production.eu`` before
+    ``production``, so moving either changes what devices run, and only the gate may do it).
+
+    Tag names are ASCII letters, digits, ``.``, ``_`` and ``-`` and compared exactly (``Production`` or
+    ``production `` is another tag, or no tag at all, and is never served as production).
+    """
+    return tag == PRODUCTION or tag.startswith(PRODUCTION + ".")
 
 
 def _check_name(what: str, name: str) -> str:
@@ -743,6 +762,24 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _card_mismatch(card: Mapping[str, Any], model: str | None, number: int | None) -> str | None:
+    """Why ``card`` (a card row's JSON) is not the card of ``model@number``, the version its row points to.
+
+    A card row points to its version by the artifact's row id, which no signature covers: ids swapped in
+    ``registry.db`` would show one version's promotion card (the gate's passing metrics) on another. The card's
+    JSON is bound to the signed state log by its SHA-256, and a promotion card names its version, so the two
+    must agree. A card that names no version (attached by hand) cannot be checked this way.
+    """
+    named = (card.get("model"), card.get("version"))
+    if named == (None, None) or named == (model, number):
+        return None
+    owner = f"{model}@{number}" if model is not None else "a version that does not exist"
+    return (
+        f"the model card of {owner} is {named[0]}@{named[1]}'s: the cards row or the artifact row ids were edited "
+        "in registry.db (restore it from a backup)"
+    )
 
 
 class Registry:
@@ -1628,8 +1665,26 @@ class Registry:
 
         Refused (:class:`IntegrityError`) when the tag or its history already differ from the signed state log:
         the move would otherwise sign a ``previous`` version that someone else wrote.
+
+        A gated tag (:func:`is_gated_tag`: ``production``, ``production.<cohort>``) says what devices are served,
+        so it moves only through the promotion gate: ``action`` ``"promote"`` or ``"rollback"`` is for
+        :func:`~deltaplane.registry.promotion.promote` and :func:`~deltaplane.registry.promotion.rollback`,
+        which run its checks first. Any other move of a gated tag is a :class:`PromotionRefused`, with one
+        exception: placing a model's first ``production`` (a new model's initial version, which no device runs
+        yet and nothing can be compared with) when that version contains no withdrawn cohort.
         """
         _check_name("tag", tag)
+        gated = is_gated_tag(tag) and action not in GATED_ACTIONS
+        if gated and tag != PRODUCTION:
+            raise PromotionRefused(
+                f"{model}:{tag} is what devices of cohort {tag.partition('.')[2]!r} are served as production, so it "
+                f"moves only through the promotion gate: `deltaplane registry promote {model}@{number} --to {tag}` "
+                f"(promote(registry, '{model}@{number}', to='{tag}'), POST /admin/models/{model}/promote)"
+            )
+        if gated:
+            problems = self.governance_problems(self.get(model, number), verify=True)
+            if problems:
+                raise PromotionRefused(f"{model}@{number} may not be tagged {tag!r}: {problems[0]}")
         signer = self.signer  # before the write lock: loading the key reads a file
         with self._write() as con:
             if not con.execute(
@@ -1640,6 +1695,17 @@ class Registry:
             self._signed = eventlog.check(
                 con, self.verifier, self._signed, model=model, tag=tag, parts=("tags", "tag_history")
             )
+            if (
+                gated
+                and con.execute(
+                    "SELECT 1 FROM tag_history WHERE model=? AND tag=? LIMIT 1", (model, tag)
+                ).fetchone()
+            ):
+                raise PromotionRefused(
+                    f"{model}:{tag} is already held: it moves only through the promotion gate "
+                    f"(`deltaplane registry promote {model}@{number}`, promote(registry, '{model}@{number}'), "
+                    f"POST /admin/models/{model}/promote) or back with `deltaplane registry rollback {model}`"
+                )
             self._seal_if_due()
             prev = con.execute("SELECT number FROM tags WHERE model=? AND tag=?", (model, tag)).fetchone()
             previous, now = (prev[0] if prev else None), time.time()
@@ -1676,14 +1742,17 @@ class Registry:
             )
         return {"tag": tag, "version": number, "supersedes": int(supersedes), "signature": sig}
 
-    def rollback_record(self, model: str, number: int, have: int) -> dict[str, Any] | None:
-        """The newest signed rollback record that lets a device on ``have`` move back to ``number``, if any."""
+    def rollback_record(
+        self, model: str, number: int, have: int, *, tag: str | None = None
+    ) -> dict[str, Any] | None:
+        """The newest signed rollback record that lets a device on ``have`` move back to ``number``, if any
+        (``tag``: only a rollback of that tag, the one the device is served from)."""
         row = (
             self._connect()
             .execute(
                 "SELECT tag, number, supersedes, signature FROM rollbacks WHERE model=? AND number=? "
-                "AND supersedes>=? ORDER BY id DESC",
-                (model, number, have),
+                "AND supersedes>=? AND (? IS NULL OR tag=?) ORDER BY id DESC",
+                (model, number, have, tag, tag),
             )
             .fetchone()
         )
@@ -1764,7 +1833,11 @@ class Registry:
                 return None
             what = f"the model card of {artifact.ref} (cards row {row['id']})"
             status = self._record_status(signed, "cards", row, what)
-        return _stored_json(self.get_blob(row["sha256"]), f"{what}, blob {row['sha256']}", dict), status
+        card = _stored_json(self.get_blob(row["sha256"]), f"{what}, blob {row['sha256']}", dict)
+        mismatch = _card_mismatch(card, artifact.model, artifact.number)
+        if mismatch:
+            raise IntegrityError(mismatch)
+        return card, status
 
     def card(self, artifact: Artifact) -> dict[str, Any] | None:
         """The current model card of ``artifact`` (None when it has none), checked as :meth:`card_entry` says."""
@@ -2040,10 +2113,20 @@ class Registry:
                 "bytes, version and base/target are verified, their parent, codec, lineage and governance are "
                 "not covered by the signature"
             )
-        for (sha,) in con.execute("SELECT sha256 FROM cards"):
+        for sha, owner_model, owner_number in con.execute(
+            "SELECT cards.sha256, artifacts.model, artifacts.number FROM cards "
+            "LEFT JOIN artifacts ON artifacts.id = cards.artifact"
+        ).fetchall():
             referenced.add(sha)
             if not self.blob_path(sha).exists():
                 report.problems.append(f"card blob {sha} is missing")
+                continue
+            with contextlib.suppress(DeltaplaneError):  # a corrupt blob is reported by the blob walk below
+                mismatch = _card_mismatch(
+                    _stored_json(self.get_blob(sha), f"card blob {sha}", dict), owner_model, owner_number
+                )
+                if mismatch:
+                    report.problems.append(mismatch)
         # the uploads of a device round still open (deltaplane.serve.rounds_store): a restarted service
         # replays them, so they are no orphans (a closed round's rows keep only the hashes, for replays)
         with contextlib.suppress(sqlite3.OperationalError):  # no such tables: never served device rounds

@@ -1096,17 +1096,21 @@ def create_app(
     )
     install_revocation_routes(app, state, config, device=device, admin=admin, store=service_store)
 
-    def resolve_tag(model: str, channel: str, cohort: str) -> int:
+    def served_tag(model: str, channel: str, cohort: str) -> tuple[str, int]:
+        """The tag a device of ``cohort`` on ``channel`` is served from, and the version it holds."""
         # verified against the signed state log: a tag moved in the database is a 409, never served
         tags = reg.tags(model, verify=True)
         for tag in (f"{channel}.{cohort}", channel):
             if tag in tags:
-                return tags[tag]
+                return tag, tags[tag]
         if channel == "training" and "production" in tags:
-            return tags["production"]
+            return "production", tags["production"]
         if not reg.versions(model):
             raise NotFound(f"unknown model {model!r}")
         raise NotFound(f"{model} has no {channel!r} version (tags: {sorted(tags)})")
+
+    def resolve_tag(model: str, channel: str, cohort: str) -> int:
+        return served_tag(model, channel, cohort)[1]
 
     contributors: dict[
         tuple[str, int], frozenset[str]
@@ -1161,13 +1165,14 @@ def create_app(
             ),
         ] = "",
     ) -> Response:
-        want = resolve_tag(model, channel, ident.cohort)
+        served, want = served_tag(model, channel, ident.cohort)
         check_consent(model, want)
         rollback_header = {}
         if have is not None and have > want:
             # The device is ahead (a rollback): only a full model is safe, and the device accepts an older
-            # version only with a signed rollback record covering the one it holds.
-            record = reg.rollback_record(model, want, have)
+            # version only with a signed rollback record covering the one it holds, made by a rollback of
+            # the tag it is served from (staging's rollback does not move production's devices back).
+            record = reg.rollback_record(model, want, have, tag=served)
             if record is not None:
                 rollback_header = {
                     "X-Deltaplane-Rollback": f"{record['tag']}:{record['supersedes']}:{record['signature']}"

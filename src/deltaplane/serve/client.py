@@ -205,6 +205,15 @@ def _reason(reason: str) -> dict[str, str]:
     return {"reason": reason[:MAX_ABORT_REASON]} if reason else {}
 
 
+def _serves_channel(tag: str, channel: str) -> bool:
+    """Whether the service may serve ``channel`` from ``tag``: the channel's own tag, a cohort's
+    ``<channel>.<cohort>``, or, for ``training`` (which falls back to production), a production tag."""
+    for own in (channel, *(("production",) if channel == "training" else ())):
+        if tag == own or tag.startswith(own + "."):
+            return True
+    return False
+
+
 class DeviceClient:
     """A device's connection: fetch verified models/deltas, upload compressed updates, report summaries.
 
@@ -341,6 +350,12 @@ class DeviceClient:
                 raise DowngradeRefused(
                     f"offered {model}@{dl.version} while holding @{self.version}, without a signed rollback "
                     "record covering it; refused (a downgrade needs `deltaplane registry rollback`)"
+                )
+            if not _serves_channel(tag, channel):
+                raise DowngradeRefused(
+                    f"offered {model}@{dl.version} while holding @{self.version} with a rollback record of tag "
+                    f"{tag!r}, which does not serve the {channel!r} channel; refused (a rollback of another tag "
+                    f"does not move this device back: roll back the {channel!r} tag)"
                 )
             self.verifier.verify(
                 rollback_statement(model, tag, dl.version, int(supersedes), dl.target_sha256), rsig
