@@ -161,8 +161,10 @@ class _Buffered:
         drawn = torch.randperm(len(rows), generator=self._bucket_rng).tolist()
         order = [by_sender[i] for i in drawn]
         self._own = {**self._own, "buckets": float(-(-len(rows) // self.bucket))}
+        # each bucket's mean in float64: finite float32 updates near ±3.4e38 summed to ±inf in float32, and the
+        # mean of finite values always fits float32 again
         return [
-            torch.stack([rows[i] for i in order[lo : lo + self.bucket]]).mean(dim=0)
+            torch.stack([rows[i] for i in order[lo : lo + self.bucket]]).double().mean(dim=0).float()
             for lo in range(0, len(rows), self.bucket)
         ]
 
@@ -256,7 +258,8 @@ class CoordinateMedian(_Buffered):
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         s = x.sort(dim=0).values
-        med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        # the two middle values summed in float64: two finite float32 values near ±3.4e38 summed to ±inf
+        med = s[n // 2] if n % 2 else (0.5 * (s[n // 2 - 1].double() + s[n // 2].double())).to(x.dtype)
         if self.byzantine is None:
             return med
         if n - self.byzantine < 1:
@@ -303,7 +306,8 @@ class TrimmedMean(_Buffered):
         if n - 2 * k < 1:
             raise DeltaplaneError(f"trimmed mean with beta={self.beta} leaves no update out of {n}")
         self._own = {**self._own, "trimmed_per_side": float(k)}
-        return x.sort(dim=0).values[k : n - k].mean(dim=0)
+        # averaged in float64 (a float32 sum of finite values near ±3.4e38 overflowed to ±inf; their mean fits)
+        return x.sort(dim=0).values[k : n - k].double().mean(dim=0).to(x.dtype)
 
     def __repr__(self) -> str:
         return f"TrimmedMean(beta={self.beta!r}, bucket={self.bucket!r})"
@@ -339,16 +343,26 @@ class Krum(_Buffered):
             raise DeltaplaneError(
                 f"Krum tolerating {f} byzantine clients needs more than {2 * f + 2}; got {n}"
             )
-        xd = x.double()
+        # rows in their senders' order (sender_order): a tie of scores (duplicates, symmetric updates) goes to
+        # the same update on every driver, whatever order a network delivered the round's updates in
+        order = sender_order(self._senders) if len(self._senders) == n else list(range(n))
+        xd = x[order].double()
+        # ‖xᵢ − xⱼ‖² by the Gram identity, on rows centred at their coordinate-wise median: distances do not
+        # change, and the identity's cancellation error (float64 ε · ‖xᵢ‖²) shrinks from the updates' common
+        # part to their spread. Uncentred, updates sharing a large common part (norms ~10⁴ apart by ~10⁻³)
+        # were scored by rounding noise and Krum picked another update than the paper's distances do
+        xd = xd - xd.median(dim=0).values
         sq = (xd * xd).sum(dim=1)
         dist = (sq[:, None] + sq[None, :] - 2.0 * xd @ xd.T).clamp_min(0.0)
         dist.fill_diagonal_(math.inf)
         scores = dist.sort(dim=1).values[:, : n - f - 2].sum(dim=1)
         m = self.select if self.select is not None else n - f
-        chosen = scores.argsort()[: min(m, n)]
-        self.selected = sorted(int(i) for i in chosen)
+        kept = sorted(int(i) for i in scores.argsort(stable=True)[: min(m, n)])  # ties: the earlier sender
+        self.selected = sorted(order[i] for i in kept)  # (arrival positions)
         self._own = {"selected": float(len(self.selected))}
-        return x[chosen].mean(dim=0)
+        # the kept updates averaged in float64 (a float32 sum of finite values near ±3.4e38 overflowed to ±inf),
+        # summed in sender order like the scores
+        return x[[order[i] for i in kept]].double().mean(dim=0).float()
 
     def __repr__(self) -> str:
         return f"Krum(byzantine={self.byzantine!r}, select={self.select!r})"
