@@ -326,7 +326,6 @@ def test_finite_updates_near_float32s_limit_give_a_finite_aggregate(make, rows) 
         lambda: dp.Krum(byzantine=2, select=None),
         lambda: dp.CoordinateMedian(byzantine=2),
         lambda: dp.CoordinateMedian(),
-        lambda: dp.TrimmedMean(beta=0.4, bucket=3),
     ],
 )
 def test_a_rule_closes_from_its_min_updates_on_and_refuses_one_fewer(make) -> None:
@@ -375,3 +374,23 @@ def test_a_chain_gives_one_aggregate_whatever_order_the_updates_arrive_in(defens
             assert chain.add(dp.Delta({"w": torch.from_numpy(rows[i])}), client_id=f"client-{i}")
         outs.append(chain.result()["w"])
     assert all(torch.equal(outs[0], o) for o in outs[1:]), outs
+
+
+@pytest.mark.parametrize(("beta", "bucket"), [(0.1, 1), (0.2, 1), (0.25, 1), (0.3, 2), (0.45, 3), (0.01, 1)])
+def test_a_trimmed_mean_trims_one_a_side_from_its_min_updates_on(beta, bucket) -> None:
+    # below min_updates ⌊β·n⌋ = 0: the rule is the plain mean (scipy's trim_mean agrees), which defends nothing
+    rule = dp.TrimmedMean(beta=beta, bucket=bucket)
+    rows = -(-rule.min_updates // bucket)
+    assert int(beta * rows) == 1 and int(beta * (-(-(rule.min_updates - 1) // bucket))) == 0
+    for n, trimmed in ((rule.min_updates, 1.0), (rule.min_updates - 1, 0.0)):
+        _rule_out(rule, np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32))
+        assert rule.measurements["trimmed_per_side"] == trimmed
+
+
+def test_a_run_whose_rounds_are_too_small_to_trim_is_refused_with_the_reason() -> None:
+    from deltaplane.engine import RunConfig
+
+    with pytest.raises(ValueError, match="needs at least 5 updates a round.*trim one a side.*trains 3"):
+        RunConfig(clients=3, defense="trimmed_mean(0.2)")
+    RunConfig(clients=5, defense="trimmed_mean(0.2)")
+    RunConfig(clients=3, defense="trimmed_mean(0.0)")  # β = 0: the plain mean, as asked

@@ -138,9 +138,9 @@ class _Buffered:
 
     @property
     def min_updates(self) -> int:
-        """The fewest updates a round needs for this rule to close: ⌈n/s⌉ buckets must reach
-        :attr:`min_rows`. Run configurations check it against their clients per round up front, so a run does
-        not train a whole round only to fail at its close."""
+        """The fewest updates a round needs for this rule to close (the trimmed mean: to trim anything):
+        ⌈n/s⌉ buckets must reach :attr:`min_rows`. Run configurations check it against their clients per round
+        up front, so a run does not train a whole round only to fail at its close, or run undefended."""
         return (self.min_rows - 1) * self.bucket + 1
 
     def _bucketed(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -299,6 +299,18 @@ class TrimmedMean(_Buffered):
             raise ConfigError(f"beta must be in [0, 0.5). Found {beta!r}")
         self.beta = beta
         self._set_bucket(bucket, seed)
+
+    @property
+    def min_rows(self) -> int:  # type: ignore[override]
+        """The fewest rows from which ``⌊β·n⌋ ≥ 1``: with fewer the rule trims nothing and is the plain mean,
+        which defends nothing (``trimmed_mean(0.2)`` over 3 updates, the default ``β = 0.1`` under 10). A round
+        with fewer still closes (``trimmed_per_side`` says 0); a run configured for fewer is refused."""
+        if self.beta == 0:
+            return 1
+        rows = max(1, math.ceil(1 / self.beta) - 1)
+        while math.floor(self.beta * rows) < 1:  # ⌊β·n⌋ as _combine takes it, float rounding included
+            rows += 1
+        return rows
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
