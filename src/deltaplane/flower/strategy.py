@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Strategy
 
 from deltaplane.aggregation import Aggregator, FedAvg, FedOpt, Validate
+from deltaplane.aggregation.base import find_in_chain
 from deltaplane.codecs import Codec, Compressor, Layout, decompress, get_codec, is_compact
 from deltaplane.delta import Delta
 from deltaplane.engine.admission import DEFAULT_MAX_EXAMPLES, check_examples, check_max_examples
@@ -75,16 +76,6 @@ class RoundTraffic:
     node_ids: list[int] = field(default_factory=list)
     #: nodes whose reply was refused (an error reply, an undecodable or invalid update)
     rejected: int = 0
-
-
-def _server_optimizer(aggregator: Aggregator | None) -> FedOpt | None:
-    """The server optimizer (FedAdam, FedYogi, FedAdagrad, FedAvgM) in ``aggregator``'s chain, if any."""
-    node: object = aggregator
-    while node is not None:
-        if isinstance(node, FedOpt):
-            return node
-        node = getattr(node, "inner", None)
-    return None
 
 
 class DeltaStrategy(Strategy):
@@ -164,7 +155,7 @@ class DeltaStrategy(Strategy):
             )
         self.inner = inner if inner is not None else FlowerFedAvg(min_train_nodes=1, min_available_nodes=1)
         self.aggregator = FedAvg() if isinstance(aggregator, _Default) else aggregator
-        optimizer = _server_optimizer(self.aggregator)
+        optimizer = find_in_chain(self.aggregator, FedOpt)  # FedAdam, FedYogi, FedAdagrad, FedAvgM
         if server_lr != 1.0 and optimizer is not None:
             # build_aggregator refuses this pair on every other driver; here it scaled the optimizer's step
             raise ConfigError(
