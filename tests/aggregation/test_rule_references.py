@@ -27,7 +27,7 @@ from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, agg
 from scipy.stats import trim_mean
 
 import deltaplane as dp
-from deltaplane.aggregation import ServerOptimizerState, build_aggregator
+from deltaplane.aggregation import ServerOptimizerState, SignVote, build_aggregator
 
 SHAPES = {"a": (7,), "b": (2, 3)}
 ROUNDS = 5
@@ -394,3 +394,36 @@ def test_a_run_whose_rounds_are_too_small_to_trim_is_refused_with_the_reason() -
         RunConfig(clients=3, defense="trimmed_mean(0.2)")
     RunConfig(clients=5, defense="trimmed_mean(0.2)")
     RunConfig(clients=3, defense="trimmed_mean(0.0)")  # β = 0: the plain mean, as asked
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fltrust_matches_cao_et_al(seed) -> None:
+    """Cao et al. 2021, Algorithm 2 (server side): ``TSᵢ = ReLU(cos(gᵢ, g₀))``, each update rescaled to ``‖g₀‖``,
+    the result ``Σ TSᵢ (‖g₀‖/‖gᵢ‖) gᵢ / Σ TSᵢ``; claimed weights play no part."""
+    rng = np.random.default_rng(seed)
+    g0 = rng.normal(size=9)
+    rows = np.vstack([g0 * rng.uniform(0.1, 5) + rng.normal(scale=0.8, size=9) for _ in range(6)])
+    rows[:2] = -rows[:2] * 30  # opposed, boosted: trust 0
+    x = rows.astype(np.float32).astype(np.float64)
+    cos = x @ g0 / (np.linalg.norm(x, axis=1) * np.linalg.norm(g0))
+    ts = np.maximum(cos, 0.0)
+    want = (ts[:, None] * x * (np.linalg.norm(g0) / np.linalg.norm(x, axis=1))[:, None]).sum(0) / ts.sum()
+    rule = dp.FLTrust()
+    rule.set_reference(dp.Delta({"w": torch.tensor(g0, dtype=torch.float32)}))
+    for r, w in zip(rows, rng.integers(1, 10**5, size=6), strict=True):
+        rule.add(dp.Delta({"w": torch.tensor(r, dtype=torch.float32)}), weight=float(w))
+    np.testing.assert_allclose(rule.result()["w"].double().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sign_vote_matches_bernstein_et_al_on_dense_updates(seed) -> None:
+    """signSGD with majority vote (Bernstein et al. 2019): ``sign(Σᵢ sign(gᵢ))``, scaled by the median over
+    clients of each update's mean absolute value; a tie of votes (an even split) gives 0."""
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(6, 11)).astype(np.float32)
+    rows[:3, 0], rows[3:, 0] = 1.0, -1.0  # an even split on coordinate 0
+    gamma = np.median(np.abs(rows.astype(np.float64)).mean(axis=1))
+    want = gamma * np.sign(np.sign(rows).sum(axis=0))
+    got = _rule_out(SignVote(), rows, weights=rng.integers(1, 10**5, size=6).astype(float))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0] == 0.0
