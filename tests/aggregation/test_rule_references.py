@@ -238,7 +238,8 @@ def test_krum_and_multi_krum_match_the_paper_and_flower(seed, n, f) -> None:
         want, kept = krum_reference(rows, f, m)
         rule = dp.Krum(byzantine=f, select=select)
         np.testing.assert_allclose(_rule_out(rule, rows, weights=weights), want, rtol=1e-6, atol=1e-6)
-        assert rule.selected == kept
+        # the kept updates (of two identical ones, either: their exact tie is broken by rounding)
+        assert sorted(map(tuple, rows[rule.selected])) == sorted(map(tuple, rows[kept]))
     flower = aggregate_krum([([r.astype(np.float64)], 1) for r in rows], num_malicious=f, to_keep=0)
     np.testing.assert_allclose(krum_reference(rows, f, 1)[0], flower[0], rtol=1e-6)
 
