@@ -250,11 +250,13 @@ def test_krum_scores_updates_sharing_a_large_common_part_by_their_distances() ->
     rng = np.random.default_rng(0)
     base = rng.normal(size=1000) * 1e4
     rows = np.array([base + rng.normal(size=1000) * 1e-3 * (1 if i < 4 else 5) for i in range(6)], np.float32)
-    rule = dp.Krum(byzantine=1)
-    got = _rule_out(rule, rows)
-    want, kept = krum_reference(rows, 1, 1)
-    assert rule.selected == kept
-    np.testing.assert_array_equal(got, want)
+    rows = np.vstack([rows, (base + 1e8).astype(np.float32)])  # and a far attacker, which moves the mean
+    for n in (6, 7):
+        rule = dp.Krum(byzantine=1)
+        got = _rule_out(rule, rows[:n])
+        want, kept = krum_reference(rows[:n], 1, 1)
+        assert rule.selected == kept
+        np.testing.assert_array_equal(got, want)
 
 
 def test_krum_breaks_a_tie_by_sender_not_by_arrival_order() -> None:
