@@ -355,3 +355,20 @@ def test_client_eval_every_scores_the_devices_on_the_rounds_the_sequential_engin
     assert as_text == [[repr(getattr(r, f)) for f in fields] for r in seq.rounds]
     assert [r.round for r in rounds if r.client_accuracy_mean == r.client_accuracy_mean] == [2, 3]
     assert _same(seq.final_state, final)
+
+
+@pytest.mark.parametrize("aggregator", ["fedadam", "fedavgm"])
+def test_a_standalone_strategy_refuses_server_lr_with_a_server_optimizer_as_every_driver_does(
+    aggregator,
+) -> None:
+    # build_aggregator (sequential, batched, population, HTTP, task_server_app) refuses the pair; the standalone
+    # strategy scaled the optimizer's step by server_lr instead
+    from deltaplane.aggregation import build_aggregator
+
+    with pytest.raises(ConfigError, match="server_lr=0.5 is FedAvg's server step"):
+        build_aggregator(aggregator=aggregator, server_lr=0.5)
+    chain = build_aggregator(aggregator=aggregator)
+    with pytest.raises(ConfigError, match="server_lr=0.5 is FedAvg's server step"):
+        DeltaStrategy(aggregator=chain, server_lr=0.5)
+    DeltaStrategy(aggregator=chain)  # its own lr: accepted
+    DeltaStrategy(aggregator=Validate(FedAvg()), server_lr=0.5)  # FedAvg's server step: accepted

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 from deltaplane.delta import Delta
 from deltaplane.errors import InvalidUpdate
 
-__all__ = ["Aggregator", "AggregatorWrapper", "refuse_complex"]
+__all__ = ["Aggregator", "AggregatorWrapper", "find_in_chain", "refuse_complex"]
 
 
 def refuse_complex(delta: Delta, rule: str) -> None:
@@ -100,9 +100,15 @@ class AggregatorWrapper:
 
     def find(self, kind: type) -> object | None:
         """The first aggregator of type ``kind`` in this chain (self included), or None."""
-        node: object = self
-        while node is not None:
-            if isinstance(node, kind):
-                return node
-            node = getattr(node, "inner", None)
-        return None
+        return find_in_chain(self, kind)
+
+
+def find_in_chain(aggregator: object, kind: type) -> object | None:
+    """The first aggregator of type ``kind`` in ``aggregator``'s chain (itself, then each ``inner`` in turn), or
+    None: :meth:`AggregatorWrapper.find` for any aggregator, a bare rule (which has no ``find``) included."""
+    node: object = aggregator
+    while node is not None:
+        if isinstance(node, kind):
+            return node
+        node = getattr(node, "inner", None)
+    return None

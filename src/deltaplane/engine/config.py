@@ -400,9 +400,10 @@ class RunConfig(BaseModel):
             need = getattr(defence, "min_updates", 1)
             if need > self.clients_per_round():
                 raise ConfigError(
-                    f"defense {self.defense!r} needs at least {need} updates a round to close, and this run "
-                    f"trains {self.clients_per_round()} a round; raise clients or sample_fraction, or tolerate "
-                    "fewer byzantine clients"
+                    f"defense {self.defense!r} needs at least {need} updates a round to close (a trimmed mean: "
+                    f"to trim one a side, below which it is the plain mean), and this run trains "
+                    f"{self.clients_per_round()} a round; raise clients or sample_fraction, or tolerate fewer "
+                    "byzantine clients (a larger trimmed-mean beta)"
                 )
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None

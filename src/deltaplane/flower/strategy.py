@@ -24,7 +24,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Strategy
 
-from deltaplane.aggregation import Aggregator, FedAvg, Validate
+from deltaplane.aggregation import Aggregator, FedAvg, FedOpt, Validate
+from deltaplane.aggregation.base import find_in_chain
 from deltaplane.codecs import Codec, Compressor, Layout, decompress, get_codec, is_compact
 from deltaplane.delta import Delta
 from deltaplane.engine.admission import DEFAULT_MAX_EXAMPLES, check_examples, check_max_examples
@@ -96,7 +97,9 @@ class DeltaStrategy(Strategy):
             ``base_id``, as the nodes derive it (with ``server_step``, its own config says instead).
         entropy_coding: the nodes' ``delta_mod(entropy_coding=...)`` (part of the session).
         downlink_error_feedback: keep the downlink compression error on the server.
-        server_lr: scale of the aggregated delta applied to the global model.
+        server_lr: scale of the aggregated delta applied to the global model (FedAvg's server step; refused
+            with an ``aggregator`` holding a server optimizer, which takes its step from its own ``lr``, as
+            :func:`~deltaplane.aggregation.build_aggregator` refuses it).
         seed: seeds the downlink compressor.
         base_id: the model lineage named in every payload's header.
         weighted_by_key: the reply MetricRecord entry that weighs a node's delta (Flower's convention).
@@ -152,6 +155,13 @@ class DeltaStrategy(Strategy):
             )
         self.inner = inner if inner is not None else FlowerFedAvg(min_train_nodes=1, min_available_nodes=1)
         self.aggregator = FedAvg() if isinstance(aggregator, _Default) else aggregator
+        optimizer = find_in_chain(self.aggregator, FedOpt)  # FedAdam, FedYogi, FedAdagrad, FedAvgM
+        if server_lr != 1.0 and optimizer is not None:
+            # build_aggregator refuses this pair on every other driver; here it scaled the optimizer's step
+            raise ConfigError(
+                f"server_lr={server_lr:g} is FedAvg's server step; {type(optimizer).__name__} takes its step "
+                "from its own lr: drop server_lr or set the optimizer's lr"
+            )
         self.downlink_codec = downlink_codec
         self.downlink_error_feedback = downlink_error_feedback
         self.server_lr = server_lr
