@@ -136,6 +136,7 @@ PLAN: list[Step] = [
     Step("mergekit_parity.py", (), ("mergekit-parity",)),
     Step("parity_matrix.py", (), ("parity_matrix",)),
     Step("personalization.py", (), ("personalization",)),
+    Step("personalization_audit.py", (), ("personalization-audit",)),
     Step("powersgd_quality.py", (), ("powersgd_quality",)),
     Step("promotion_gate.py", (), ("promotion-gate",)),
     Step("registry_crash.py", (), ("registry-crash",)),

@@ -68,7 +68,8 @@ DEFAULT_RUN_ENGINE = "batched"
 #: config says otherwise; the fp32 baseline then runs without): every device keeps training its own α-mix model
 #: each round, as a fleet's devices would, which the follow-up reports and merges. It leaves the federation as it
 #: was (same global weights, accuracy and bytes: tests/sim/test_personalization_sim.py) and on the default run
-#: gave +0.8 point on each device's label mix (0.977 vs 0.969, worst device -0.09), where α-mix once after the
+#: gave +0.8 point on each device's label mix (0.977 vs 0.969, worst device -0.09; +0.4 on two test splits the
+#: α-mix tie cap was not chosen on: benchmarks/personalization_audit.py), where α-mix once after the
 #: federation gave +0.00 (docs/followup.md); it costs local training: `make run` 63 s instead of 30 s, back to
 #: back at load average 3.4-3.9 on 2 shared cores.
 DEFAULT_RUN_PERSONALIZATION = "alpha_mix"

@@ -11,7 +11,8 @@ pieces on its final global model, so that ``deltaplane run`` ends with everythin
    :class:`~deltaplane.personalization.AlphaMix` once from the final global model (a few local epochs, α chosen on
    its own held-out split, α = 0 always allowed). Measured on the default compressed run (2026-12-06): post-hoc
    gains nothing (+0.00 mean: after 120 rounds the global model already fits each device's few examples and 3
-   epochs barely move it), in-round α-mix +0.8 point mean (0.977 vs 0.969) with no device worse by more than 0.09.
+   epochs barely move it), in-round α-mix +0.8 point mean (0.977 vs 0.969) with no device worse by more than 0.09 (seed 0's test split,
+   where α-mix's tie cap was chosen; +0.4 on two other splits: ``benchmarks/personalization_audit.py``).
 2. **Merging** — the personalized models (α-mix: ``global + α·personal``) are merged into one with
    :func:`deltaplane.merging.merge` (TIES and, for comparison, task arithmetic with weights 1/n, i.e. the mean
    task vector) around the global model, and evaluated on the global test set.
