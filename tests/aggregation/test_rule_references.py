@@ -430,3 +430,19 @@ def test_sign_vote_matches_bernstein_et_al_on_dense_updates(seed) -> None:
     got = _rule_out(SignVote(), rows, weights=rng.integers(1, 10**5, size=6).astype(float))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert got[0] == 0.0
+
+
+def test_multi_krum_never_averages_more_than_the_updates_sure_to_be_honest() -> None:
+    # select=m above n − f took an attacker into the average (m = n: every update, the plain mean); a round of
+    # n averages at most its n − f best, and a rule asked for m needs m + f updates a round up front
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(6, 50)).astype(np.float32)
+    rows[0] += 1e6  # one attacker, f = 1
+    rule = dp.Krum(byzantine=1, select=6)
+    got = _rule_out(rule, rows)
+    want, kept = krum_reference(rows, 1, 5)
+    assert 0 not in rule.selected and rule.selected == kept
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.abs(got).max() < 10
+    assert dp.Krum(byzantine=1, select=6).min_updates == 7
+    assert dp.Krum(byzantine=2, select=None).min_updates == 7  # n > 2f + 2 alone

@@ -332,7 +332,9 @@ class Krum(_Buffered):
 
     Args:
         byzantine: ``f``, the number of malicious clients to tolerate.
-        select: ``m``, how many updates to average (None: ``n − f``, the usual multi-Krum choice).
+        select: ``m``, how many updates to average (None: ``n − f``, the usual multi-Krum choice). A run
+            needs ``m + f`` updates a round (refused up front with fewer); a round that ends up with fewer
+            averages its ``n − f`` best.
     """
 
     def __init__(self, *, byzantine: int = 1, select: int | None = 1) -> None:
@@ -347,7 +349,9 @@ class Krum(_Buffered):
 
     @property
     def min_rows(self) -> int:  # type: ignore[override]
-        return 2 * self.byzantine + 3
+        """``n > 2f + 2`` for the scores, and ``n ≥ m + f`` for multi-Krum's ``m``: averaging more than the
+        ``n − f`` honest updates a round of ``n`` is sure to hold takes an attacker's in with them."""
+        return max(2 * self.byzantine + 3, (self.select or 0) + self.byzantine)
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n, f = x.shape[0], self.byzantine
@@ -361,7 +365,8 @@ class Krum(_Buffered):
         dist = _squared_distances(x[order])
         dist.fill_diagonal_(math.inf)
         scores = dist.sort(dim=1).values[:, : n - f - 2].sum(dim=1)
-        m = self.select if self.select is not None else n - f
+        # at most the n − f updates sure to be honest (a round that ended up smaller than its run's m + f)
+        m = min(self.select, n - f) if self.select is not None else n - f
         kept = sorted(int(i) for i in scores.argsort(stable=True)[: min(m, n)])  # ties: the earlier sender
         self.selected = sorted(order[i] for i in kept)  # (arrival positions)
         self._own = {"selected": float(len(self.selected))}
