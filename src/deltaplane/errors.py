@@ -40,6 +40,7 @@ __all__ = [
     "SignatureError",
     "SpecError",
     "TaskError",
+    "TooFewUpdates",
     "UnsupportedAdapter",
     "UnsupportedLayer",
     "UnsupportedOption",
@@ -217,6 +218,12 @@ class RoundAborted(Conflict):
 class RegistryInUse(Conflict):
     """Another process already serves this registry: each open round lives in the serving process's memory, so
     a second service process is refused at its start (``<home>/service.lock``); the message names its pid."""
+
+
+class TooFewUpdates(DeltaplaneError, RuntimeError):
+    """A round's aggregation rule cannot give a result from the updates it holds: none added, weights summing
+    to zero, or fewer than the rule needs (Krum's ``n > 2f + 2``, a mean around the median leaving none).
+    Wait for more updates (or let more devices take part), or abort the round. HTTP 400."""
 
 
 class ServiceKeyMismatch(DeltaplaneError, RuntimeError):

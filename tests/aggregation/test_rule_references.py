@@ -446,3 +446,24 @@ def test_multi_krum_never_averages_more_than_the_updates_sure_to_be_honest() -> 
     assert np.abs(got).max() < 10
     assert dp.Krum(byzantine=1, select=6).min_updates == 7
     assert dp.Krum(byzantine=2, select=None).min_updates == 7  # n > 2f + 2 alone
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: dp.FedAvg(),
+        lambda: dp.Krum(byzantine=1),
+        lambda: dp.TrimmedMean(beta=0.2, bucket=1),
+        lambda: dp.CoordinateMedian(bucket=1),
+    ],
+)
+def test_a_rule_without_enough_updates_says_so_with_its_own_error(make) -> None:
+    # the service answers it with 400 and its name; before, a bare DeltaplaneError that named nothing to catch
+    from deltaplane.errors import TooFewUpdates
+
+    rule = make()
+    with pytest.raises(TooFewUpdates, match="nothing to aggregate"):
+        rule.result()
+    if isinstance(rule, dp.Krum):
+        with pytest.raises(TooFewUpdates, match="needs more than 4"):
+            _rule_out(dp.Krum(byzantine=1), np.zeros((4, 3), np.float32))

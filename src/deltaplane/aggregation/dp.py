@@ -41,7 +41,7 @@ from deltaplane.aggregation.dp_sizes import distributed_noise_std, distributed_r
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.noise import secure_randn
 from deltaplane.delta import Delta, StateDict, check_compatible
-from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate, NotPrivatizable
+from deltaplane.errors import ConfigError, InvalidUpdate, NotPrivatizable, TooFewUpdates
 
 __all__ = [
     "ADD_REMOVE",
@@ -230,7 +230,7 @@ class DPFedAvg(AggregatorWrapper):
 
     def _finish(self) -> Delta:
         if self._count == 0 and (self._layout is None or self.expected_clients is None):
-            raise DeltaplaneError("no client delta was added; nothing to aggregate")
+            raise TooFewUpdates("no client delta was added; nothing to aggregate")
         epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
         est = self.clipper.estimator
         c = est.value  # the clip of *this* round, read before the estimator adapts
@@ -390,7 +390,7 @@ class DistributedDP(DPFedAvg):
 
     def _finish(self) -> Delta:
         if self._mean is None and self._layout is None:
-            raise DeltaplaneError("no secure sum was added; nothing to aggregate")
+            raise TooFewUpdates("no secure sum was added; nothing to aggregate")
         epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
         n = self._contributors if self._mean is not None else 0
         published = n >= self.min_contributors

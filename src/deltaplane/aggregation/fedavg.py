@@ -8,7 +8,7 @@ import torch
 
 from deltaplane.aggregation.base import refuse_complex
 from deltaplane.delta import Delta, check_compatible
-from deltaplane.errors import DeltaplaneError, InvalidUpdate
+from deltaplane.errors import InvalidUpdate, TooFewUpdates
 
 __all__ = ["FedAvg"]
 
@@ -83,9 +83,9 @@ class FedAvg:
 
     def result(self) -> Delta:
         if self._sum is None or self._like is None:
-            raise DeltaplaneError("no client delta was added; nothing to aggregate")
+            raise TooFewUpdates("no client delta was added; nothing to aggregate")
         if self._total <= 0:
-            raise DeltaplaneError("the weights of the added deltas sum to zero; nothing to average")
+            raise TooFewUpdates("the weights of the added deltas sum to zero; nothing to average")
         return Delta({k: self._mean(s, self._like[k].dtype) for k, s in self._sum.items()})
 
     def _mean(self, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -32,7 +32,7 @@ from deltaplane.aggregation.checkpoint import flat_state_difference, float_shape
 from deltaplane.aggregation.clipping import NormBound
 from deltaplane.aggregation.counters import IntegerMedians
 from deltaplane.delta import Delta, check_compatible
-from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate, ShapeMismatch
+from deltaplane.errors import ConfigError, DeltaplaneError, InvalidUpdate, ShapeMismatch, TooFewUpdates
 
 if TYPE_CHECKING:
     from deltaplane.codecs.layout import TensorLayout
@@ -117,7 +117,7 @@ class _Buffered:
 
     def result(self) -> Delta:
         if not self._rows or self._like is None:
-            raise DeltaplaneError("no client delta was added; nothing to aggregate")
+            raise TooFewUpdates("no client delta was added; nothing to aggregate")
         rows = self._bucketed(self._rows)
         if self._coordinatewise:
             # per-coordinate rules run on column blocks: sorting a block needs O(n · block) scratch, not
@@ -263,9 +263,7 @@ class CoordinateMedian(_Buffered):
         if self.byzantine is None:
             return med
         if n - self.byzantine < 1:
-            raise DeltaplaneError(
-                f"mean around median leaving out {self.byzantine} of {n} updates keeps none"
-            )
+            raise TooFewUpdates(f"mean around median leaving out {self.byzantine} of {n} updates keeps none")
         # the n − b nearest values form a window of consecutive sorted values: slide it and keep the nearest
         m = n - self.byzantine
         spread = torch.maximum(med - s[: n - m + 1], s[m - 1 :] - med)  # (windows, block): farthest value
@@ -316,7 +314,7 @@ class TrimmedMean(_Buffered):
         n = x.shape[0]
         k = math.floor(self.beta * n)
         if n - 2 * k < 1:
-            raise DeltaplaneError(f"trimmed mean with beta={self.beta} leaves no update out of {n}")
+            raise TooFewUpdates(f"trimmed mean with beta={self.beta} leaves no update out of {n}")
         self._own = {**self._own, "trimmed_per_side": float(k)}
         # averaged in float64 (a float32 sum of finite values near ±3.4e38 overflowed to ±inf; their mean fits)
         return x.sort(dim=0).values[k : n - k].double().mean(dim=0).to(x.dtype)
@@ -356,9 +354,7 @@ class Krum(_Buffered):
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         n, f = x.shape[0], self.byzantine
         if n <= 2 * f + 2:
-            raise DeltaplaneError(
-                f"Krum tolerating {f} byzantine clients needs more than {2 * f + 2}; got {n}"
-            )
+            raise TooFewUpdates(f"Krum tolerating {f} byzantine clients needs more than {2 * f + 2}; got {n}")
         # rows in their senders' order (sender_order): a tie of scores (duplicates, symmetric updates) goes to
         # the same update on every driver, whatever order a network delivered the round's updates in
         order = sender_order(self._senders) if len(self._senders) == n else list(range(n))
@@ -452,7 +448,7 @@ class FLTrust:
 
     def result(self) -> Delta:
         if self._ref is None or self._sum is None:
-            raise DeltaplaneError("no client delta was added; nothing to aggregate")
+            raise TooFewUpdates("no client delta was added; nothing to aggregate")
         self._own = {"clients": float(self._count), "zero_trust": float(self._zero), "trust_sum": self._trust}
         flat = self._sum / self._trust if self._trust > 0 else torch.zeros_like(self._sum)
         return self._counters.apply(self._ref.unflatten(flat.float()))
@@ -755,7 +751,7 @@ class SignVote:
 
     def result(self) -> Delta:
         if self._like is None or self._votes is None or self._voters is None:
-            raise DeltaplaneError("no client delta was added; nothing to aggregate")
+            raise TooFewUpdates("no client delta was added; nothing to aggregate")
         n = len(self._scales)
         gamma = float(np.median(self._scales))
         turnout = float(self._voters.sum()) / (n * self._voters.numel()) if self._voters.numel() else 0.0
