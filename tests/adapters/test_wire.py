@@ -91,6 +91,21 @@ def test_malformed_adapter_payloads():
     }
     with pytest.raises(DecodeError, match="lacks"):
         decompress_adapter(pack(trees, WireHeader("", 0, "identity", meta)))
+    from deltaplane.adapters.wire import adapter_meta
+
+    for bad in (
+        5,
+        ["SEQ_CLS"],
+        "x" * 65,
+    ):  # was taken as the task type (a list or number reached PEFT's config)
+        with pytest.raises(DecodeError, match="task_type"):
+            decompress_adapter(
+                pack(trees, WireHeader("", 0, "identity", {"lora": {**adapter_meta(lora), "task_type": bad}}))
+            )
+    assert (
+        decompress_adapter(pack(trees, WireHeader("", 0, "identity", {"lora": adapter_meta(lora)}))).task_type
+        == "SEQ_CLS"
+    )
 
 
 def test_a_fan_in_fan_out_layer_survives_the_wire_and_the_bundle(tmp_path):

@@ -100,6 +100,8 @@ def lora_from_factors(meta: Any, factors: Mapping, *, where: str = "payload") ->
             f"{where}: tensor(s) {extra[:5]} are not part of the adapter its metadata describes"
         )
     task_type = meta.get("task_type", "")
+    if not isinstance(task_type, str) or len(task_type) > 64:
+        raise DecodeError(f"{where}: adapter metadata 'task_type' must be a short string (a PEFT task type)")
     return LoRADelta(layers, modules_to_save={k: factors[k] for k in full}, task_type=task_type or None)
 
 
