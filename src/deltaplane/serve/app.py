@@ -137,6 +137,10 @@ class ServiceConfig:
         max_connections: connections (and requests in flight) the server holds at once, the new request's own
             included; a request beyond it gets 503 at once (uvicorn's ``limit_concurrency``), so a connection
             flood cannot exhaust file descriptors or memory.
+        max_connections_per_address: connections one client address may hold at once (its next one is answered
+            503 and closed before it counts against ``max_connections``), so one address cannot hold them all;
+            loopback peers (a reverse proxy on the same host) are exempt. Raise it for a fleet behind one NAT
+            address or a proxy on another host.
         max_device_requests: requests one device may have in flight at once; one more gets 429 at once, its
             body unread, so one device token cannot hold every connection with a body buffering (the per-device
             ``rate`` is spent only once a body has arrived).
@@ -183,6 +187,7 @@ class ServiceConfig:
     max_update_norm_ratio: NormRatio = "auto"
     max_examples: float = 100_000
     max_connections: int = 1000
+    max_connections_per_address: int = 100
     max_device_requests: int = 4
     downlink_cache_bytes: int = 256 << 20
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
@@ -234,6 +239,10 @@ class ServiceConfig:
             raise ConfigError(f"max_examples must be in [1, {MAX_EXAMPLES:g}]. Found {self.max_examples}")
         if self.max_connections < 2:  # uvicorn counts the request's own connection: 1 would refuse all
             raise ConfigError(f"max_connections must be at least 2. Found {self.max_connections}")
+        if self.max_connections_per_address < 1:
+            raise ConfigError(
+                f"max_connections_per_address must be at least 1. Found {self.max_connections_per_address}"
+            )
         if self.max_device_requests < 1:
             raise ConfigError(f"max_device_requests must be at least 1. Found {self.max_device_requests}")
         if not self.body_timeout_s > 0:

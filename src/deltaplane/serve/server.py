@@ -6,6 +6,8 @@ real uvicorn server on a loopback socket (port 0 picks a free port), started and
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import threading
 import time
 from types import TracebackType
@@ -44,37 +46,66 @@ def serve(
 def _hardening(app: FastAPI, header_timeout: float = 10.0) -> dict[str, Any]:
     """uvicorn settings against slow or oversized headers (h11, 16 KiB of headers, a header deadline) and,
     for the service's app, too many connections: ``ServiceConfig.max_connections`` becomes uvicorn's
-    ``limit_concurrency`` (503 beyond it), so a flood of connections cannot exhaust file descriptors."""
+    ``limit_concurrency`` (503 beyond it), so a flood of connections cannot exhaust file descriptors, and
+    ``ServiceConfig.max_connections_per_address`` keeps one address from holding all of them."""
     config = getattr(app.state, "service_config", None)
     return {
-        "http": header_deadline_protocol(header_timeout),
+        "http": header_deadline_protocol(header_timeout, getattr(config, "max_connections_per_address", None)),
         "timeout_keep_alive": 5,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # a head arriving in one read: RequestGuard
         "limit_concurrency": getattr(config, "max_connections", None),
     }
 
 
-def header_deadline_protocol(header_timeout: float) -> type:
-    """uvicorn's h11 protocol with a deadline for request headers (slowloris).
+def header_deadline_protocol(header_timeout: float, per_address: int | None = None) -> type:
+    """uvicorn's h11 protocol with a deadline for request headers (slowloris) and a cap per client address.
 
     uvicorn times out idle keep-alive connections, but not a client that trickles header bytes: every byte
     resets its idle timer. Here a connection must deliver a complete request head within ``header_timeout``
     seconds of opening, or of the first byte after the previous response; otherwise it is closed.
+
+    ``limit_concurrency`` bounds the connections of all clients together, so one address opening that many
+    (and renewing them every header deadline) left every device a 503. With ``per_address``, an address
+    already holding that many connections gets its new one answered 503 and closed at once, before it counts
+    against ``limit_concurrency``. Loopback peers are exempt: a reverse proxy on the same host, or the
+    simulator's devices, all come from there.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    held: dict[str, int] = {}  # connections per peer address, for every protocol instance of one server
 
     class HeaderDeadlineH11Protocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:
             self._header_timer: Any = None
+            self._peer = _capped_peer(transport) if per_address else None
+            if self._peer is not None:
+                n = held.get(self._peer, 0)
+                if n >= (per_address or 0):
+                    self._peer, self._refused = None, True
+                    transport.write(_too_many_from(n))
+                    transport.close()
+                    return
+                held[self._peer] = n + 1
+            self._refused = False
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 self._arm()
             super().data_received(data)
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if self._refused:
+                return
+            if self._peer is not None:
+                left = held[self._peer] - 1
+                if left:
+                    held[self._peer] = left
+                else:
+                    del held[self._peer]  # the map holds only addresses with a connection open
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -90,6 +121,30 @@ def header_deadline_protocol(header_timeout: float) -> type:
                 self.transport.close()
 
     return HeaderDeadlineH11Protocol
+
+
+def _capped_peer(transport: Any) -> str | None:
+    """The peer's address whose connections are counted, or None for a loopback (or unknown) peer."""
+    peer = transport.get_extra_info("peername")
+    host = peer[0] if isinstance(peer, tuple | list) and peer else None
+    if not isinstance(host, str):
+        return None
+    try:
+        return None if ipaddress.ip_address(host.split("%")[0]).is_loopback else host
+    except ValueError:
+        return host
+
+
+def _too_many_from(n: int) -> bytes:
+    """The 503 a connection over its address's cap gets before it is closed."""
+    body = json.dumps(
+        {
+            "detail": f"this address already holds {n} connections to the service (its "
+            "--max-connections-per-address); close some, or reuse them (keep-alive)"
+        }
+    ).encode()
+    head = f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+    return head.encode() + b"\r\nconnection: close\r\nretry-after: 1\r\n\r\n" + body
 
 
 class BackgroundServer:
