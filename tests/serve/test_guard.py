@@ -2,8 +2,8 @@
 
 import asyncio
 import contextlib
-import sys
 import json
+import sys
 
 import pytest
 
@@ -270,12 +270,18 @@ def test_one_device_holds_at_most_max_device_requests_in_flight(tmp_path):
         resp = http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"})
         assert resp.status_code == 429, resp.text
         assert "4 requests in flight" in resp.json()["detail"] and resp.headers["retry-after"] == "1"
-        assert http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {honest}"}).status_code == 200
+        assert (
+            http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {honest}"}).status_code
+            == 200
+        )
         for sock in held:
             sock.close()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # the server sees the four disconnects
-            if http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"}).status_code == 200:
+            if (
+                http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"}).status_code
+                == 200
+            ):
                 break
             time.sleep(0.1)
         else:

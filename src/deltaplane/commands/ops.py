@@ -1613,7 +1613,8 @@ def register(app: typer.Typer) -> None:
         max_device_requests: Annotated[
             int,
             typer.Option(
-                min=1, help="Requests one device may have in flight at once; one more gets 429, its body unread."
+                min=1,
+                help="Requests one device may have in flight at once; one more gets 429, its body unread.",
             ),
         ] = 4,
         max_update_norm_ratio: Annotated[

@@ -50,7 +50,9 @@ def _hardening(app: FastAPI, header_timeout: float = 10.0) -> dict[str, Any]:
     ``ServiceConfig.max_connections_per_address`` keeps one address from holding all of them."""
     config = getattr(app.state, "service_config", None)
     return {
-        "http": header_deadline_protocol(header_timeout, getattr(config, "max_connections_per_address", None)),
+        "http": header_deadline_protocol(
+            header_timeout, getattr(config, "max_connections_per_address", None)
+        ),
         "timeout_keep_alive": 5,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # a head arriving in one read: RequestGuard
         "limit_concurrency": getattr(config, "max_connections", None),
@@ -143,7 +145,9 @@ def _too_many_from(n: int) -> bytes:
             "--max-connections-per-address); close some, or reuse them (keep-alive)"
         }
     ).encode()
-    head = f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+    head = (
+        f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+    )
     return head.encode() + b"\r\nconnection: close\r\nretry-after: 1\r\n\r\n" + body
 
 
