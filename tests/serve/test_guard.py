@@ -368,3 +368,40 @@ def test_one_address_cannot_hold_every_connection(tmp_path):
     assert Service(tmp_path / "d").config.max_connections_per_address == 100  # the default
     with pytest.raises(ConfigError, match="max_connections_per_address"):
         ServiceConfig(home=".", admin_token=ADMIN, max_connections_per_address=0)
+
+
+def test_a_client_that_stops_reading_a_download_is_dropped(tmp_path):
+    """uvicorn has no write deadline: a device that asked for a model and never read it held its connection
+    for ever (the keep-alive close waits for the unsent buffer), counted against max_connections for good.
+    A response whose buffer stays full for write_timeout seconds is aborted now."""
+    import socket
+    import time
+
+    import torch
+
+    from deltaplane.serve import BackgroundServer
+
+    svc = Service(tmp_path / "h", initial={"w": torch.zeros(2_500_000)})  # a 10 MB download
+    tokens = [svc.admin.issue_token(f"d{i}") for i in range(3)]
+    with BackgroundServer(svc.app, write_timeout=1.0) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        held = []
+        for token in tokens:
+            sock = socket.socket()
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 4096
+            )  # reads nothing: the server's buffer fills
+            sock.connect((host, int(port)))
+            sock.sendall(
+                f"GET /v1/models/cnn/download HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            )
+            held.append(sock)
+        connections = s._server.server_state.connections
+        time.sleep(0.5)
+        assert len(connections) == 3  # sending, stalled
+        deadline = time.monotonic() + 10
+        while connections and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not connections, f"{len(connections)} stalled connections still held"
+        for sock in held:
+            sock.close()

@@ -18,7 +18,11 @@ from fastapi import FastAPI
 from deltaplane.errors import ServiceUnreachable
 from deltaplane.serve.guard import MAX_HEAD_BYTES
 
-__all__ = ["BackgroundServer", "listen_url", "serve"]
+__all__ = ["WRITE_TIMEOUT_S", "BackgroundServer", "listen_url", "serve"]
+
+#: seconds a response may sit with its write buffer full (a client reading nothing) before it is aborted; a
+#: device on a link of a few kB/s still drains a buffer (64 KiB) well within it
+WRITE_TIMEOUT_S = 60.0
 
 
 def serve(
@@ -29,6 +33,7 @@ def serve(
     log_level: str = "info",
     ssl_options: dict[str, Any] | None = None,
     header_timeout: float = 10.0,
+    write_timeout: float = WRITE_TIMEOUT_S,
 ) -> None:
     """Serve ``app`` until interrupted (blocking); ``ssl_options`` from :func:`~deltaplane.serve.tls.server_ssl_options`."""
     import uvicorn
@@ -38,12 +43,14 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
-        **_hardening(app, header_timeout),
+        **_hardening(app, header_timeout, write_timeout),
         **(ssl_options or {}),
     )
 
 
-def _hardening(app: FastAPI, header_timeout: float = 10.0) -> dict[str, Any]:
+def _hardening(
+    app: FastAPI, header_timeout: float = 10.0, write_timeout: float = WRITE_TIMEOUT_S
+) -> dict[str, Any]:
     """uvicorn settings against slow or oversized headers (h11, 16 KiB of headers, a header deadline) and,
     for the service's app, too many connections: ``ServiceConfig.max_connections`` becomes uvicorn's
     ``limit_concurrency`` (503 beyond it), so a flood of connections cannot exhaust file descriptors, and
@@ -51,7 +58,7 @@ def _hardening(app: FastAPI, header_timeout: float = 10.0) -> dict[str, Any]:
     config = getattr(app.state, "service_config", None)
     return {
         "http": header_deadline_protocol(
-            header_timeout, getattr(config, "max_connections_per_address", None)
+            header_timeout, getattr(config, "max_connections_per_address", None), write_timeout
         ),
         "timeout_keep_alive": 5,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # a head arriving in one read: RequestGuard
@@ -59,8 +66,10 @@ def _hardening(app: FastAPI, header_timeout: float = 10.0) -> dict[str, Any]:
     }
 
 
-def header_deadline_protocol(header_timeout: float, per_address: int | None = None) -> type:
-    """uvicorn's h11 protocol with a deadline for request headers (slowloris) and a cap per client address.
+def header_deadline_protocol(
+    header_timeout: float, per_address: int | None = None, write_timeout: float = WRITE_TIMEOUT_S
+) -> type:
+    """uvicorn's h11 protocol with deadlines for request heads and stalled responses, and a cap per address.
 
     uvicorn times out idle keep-alive connections, but not a client that trickles header bytes: every byte
     resets its idle timer. Here a connection must deliver a complete request head within ``header_timeout``
@@ -71,6 +80,11 @@ def header_deadline_protocol(header_timeout: float, per_address: int | None = No
     already holding that many connections gets its new one answered 503 and closed at once, before it counts
     against ``limit_concurrency``. Loopback peers are exempt: a reverse proxy on the same host, or the
     simulator's devices, all come from there.
+
+    A response whose write buffer stays full for ``write_timeout`` seconds (a client that stopped reading) is
+    aborted. uvicorn has no write deadline: a client that asked for a model and never read it held its
+    connection for ever, the keep-alive close included (a transport closes only once its buffer is sent), so
+    it counted against ``limit_concurrency`` for good, and a handful of such clients held every connection.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -79,6 +93,7 @@ def header_deadline_protocol(header_timeout: float, per_address: int | None = No
     class HeaderDeadlineH11Protocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:
             self._header_timer: Any = None
+            self._write_timer: Any = None
             self._peer = _capped_peer(transport) if per_address else None
             if self._peer is not None:
                 n = held.get(self._peer, 0)
@@ -91,6 +106,18 @@ def header_deadline_protocol(header_timeout: float, per_address: int | None = No
             self._refused = False
             super().connection_made(transport)
             self._arm()
+
+        def pause_writing(self) -> None:
+            # the client reads nothing for write_timeout seconds: drop it (a resume means progress)
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(write_timeout, self.transport.abort)
+            super().pause_writing()
+
+        def resume_writing(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+            super().resume_writing()
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -108,9 +135,10 @@ def header_deadline_protocol(header_timeout: float, per_address: int | None = No
                     held[self._peer] = left
                 else:
                     del held[self._peer]  # the map holds only addresses with a connection open
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            for timer in (self._header_timer, self._write_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._header_timer = self._write_timer = None
             super().connection_lost(exc)
 
         def _arm(self) -> None:
@@ -163,6 +191,7 @@ class BackgroundServer:
         log_level: str = "warning",
         ssl_options: dict[str, Any] | None = None,
         header_timeout: float = 10.0,
+        write_timeout: float = WRITE_TIMEOUT_S,
     ) -> None:
         import uvicorn
 
@@ -178,7 +207,7 @@ class BackgroundServer:
             access_log=False,
             backlog=4096,
             timeout_graceful_shutdown=2,
-            **{**_hardening(app, header_timeout), "timeout_keep_alive": 30},
+            **{**_hardening(app, header_timeout, write_timeout), "timeout_keep_alive": 30},
             **(ssl_options or {}),
         )
         self._server = uvicorn.Server(self._config)
