@@ -1,7 +1,9 @@
 """The request guard: authentication before any body byte is read, body caps while streaming, auth throttling."""
 
 import asyncio
+import contextlib
 import json
+import sys
 
 import pytest
 
@@ -217,3 +219,189 @@ def test_a_request_head_above_16_kib_gets_431_on_a_real_socket(tmp_path, where):
             resp = http.get(f"/v1/models/cnn/download?pad={big}", headers=headers)
     assert ok.status_code == 200
     assert resp.status_code == 431 and "16384-byte limit" in resp.json()["detail"]
+
+
+def test_a_body_outside_v1_and_admin_is_capped_at_64_kib(service):
+    """No route outside /v1 and /admin reads a body but the dashboard's sign-in form (4 KiB): such bodies, which
+    nobody authenticated, were buffered up to max_json_bytes (2 MiB) each, 2 GB over 1000 connections."""
+    chunk = b" " * (16 << 10)
+    for path in ("/nowhere", "/ui/login", "/healthz"):
+        status, body, pulled = call(service.app, "POST", path, chunks=[chunk] * 64)
+        assert status == 413 and "65536-byte limit" in json.loads(body)["detail"], (path, status, body)
+        assert pulled == 5, path  # stopped reading at 64 KiB
+    status, _, pulled = call(service.app, "POST", "/nowhere", content_length=1 << 20)
+    assert status == 413 and pulled == 0
+
+
+def _hold_upload(url: str, token: str, sent: int):
+    """A raw socket that sends an upload's head and ``sent`` bytes of its chunked body, then stops."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/models/cnn/rounds/1/update HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        + (f"Authorization: Bearer {token}\r\n".encode() if token else b"")
+        + b"\r\n"
+    )
+    chunk = b"\0" * (64 << 10)
+    with contextlib.suppress(OSError):  # a refused request's connection is closed under the sender
+        for _ in range(sent // len(chunk)):
+            sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    return sock
+
+
+def test_one_device_holds_at_most_max_device_requests_in_flight(tmp_path):
+    """The per-device rate limit is spent only once the endpoint runs, after the body arrived: one device token
+    could hold every connection (1000) with an upload buffering (8 MiB each). A hostile client on raw sockets
+    holds four uploads; the fifth gets 429 at once, another device is still served, and once the four end the
+    device is served again."""
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    svc = Service(tmp_path / "h", max_device_requests=4)
+    evil, honest = svc.admin.issue_token("evil"), svc.admin.issue_token("honest")
+    with BackgroundServer(svc.app) as s, httpx.Client(base_url=s.url, timeout=10) as http:
+        held = [_hold_upload(s.url, evil, 256 << 10) for _ in range(4)]
+        time.sleep(0.3)
+        resp = http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"})
+        assert resp.status_code == 429, resp.text
+        assert "4 requests in flight" in resp.json()["detail"] and resp.headers["retry-after"] == "1"
+        assert (
+            http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {honest}"}).status_code
+            == 200
+        )
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the server sees the four disconnects
+            if (
+                http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"}).status_code
+                == 200
+            ):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the device was not served again once its requests ended")
+    assert svc.state.counters["rejected.device_busy"] == 1
+    assert Service(tmp_path / "d").config.max_device_requests == 4  # the default
+    with pytest.raises(ConfigError, match="max_device_requests"):
+        ServiceConfig(home=".", admin_token=ADMIN, max_device_requests=0)
+
+
+def _rss_mb() -> float:
+    from pathlib import Path
+
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_held_bodies_leave_the_servers_memory_flat(tmp_path):
+    """The hostile client of the two tests above at scale: 60 anonymous connections each holding 1 MiB of a
+    body, and one device token holding 30 uploads of 4 MiB, grew the server by ~60 MB and ~120 MB; now by the
+    four uploads the device may hold (16 MB) and the anonymous bodies' 64 KiB each."""
+    import time
+
+    from deltaplane.serve import BackgroundServer
+
+    svc = Service(tmp_path / "h")
+    evil = svc.admin.issue_token("evil")
+    with BackgroundServer(svc.app) as s:
+        before = _rss_mb()
+        held = [_hold_upload(s.url, evil, 4 << 20) for _ in range(30)]
+        held += [_hold_upload(s.url, "", 1 << 20) for _ in range(60)]
+        time.sleep(0.5)
+        grown = _rss_mb() - before
+        for sock in held:
+            sock.close()
+    assert grown < 50, f"server grew by {grown:.0f} MB"
+
+
+def _non_loopback_address() -> str | None:
+    """An address of this machine that is not loopback (the route's source address), or None."""
+    import ipaddress
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route's source address
+            host = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(host).is_loopback or host == "0.0.0.0" else host
+
+
+def test_one_address_cannot_hold_every_connection(tmp_path):
+    """uvicorn's limit_concurrency counts every client together: one address opening max_connections sockets
+    (and renewing them every header deadline) left every device a 503. Its connections beyond
+    max_connections_per_address are answered 503 and closed now, and a device elsewhere is served."""
+    import socket
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    host = _non_loopback_address()
+    if host is None:
+        pytest.skip("this machine has no non-loopback address to attack from")
+    svc = Service(tmp_path / "h", max_connections=30, max_connections_per_address=10)
+    token = svc.admin.issue_token("honest")
+    with BackgroundServer(svc.app, host="0.0.0.0") as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        held = [socket.create_connection((host, port)) for _ in range(40)]  # a slowloris from one address
+        for sock in held:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)
+        held[-1].settimeout(5)
+        refused = held[-1].recv(4096)
+        assert refused.startswith(b"HTTP/1.1 503") and b"holds 10 connections" in refused, refused
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:  # another address: still served
+            resp = http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 200, resp.text
+        for sock in held:
+            sock.close()
+    assert Service(tmp_path / "d").config.max_connections_per_address == 100  # the default
+    with pytest.raises(ConfigError, match="max_connections_per_address"):
+        ServiceConfig(home=".", admin_token=ADMIN, max_connections_per_address=0)
+
+
+def test_a_client_that_stops_reading_a_download_is_dropped(tmp_path):
+    """uvicorn has no write deadline: a device that asked for a model and never read it held its connection
+    for ever (the keep-alive close waits for the unsent buffer), counted against max_connections for good.
+    A response whose buffer stays full for write_timeout seconds is aborted now."""
+    import socket
+    import time
+
+    import torch
+
+    from deltaplane.serve import BackgroundServer
+
+    svc = Service(tmp_path / "h", initial={"w": torch.zeros(2_500_000)})  # a 10 MB download
+    tokens = [svc.admin.issue_token(f"d{i}") for i in range(3)]
+    with BackgroundServer(svc.app, write_timeout=1.0) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        held = []
+        for token in tokens:
+            sock = socket.socket()
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 4096
+            )  # reads nothing: the server's buffer fills
+            sock.connect((host, int(port)))
+            sock.sendall(
+                f"GET /v1/models/cnn/download HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            )
+            held.append(sock)
+        connections = s._server.server_state.connections
+        time.sleep(0.5)
+        assert len(connections) == 3  # sending, stalled
+        deadline = time.monotonic() + 10
+        while connections and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not connections, f"{len(connections)} stalled connections still held"
+        for sock in held:
+            sock.close()

@@ -1609,6 +1609,21 @@ def register(app: typer.Typer) -> None:
         max_connections: Annotated[
             int, typer.Option(help="Connections held at once; a request beyond them gets 503.")
         ] = 1000,
+        max_connections_per_address: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                help="Connections one client address may hold (503 beyond); loopback is exempt. Raise it for a "
+                "fleet behind one NAT address or a reverse proxy on another host.",
+            ),
+        ] = 100,
+        max_device_requests: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                help="Requests one device may have in flight at once; one more gets 429, its body unread.",
+            ),
+        ] = 4,
         max_update_norm_ratio: Annotated[
             float | None,
             typer.Option(
@@ -1696,6 +1711,8 @@ def register(app: typer.Typer) -> None:
                 body_timeout_s=body_timeout,
                 max_examples=max_examples,
                 max_connections=max_connections,
+                max_connections_per_address=max_connections_per_address,
+                max_device_requests=max_device_requests,
                 max_update_norm_ratio=(
                     "auto" if max_update_norm_ratio is None else max_update_norm_ratio or None
                 ),

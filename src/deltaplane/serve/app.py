@@ -137,6 +137,13 @@ class ServiceConfig:
         max_connections: connections (and requests in flight) the server holds at once, the new request's own
             included; a request beyond it gets 503 at once (uvicorn's ``limit_concurrency``), so a connection
             flood cannot exhaust file descriptors or memory.
+        max_connections_per_address: connections one client address may hold at once (its next one is answered
+            503 and closed before it counts against ``max_connections``), so one address cannot hold them all;
+            loopback peers (a reverse proxy on the same host) are exempt. Raise it for a fleet behind one NAT
+            address or a proxy on another host.
+        max_device_requests: requests one device may have in flight at once; one more gets 429 at once, its
+            body unread, so one device token cannot hold every connection with a body buffering (the per-device
+            ``rate`` is spent only once a body has arrived).
         max_examples: the largest ``num_examples`` an upload may claim (422 above it, never clipped). The
             claim is the update's weight in (clipped) FedAvg, so without a bound one device claiming 10¹²
             examples would make the round's model its own update; DP-FedAvg and the robust rules ignore it.
@@ -180,6 +187,8 @@ class ServiceConfig:
     max_update_norm_ratio: NormRatio = "auto"
     max_examples: float = 100_000
     max_connections: int = 1000
+    max_connections_per_address: int = 100
+    max_device_requests: int = 4
     downlink_cache_bytes: int = 256 << 20
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
     #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
@@ -230,6 +239,12 @@ class ServiceConfig:
             raise ConfigError(f"max_examples must be in [1, {MAX_EXAMPLES:g}]. Found {self.max_examples}")
         if self.max_connections < 2:  # uvicorn counts the request's own connection: 1 would refuse all
             raise ConfigError(f"max_connections must be at least 2. Found {self.max_connections}")
+        if self.max_connections_per_address < 1:
+            raise ConfigError(
+                f"max_connections_per_address must be at least 1. Found {self.max_connections_per_address}"
+            )
+        if self.max_device_requests < 1:
+            raise ConfigError(f"max_device_requests must be at least 1. Found {self.max_device_requests}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive. Found {self.body_timeout_s}")
         if not 0 < self.flush_every_s <= MAX_FLUSH_EVERY_S:  # NaN fails too
@@ -1010,6 +1025,7 @@ def create_app(
         failures=RateLimiter(rate=config.auth_failure_rate, burst=config.auth_failure_burst),
         on_reject=state.count,
         body_timeout=config.body_timeout_s,
+        max_device_requests=config.max_device_requests,
     )
 
     @app.exception_handler(DeltaplaneError)

@@ -14,8 +14,14 @@
 3. Every body is capped: uploads and SecAgg messages at ``max_upload_bytes``, the rest at ``max_json_bytes``. A
    declared ``Content-Length`` above the cap is refused at once; a chunked or lying body is counted while it
    streams and refused the moment it passes the cap. The endpoint then reads the already-bounded body.
+   A body outside ``/v1`` and ``/admin`` (nobody authenticated it; the dashboard's sign-in form is the only
+   such route that reads one) is capped at ``_SMALL_BODY`` (64 KiB): at ``max_json_bytes`` a thousand
+   anonymous connections each holding a body one byte short of it held 2 GB.
 4. Every body must arrive within ``body_timeout`` seconds of the request head, or the request gets 408:
    uvicorn's header deadline (:mod:`deltaplane.serve.server`) does not cover a body trickled a byte at a time.
+5. A device may have at most ``max_device_requests`` requests in flight at once; one more gets 429 at once,
+   its body unread. The per-device rate limit is spent only once the endpoint runs, after the body arrived,
+   so without this one device token held ``max_connections`` uploads of ``max_upload_bytes`` each (8 GB).
 
 The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
 the token a second time.
@@ -71,6 +77,7 @@ class RequestGuard:
         failures: token bucket per client address and area (device, admin), spent by failed authentications.
         on_reject: called with a counter name for every rejection (service statistics).
         body_timeout: seconds a request body may take to arrive in full (408 after that).
+        max_device_requests: requests one device may have in flight at once (429 beyond it, body unread).
     """
 
     def __init__(
@@ -84,8 +91,12 @@ class RequestGuard:
         failures: RateLimiter,
         on_reject: Callable[[str], None] = lambda _: None,
         body_timeout: float = 120.0,
+        max_device_requests: int = 4,
     ) -> None:
         self.app = app
+        self.max_device_requests = max_device_requests
+        # requests in flight per device id; touched only on the event loop, so it needs no lock
+        self._in_flight: dict[str, int] = {}
         self.body_timeout = body_timeout
         self.check_device = check_device
         self.admin_token = admin_token.encode()
@@ -133,11 +144,7 @@ class RequestGuard:
                 )
                 return
             if not ok:
-                declared = headers.get(b"content-length", b"")
-                if declared.isdigit() and int(declared) <= _SMALL_BODY:
-                    # a small body still in flight is read and dropped first: closing a socket with unread
-                    # bytes makes the kernel send a reset, and the client would lose the 401
-                    await self._drain(receive)
+                await self._drain_small(receive, headers)
                 self.failures.acquire(key)
                 self.on_reject(
                     "rejected.unauthenticated" if area == "device" else "rejected.unauthenticated_admin"
@@ -149,10 +156,45 @@ class RequestGuard:
                 )
                 await _reply(send, 401, what, {"www-authenticate": "Bearer"})
                 return
+        ident = scope.get("state", {}).get(DEVICE_SCOPE_KEY) if area == "device" else None
+        if ident is None:
+            await self._bounded(scope, receive, send, area, headers)
+            return
+        device_id = ident.device_id
+        held = self._in_flight.get(device_id, 0)
+        if held >= self.max_device_requests:
+            self.on_reject("rejected.device_busy")
+            await self._drain_small(receive, headers)
+            await _reply(
+                send,
+                429,
+                f"device {device_id} already has {held} requests in flight (at most {self.max_device_requests}); "
+                "wait for one to finish",
+                {"retry-after": "1"},
+            )
+            return
+        self._in_flight[device_id] = held + 1
+        try:
+            await self._bounded(scope, receive, send, area, headers)
+        finally:
+            left = self._in_flight[device_id] - 1
+            if left:
+                self._in_flight[device_id] = left
+            else:
+                del self._in_flight[device_id]  # the map holds only devices with a request in flight
+
+    async def _bounded(
+        self, scope: Scope, receive: Receive, send: Send, area: str | None, headers: dict[bytes, bytes]
+    ) -> None:
+        """Pass the request on once its body has arrived in full, within its cap and ``body_timeout``."""
+        path: str = scope["path"]
         if scope["method"] in ("GET", "HEAD", "OPTIONS") and b"content-length" not in headers:
             await self.app(scope, receive, send)
             return
-        limit = self.max_upload_bytes if _UPLOAD.match(path) else self.max_json_bytes
+        if area is None:  # nobody authenticated it: the dashboard's sign-in form is the largest such body
+            limit = _SMALL_BODY
+        else:
+            limit = self.max_upload_bytes if _UPLOAD.match(path) else self.max_json_bytes
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             self.on_reject("rejected.too_large")
@@ -208,6 +250,13 @@ class RequestGuard:
             return ident or ""
         scope.setdefault("state", {})[DEVICE_SCOPE_KEY] = ident
         return None
+
+    async def _drain_small(self, receive: Receive, headers: dict[bytes, bytes]) -> None:
+        """Before refusing a request unread: read and drop its body if it declared a small one. Closing a
+        socket with unread bytes makes the kernel send a reset, and the client would lose the refusal."""
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) <= _SMALL_BODY:
+            await self._drain(receive)
 
     async def _drain(self, receive: Receive) -> None:
         """Read and drop the rest of a body, for at most ``body_timeout`` seconds (then the reply goes out)."""

@@ -6,6 +6,8 @@ real uvicorn server on a loopback socket (port 0 picks a free port), started and
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import threading
 import time
 from types import TracebackType
@@ -16,7 +18,11 @@ from fastapi import FastAPI
 from deltaplane.errors import ServiceUnreachable
 from deltaplane.serve.guard import MAX_HEAD_BYTES
 
-__all__ = ["BackgroundServer", "listen_url", "serve"]
+__all__ = ["WRITE_TIMEOUT_S", "BackgroundServer", "listen_url", "serve"]
+
+#: seconds a response may sit with its write buffer full (a client reading nothing) before it is aborted; a
+#: device on a link of a few kB/s still drains a buffer (64 KiB) well within it
+WRITE_TIMEOUT_S = 60.0
 
 
 def serve(
@@ -27,6 +33,7 @@ def serve(
     log_level: str = "info",
     ssl_options: dict[str, Any] | None = None,
     header_timeout: float = 10.0,
+    write_timeout: float = WRITE_TIMEOUT_S,
 ) -> None:
     """Serve ``app`` until interrupted (blocking); ``ssl_options`` from :func:`~deltaplane.serve.tls.server_ssl_options`."""
     import uvicorn
@@ -36,48 +43,102 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
-        **_hardening(app, header_timeout),
+        **_hardening(app, header_timeout, write_timeout),
         **(ssl_options or {}),
     )
 
 
-def _hardening(app: FastAPI, header_timeout: float = 10.0) -> dict[str, Any]:
+def _hardening(
+    app: FastAPI, header_timeout: float = 10.0, write_timeout: float = WRITE_TIMEOUT_S
+) -> dict[str, Any]:
     """uvicorn settings against slow or oversized headers (h11, 16 KiB of headers, a header deadline) and,
     for the service's app, too many connections: ``ServiceConfig.max_connections`` becomes uvicorn's
-    ``limit_concurrency`` (503 beyond it), so a flood of connections cannot exhaust file descriptors."""
+    ``limit_concurrency`` (503 beyond it), so a flood of connections cannot exhaust file descriptors, and
+    ``ServiceConfig.max_connections_per_address`` keeps one address from holding all of them."""
     config = getattr(app.state, "service_config", None)
     return {
-        "http": header_deadline_protocol(header_timeout),
+        "http": header_deadline_protocol(
+            header_timeout, getattr(config, "max_connections_per_address", None), write_timeout
+        ),
         "timeout_keep_alive": 5,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # a head arriving in one read: RequestGuard
         "limit_concurrency": getattr(config, "max_connections", None),
     }
 
 
-def header_deadline_protocol(header_timeout: float) -> type:
-    """uvicorn's h11 protocol with a deadline for request headers (slowloris).
+def header_deadline_protocol(
+    header_timeout: float, per_address: int | None = None, write_timeout: float = WRITE_TIMEOUT_S
+) -> type:
+    """uvicorn's h11 protocol with deadlines for request heads and stalled responses, and a cap per address.
 
     uvicorn times out idle keep-alive connections, but not a client that trickles header bytes: every byte
     resets its idle timer. Here a connection must deliver a complete request head within ``header_timeout``
     seconds of opening, or of the first byte after the previous response; otherwise it is closed.
+
+    ``limit_concurrency`` bounds the connections of all clients together, so one address opening that many
+    (and renewing them every header deadline) left every device a 503. With ``per_address``, an address
+    already holding that many connections gets its new one answered 503 and closed at once, before it counts
+    against ``limit_concurrency``. Loopback peers are exempt: a reverse proxy on the same host, or the
+    simulator's devices, all come from there.
+
+    A response whose write buffer stays full for ``write_timeout`` seconds (a client that stopped reading) is
+    aborted. uvicorn has no write deadline: a client that asked for a model and never read it held its
+    connection for ever, the keep-alive close included (a transport closes only once its buffer is sent), so
+    it counted against ``limit_concurrency`` for good, and a handful of such clients held every connection.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    held: dict[str, int] = {}  # connections per peer address, for every protocol instance of one server
 
     class HeaderDeadlineH11Protocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:
             self._header_timer: Any = None
+            self._write_timer: Any = None
+            self._peer = _capped_peer(transport) if per_address else None
+            if self._peer is not None:
+                n = held.get(self._peer, 0)
+                if n >= (per_address or 0):
+                    self._peer, self._refused = None, True
+                    transport.write(_too_many_from(n))
+                    transport.close()
+                    return
+                held[self._peer] = n + 1
+            self._refused = False
             super().connection_made(transport)
             self._arm()
 
+        def pause_writing(self) -> None:
+            # the client reads nothing for write_timeout seconds: drop it (a resume means progress)
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(write_timeout, self.transport.abort)
+            super().pause_writing()
+
+        def resume_writing(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+            super().resume_writing()
+
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 self._arm()
             super().data_received(data)
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            if self._refused:
+                return
+            if self._peer is not None:
+                left = held[self._peer] - 1
+                if left:
+                    held[self._peer] = left
+                else:
+                    del held[self._peer]  # the map holds only addresses with a connection open
+            for timer in (self._header_timer, self._write_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._header_timer = self._write_timer = None
             super().connection_lost(exc)
 
         def _arm(self) -> None:
@@ -92,6 +153,32 @@ def header_deadline_protocol(header_timeout: float) -> type:
     return HeaderDeadlineH11Protocol
 
 
+def _capped_peer(transport: Any) -> str | None:
+    """The peer's address whose connections are counted, or None for a loopback (or unknown) peer."""
+    peer = transport.get_extra_info("peername")
+    host = peer[0] if isinstance(peer, tuple | list) and peer else None
+    if not isinstance(host, str):
+        return None
+    try:
+        return None if ipaddress.ip_address(host.split("%")[0]).is_loopback else host
+    except ValueError:
+        return host
+
+
+def _too_many_from(n: int) -> bytes:
+    """The 503 a connection over its address's cap gets before it is closed."""
+    body = json.dumps(
+        {
+            "detail": f"this address already holds {n} connections to the service (its "
+            "--max-connections-per-address); close some, or reuse them (keep-alive)"
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+    )
+    return head.encode() + b"\r\nconnection: close\r\nretry-after: 1\r\n\r\n" + body
+
+
 class BackgroundServer:
     """A uvicorn server in a daemon thread; use as a context manager, read :attr:`url` once started."""
 
@@ -104,6 +191,7 @@ class BackgroundServer:
         log_level: str = "warning",
         ssl_options: dict[str, Any] | None = None,
         header_timeout: float = 10.0,
+        write_timeout: float = WRITE_TIMEOUT_S,
     ) -> None:
         import uvicorn
 
@@ -119,7 +207,7 @@ class BackgroundServer:
             access_log=False,
             backlog=4096,
             timeout_graceful_shutdown=2,
-            **{**_hardening(app, header_timeout), "timeout_keep_alive": 30},
+            **{**_hardening(app, header_timeout, write_timeout), "timeout_keep_alive": 30},
             **(ssl_options or {}),
         )
         self._server = uvicorn.Server(self._config)
