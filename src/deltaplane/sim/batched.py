@@ -59,6 +59,7 @@ __all__ = [
     "FinishedShare",
     "batching_blocker",
     "clients_per_chunk",
+    "loss_blocker",
     "per_client_bytes",
     "retain_freed_memory",
 ]
@@ -126,6 +127,32 @@ def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | No
         return (
             f"model {type(model).__name__} has random layers{where}; the sequential loop draws each device's "
             "dropout masks from its own seed, stacked training could only draw them for the whole stack at once"
+        )
+    return None
+
+
+def loss_blocker(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Tensor) -> str | None:
+    """Why the stacked step cannot take the task's ``loss`` on ``model``, or ``None`` if it can.
+
+    The stacked step weighs each sample's loss, ``loss(logits, y, reduction="none")`` (one value per sample),
+    and without ``forward_stacked`` computes it under ``torch.func.vmap``. A loss that returns more than one
+    value per sample (``mse_loss`` against one-hot targets) or does what vmap cannot (``F.one_hot``, ``.item()``)
+    trains on the sequential loop, which only takes the mean, but raised a bare ``RuntimeError`` in round 1
+    here. So the step runs once, for one client on the first two samples of ``x`` and ``y``, exactly as the
+    trainer would; call it on a model that :func:`batching_blocker` passes.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    step_grads, _ = _step_grads(model, names, loss)
+    n = min(2, len(x))
+    params = [p.detach().unsqueeze(0) for p in model.parameters()]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            step_grads(params, x[:n].unsqueeze(0), y[:n].unsqueeze(0), torch.full((1, n), 1 / n))
+    except Exception as exc:  # any failure of the user's loss under the stacked step is the reason
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return (
+            f"the task's loss cannot run in the stacked step ({type(exc).__name__}: {first[:160]}); it must "
+            "return one value per sample with reduction='none' and run under torch.func.vmap"
         )
     return None
 
