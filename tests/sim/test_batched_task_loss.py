@@ -7,19 +7,14 @@ in a warning, and the population engine refuses it before the run."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from tests import random_layers as rl
+from tests.batched_fallback import batched_falls_back, population_refuses
 from torch import Tensor, nn
 
-import deltaplane.sim.population as population
-import deltaplane.sim.simulation as simulation
 from deltaplane.data.models import build_model
 from deltaplane.engine import make_task
-from deltaplane.errors import UnsupportedOption
-from deltaplane.sim import RunConfig, run_simulation
+from deltaplane.sim import RunConfig
 from deltaplane.sim.batched import loss_blocker
 
 
@@ -55,19 +50,11 @@ def test_a_loss_the_stacked_step_cannot_take_is_named() -> None:
 def test_the_batched_engine_trains_such_a_task_as_the_sequential_one(
     monkeypatch: pytest.MonkeyPatch, loss: object
 ) -> None:
-    task = dataclasses.replace(make_task(RunConfig()), model=_mlp, loss=loss)
-    monkeypatch.setattr(simulation, "make_task", lambda cfg: task)
-    monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
     cfg = RunConfig(clients=3, rounds=1, local_epochs=1, codec="identity")
-    with pytest.warns(UserWarning, match=r"falls back to the sequential client loop: the task's loss"):
-        batched = run_simulation(cfg.replace(engine="batched")).final_state
-    assert rl.weights_hash(batched) == rl.weights_hash(run_simulation(cfg).final_state)
+    batched_falls_back(monkeypatch, "the task's loss", cfg, model=_mlp, loss=loss)
 
 
 def test_the_population_engine_refuses_such_a_loss_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    task = dataclasses.replace(make_task(RunConfig()), model=_mlp, loss=_one_hot_mse)
-    monkeypatch.setattr(population, "make_task", lambda cfg: task)
-    with pytest.raises(
-        UnsupportedOption, match=r"the task's loss cannot run in the stacked step.*use the sequential"
-    ):
-        population.check_supported(RunConfig(clients=4, rounds=1, engine="population"))
+    population_refuses(
+        monkeypatch, "the task's loss cannot run in the stacked step", model=_mlp, loss=_one_hot_mse
+    )

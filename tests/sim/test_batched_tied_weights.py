@@ -7,18 +7,12 @@ the run."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from tests import random_layers as rl
+from tests.batched_fallback import batched_falls_back, population_refuses
 from torch import Tensor, nn
 
-import deltaplane.sim.population as population
-import deltaplane.sim.simulation as simulation
-from deltaplane.engine import make_task
-from deltaplane.errors import UnsupportedOption
-from deltaplane.sim import RunConfig, run_simulation
+from deltaplane.sim import RunConfig
 from deltaplane.sim.batched import batching_blocker
 
 
@@ -45,19 +39,9 @@ def test_tied_parameters_are_named() -> None:
 def test_the_batched_engine_trains_a_tied_model_as_the_sequential_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    task = dataclasses.replace(make_task(RunConfig()), model=_Tied)
-    monkeypatch.setattr(simulation, "make_task", lambda cfg: task)
-    monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
     cfg = RunConfig(clients=3, rounds=1, local_epochs=1, codec="identity")
-    with pytest.warns(UserWarning, match=r"falls back to the sequential client loop: .*tied parameters"):
-        batched = run_simulation(cfg.replace(engine="batched")).final_state
-    assert rl.weights_hash(batched) == rl.weights_hash(run_simulation(cfg).final_state)
+    batched_falls_back(monkeypatch, r".*tied parameters", cfg, model=_Tied)
 
 
 def test_the_population_engine_refuses_tied_weights_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    task = dataclasses.replace(make_task(RunConfig()), model=_Tied)
-    monkeypatch.setattr(population, "make_task", lambda cfg: task)
-    with pytest.raises(
-        UnsupportedOption, match=r"tied parameters \(b.weight is a.weight\).*use the sequential"
-    ):
-        population.check_supported(RunConfig(clients=4, rounds=1, engine="population"))
+    population_refuses(monkeypatch, r"tied parameters \(b.weight is a.weight\)", model=_Tied)
