@@ -5,19 +5,16 @@ population engine. Before, torch's vmap raised a bare RuntimeError in round 1.""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
 import torch
 from tests import random_layers as rl
+from tests.batched_fallback import batched_falls_back, population_refuses
 from torch import Tensor, nn
 
-import deltaplane.sim.population as population
-import deltaplane.sim.simulation as simulation
 from deltaplane.data.dataset import Dataset
-from deltaplane.engine import make_task
-from deltaplane.errors import ConfigError, UnsupportedOption
+from deltaplane.errors import ConfigError
 from deltaplane.sim import RunConfig, run_simulation
 from deltaplane.sim.batched import BatchedTrainer, batching_blocker
 
@@ -72,18 +69,13 @@ def test_the_trainer_refuses_random_layers_with_a_typed_error_naming_the_fix() -
 def test_the_batched_engine_trains_a_dropout_model_as_the_sequential_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    task = dataclasses.replace(make_task(RunConfig()), model=_digits_dropout)
-    monkeypatch.setattr(simulation, "make_task", lambda cfg: task)
-    monkeypatch.setattr(simulation, "_REPORTED_FALLBACKS", set())
     cfg = RunConfig(clients=3, rounds=2, local_epochs=1, codec="identity")
-    with pytest.warns(
-        UserWarning, match=r"falls back to the sequential client loop: .*random layers \(3: Dropout\)"
-    ):
-        batched = run_simulation(cfg.replace(engine="batched")).final_state
-    sequential = run_simulation(cfg).final_state
+    sequential = batched_falls_back(
+        monkeypatch, r".*random layers \(3: Dropout\)", cfg, model=_digits_dropout
+    )
     torch.manual_seed(7)  # another global state: the same run all the same
     again = run_simulation(cfg).final_state
-    assert rl.weights_hash(batched) == rl.weights_hash(sequential) == rl.weights_hash(again)
+    assert rl.weights_hash(again) == rl.weights_hash(sequential)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         other = run_simulation(cfg.replace(engine="batched", seed=1)).final_state  # said once
@@ -91,7 +83,4 @@ def test_the_batched_engine_trains_a_dropout_model_as_the_sequential_one(
 
 
 def test_the_population_engine_refuses_random_layers_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    task = dataclasses.replace(make_task(RunConfig()), model=_digits_dropout)
-    monkeypatch.setattr(population, "make_task", lambda cfg: task)
-    with pytest.raises(UnsupportedOption, match=r"random layers \(3: Dropout\).*use the sequential engine"):
-        population.check_supported(RunConfig(clients=4, rounds=1, engine="population"))
+    population_refuses(monkeypatch, r"random layers \(3: Dropout\)", model=_digits_dropout)

@@ -39,6 +39,9 @@ def preflight(config: RunConfig) -> None:
         from deltaplane.engine.secure import check_ring_carries
 
         check_ring_carries(config, [c.num_samples for c in clients])  # not in round 1 (or never, over HTTP)
+    from deltaplane.engine.secure import check_float_uploads
+
+    check_float_uploads(config, task.build_model(0))  # every driver refused each such update, run on
     if config.transport == "http":
         if config.engine == "flower":
             raise UnsupportedOption(

@@ -24,11 +24,14 @@ from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from deltaplane.aggregation.secagg import DeviceCredentials, SecAggError
     from deltaplane.aggregation.secagg.enrollment import RunEnrollment
     from deltaplane.engine.server import ServerStep
 
 __all__ = [
+    "check_float_uploads",
     "check_ring_carries",
     "deliver",
     "device_seed",
@@ -86,6 +89,42 @@ def check_ring_carries(config: RunConfig, num_samples: Sequence[int], *, bound: 
             f"example counts up to {top} (2^{config.secagg_bits} - 1): set secagg.bits (--config) to "
             f"{most.bit_length()} or more"
         )
+
+
+def check_float_uploads(config: RunConfig, model: nn.Module) -> None:
+    """Refuse, before a run, a model whose uploaded tensors include one that SecAgg or DP cannot carry.
+
+    SecAgg sums floating-point tensors in its ring, and DP (central, distributed or local) clips and noises
+    them; neither releases an integer tensor (BatchNorm's ``num_batches_tracked``, a step counter) exactly. Each
+    such update was refused when it reached the server, round after round: the run went on, and ended, without
+    a single device's update (SecAgg alone stopped in round 1). The tensors a personalization keeps on the
+    device (FedBN's norms, a FedPer head) are not uploaded, so they do not count.
+
+    Raises:
+        UnsupportedOption: names the tensors and the two fixes (keep them on the devices, or build the model
+            without them).
+    """
+    noised = (config.clip is not None and config.dp_noise > 0) or config.local_dp_noise > 0
+    if not (config.secagg or noised):
+        return
+    local = config.make_personalizer().local_keys(model)
+    ints = [
+        f"{k} ({str(t.dtype).removeprefix('torch.')})"
+        for k, t in model.state_dict().items()
+        if k not in local and not t.is_floating_point()
+    ]
+    if not ints:
+        return
+    from deltaplane.errors import UnsupportedOption
+
+    what = " and ".join(n for n, on in (("SecAgg", config.secagg), ("DP", noised)) if on)
+    raise UnsupportedOption(
+        f"{what} cannot carry the model's non-float tensors {', '.join(ints[:3])}"
+        f"{' and more' if len(ints) > 3 else ''}: SecAgg sums, and DP clips and noises, floating-point tensors "
+        "only, so every device's update would be refused every round; keep them on the devices (--personalization fedbn keeps BatchNorm "
+        "layers local) or build the model without them (nn.BatchNorm1d(..., track_running_stats=False), "
+        "nn.LayerNorm or nn.GroupNorm)"
+    )
 
 
 def secure_quorum(config: RunConfig) -> int:

@@ -25,8 +25,8 @@ The result equals the sequential path's up to floating-point rounding, because e
   ``buf = g``; ``p ← p − lr·buf``), fresh every round. Clients are stacked longest first, so the ones still
   training at a step are a prefix of the stack; a finished client drops out of the computation.
 
-Only models without buffers (no BatchNorm running statistics), with only floating-point parameters and without
-random layers (dropout) are batched; :func:`batching_blocker` says why another model is not, and the simulator
+Only models without buffers (no BatchNorm running statistics), without tied weights, with only floating-point
+parameters and without random layers (dropout) are batched; :func:`batching_blocker` says why another model is not, and the simulator
 then falls back to the sequential loop. A random layer is not batched because the loop draws each device's
 masks from that device's own seed (:func:`deltaplane.seeding.seeded_random_layers`), while a stacked step can
 only draw them from one generator for the whole stack (``vmap``'s ``randomness="different"``), so a device's
@@ -59,6 +59,7 @@ __all__ = [
     "FinishedShare",
     "batching_blocker",
     "clients_per_chunk",
+    "loss_blocker",
     "per_client_bytes",
     "retain_freed_memory",
 ]
@@ -71,7 +72,8 @@ def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | No
 
     Stacked training gives each client its own copy of the parameters only: the model's buffers are one copy
     shared by every client, so a buffer the forward pass updates in place (BatchNorm's running statistics) would
-    mix the clients, and a constant one cannot be told from it; non-float parameters have no gradient; frozen
+    mix the clients, and a constant one cannot be told from it; a tied parameter (one tensor under two names) is
+    stacked once but sent under both names; non-float parameters have no gradient; frozen
     ones (``requires_grad=False``) would be trained; other float types than float32 are left to the sequential
     loop. Random layers (dropout modules with ``p > 0``, RReLU) are found by type; with a ``sample`` input the
     model also runs one forward pass in training mode, in a fork of torch's global generator, and a pass that
@@ -85,6 +87,15 @@ def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | No
             f"model {type(model).__name__} has buffers ({', '.join(buffers[:3])}); stacked training keeps one "
             "copy of a buffer for all clients, and cannot tell a constant buffer from one each client's forward "
             "pass updates (as BatchNorm's running statistics)"
+        )
+    tied = _tied_parameters(model)
+    if tied:
+        # the stacked step trains named_parameters() (one name per tensor) while a device's update, and the
+        # wire session it is checked against, carry every state-dict name: a tied tensor's second name was
+        # missing, and every update of round 1 was refused as belonging to another wire session
+        return (
+            f"model {type(model).__name__} has tied parameters ({', '.join(tied[:3])}); stacked training "
+            "keeps one copy per tensor, a device's update one per name"
         )
     ints = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if ints:
@@ -118,6 +129,45 @@ def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | No
             "dropout masks from its own seed, stacked training could only draw them for the whole stack at once"
         )
     return None
+
+
+def loss_blocker(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Tensor) -> str | None:
+    """Why the stacked step cannot take the task's ``loss`` on ``model``, or ``None`` if it can.
+
+    The stacked step weighs each sample's loss, ``loss(logits, y, reduction="none")`` (one value per sample),
+    and without ``forward_stacked`` computes it under ``torch.func.vmap``. A loss that returns more than one
+    value per sample (``mse_loss`` against one-hot targets) or does what vmap cannot (``F.one_hot``, ``.item()``)
+    trains on the sequential loop, which only takes the mean, but raised a bare ``RuntimeError`` in round 1
+    here. So the step runs once, for one client on the first two samples of ``x`` and ``y``, exactly as the
+    trainer would; call it on a model that :func:`batching_blocker` passes.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    step_grads, _ = _step_grads(model, names, loss)
+    n = min(2, len(x))
+    params = [p.detach().unsqueeze(0) for p in model.parameters()]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            step_grads(params, x[:n].unsqueeze(0), y[:n].unsqueeze(0), torch.full((1, n), 1 / n))
+    except Exception as exc:  # any failure of the user's loss under the stacked step is the reason
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return (
+            f"the task's loss cannot run in the stacked step ({type(exc).__name__}: {first[:160]}); it must "
+            "return one value per sample with reduction='none' and run under torch.func.vmap"
+        )
+    return None
+
+
+def _tied_parameters(model: nn.Module) -> list[str]:
+    """``"b.weight is a.weight"`` for each parameter name that aliases an earlier one (weights tied between
+    layers, e.g. a decoder's output layer sharing its embedding table)."""
+    first: dict[int, str] = {}
+    tied = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied.append(f"{name} is {first[id(p)]}")
+        else:
+            first[id(p)] = name
+    return tied
 
 
 def _is_random_layer(module: nn.Module) -> bool:
