@@ -16,9 +16,11 @@ Stored bytes of a coded field (all integers little-endian)::
     presence bitmap of the 2**w symbols (ceil(2**w / 8) bytes) | varint frequency of each present symbol
     (they sum to exactly 2**12) | the rANS words (u32 each)
 
-Decoding is strict and bounded: the field's declared length (already checked against its node's shape by
-the codec) fixes the symbol count and what is allocated; the model must be well formed; the rANS stream
-must decode exactly that many symbols and end exactly (nothing left over). Any failure is a
+Decoding is strict and bounded: the field's declared length (checked by the frame's reader against the most
+its node allows, :meth:`~deltaplane.codecs.base.Codec.max_field_bytes`, before any field is decoded) fixes
+the symbol count and what is allocated; the model must be well formed; the rANS stream must decode exactly
+that many symbols and end exactly (nothing left over). A decoder that stops moving is not run on (see
+:func:`_expand`): an empty stream's zeros cost no decoding however many are declared. Any failure is a
 :class:`~deltaplane.errors.DecodeError`. Without ``constriction`` installed (extra ``codecs``) the encoder
 keeps every field raw and a coded field cannot be decoded (``CodecError`` telling what to install).
 """
