@@ -183,6 +183,18 @@ class Codec:
             if not isinstance(e.fields[k], Encoded):
                 raise DecodeError(f"{e.codec}: field '{k}' must be a nested node, not a byte buffer")
 
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        """The most bytes each byte field of ``e`` may hold, from its shape, meta and nested nodes' shapes only.
+
+        Never reads a field's bytes, so a reader can bound a field before it has them: a compact frame's
+        entropy-coded field (:mod:`~deltaplane.codecs.fieldcoding`) is refused when it declares more than
+        this, before any of it is expanded (a 3-byte coded field may otherwise declare, and cost the
+        receiver the decoding of, the whole decode budget). Each bound is at least what :meth:`check`
+        accepts, so no payload it accepts is refused; a byte field left out is bounded only by the decode
+        budget. Codecs with byte fields override it.
+        """
+        return {}
+
     @staticmethod
     def _child_shape(e: Encoded, name: str, shape: tuple[int, ...]) -> None:
         """Refuse a nested node ``name`` of ``e`` unless it decodes to exactly ``shape``."""

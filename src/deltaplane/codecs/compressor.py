@@ -27,7 +27,7 @@ from deltaplane.codecs.base import (
     split_lossless,
 )
 from deltaplane.codecs.layout import Layout
-from deltaplane.codecs.preflight import check_budget, check_nodes
+from deltaplane.codecs.preflight import check_budget, check_field_bytes, check_nodes, field_lengths
 from deltaplane.codecs.quantize import Identity
 from deltaplane.codecs.session import WireSession, check_session_layout, is_compact
 from deltaplane.codecs.wire import (
@@ -167,6 +167,9 @@ def decompress(
     # the body may inflate to the decode budget, not to the model's size: a legitimate body can exceed the
     # model (top-k at density ~1 adds its positions to every value, 8-bit codes with small chunks their
     # scales, and a tiny model's fields their fixed overhead), and the codecs' checks then bound each field
+    if table.zstd and table.size <= budget:  # each field no longer than its node allows, before inflating
+        lengths = [n for _, tree in table.trees.values() for n in field_lengths(tree)]
+        check_field_bytes(table.trees, lengths, [True] * len(lengths))
     trees = read_body(table, max_inflated_bytes=budget)
     delta = decode_delta(trees)
     recorded = table.header.meta.get(BASE_SHA256_KEY)  # validated by read_table

@@ -25,6 +25,7 @@ __all__ = [
     "golomb_decode",
     "golomb_encode",
     "index_sizes",
+    "max_index_stream_bytes",
     "pack_bits",
     "pack_bits_ragged",
     "pack_bits_rows",
@@ -690,6 +691,23 @@ def _golomb_ragged_encode(gaps: np.ndarray, counts: np.ndarray, rice: np.ndarray
         b"".join((bytes([k]), rem, quot[q_at[r] : q_at[r + 1]]))
         for r, (k, rem) in enumerate(zip(rice.tolist(), rems, strict=True))
     ]
+
+
+def max_index_stream_bytes(coder: object, n: int, k: int) -> int:
+    """Most bytes an index stream of ``coder`` may hold for ``k`` positions in ``[0, n)``, from the format
+    alone (no byte of the stream read): the upper ends of :func:`check_index_stream`'s bounds, Golomb-Rice's
+    at its costliest parameter. ``0`` for an unknown coder or a count that cannot fit: nothing is valid.
+
+    A compact frame's reader bounds an entropy-coded index stream by this before expanding it, so a few
+    stored bytes cannot declare (and make the receiver decode) more than an honest stream could hold.
+    """
+    if coder not in INDEX_CODERS or not 0 <= k <= n:
+        return 0
+    if coder == "bitmap":
+        return (n + 7) // 8
+    if coder == "varint":
+        return _MAX_VARINT_BYTES * k
+    return max(1 + (k * rice + 7) // 8 + (k + (n >> rice) + 7) // 8 for rice in range(_MAX_RICE_K + 1))
 
 
 def check_index_stream(coder: object, data: bytes, n: int, k: int) -> None:

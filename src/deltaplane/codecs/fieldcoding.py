@@ -16,9 +16,11 @@ Stored bytes of a coded field (all integers little-endian)::
     presence bitmap of the 2**w symbols (ceil(2**w / 8) bytes) | varint frequency of each present symbol
     (they sum to exactly 2**12) | the rANS words (u32 each)
 
-Decoding is strict and bounded: the field's declared length (already checked against its node's shape by
-the codec) fixes the symbol count and what is allocated; the model must be well formed; the rANS stream
-must decode exactly that many symbols and end exactly (nothing left over). Any failure is a
+Decoding is strict and bounded: the field's declared length (checked by the frame's reader against the most
+its node allows, :meth:`~deltaplane.codecs.base.Codec.max_field_bytes`, before any field is decoded) fixes
+the symbol count and what is allocated; the model must be well formed; the rANS stream must decode exactly
+that many symbols and end exactly (nothing left over). A decoder that stops moving is not run on (see
+:func:`_expand`): an empty stream's zeros cost no decoding however many are declared. Any failure is a
 :class:`~deltaplane.errors.DecodeError`. Without ``constriction`` installed (extra ``codecs``) the encoder
 keeps every field raw and a coded field cannot be decoded (``CodecError`` telling what to install).
 """
@@ -265,6 +267,46 @@ def _read_model(stored: memoryview, w: int) -> tuple[np.ndarray, int]:
     return freq, pos
 
 
+#: bytes decoded before the first check for a decoder that has stopped moving (then doubling, up to a block)
+_FIRST_STEP = 1 << 9
+
+
+def _expand(coder: Any, model: Any, w: int, length: int) -> bytearray:
+    """The ``length`` bytes ``coder`` decodes to (``w``-bit symbols), a run at a time; its state is left at
+    the end, for the caller's check that the stream ends there.
+
+    Before each run (of ``_FIRST_STEP`` bytes, doubling up to a block) one symbol is decoded alone: if that
+    left the decoder exactly where it was (:meth:`pos`: its position in the stream and its state), decoding is
+    a deterministic function of that state, so every later symbol is the same one and the state never changes
+    again. The field's rest is then that symbol repeated, made without decoding it, or, if the decoder is not
+    empty there, the stream cannot end after the field's symbols and is refused at once. So an empty or
+    stuck stream (three stored bytes declaring megabytes of a symbol rANS codes in no bits, as an honest
+    field's trailing run of zero bytes is) costs what its last moving run cost, not its declared length;
+    the bytes are exactly those that decoding every symbol gives.
+    """
+    out = bytearray()
+    lo, step, most = 0, _FIRST_STEP, _BLOCK * w // 8
+    while lo < length:
+        nbytes = min(step, length - lo)
+        before = coder.pos()
+        first = np.asarray(coder.decode(model, 1))
+        if len(first) != 1 or int(first[0]) >= 1 << w:
+            raise DecodeError("coded field: rANS stream decodes to symbols outside the alphabet")
+        if coder.pos() == before:  # a fixed point: this symbol for ever, the state unchanged
+            if not coder.is_empty():
+                raise DecodeError("coded field: rANS stream does not end after the field's symbols")
+            out += _pack(np.full(8 // w, first[0]), w) * (length - lo)
+            return out
+        n = nbytes * 8 // w
+        rest = np.asarray(coder.decode(model, n - 1))
+        if len(rest) != n - 1 or (n > 1 and int(rest.max()) >= 1 << w):
+            raise DecodeError("coded field: rANS stream decodes to symbols outside the alphabet")
+        out += _pack(np.concatenate([first, rest]), w)
+        lo += nbytes
+        step = min(2 * step, most)
+    return out
+
+
 def decode_field(coding: int, stored: memoryview, length: int) -> bytes | bytearray | memoryview:
     """The ``length`` raw bytes of a field stored with ``coding``; a :class:`DecodeError` otherwise."""
     if coding == 0:
@@ -286,16 +328,9 @@ def decode_field(coding: int, stored: memoryview, length: int) -> bytes | bytear
     if words < 0 or words % 4:
         raise DecodeError(f"coded field: {words} bytes of rANS stream is not a whole number of 32-bit words")
     model = _model(freq)
-    out = bytearray()
-    step = _BLOCK * w // 8  # bytes of a block of _BLOCK symbols
     try:
         coder = c.stream.stack.AnsCoder(np.frombuffer(stored[pos:], "<u4").astype(np.uint32))
-        for lo in range(0, length, step):
-            n = min(step, length - lo) * 8 // w
-            sym = np.asarray(coder.decode(model, n))
-            if len(sym) != n or (n and int(sym.max()) >= 1 << w):
-                raise DecodeError("coded field: rANS stream decodes to symbols outside the alphabet")
-            out += _pack(sym, w)
+        out = _expand(coder, model, w, length)
         empty = coder.is_empty()
     except DecodeError:
         raise

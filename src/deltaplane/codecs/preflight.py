@@ -31,7 +31,15 @@ from deltaplane.codecs.quantize import DTYPE_NAMES, DTYPES, Identity
 from deltaplane.codecs.wire import Limits
 from deltaplane.errors import DecodeError
 
-__all__ = ["check_budget", "check_nodes", "decoded_bytes", "preflight"]
+__all__ = [
+    "check_budget",
+    "check_field_bytes",
+    "check_nodes",
+    "decoded_bytes",
+    "field_lengths",
+    "max_field_bytes",
+    "preflight",
+]
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -69,6 +77,60 @@ def _check_node(e: Encoded, table_dtype: torch.dtype | None) -> int:
             except DecodeError as exc:
                 raise DecodeError(f"field '{k}': {exc}") from None
     return size
+
+
+def field_lengths(e: Encoded) -> list[int]:
+    """The declared lengths of ``e``'s byte fields (a table's, not yet read), in the order they tile the body."""
+    out: list[int] = []
+    for v in e.fields.values():
+        if isinstance(v, Encoded):
+            out.extend(field_lengths(v))
+        else:
+            out.append(v.length)
+    return out
+
+
+def max_field_bytes(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> list[tuple[str, int | None]]:
+    """Each byte field's name (``tensor 'w' field 'idx'``) and most bytes
+    (:meth:`~deltaplane.codecs.base.Codec.max_field_bytes`; ``None`` where its codec states no bound), in the
+    order the fields tile the body (table order, each node's fields depth-first).
+
+    Reads shapes, meta and codec specs only, so it runs on a table whose fields are not yet read; raises
+    :class:`~deltaplane.errors.DecodeError` for a node that names no tensor codec.
+    """
+    out: list[tuple[str, int | None]] = []
+
+    def walk(e: Encoded, where: str) -> None:
+        bounds = _node_codec(e).max_field_bytes(e)
+        for k, v in e.fields.items():
+            if isinstance(v, Encoded):
+                walk(v, f"{where} field '{k}'")
+            else:
+                out.append((f"{where} field '{k}'", bounds.get(k)))
+
+    for name, (_, tree) in trees.items():
+        try:
+            walk(tree, f"tensor '{name}'")
+        except DecodeError as exc:
+            raise DecodeError(f"tensor '{name}': {exc}") from None
+    return out
+
+
+def check_field_bytes(
+    trees: Mapping[str, tuple[torch.dtype, Encoded]], lengths: list[int], which: list[bool]
+) -> None:
+    """Refuse a field (those ``which`` marks, in body order) that declares more bytes than its node allows.
+
+    ``lengths``: every byte field's declared length, in body order. Run before a field is expanded (an
+    entropy-coded field of a compact frame, a zstd body), so what it costs is what an honest field of the
+    receiver's layout could cost, whatever few bytes it is stored in.
+    """
+    bounds = max_field_bytes(trees)
+    if len(bounds) != len(lengths):  # a reader bug, never a payload's
+        raise DecodeError(f"{len(lengths)} field lengths for {len(bounds)} byte fields")
+    for (where, most), n, check in zip(bounds, lengths, which, strict=True):
+        if check and most is not None and n > most:
+            raise DecodeError(f"{where} declares {n} bytes; its node allows at most {most}")
 
 
 def decoded_bytes(trees: Mapping[str, tuple[torch.dtype, Encoded]]) -> int:

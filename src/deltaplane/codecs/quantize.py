@@ -172,6 +172,10 @@ class Identity(Codec):
             raise DecodeError(f"identity: unknown dtype {e.meta.get('dtype')!r}")
         self._expect_len(e, "data", e.fields["data"], e.numel * dtype.itemsize)
 
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        dtype = DTYPES.get(str(e.meta.get("dtype")))
+        return {"data": e.numel * dtype.itemsize if dtype is not None else 0}
+
 
 class _Cast(Codec):
     structural_check = True  # check() reads lengths and shapes only
@@ -181,6 +185,9 @@ class _Cast(Codec):
     def check(self, e: Encoded) -> None:
         super().check(e)
         self._expect_len(e, "data", e.fields["data"], 2 * e.numel)
+
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        return {"data": 2 * e.numel}
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         return Encoded(self.spec, tuple(x.shape), {}, {"data": tensor_buffer(x.to(self.dtype))})
@@ -747,6 +754,9 @@ class Quantize(Codec):
         self._expect_len(e, "codes", e.fields["codes"], ceil_div(e.numel * self.bits, 8))
         self._expect_len(e, "scales", e.fields["scales"], 4 * ceil_div(e.numel, self.chunk))
 
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        return {"codes": ceil_div(e.numel * self.bits, 8), "scales": 4 * ceil_div(e.numel, self.chunk)}
+
     def decode(self, e: Encoded) -> Tensor:
         n = e.numel
         # integer division: a float ceil(n / chunk) is 0 for a chunk beyond 1e308, which would leave the
@@ -791,6 +801,9 @@ class Sign(Codec):
         super().check(e)
         self._expect_len(e, "signs", e.fields["signs"], ceil_div(e.numel, 8))
         self._expect_len(e, "scales", e.fields["scales"], 4)
+
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        return {"signs": ceil_div(e.numel, 8), "scales": 4}
 
     def encode(self, x: Tensor, rng: torch.Generator) -> Encoded:
         flat = x.detach().reshape(-1).float()

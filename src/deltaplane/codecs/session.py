@@ -63,6 +63,8 @@ from deltaplane.codecs.base import Codec, Encoded, _decoder, get_codec, split_lo
 from deltaplane.codecs.entropy import INDEX_CODERS
 from deltaplane.codecs.layout import Layout
 from deltaplane.codecs.lowrank import PowerSGD
+from deltaplane.codecs.preflight import check_field_bytes
+from deltaplane.codecs.preflight import field_lengths as _field_lengths
 from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader
 from deltaplane.errors import (
     CodecError,
@@ -875,7 +877,6 @@ class WireSession:
             raise _fail(
                 f"data would inflate to {table.size} bytes, beyond its budget of {max_inflated_bytes}"
             )
-        data = _inflated(table)
         known = facts.get("lengths") if facts is not None else None
         if known is None:
             lengths = [n for _, (_, tree) in table.trees.items() for n in _field_lengths(tree)]
@@ -888,6 +889,14 @@ class WireSession:
             raise _fail(f"fields declare {declared} bytes, beyond the decode budget of {max_inflated_bytes}")
         if facts is not None:
             facts["lengths"] = known
+        expanded = [table.zstd or c != 0 for c, _ in stored]
+        if any(expanded) and (facts is None or not facts.get("fields_within_nodes")):
+            # each field that is expanded (entropy-decoded, or inflated from a zstd frame) no longer than its
+            # node allows, before any is: what a few stored bytes can cost is what an honest field can
+            check_field_bytes(table.trees, lengths, expanded)
+            if facts is not None:  # codings and lengths are the skeleton's: one verdict for all its payloads
+                facts["fields_within_nodes"] = True
+        data = _inflated(table)
         if all(c == 0 for c, _ in stored):
             if facts is None or not facts.get("raw_lengths_agree"):
                 for n, (_, s) in zip(lengths, stored, strict=True):
@@ -923,16 +932,6 @@ def _attach(e: Encoded, parts: Iterator[memoryview]) -> Encoded:
     """``e`` with each byte field (in order) replaced by the next of ``parts``."""
     fields = {k: _attach(v, parts) if isinstance(v, Encoded) else next(parts) for k, v in e.fields.items()}
     return Encoded(e.codec, e.shape, e.meta, fields)
-
-
-def _field_lengths(e: Encoded) -> list[int]:
-    out: list[int] = []
-    for v in e.fields.values():
-        if isinstance(v, Encoded):
-            out.extend(_field_lengths(v))
-        else:
-            out.append(v.length)
-    return out
 
 
 def check_session_layout(session: WireSession, layout: Layout) -> None:

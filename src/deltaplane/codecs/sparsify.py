@@ -19,6 +19,7 @@ from deltaplane.codecs.entropy import (
     encode_indices,
     encode_indices_ragged,
     encode_indices_rows,
+    max_index_stream_bytes,
     unpack_bits,
 )
 from deltaplane.codecs.quantize import _read_scales, ceil_div
@@ -122,6 +123,14 @@ def _check_sparse(codec: Codec, e: Encoded, k: int | None) -> int:
         raise DecodeError(f"{e.codec}: {count} values, expected {k}")
     check_index_stream(e.meta.get("ix"), e.fields["idx"], e.numel, count)
     return count
+
+
+def _max_index_bytes(e: Encoded, k: int | None) -> int:
+    """:func:`~deltaplane.codecs.entropy.max_index_stream_bytes` of a positions + values node, for the count
+    the codec fixes (``k``) or else its values node's length (at most the tensor's: any more is refused)."""
+    values = e.fields.get("values")
+    count = k if k is not None else (min(values.numel, e.numel) if isinstance(values, Encoded) else 0)
+    return max_index_stream_bytes(e.meta.get("ix"), e.numel, count)
 
 
 def _check_ratio(name: str, ratio: object) -> float:
@@ -339,6 +348,9 @@ class TopK(Codec):
 
     def check(self, e: Encoded) -> None:
         _check_sparse(self, e, None if self.approx else self.k_for(e.numel))
+
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        return {"idx": _max_index_bytes(e, None if self.approx else self.k_for(e.numel))}
 
     def decode(self, e: Encoded) -> Tensor:
         values = self._field(e, "values", Tensor)
@@ -575,6 +587,9 @@ class Threshold(Codec):
     def check(self, e: Encoded) -> None:
         _check_sparse(self, e, None)
 
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        return {"idx": _max_index_bytes(e, None)}
+
     def decode(self, e: Encoded) -> Tensor:
         values = self._field(e, "values", Tensor)
         if values.dim() != 1:
@@ -649,6 +664,10 @@ class STC(Codec):
         check_index_stream(e.meta.get("ix"), e.fields["idx"], e.numel, k)
         self._expect_len(e, "signs", e.fields["signs"], ceil_div(k, 8))
         self._expect_len(e, "scales", e.fields["scales"], 4)
+
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        k = self.k_for(e.numel)
+        return {"idx": _max_index_bytes(e, k), "signs": ceil_div(k, 8), "scales": 4}
 
     def decode(self, e: Encoded) -> Tensor:
         k = self.k_for(e.numel)

@@ -182,6 +182,9 @@ class Ternary(Codec):
         self._expect_len(e, "trits", e.fields["trits"], ceil_div(e.numel, 5))
         self._expect_len(e, "scales", e.fields["scales"], 4 * ceil_div(e.numel, self._chunk(e.numel)))
 
+    def max_field_bytes(self, e: Encoded) -> dict[str, int]:
+        return {"trits": ceil_div(e.numel, 5), "scales": 4 * ceil_div(e.numel, self._chunk(e.numel))}
+
     def decode(self, e: Encoded) -> Tensor:
         n = e.numel
         chunk = self._chunk(n)
