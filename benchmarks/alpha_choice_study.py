@@ -53,6 +53,7 @@ LEVELS = (0.01, 0.05, 0.1, 0.2)
 
 def run(name: str, seed: int, out_dir: str) -> None:
     """One federation; every device's held-out losses and test accuracy at every α, saved for :func:`report`."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     out = str(Path(out_dir) / f"{name}-{seed}.pt")
     cfg = config(name, seed)
     deltas: dict[int, object] = {}
@@ -176,10 +177,7 @@ def report(out_dir: str) -> None:
     )  # fmt: skip
     print(body)
     record(
-        "personalization-alpha-choice",
-        "Personalization: α-mix's choice on splits nothing was tuned on",
-        body,
-        command="python benchmarks/alpha_choice_study.py run CONFIG SEED DIR (each), then report DIR",
+        "personalization-alpha-choice", "Personalization: α-mix's choice on splits nothing was tuned on", body
     )
 
 
