@@ -137,6 +137,13 @@ PLAN: list[Step] = [
     Step("parity_matrix.py", (), ("parity_matrix",)),
     Step("personalization.py", (), ("personalization",)),
     Step("personalization_audit.py", (), ("personalization-audit",)),
+    *(
+        Step("alpha_choice_study.py", ("run", name, str(seed), f"{SCRATCH}/alpha_choice"), ())
+        for name in ("make-run", "bench60")
+        for seed in (10, 11, 12, 13, 14, 0, 1, 2)
+        if name == "bench60" or seed in (10, 11, 0, 1, 2)
+    ),
+    Step("alpha_choice_study.py", ("report", f"{SCRATCH}/alpha_choice"), ("personalization-alpha-choice",)),
     Step("powersgd_quality.py", (), ("powersgd_quality",)),
     Step("promotion_gate.py", (), ("promotion-gate",)),
     Step("registry_crash.py", (), ("registry-crash",)),

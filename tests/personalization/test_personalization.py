@@ -229,3 +229,49 @@ def test_fedbn_and_fedper_personalize_refuse_a_model_they_cannot_personalize() -
         m, m.state_dict(), PersonalState(), data, data, generator=torch.Generator()
     )
     FedBN().personalize(Net(bn=True), Net(bn=True).state_dict(), PersonalState(), data, data, generator=torch.Generator())  # fmt: skip
+
+
+def _near_unit_val(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` validation examples, one class after another: each near its class's unit vector."""
+    x = torch.eye(3)[torch.arange(n) % 3] + 0.1
+    return x, torch.arange(n) % 3
+
+
+def test_significant_alpha_keeps_the_global_model_on_weak_evidence() -> None:
+    m = nn.Linear(3, 3, bias=False)
+    glob = {"weight": torch.eye(3)}
+    # sharpens class 0 and 1, blurs class 2 towards class 0: a lower mean cross-entropy on 6 examples, but the
+    # per-example changes disagree in sign (noise-sized evidence); the tie-cap rule moves on it, the test does not
+    mixed = dp.Delta({"weight": torch.tensor([[1.0, 0, 0.3], [0, 1.0, 0], [0, 0, -0.1]])})
+    val = _near_unit_val(6)
+    old, scores = choose_alpha(m, glob, mixed, val)
+    assert set(scores.values()) == {1.0} and old == 0.25  # the tie-cap rule takes a step on a tie
+    assert choose_alpha(m, glob, mixed, val, significance=0.05)[0] == 0.0
+    # a personal step that lowers every example's loss alike is significant: the most accurate α, then the
+    # lowest loss, is taken (here α = 1, where the tie-cap rule stops at 0.25)
+    sharpen = dp.Delta({"weight": 2 * torch.eye(3)})
+    assert choose_alpha(m, glob, sharpen, val, significance=0.05)[0] == 1.0
+    with pytest.raises(dp.ConfigError, match="significance must be in"):
+        AlphaMix(significance=1.5)
+
+
+def test_significant_alpha_needs_a_p_value_below_the_bonferroni_level() -> None:
+    """The paired one-sided t-test of per-example losses, scipy's, at ``level / (number of α > 0)``."""
+    from scipy.stats import ttest_rel
+
+    from deltaplane.personalization.alpha_mix import significant_alpha
+
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    better = torch.tensor([0.2, 0.9, 0.4, 1.1, 0.3, 0.8])  # lower on average, one example worse
+    p = float(ttest_rel(better.numpy(), base.numpy(), alternative="less").pvalue)
+    scores = {0.0: 0.5, 1.0: 0.5}
+    losses = {0.0: base, 1.0: better}
+    assert significant_alpha(scores, losses, level=1.01 * p) == 1.0
+    assert significant_alpha(scores, losses, level=0.99 * p) == 0.0
+    # with three more α on the grid the level is shared four ways
+    grid = {0.0: 0.5, 0.25: 0.0, 0.5: 0.0, 0.75: 0.0, 1.0: 0.5}
+    four = {a: (better if a == 1.0 else base + 1) for a in grid} | {0.0: base}
+    assert significant_alpha(grid, four, level=1.01 * p) == 0.0
+    assert significant_alpha(grid, four, level=4.04 * p) == 1.0
+    # less accurate than the global model on validation: never taken, however low its loss
+    assert significant_alpha({0.0: 0.6, 1.0: 0.5}, losses, level=0.5) == 0.0

@@ -200,11 +200,16 @@ def test_alphas_chosen_stacked_equal_those_chosen_device_by_device() -> None:
     deltas[0] = Delta.between(
         glob, train_sgd(model, glob, vals[0], epochs=5, lr=0.1, generator=torch.Generator().manual_seed(0))
     )
-    for max_samples in (1 << 16, 1):
-        got = alpha_mix.choose_alphas_stacked(model, glob, deltas, vals, max_samples=max_samples)
-        want = [alpha_mix.choose_alpha(model, glob, d, v) for d, v in zip(deltas, vals, strict=True)]
+    for max_samples, significance in ((1 << 16, None), (1, None), (1 << 16, 0.05), (1, 0.05)):
+        got = alpha_mix.choose_alphas_stacked(
+            model, glob, deltas, vals, max_samples=max_samples, significance=significance
+        )
+        want = [
+            alpha_mix.choose_alpha(model, glob, d, v, significance=significance)
+            for d, v in zip(deltas, vals, strict=True)
+        ]
         assert got == want
-    assert any(a > 0 for a, _ in want)  # some device moved off the global model
+        assert any(a > 0 for a, _ in want)  # some device moved off the global model, by either rule
     with pytest.raises(ConfigError, match="forward_stacked"):
         alpha_mix.choose_alphas_stacked(_VmapOnly(), glob, deltas, vals)
 
