@@ -66,3 +66,14 @@ def test_fedbn_keeps_the_norms_on_the_devices_and_dp_trains(bn_task) -> None:
     assert (
         int(result.final_state["1.num_batches_tracked"]) == 0
     )  # never uploaded: the global one is untouched
+
+
+@pytest.mark.parametrize("options", [{"secagg": True}, {"clip": 1.0, "dp_noise": 0.5}])
+def test_a_fleet_device_refuses_an_integer_upload_at_start(bn_task, options) -> None:
+    # `fleet device` builds its model from the same federation file: under SecAgg or DP the service would refuse
+    # its every update; it says why before it trains (before it even asks the service for anything)
+    from deltaplane.serve.fleet import load_device
+
+    config = RunConfig(task=bn_task, clients=3, rounds=1, **options)
+    with pytest.raises(UnsupportedOption, match="num_batches_tracked"):
+        load_device(None, config, 0, model="bn")  # type: ignore[arg-type]  # never reached: refused first

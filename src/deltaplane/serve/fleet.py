@@ -47,7 +47,7 @@ from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.aggregation.secagg.revocation import take_revocations
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.scoring import dp_adjacency, round_epsilon
-from deltaplane.engine.secure import masked_zeros, secure_neighbours
+from deltaplane.engine.secure import check_float_uploads, masked_zeros, secure_neighbours
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import (
     ConfigError,
@@ -167,6 +167,8 @@ def load_device(conn: DeviceClient, config: RunConfig, partition: int, *, model:
     task = make_task(config)
     clients = build_clients(config, task)
     net = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
+    # the service would refuse every update of such a model under SecAgg or DP, round after round: say so now
+    check_float_uploads(config, net)
     step = ClientStep(config, task, base_id=model, simulation=False)
     step.local_keys(net)
     spec, _ = drift_reference(task, clients)
