@@ -23,7 +23,7 @@ from deltaplane.errors import (
     SignatureError,
 )
 from deltaplane.registry.signing import Verifier
-from deltaplane.registry.store import rollback_statement
+from deltaplane.registry.store import is_gated_tag, rollback_statement
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 from deltaplane.serve.service_identity import (
     PEER_ADDRESS,
@@ -208,10 +208,8 @@ def _reason(reason: str) -> dict[str, str]:
 def _serves_channel(tag: str, channel: str) -> bool:
     """Whether the service may serve ``channel`` from ``tag``: the channel's own tag, a cohort's
     ``<channel>.<cohort>``, or, for ``training`` (which falls back to production), a production tag."""
-    for own in (channel, *(("production",) if channel == "training" else ())):
-        if tag == own or tag.startswith(own + "."):
-            return True
-    return False
+    own = tag == channel or tag.startswith(channel + ".")
+    return own or (channel == "training" and is_gated_tag(tag))
 
 
 class DeviceClient:

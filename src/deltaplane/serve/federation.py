@@ -264,9 +264,8 @@ def _run(
             )
             for c in clients
         ]
-        for (
-            d
-        ) in devices:  # every device starts from the initial model (not in the rounds' bytes, as in process)
+        # every device starts from the initial model (not in the rounds' bytes, as in process)
+        for d in devices:
             d.fetch(MODEL, channel="training")
         initial_bytes = sum(d.bytes_received for d in devices)
         requests += 2 + 2 * len(devices)

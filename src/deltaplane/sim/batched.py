@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from deltaplane.data.dataset import Dataset
 from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.sim.forked_workers import ForkedWorkers, tree_map
 
+if TYPE_CHECKING:
+    from deltaplane.engine.task import Task
+
 __all__ = [
     "BatchedTrainer",
     "FinishedShare",
@@ -62,6 +65,7 @@ __all__ = [
     "loss_blocker",
     "per_client_bytes",
     "retain_freed_memory",
+    "task_blocker",
 ]
 
 _F32 = 4
@@ -155,6 +159,17 @@ def loss_blocker(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Te
             "return one value per sample with reduction='none' and run under torch.func.vmap"
         )
     return None
+
+
+def task_blocker(model: nn.Module, task: Task) -> str | None:
+    """Why ``task``'s devices cannot train stacked on ``model``, or ``None``: :func:`batching_blocker` with one of
+    the task's test inputs, then :func:`loss_blocker` on its test data (the batched engine then falls back to
+    the sequential loop; the population engine refuses the run)."""
+    has_data = len(task.test) > 0
+    reason = batching_blocker(model, task.test.x[:1] if has_data else None)
+    if reason is None and has_data:
+        reason = loss_blocker(model, task.loss, task.test.x, task.test.y)
+    return reason
 
 
 def _tied_parameters(model: nn.Module) -> list[str]:

@@ -56,7 +56,7 @@ from deltaplane.engine.scoring import backdoor_success, dp_adjacency, round_epsi
 from deltaplane.engine.secure import run_enrollment
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng
 from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, UnsupportedOption
-from deltaplane.sim.batched import BatchedTrainer, batching_blocker, loss_blocker
+from deltaplane.sim.batched import BatchedTrainer, task_blocker
 from deltaplane.sim.simulation import BASE_ID, _upload_stacked, start_batched, trainer_workers
 from deltaplane.threads import torch_threads
 
@@ -256,11 +256,7 @@ def check_supported(config: RunConfig) -> None:
     _check_ring(config)
     # checked here, before any run starts: the trainer itself would refuse the model only in round 1
     task = make_task(config)
-    sample = task.test.x[:1] if len(task.test) else None
-    model = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
-    blocker = batching_blocker(model, sample)
-    if blocker is None and sample is not None:
-        blocker = loss_blocker(model, task.loss, task.test.x, task.test.y)
+    blocker = task_blocker(task.build_model(derive_seed(config.seed, Stream.MODEL_INIT)), task)
     if blocker is not None:
         raise UnsupportedOption(
             f"the population engine trains its devices stacked, and {blocker}: use the sequential engine"

@@ -50,7 +50,7 @@ from deltaplane.sim.batched import (
     FinishedShare,
     PendingTraining,
     batching_blocker,
-    loss_blocker,
+    task_blocker,
 )
 from deltaplane.sim.worker_encoding import WorkerEncoding
 from deltaplane.sim.worker_scoring import WorkerScoring
@@ -93,9 +93,7 @@ def _fallback_reason(
     config: RunConfig, model: nn.Module, *, personalized: bool, task: Task | None = None
 ) -> str | None:
     """Why the batched engine trains ``config``'s devices one at a time (the sequential loop), or ``None``."""
-    reason = batching_blocker(model, task.test.x[:1] if task is not None and len(task.test) else None)
-    if reason is None and task is not None and len(task.test):
-        reason = loss_blocker(model, task.loss, task.test.x, task.test.y)
+    reason = task_blocker(model, task) if task is not None else batching_blocker(model)
     if reason is None and personalized:
         reason = f"personalization '{config.personalization}' starts each client from its own weights"
     return reason
