@@ -276,17 +276,18 @@ def test_one_device_holds_at_most_max_device_requests_in_flight(tmp_path):
         )
         for sock in held:
             sock.close()
-        deadline = time.monotonic() + 5
+        deadline, busy = time.monotonic() + 5, 0
         while time.monotonic() < deadline:  # the server sees the four disconnects
-            if (
-                http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"}).status_code
-                == 200
-            ):
+            code = http.get(
+                "/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"}
+            ).status_code
+            if code == 200:
                 break
+            busy += code == 429  # asked before the server saw every disconnect: refused, and counted, again
             time.sleep(0.1)
         else:
             raise AssertionError("the device was not served again once its requests ended")
-    assert svc.state.counters["rejected.device_busy"] == 1
+    assert svc.state.counters["rejected.device_busy"] == 1 + busy
     assert Service(tmp_path / "d").config.max_device_requests == 4  # the default
     with pytest.raises(ConfigError, match="max_device_requests"):
         ServiceConfig(home=".", admin_token=ADMIN, max_device_requests=0)
