@@ -374,7 +374,8 @@ def test_one_address_cannot_hold_every_connection(tmp_path):
 def test_a_client_that_stops_reading_a_download_is_dropped(tmp_path):
     """uvicorn has no write deadline: a device that asked for a model and never read it held its connection
     for ever (the keep-alive close waits for the unsent buffer), counted against max_connections for good.
-    A response whose buffer stays full for write_timeout seconds is aborted now."""
+    A response whose buffer stays full for write_timeout seconds is aborted now, the service's own
+    (ServiceConfig.write_timeout_s, `serve --write-timeout`; it had no flag, 60 s fixed)."""
     import socket
     import time
 
@@ -382,9 +383,11 @@ def test_a_client_that_stops_reading_a_download_is_dropped(tmp_path):
 
     from deltaplane.serve import BackgroundServer
 
-    svc = Service(tmp_path / "h", initial={"w": torch.zeros(2_500_000)})  # a 10 MB download
+    svc = Service(
+        tmp_path / "h", initial={"w": torch.zeros(2_500_000)}, write_timeout_s=1.0
+    )  # a 10 MB download
     tokens = [svc.admin.issue_token(f"d{i}") for i in range(3)]
-    with BackgroundServer(svc.app, write_timeout=1.0) as s:
+    with BackgroundServer(svc.app) as s:
         host, port = s.url.removeprefix("http://").split(":")
         held = []
         for token in tokens:
@@ -406,3 +409,107 @@ def test_a_client_that_stops_reading_a_download_is_dropped(tmp_path):
         assert not connections, f"{len(connections)} stalled connections still held"
         for sock in held:
             sock.close()
+
+
+def _hold_declared(url: str, token: str, declared: int, sent: int = 1024):
+    """A raw socket that sends an upload's head declaring ``declared`` bytes, then ``sent`` of them, and stops."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/models/cnn/rounds/1/update HTTP/1.1\r\nHost: x\r\n"
+        + f"Content-Length: {declared}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        + b"\0" * sent
+    )
+    return sock
+
+
+def _served_again(http, headers, deadline_s: float = 10.0):
+    """Poll a small report until it is accepted; the answers seen on the way."""
+    import time
+
+    body = {"version": 1, "metrics": {"accuracy": 0.5}}
+    seen, deadline = [], time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        code = http.post("/v1/models/cnn/report", json=body, headers=headers).status_code
+        seen.append(code)
+        if code == 202:
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"not served again once the held bodies ended: {seen[-5:]}")
+
+
+def test_bodies_in_flight_share_one_budget_across_devices(tmp_path):
+    """The cap per device bounds one token, not n of them: n enrolled or stolen tokens held n x 4 uploads of
+    max_upload_bytes buffering. Now every authenticated body reserves its Content-Length (a chunked one its
+    route's whole cap) from max_body_bytes_in_flight before a byte is read: two attacker tokens holding
+    four uploads fill it, any further body gets 503 with Retry-After at once, unread, a download (no body)
+    still passes, and an honest device's report is served once the held bodies end."""
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    cap = 256 << 10
+    svc = Service(
+        tmp_path / "h", max_upload_bytes=cap, max_json_bytes=64 << 10, max_body_bytes_in_flight=4 * cap
+    )
+    evil = [svc.admin.issue_token(f"evil{i}") for i in range(2)]
+    honest = {"Authorization": f"Bearer {svc.admin.issue_token('honest')}"}
+    with BackgroundServer(svc.app) as s, httpx.Client(base_url=s.url, timeout=10) as http:
+        held = [_hold_upload(s.url, evil[0], 64 << 10) for _ in range(2)]  # chunked: each reserves the cap
+        held += [_hold_declared(s.url, evil[1], cap) for _ in range(2)]  # declared: its Content-Length
+        time.sleep(0.5)
+        guard = _guard_of(svc.app)
+        assert guard.body_bytes_in_flight == 4 * cap
+        resp = http.post("/v1/models/cnn/report", json={"version": 1, "metrics": {}}, headers=honest)
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "2", resp.text
+        assert f"{4 * cap}-byte budget" in resp.json()["detail"] and "--max-body-bytes-in-flight" in resp.text
+        third = {
+            "Authorization": f"Bearer {svc.admin.issue_token('evil2')}"
+        }  # a fresh token: not device-busy
+        assert http.post("/v1/models/cnn/report", json={"version": 1}, headers=third).status_code == 503
+        assert http.get("/v1/models/cnn/download", headers=honest).status_code == 200  # no body, no reserve
+        admin = {"Authorization": f"Bearer {ADMIN}"}  # the operator is not locked out: it revokes the tokens
+        for device_id in ("evil0", "evil1"):
+            assert http.post(f"/admin/devices/{device_id}/revoke", headers=admin).status_code == 200
+        for sock in held:
+            sock.close()
+        _served_again(http, honest)
+        time.sleep(0.2)
+        assert guard.body_bytes_in_flight == 0  # every reservation given back, refused ones included
+    assert svc.state.counters["rejected.busy_bodies"] >= 2
+
+
+def _guard_of(app):
+    """The RequestGuard instance in a started app's middleware stack."""
+    from deltaplane.serve.guard import RequestGuard
+
+    node = app.middleware_stack
+    while not isinstance(node, RequestGuard):
+        node = node.app
+    return node
+
+
+def test_the_body_budget_defaults_to_sixteen_uploads_and_refuses_one_that_no_body_could_pass(tmp_path):
+    config = ServiceConfig(home=".", admin_token=ADMIN, max_upload_bytes=1 << 20, max_json_bytes=64 << 10)
+    assert config.max_body_bytes_in_flight is None and config.body_budget == 16 << 20
+    assert ServiceConfig(home=".", admin_token=ADMIN).body_budget == 128 << 20  # 16 x 8 MiB
+    with pytest.raises(ConfigError, match="max_body_bytes_in_flight must be at least"):
+        ServiceConfig(home=".", admin_token=ADMIN, max_body_bytes_in_flight=(8 << 20) - 1)
+
+
+def test_a_request_refused_for_the_budget_is_never_read(tmp_path):
+    """The budget is checked before the body is read: a declared body that does not fit is refused with its
+    bytes unpulled (a small one is drained, for a clean answer; a large one is not read at all)."""
+    svc = Service(tmp_path / "h", max_body_bytes_in_flight=8 << 20)
+    token = svc.admin.issue_token("d1")
+    assert call(svc.app, "GET", "/v1/models/cnn/round", token=token)[0] in (200, 404, 409)  # builds the stack
+    _guard_of(svc.app).body_bytes_in_flight = 8 << 20  # every byte already reserved
+    status, body, pulled = call(
+        svc.app, "POST", "/v1/models/cnn/rounds/1/update", token=token, content_length=1 << 20,
+        chunks=[b"\0" * (64 << 10)] * 16,
+    )  # fmt: skip
+    assert status == 503 and pulled == 0, body

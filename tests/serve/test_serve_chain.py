@@ -59,3 +59,21 @@ def test_bad_chain_is_a_one_line_error(tmp_path, captured) -> None:
         app, ["serve", "--home", str(tmp_path), "--admin-token", "x" * 20, "--dp-noise", "1"]
     )
     assert r.exit_code == 2 and "needs a clip" in r.output
+
+
+def test_serve_takes_the_body_budget_and_the_write_deadline(tmp_path, captured) -> None:
+    """The write deadline (60 s for a client that never reads a download) had no flag, and the budget of bodies
+    in flight is new: both reach the ServiceConfig; a budget below a body cap, or a non-finite or non-positive
+    deadline, is a usage error naming its option."""
+    base = ["serve", "--home", str(tmp_path), "--admin-token", "x" * 20]
+    r = CliRunner().invoke(app, base)
+    assert r.exit_code == 0, r.output
+    default = captured["config"]
+    assert default.write_timeout_s == 60.0 and default.body_budget == 16 * (8 << 20)
+    r = CliRunner().invoke(app, [*base, "--write-timeout", "5", "--max-body-bytes-in-flight", str(64 << 20)])
+    assert r.exit_code == 0, r.output
+    assert captured["config"].write_timeout_s == 5.0 and captured["config"].body_budget == 64 << 20
+    for bad in (["--write-timeout", "nan"], ["--write-timeout", "0"], ["--max-body-bytes-in-flight", "4096"]):
+        r = CliRunner().invoke(app, [*base, *bad])
+        assert r.exit_code != 0, bad
+        assert "write" in r.output.lower() or "max_body_bytes_in_flight" in r.output, (bad, r.output)

@@ -1624,6 +1624,24 @@ def register(app: typer.Typer) -> None:
                 help="Requests one device may have in flight at once; one more gets 429, its body unread.",
             ),
         ] = 4,
+        max_body_bytes_in_flight: Annotated[
+            int | None,
+            typer.Option(
+                min=1024,
+                help="Bytes of request bodies all devices (and the admin) may hold at once, reserved from each "
+                "body's Content-Length (its route's cap without one) before it is read; a body beyond it gets "
+                "503 with Retry-After, unread. At least --max-upload-bytes and --max-json-bytes.",
+                show_default="16 x --max-upload-bytes",
+            ),
+        ] = None,
+        write_timeout: Annotated[
+            float,
+            typer.Option(
+                callback=finite_number,
+                help="Seconds a response may wait on a client that reads none of it (its buffer full) before "
+                "the connection is aborted. Positive.",
+            ),
+        ] = 60.0,
         max_update_norm_ratio: Annotated[
             float | None,
             typer.Option(
@@ -1713,6 +1731,8 @@ def register(app: typer.Typer) -> None:
                 max_connections=max_connections,
                 max_connections_per_address=max_connections_per_address,
                 max_device_requests=max_device_requests,
+                max_body_bytes_in_flight=max_body_bytes_in_flight,
+                write_timeout_s=write_timeout,
                 max_update_norm_ratio=(
                     "auto" if max_update_norm_ratio is None else max_update_norm_ratio or None
                 ),

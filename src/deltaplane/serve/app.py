@@ -37,11 +37,13 @@ from typing import Annotated, Any, overload
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltaplane.engine import RunConfig, ServerStep
 from deltaplane.engine.scoring import dp_adjacency
@@ -64,6 +66,7 @@ from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rol
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
+from deltaplane.serve.body_errors import FASTAPI_UNPARSED_BODY, body_problem, describe
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
@@ -98,6 +101,12 @@ CHANNELS = ("production", "staging", "training")
 #: an hour of contacts and counts is the most a crash may lose
 MAX_FLUSH_EVERY_S = 3600.0
 MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
+
+
+#: uploads at ``max_upload_bytes`` the default ``max_body_bytes_in_flight`` holds at once: 128 MiB at the default
+#: 8 MiB cap, where 1000 connections could buffer 8 GB; honest uploads declare their (compressed) size, so
+#: many more than 16 fit
+BODY_BUDGET_UPLOADS = 16
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,14 @@ class ServiceConfig:
         max_device_requests: requests one device may have in flight at once; one more gets 429 at once, its
             body unread, so one device token cannot hold every connection with a body buffering (the per-device
             ``rate`` is spent only once a body has arrived).
+        max_body_bytes_in_flight: bytes all device request bodies may hold at once, read or being
+            handled (a request reserves its Content-Length, or its route's cap without one, before its body is
+            read); one that does not fit gets 503 with ``Retry-After``, its body unread, so *n* device tokens
+            cannot hold *n* × ``max_device_requests`` uploads. None (the default):
+            :data:`BODY_BUDGET_UPLOADS` × ``max_upload_bytes`` (128 MiB at the default cap). At least
+            ``max_upload_bytes`` and ``max_json_bytes``, or the largest body could never pass.
+        write_timeout_s: seconds a response may sit with its write buffer full (a client reading nothing)
+            before its connection is aborted (``--write-timeout``).
         max_examples: the largest ``num_examples`` an upload may claim (422 above it, never clipped). The
             claim is the update's weight in (clipped) FedAvg, so without a bound one device claiming 10¹²
             examples would make the round's model its own update; DP-FedAvg and the robust rules ignore it.
@@ -189,6 +206,8 @@ class ServiceConfig:
     max_connections: int = 1000
     max_connections_per_address: int = 100
     max_device_requests: int = 4
+    max_body_bytes_in_flight: int | None = None
+    write_timeout_s: float = 60.0
     downlink_cache_bytes: int = 256 << 20
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
     #: folder whose run reports (``report.json``) the dashboard at ``/ui`` lists ("" for none)
@@ -247,6 +266,21 @@ class ServiceConfig:
             raise ConfigError(f"max_device_requests must be at least 1. Found {self.max_device_requests}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s must be positive. Found {self.body_timeout_s}")
+        if not self.write_timeout_s > 0:  # NaN fails too
+            raise ConfigError(f"write_timeout_s must be positive. Found {self.write_timeout_s}")
+        need = max(self.max_upload_bytes, self.max_json_bytes)
+        if self.max_body_bytes_in_flight is not None and self.max_body_bytes_in_flight < need:
+            raise ConfigError(
+                f"max_body_bytes_in_flight must be at least the largest body cap ({need} bytes, max_upload_bytes "
+                f"or max_json_bytes), or that body could never pass. Found {self.max_body_bytes_in_flight}"
+            )
+
+    @property
+    def body_budget(self) -> int:
+        """``max_body_bytes_in_flight``, or its default: :data:`BODY_BUDGET_UPLOADS` uploads at the cap."""
+        if self.max_body_bytes_in_flight is not None:
+            return self.max_body_bytes_in_flight
+        return BODY_BUDGET_UPLOADS * max(self.max_upload_bytes, self.max_json_bytes)
         if not 0 < self.flush_every_s <= MAX_FLUSH_EVERY_S:  # NaN fails too
             raise ConfigError(
                 f"flush_every_s must be in (0, {MAX_FLUSH_EVERY_S:g}] seconds: a crash loses the fleet's contacts "
@@ -1026,6 +1060,7 @@ def create_app(
         on_reject=state.count,
         body_timeout=config.body_timeout_s,
         max_device_requests=config.max_device_requests,
+        max_body_bytes_in_flight=config.body_budget,
     )
 
     @app.exception_handler(DeltaplaneError)
@@ -1048,10 +1083,17 @@ def create_app(
         state.count("rejected.validation")
         if is_ui_path(request.url.path):  # a dashboard page: an HTML error page, counted as any other 422
             return validation_page(exc)
-        errors = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]
-        ]
+        if (problem := body_problem(request, exc.errors())) is not None:  # not JSON, or not the route's shape
+            return JSONResponse({"detail": problem}, status_code=422)
+        errors = [describe(e) for e in exc.errors()[:5]]
         return JSONResponse({"detail": "invalid request: " + "; ".join(errors)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == FASTAPI_UNPARSED_BODY:  # FastAPI's JSON reader raised
+            state.count("rejected.validation")
+            return JSONResponse({"detail": body_problem(request)}, status_code=400)
+        return await http_exception_handler(request, exc)
 
     # -- auth dependencies -------------------------------------------------------------------------
     def device(

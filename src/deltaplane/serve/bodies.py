@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import HTTPException, Request
 
 from deltaplane.errors import DecodeError
 
-__all__ = ["read_capped"]
+__all__ = ["content_length", "read_capped"]
+
+# RFC 9110: Content-Length = 1*DIGIT, ASCII digits only. ``str.isdigit`` also takes "²" or "٣" (and int()
+# reads "٣" as 3), so a header that is no length at all passed as one.
+_DIGITS = re.compile(rb"[0-9]+")
+# more digits than any byte count a cap allows: read as "too large" without int() of thousands of digits
+# (Python refuses ints above 4,300 digits: a 16 KiB head of digits would have raised ValueError, a 500)
+_LONGEST = 18
+
+
+def content_length(value: str | bytes) -> int | None:
+    """The byte count a ``Content-Length`` value declares, or None when it is not strict ASCII digits.
+
+    A value longer than 18 digits reads as ``10**18`` (above every cap) rather than being converted."""
+    raw = value.encode("latin-1", errors="replace") if isinstance(value, str) else value
+    raw = raw.strip(b" \t")
+    if not _DIGITS.fullmatch(raw):
+        return None
+    return int(raw) if len(raw) <= _LONGEST else 10**_LONGEST
 
 
 async def read_capped(
@@ -17,10 +37,18 @@ async def read_capped(
     empty: str = "send a SecAgg message made by deltaplane's SecAgg device client",
 ) -> bytes:
     """The request's body, refused (413) as soon as it exceeds ``limit`` bytes (``cap`` names whose limit it is),
-    whatever its Content-Length says; an empty body is a :class:`DecodeError` (``empty``: what to send)."""
+    whatever its Content-Length says; an empty body is a :class:`DecodeError` (``empty``: what to send). A
+    Content-Length that is not ASCII digits is refused (400) before anything is read."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise HTTPException(413, f"a message of {declared} bytes exceeds {cap} {limit}-byte maximum")
+    if declared is not None:
+        n = content_length(declared)
+        if n is None:
+            raise HTTPException(
+                400,
+                f"Content-Length {declared!r} is not a byte count (ASCII digits only); send the body's length",
+            )
+        if n > limit:
+            raise HTTPException(413, f"a message of {declared} bytes exceeds {cap} {limit}-byte maximum")
     chunks, size = [], 0
     async for chunk in request.stream():  # enforce the cap while reading: Content-Length can lie
         size += len(chunk)

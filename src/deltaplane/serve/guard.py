@@ -22,6 +22,10 @@
 5. A device may have at most ``max_device_requests`` requests in flight at once; one more gets 429 at once,
    its body unread. The per-device rate limit is spent only once the endpoint runs, after the body arrived,
    so without this one device token held ``max_connections`` uploads of ``max_upload_bytes`` each (8 GB).
+6. All devices' bodies together may hold at most ``max_body_bytes_in_flight`` bytes: a request reserves
+   its declared Content-Length (a chunked one its route's whole cap) before a byte is read, and keeps it until
+   its endpoint has answered; one that does not fit gets 503 with ``Retry-After``, its body unread. The cap
+   per device bounds one token, not *n* of them: 64 enrolled or stolen tokens held 64 × 4 uploads of 8 MiB.
 
 The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
 the token a second time.
@@ -37,8 +41,15 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter
+from deltaplane.serve.bodies import content_length
 
-__all__ = ["ADMIN_TOKEN_REFUSED", "DEVICE_SCOPE_KEY", "MAX_HEAD_BYTES", "RequestGuard"]
+__all__ = [
+    "ADMIN_TOKEN_REFUSED",
+    "BUDGET_RETRY_AFTER_S",
+    "DEVICE_SCOPE_KEY",
+    "MAX_HEAD_BYTES",
+    "RequestGuard",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -57,6 +68,9 @@ ADMIN_TOKEN_REFUSED = (
 #: passes it while it arrives in pieces, but parses one delivered in a single read (up to ~256 KiB) whole
 MAX_HEAD_BYTES = 16 << 10
 _DRAIN_FACTOR = 4
+#: the Retry-After of a request refused because the bodies in flight fill ``max_body_bytes_in_flight``: an
+#: honest upload of a few MiB arrives within seconds, and a trickled one is cut at ``body_timeout``
+BUDGET_RETRY_AFTER_S = 2
 _SMALL_BODY = 64 << 10  # unauthenticated bodies up to this size are drained before the 401
 # bodies the size of a model: plain uploads and SecAgg messages (a masked input holds one ring value per
 # parameter, so it passes max_json_bytes for a model of about a million parameters); the endpoint then caps a
@@ -78,6 +92,9 @@ class RequestGuard:
         on_reject: called with a counter name for every rejection (service statistics).
         body_timeout: seconds a request body may take to arrive in full (408 after that).
         max_device_requests: requests one device may have in flight at once (429 beyond it, body unread).
+        max_body_bytes_in_flight: bytes all device request bodies may reserve together (503 with
+            ``Retry-After`` beyond it, body unread; admin and anonymous bodies have caps of their own and are
+            not counted, so devices cannot lock the operator out); None: unbounded.
     """
 
     def __init__(
@@ -92,9 +109,13 @@ class RequestGuard:
         on_reject: Callable[[str], None] = lambda _: None,
         body_timeout: float = 120.0,
         max_device_requests: int = 4,
+        max_body_bytes_in_flight: int | None = None,
     ) -> None:
         self.app = app
         self.max_device_requests = max_device_requests
+        self.max_body_bytes_in_flight = max_body_bytes_in_flight
+        #: bytes reserved by the device bodies being read or handled; touched only on the event loop
+        self.body_bytes_in_flight = 0
         # requests in flight per device id; touched only on the event loop, so it needs no lock
         self._in_flight: dict[str, int] = {}
         self.body_timeout = body_timeout
@@ -196,9 +217,18 @@ class RequestGuard:
         else:
             limit = self.max_upload_bytes if _UPLOAD.match(path) else self.max_json_bytes
         declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        size_declared = content_length(declared) if declared is not None else None
+        if declared is not None and size_declared is None:  # h11 frames by it: refused there first, kept here
+            self.on_reject("rejected.bad_content_length")
+            await _reply(
+                send,
+                400,
+                f"Content-Length {declared.decode(errors='replace')!r} is not a byte count (ASCII digits only)",
+            )
+            return
+        if size_declared is not None and size_declared > limit:
             self.on_reject("rejected.too_large")
-            if area is not None and declared.isdigit() and int(declared) <= _DRAIN_FACTOR * limit:
+            if area is not None and size_declared <= _DRAIN_FACTOR * limit:
                 # an authenticated, moderately oversized body is read and dropped (memory stays flat) so
                 # the client, still sending, reads a clean 413 instead of a connection reset
                 await self._drain(receive)
@@ -206,6 +236,36 @@ class RequestGuard:
                 send, 413, f"body of {declared.decode(errors='replace')} bytes exceeds the {limit}-byte limit"
             )
             return
+        # Only devices' bodies count: anonymous ones have their own cap (max_connections x 64 KiB), and the
+        # admin is one trusted holder; counted, either would let device tokens, or anonymous clients, refuse
+        # the operator the very requests that end an attack (revoking the stolen tokens).
+        reserve = (limit if size_declared is None else size_declared) if area == "device" else 0
+        budget = self.max_body_bytes_in_flight
+        if reserve and budget is not None and self.body_bytes_in_flight + reserve > budget:
+            self.on_reject("rejected.busy_bodies")
+            await self._drain_small(receive, headers)
+            await _reply(
+                send,
+                503,
+                f"the service is reading {self.body_bytes_in_flight} bytes of request bodies, and this one's "
+                f"{reserve} would pass its {budget}-byte budget (--max-body-bytes-in-flight); retry in "
+                f"{BUDGET_RETRY_AFTER_S} s"
+                + (
+                    ""
+                    if size_declared is not None
+                    else " (a body without Content-Length reserves its route's whole cap: send Content-Length)"
+                ),
+                {"retry-after": str(BUDGET_RETRY_AFTER_S)},
+            )
+            return
+        self.body_bytes_in_flight += reserve
+        try:
+            await self._read_then_call(scope, receive, send, limit)
+        finally:
+            self.body_bytes_in_flight -= reserve  # once the endpoint answered: it held the body until then
+
+    async def _read_then_call(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """Read the body (at most ``limit`` bytes, within ``body_timeout``), then pass the request on."""
         chunks: list[bytes] = []
         size = 0
         try:
@@ -254,8 +314,8 @@ class RequestGuard:
     async def _drain_small(self, receive: Receive, headers: dict[bytes, bytes]) -> None:
         """Before refusing a request unread: read and drop its body if it declared a small one. Closing a
         socket with unread bytes makes the kernel send a reset, and the client would lose the refusal."""
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) <= _SMALL_BODY:
+        declared = content_length(headers.get(b"content-length", b""))
+        if declared is not None and declared <= _SMALL_BODY:
             await self._drain(receive)
 
     async def _drain(self, receive: Receive) -> None:

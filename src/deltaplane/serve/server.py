@@ -21,7 +21,8 @@ from deltaplane.serve.guard import MAX_HEAD_BYTES
 __all__ = ["WRITE_TIMEOUT_S", "BackgroundServer", "listen_url", "serve"]
 
 #: seconds a response may sit with its write buffer full (a client reading nothing) before it is aborted; a
-#: device on a link of a few kB/s still drains a buffer (64 KiB) well within it
+#: device on a link of a few kB/s still drains a buffer (64 KiB) well within it. The service's own is its
+#: ``ServiceConfig.write_timeout_s`` (``serve --write-timeout``); this one is for an app without one (``ui``)
 WRITE_TIMEOUT_S = 60.0
 
 
@@ -33,9 +34,12 @@ def serve(
     log_level: str = "info",
     ssl_options: dict[str, Any] | None = None,
     header_timeout: float = 10.0,
-    write_timeout: float = WRITE_TIMEOUT_S,
+    write_timeout: float | None = None,
 ) -> None:
-    """Serve ``app`` until interrupted (blocking); ``ssl_options`` from :func:`~deltaplane.serve.tls.server_ssl_options`."""
+    """Serve ``app`` until interrupted (blocking); ``ssl_options`` from :func:`~deltaplane.serve.tls.server_ssl_options`.
+
+    ``write_timeout`` (None: the app's ``ServiceConfig.write_timeout_s``, else :data:`WRITE_TIMEOUT_S`) is how
+    long a response may wait on a client that reads nothing."""
     import uvicorn
 
     uvicorn.run(
@@ -49,13 +53,15 @@ def serve(
 
 
 def _hardening(
-    app: FastAPI, header_timeout: float = 10.0, write_timeout: float = WRITE_TIMEOUT_S
+    app: FastAPI, header_timeout: float = 10.0, write_timeout: float | None = None
 ) -> dict[str, Any]:
     """uvicorn settings against slow or oversized headers (h11, 16 KiB of headers, a header deadline) and,
     for the service's app, too many connections: ``ServiceConfig.max_connections`` becomes uvicorn's
     ``limit_concurrency`` (503 beyond it), so a flood of connections cannot exhaust file descriptors, and
     ``ServiceConfig.max_connections_per_address`` keeps one address from holding all of them."""
     config = getattr(app.state, "service_config", None)
+    if write_timeout is None:
+        write_timeout = getattr(config, "write_timeout_s", WRITE_TIMEOUT_S)
     return {
         "http": header_deadline_protocol(
             header_timeout, getattr(config, "max_connections_per_address", None), write_timeout
@@ -191,7 +197,7 @@ class BackgroundServer:
         log_level: str = "warning",
         ssl_options: dict[str, Any] | None = None,
         header_timeout: float = 10.0,
-        write_timeout: float = WRITE_TIMEOUT_S,
+        write_timeout: float | None = None,
     ) -> None:
         import uvicorn
 
