@@ -7,9 +7,11 @@ model. HTTP errors surface as :class:`ServiceError` carrying the status and the 
 
 from __future__ import annotations
 
+import re
 import secrets
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -103,6 +105,22 @@ def _check(resp: httpx.Response) -> httpx.Response:
 
 #: the default bound on one answer's (decompressed) size a device reads; a full model download is the largest
 MAX_RESPONSE_BYTES = 1 << 30
+#: statuses a device retries, when they carry ``Retry-After``: the service sends one only with a refusal made
+#: before the request was handled (device busy, rate limit, body budget, connections per address), so a
+#: retried upload cannot count twice (and a second upload of a device to one round is refused, 409, anyway)
+RETRY_STATUSES = (429, 503)
+_SECONDS = re.compile(r"[0-9]{1,9}")
+
+
+def retry_after(resp: httpx.Response) -> float | None:
+    """The seconds a 429/503 answer's ``Retry-After`` asks to wait (delta-seconds only), or None: not to be
+    retried (another status, no header, an HTTP date, garbage)."""
+    value = resp.headers.get("retry-after", "").strip()
+    if resp.status_code not in RETRY_STATUSES or not _SECONDS.fullmatch(value):
+        return None
+    return float(value)
+
+
 _FRAMING = ("content-encoding", "content-length", "transfer-encoding")
 
 
@@ -230,6 +248,13 @@ class DeviceClient:
             sent; ``https://`` only (:class:`ConfigError` otherwise). With ``client``, whose connections this
             class does not make, every answer's key is checked instead, after its request went out: give that
             client a context pinned by :func:`~deltaplane.serve.tls.pin_service_key` to refuse at the handshake.
+        retries: how many times one request is sent again after a 429 or 503 carrying ``Retry-After`` (the
+            service refused it before handling it: this device's requests in flight, its rate, the bodies in
+            flight), waiting what the header asks; 0: never. A request still refused after them raises
+            :class:`ServiceError` with that status.
+        max_retry_wait: the longest ``Retry-After`` (seconds) waited out; an answer asking for longer is raised
+            at once (a device loop, e.g. ``fleet device``, backs off on its own schedule).
+        sleep: how to wait (tests pass a recorder).
     """
 
     def __init__(
@@ -243,12 +268,23 @@ class DeviceClient:
         tls: ssl.SSLContext | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         service_spki: str | None = None,
+        retries: int = 3,
+        max_retry_wait: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         from deltaplane.serve.tls import parse_spki_pin
 
+        if retries < 0 or not max_retry_wait >= 0:
+            raise ConfigError(
+                f"retries and max_retry_wait must be non-negative. Found retries={retries}, "
+                f"max_retry_wait={max_retry_wait}"
+            )
         self.base_url = base_url
         self.verifier = verifier
         self.max_response_bytes = max_response_bytes
+        self.retries, self.max_retry_wait, self._sleep = retries, max_retry_wait, sleep
+        #: requests sent again after a 429/503 with Retry-After
+        self.retried = 0
         if service_spki is not None:
             _pinnable(base_url)
         #: the pinned key's SHA-256 (hex), or None: every answer's certificate must carry it
@@ -268,6 +304,19 @@ class DeviceClient:
         self._http.close()
 
     def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """One request, sent again (at most ``retries`` times) while the service refuses it with a 429 or 503
+        whose ``Retry-After`` is at most ``max_retry_wait``; the last answer is returned."""
+        left = self.retries
+        while True:
+            resp = self._send_once(method, path, **kw)
+            wait = retry_after(resp)
+            if wait is None or wait > self.max_retry_wait or not left:
+                return resp
+            left -= 1
+            self.retried += 1
+            self._sleep(wait)
+
+    def _send_once(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One request whose answer is read at most ``max_response_bytes`` far (then refused)."""
         request = self._http.build_request(method, path, **kw)
         resp = self._http.send(request, stream=True)
