@@ -513,3 +513,39 @@ def test_a_request_refused_for_the_budget_is_never_read(tmp_path):
         chunks=[b"\0" * (64 << 10)] * 16,
     )  # fmt: skip
     assert status == 503 and pulled == 0, body
+
+
+def test_a_body_declaring_a_length_and_chunks_is_refused(tmp_path):
+    """h11 frames a body with both Content-Length and Transfer-Encoding by its chunks and ignores the length, so
+    "Content-Length: 1" reserved one byte of the body budget for a body up to the cap (and a proxy framing it
+    by the length would be smuggled a second request). RFC 9112 6.3 lets a server refuse it: 400, unread."""
+    import socket
+
+    from deltaplane.serve import BackgroundServer
+
+    svc = Service(tmp_path / "h")
+    token = svc.admin.issue_token("d1")
+    body = json.dumps({"version": 1, "metrics": {"accuracy": 0.5}}).encode()
+    with BackgroundServer(svc.app) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        for framing in (
+            b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: chunked\r\n",
+        ):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /v1/models/cnn/report HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {token}\r\n".encode()
+                    + framing
+                    + b"\r\n"
+                    + b"%x\r\n" % len(body)
+                    + body
+                    + b"\r\n0\r\n\r\n"
+                )
+                answer = b""
+                while b"}" not in answer:  # the JSON detail closes the answer
+                    answer += sock.recv(4096)
+            status = int(answer.split(b" ")[1])
+            assert status == (400 if b"Content-Length" in framing else 202), answer
+            assert status == 202 or b"both Content-Length and Transfer-Encoding" in answer, answer
+    assert svc.state.counters["rejected.bad_content_length"] == 1

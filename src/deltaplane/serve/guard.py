@@ -14,6 +14,8 @@
 3. Every body is capped: uploads and SecAgg messages at ``max_upload_bytes``, the rest at ``max_json_bytes``. A
    declared ``Content-Length`` above the cap is refused at once; a chunked or lying body is counted while it
    streams and refused the moment it passes the cap. The endpoint then reads the already-bounded body.
+   A request with both Content-Length and Transfer-Encoding is refused (400): the body is framed by its
+   chunks, so its declared length says nothing (and a proxy reading it the other way is request smuggling).
    A body outside ``/v1`` and ``/admin`` (nobody authenticated it; the dashboard's sign-in form is the only
    such route that reads one) is capped at ``_SMALL_BODY`` (64 KiB): at ``max_json_bytes`` a thousand
    anonymous connections each holding a body one byte short of it held 2 GB.
@@ -217,6 +219,17 @@ class RequestGuard:
         else:
             limit = self.max_upload_bytes if _UPLOAD.match(path) else self.max_json_bytes
         declared = headers.get(b"content-length")
+        if declared is not None and b"transfer-encoding" in headers:
+            # h11 frames such a body by its chunks and ignores the length (RFC 9112 6.1), so "Content-Length: 1"
+            # reserved one byte of the budget for a body up to the cap; a proxy framing it by the length instead
+            # is how requests are smuggled. RFC 9112 6.3 lets a server refuse it: it does.
+            self.on_reject("rejected.bad_content_length")
+            await _reply(
+                send,
+                400,
+                "a request with both Content-Length and Transfer-Encoding is refused (request smuggling); send one",
+            )
+            return
         size_declared = content_length(declared) if declared is not None else None
         if declared is not None and size_declared is None:  # h11 frames by it: refused there first, kept here
             self.on_reject("rejected.bad_content_length")
