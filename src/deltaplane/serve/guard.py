@@ -245,9 +245,7 @@ class RequestGuard:
                 # an authenticated, moderately oversized body is read and dropped (memory stays flat) so
                 # the client, still sending, reads a clean 413 instead of a connection reset
                 await self._drain(receive)
-            await _reply(
-                send, 413, f"body of {declared.decode(errors='replace')} bytes exceeds the {limit}-byte limit"
-            )
+            await _reply(send, 413, f"body of {size_declared} bytes exceeds the {limit}-byte limit")
             return
         # Only devices' bodies count: anonymous ones have their own cap (max_connections x 64 KiB), and the
         # admin is one trusted holder; counted, either would let device tokens, or anonymous clients, refuse
