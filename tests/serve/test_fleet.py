@@ -1313,3 +1313,37 @@ def test_fleet_coordinate_trusted_registers_the_secagg_versions_prediction_refer
         assert sorted(f.state.monitors[MODEL].prediction_references) == [1, *versions]
         rows = _prediction_rows(f)
         assert [r["version"] for r in rows] == versions and all(r["psi"] is not None for r in rows), rows
+
+
+def test_a_device_backs_off_when_the_service_refuses_it_for_its_body_budget() -> None:
+    """The service's budget of bodies in flight refuses a request with 503 and Retry-After (a device's own
+    limit is a 429). DeviceClient retries it a few times; once those are spent the device loop stopped on it as
+    on any 503 ("the operator's to see"), so an attack filling the budget stopped every honest fleet device.
+    It now backs off as on a 429, and still stops on a 503 that asks no Retry-After."""
+    calls = {"n": 0}
+    stop = threading.Event()
+
+    def service(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            return httpx.Response(503, json={"detail": "budget"}, headers={"Retry-After": "2"})
+        stop.set()
+        return httpx.Response(200, json={"model": MODEL, "rounds": []})
+
+    http = httpx.Client(base_url="https://service.test", transport=httpx.MockTransport(service))
+    waits: list[float] = []
+    conn = DeviceClient(
+        "https://service.test", "token", verifier=None, client=http, retries=1, sleep=waits.append
+    )  # type: ignore[arg-type]
+    dev = fleet.Device(conn, MODEL, RunConfig(), None, None, None, None, log=lambda line: None)  # type: ignore[arg-type]
+    fleet.run_device(dev, poll=0.01, max_poll=0.02, patience=30, stop=stop)
+    assert calls["n"] == 4 and waits == [2.0, 2.0]  # the client's retries, then the loop's back-off
+    calls["n"] = 0
+
+    def down(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"detail": "the registry database is unavailable"})
+
+    conn._http = httpx.Client(base_url="https://service.test", transport=httpx.MockTransport(down))
+    with pytest.raises(fleet.ServiceError, match="registry database") as err:
+        fleet.run_device(dev, poll=0.01, max_poll=0.02, patience=30, stop=threading.Event())
+    assert err.value.status == 503 and err.value.retry_after is None

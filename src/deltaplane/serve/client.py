@@ -58,13 +58,17 @@ REVOCATIONS_DEVICE_PATH = "/v1/secagg/revocations"
 
 class ServiceError(DeltaplaneError, RuntimeError):
     """The service answered with an error status; ``status`` and ``detail`` say which and why, and ``error``
-    names the service's typed error (e.g. ``"PrivacyBudgetExceeded"``) when it sent one."""
+    names the service's typed error (e.g. ``"PrivacyBudgetExceeded"``) when it sent one. ``retry_after``: the
+    seconds a 429/503 refusal made before handling asked to wait (:func:`retry_after`), else None."""
 
-    def __init__(self, status: int, detail: str, error: str | None = None) -> None:
+    def __init__(
+        self, status: int, detail: str, error: str | None = None, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
         self.error = error
+        self.retry_after = retry_after
 
 
 class TokenRefused(ServiceError):
@@ -99,7 +103,7 @@ def _check(resp: httpx.Response) -> httpx.Response:
             error = body.get("error") if isinstance(body.get("error"), str) else None
         except (ValueError, AttributeError):
             detail = resp.text
-        raise ServiceError(resp.status_code, str(detail), error)
+        raise ServiceError(resp.status_code, str(detail), error, retry_after=retry_after(resp))
     return resp
 
 

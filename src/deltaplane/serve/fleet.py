@@ -582,7 +582,9 @@ def run_device(
         except ServiceError as exc:
             if exc.status == 401 and not isinstance(exc, TokenRefused):
                 raise TokenRefused.of(exc) from None
-            if exc.status != 429:  # rate-limited: back off; anything else is the operator's to see
+            # rate-limited, or refused before handling with a Retry-After (the service's body budget, 503):
+            # back off; anything else is the operator's to see
+            if exc.status != 429 and exc.retry_after is None:
                 raise
         stop.wait(delay)
         delay = min(2 * delay, max_poll)
