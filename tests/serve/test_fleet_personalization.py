@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from deltaplane.engine import RunConfig
+from deltaplane.engine.client import Upload
 from deltaplane.serve import fleet
 from deltaplane.serve.federation import holdout_summary
 from deltaplane.sim.simulation import run_simulation
@@ -113,3 +114,36 @@ def test_a_personalized_devices_drift_summary_is_the_published_versions_predicti
         assert kw["summary"] == holdout_summary(dev.spec, dev.net, dev.client).to_dict()
         mine = dev.step.personal_state(dev.client, state)
         assert any(not torch.equal(mine[k], state[k]) for k in state)  # the device does serve another model
+
+
+@pytest.mark.slow  # a coordinator waits out its deadline for the device that sits round 2 out
+def test_a_device_whose_last_update_fails_adapts_to_the_final_model_before_it_stops(
+    byo_task, tmp_path
+) -> None:
+    """``run_device`` with the coordinator: device 2 produces no update in round 2 (it sits that round out).
+    Before, it stopped once round 2 had opened, its personal state adapted to version 2 only, and reported on
+    version 2 only; the simulator adapts every device after the last round, so it now waits for round 2 to
+    publish, adapts to the final model and reports on it, as the devices that took part do."""
+    from deltaplane.errors import ConfigError
+
+    from .test_fleet import _threads
+
+    cfg = _config(byo_task)
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        real_run = devices[2].step.run
+
+        def fails_in_round_2(client, model, state, rnd, version):
+            if rnd == 2:
+                return Upload(client.cid, client.num_samples, error=ConfigError("no battery"))
+            return real_run(client, model, state, rnd, version)
+
+        devices[2].step.run = fails_in_round_2
+        threads = _threads(devices, rounds=2, stage_wait=30)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=2, deadline=12, poll=0.05, drift=False)
+        for t in threads:
+            t.join(60)
+        assert [s.contributors for s in out] == [3, 2]
+    final = out[1].version
+    assert [[r["version"] for r in d.rounds] for d in devices] == [[2, final]] * 3  # before: [2] for device 2
+    assert devices[2].adapted == final and len(devices[2].client.personal.history) == 2  # before: 1
