@@ -147,3 +147,7 @@ def test_a_device_whose_last_update_fails_adapts_to_the_final_model_before_it_st
     final = out[1].version
     assert [[r["version"] for r in d.rounds] for d in devices] == [[2, final]] * 3  # before: [2] for device 2
     assert devices[2].adapted == final and len(devices[2].client.personal.history) == 2  # before: 1
+    assert [r["took_part"] for r in devices[2].rounds] == [
+        True,
+        False,
+    ]  # `fleet device` counts 1 round taken part in

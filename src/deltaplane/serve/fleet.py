@@ -138,6 +138,8 @@ class Device:
     num_classes: int = 0
     #: the newest version this device adapted its personal state to (None: none yet)
     adapted: int | None = None
+    #: the rounds this device's update went into (a personalized device also reports on rounds it sat out)
+    joined: set[int] = field(default_factory=set)
 
 
 def keep_releases(dev: Device, path: Path) -> None:
@@ -251,6 +253,7 @@ def plain_round(dev: Device, info: dict[str, Any]) -> bool:
             sent[0] = False  # ... unless the service answered that it refused it
             raise
     dev.pending = (number, base)
+    dev.joined.add(number)
     return True
 
 
@@ -337,6 +340,7 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
         if not spoke:
             return False
     dev.pending = (number, base)
+    dev.joined.add(number)
     return True
 
 
@@ -508,7 +512,7 @@ def report_pending(dev: Device) -> bool:
         summary=holdout_summary(dev.spec, dev.net, dev.client).to_dict(),
         round_id=number,
     )
-    dev.rounds.append({"round": number, "version": version, **metrics})
+    dev.rounds.append({"round": number, "version": version, "took_part": number in dev.joined, **metrics})
     eps = f", local ε {epsilon:.3f} ({dp_adjacency(dev.config)})" if epsilon is not None else ""
     mine = (
         f"; personal {personal['personal_accuracy']:.3f} vs global {personal['global_accuracy']:.3f} on its "
@@ -608,8 +612,8 @@ def run_device(
     patience: float = 60.0,
 ) -> list[dict[str, Any]]:
     """Take part in the model's rounds until ``rounds`` rounds have opened (whether this device made it into
-    each or not) and the last one it took part in is reported, or until ``stop`` is set; returns one row per
-    reported round.
+    each or not) and the last one it took part in (with a personalizer: saw open) is reported, or until ``stop``
+    is set; returns one row per reported round (``took_part``: whether its update went into that round).
 
     Polls with exponential backoff (``poll`` up to ``max_poll`` seconds); waits up to ``stage_wait`` seconds
     for each SecAgg stage and for the last round to publish; gives up (:class:`ServiceUnreachable`) after
