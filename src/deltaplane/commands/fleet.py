@@ -847,7 +847,11 @@ def register(app: typer.Typer) -> None:
                 if exc.status != 401:
                     raise
                 raise TokenRefused.of(exc, token=f"device {device}'s token ({token_file})") from None
-        console.print(f"device {device}: took part in {count(len(done), 'published round')}")
+        joined = sum(1 for r in done if r["took_part"])
+        adapted = (
+            f"; adapted to {count(len(done), 'published version')}" if run.personalization != "none" else ""
+        )
+        console.print(f"device {device}: took part in {count(joined, 'published round')}{adapted}")
 
     @fleet.command("coordinate")
     def coordinate_cmd(

@@ -684,11 +684,16 @@ class ServiceState:
         with self.lock:
             reported = self._reported("holdout_accuracy")
             local = self._reported("epsilon")
+            # a personalized fleet's devices also report the global and their personal model's accuracy on
+            # their own label mix (fleet.report_pending): the page shows both means, the gain, and the worst
+            # device's change (personal − global of one device), as the simulator's round metrics do
+            glob, mine = self._reported("global_accuracy"), self._reported("personal_accuracy")
             out = []
             for closed in reversed(self.closed_rounds):
                 key = (closed["model"], closed["version"])
                 accs = list(reported.get(key, {}).values())
                 eps = list(local.get(key, {}).values())
+                pairs = [(g, mine[key][d]) for d, g in glob.get(key, {}).items() if d in mine.get(key, {})]
                 out.append(
                     closed
                     | {
@@ -696,6 +701,9 @@ class ServiceState:
                         "holdout_accuracy_mean": sum(accs) / len(accs) if accs else None,
                         "holdout_accuracy_min": min(accs) if accs else None,
                         "local_epsilon_max": max(eps) if eps else None,
+                        "global_accuracy_mean": sum(g for g, _ in pairs) / len(pairs) if pairs else None,
+                        "personal_accuracy_mean": sum(m for _, m in pairs) / len(pairs) if pairs else None,
+                        "personal_gain_min": min(m - g for g, m in pairs) if pairs else None,
                     }
                 )
             return out

@@ -10,7 +10,10 @@ module runs the rest of the same :class:`~deltaplane.engine.RunConfig` on each s
   it no training), runs the client step, then each SecAgg stage as the operator opens it
   (:class:`~deltaplane.serve.secagg_client.SecAggDevice`, with OS randomness: a real device never derives
   its secrets from the run's seed). Once the round's version is published it reports its held-out accuracy
-  and drift summary. It stops after ``rounds`` rounds, or when ``stop`` is set.
+  and drift summary. A device with a personalizer (α-mix, Ditto, FedPer, FedBN) adapts its personal state to
+  every version a round it saw open publishes, whether it took part in that round or sat it out, as every
+  device of the simulator does after each round's downlink, and reports its personal model's accuracy beside
+  the global one's (:func:`report_pending`). It stops after ``rounds`` rounds, or when ``stop`` is set.
 * :func:`coordinate` is the operator: per round it opens a plain or SecAgg round for the enrolled devices,
   waits until every invited device has uploaded (or posted the stage) or a deadline passes, advances SecAgg
   stages, and closes; devices that missed a deadline are dropouts.
@@ -46,7 +49,7 @@ from deltaplane.aggregation.secagg import (
 from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.aggregation.secagg.revocation import take_revocations
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
-from deltaplane.engine.scoring import dp_adjacency, round_epsilon
+from deltaplane.engine.scoring import dp_adjacency, personal_row, round_epsilon
 from deltaplane.engine.secure import check_float_uploads, masked_zeros, secure_neighbours
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.errors import (
@@ -113,7 +116,8 @@ class Device:
     step: ClientStep
     net: torch.nn.Module
     spec: DriftSpec
-    #: (round, base version) of the last round taken part in whose new version is not reported yet
+    #: (round, base version) of the last round taken part in (or, with a personalizer, seen open) whose new
+    #: version is not reported yet
     pending: tuple[int, int] | None = None
     log: Callable[[str], None] = print
     rounds: list[dict[str, Any]] = field(default_factory=list)
@@ -128,6 +132,14 @@ class Device:
     releases_file: Path | None = None
     #: the release count last stored in :attr:`releases_file`
     releases_stored: int = 0
+    #: the task's test set and class count: a personalized device scores its personal and the global model
+    #: on its own label mix there, as the simulator does (:func:`~deltaplane.engine.scoring.personal_row`)
+    test: Any = None
+    num_classes: int = 0
+    #: the newest version this device adapted its personal state to (None: none yet)
+    adapted: int | None = None
+    #: the rounds this device's update went into (a personalized device also reports on rounds it sat out)
+    joined: set[int] = field(default_factory=set)
 
 
 def keep_releases(dev: Device, path: Path) -> None:
@@ -172,7 +184,17 @@ def load_device(conn: DeviceClient, config: RunConfig, partition: int, *, model:
     step = ClientStep(config, task, base_id=model, simulation=False)
     step.local_keys(net)
     spec, _ = drift_reference(task, clients)
-    return Device(conn, model, config, clients[partition], step, net, spec)
+    return Device(
+        conn,
+        model,
+        config,
+        clients[partition],
+        step,
+        net,
+        spec,
+        test=task.test,
+        num_classes=int(task.num_classes),
+    )
 
 
 def _fetch_base(dev: Device, base: int) -> dict[str, torch.Tensor] | None:
@@ -231,6 +253,7 @@ def plain_round(dev: Device, info: dict[str, Any]) -> bool:
             sent[0] = False  # ... unless the service answered that it refused it
             raise
     dev.pending = (number, base)
+    dev.joined.add(number)
     return True
 
 
@@ -309,6 +332,7 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
         )
         if ended is not None:
             sent[0] = False  # a lost or aborted round never publishes: the masked update reached no model
+            dev.pending = None  # nor a version to adapt to
             dev.log(f"SecAgg round {number}: {ended}; sitting it out")
             return False
         if broke is not None:
@@ -316,6 +340,7 @@ def secagg_round(dev: Device, info: dict[str, Any], *, wait: float, poll: float 
         if not spoke:
             return False
     dev.pending = (number, base)
+    dev.joined.add(number)
     return True
 
 
@@ -457,19 +482,26 @@ def _round_unpublished(dev: Device, number: int, *, deadline: float) -> str | No
 
 
 def report_pending(dev: Device) -> bool:
-    """Once the round the device took part in has published, report on the new version: held-out accuracy and
-    the drift summary (histograms and class counts only). True if it reported."""
+    """Once the round the device took part in (or, with a personalizer, saw open) has published, report on the
+    new version: held-out accuracy and the drift summary (histograms and class counts only), and with a
+    personalizer, its personal model's accuracy beside the global one's (:func:`_personalize`). True if it
+    reported.
+
+    The held-out accuracy and the drift summary are the *version's* model's, never the personal one's: the
+    predicted-class row compares them with that version's predictions on the reference data (black-box shift
+    detection needs one model on both sides), which the coordinator computes and no personal model has; a
+    personal model's predictions differ from the global one's by design (its label mix), and would read as
+    drift."""
     if dev.pending is None:
         return False
     number, base = dev.pending
     version, state = dev.conn.fetch(dev.model, channel="training")
     if version == base:
         return False  # not published yet
-    if dev.step.personalizer.name != "none":
-        dev.step.after_round([dev.client], dev.net, state, number)
-    dev.net.load_state_dict(state)
+    personal = _personalize(dev, state, number, version) if dev.step.personalizer.name != "none" else {}
+    dev.net.load_state_dict(state)  # after the personal scoring, which leaves a personal model loaded
     accuracy = float(evaluate_clients(dev.net, [dev.client])[0])
-    metrics = {"holdout_accuracy": accuracy}
+    metrics = {"holdout_accuracy": accuracy, **personal}
     epsilon = round_epsilon(dev.config, dev.step, {})  # local DP: this device's own ε so far (else None)
     if epsilon is not None:
         metrics["epsilon"] = epsilon
@@ -480,11 +512,49 @@ def report_pending(dev: Device) -> bool:
         summary=holdout_summary(dev.spec, dev.net, dev.client).to_dict(),
         round_id=number,
     )
-    dev.rounds.append({"round": number, "version": version, **metrics})
+    dev.rounds.append({"round": number, "version": version, "took_part": number in dev.joined, **metrics})
     eps = f", local ε {epsilon:.3f} ({dp_adjacency(dev.config)})" if epsilon is not None else ""
-    dev.log(f"round {number}: version {version} published; held-out accuracy {accuracy:.3f}{eps} reported")
+    mine = (
+        f"; personal {personal['personal_accuracy']:.3f} vs global {personal['global_accuracy']:.3f} on its "
+        "label mix" + (f" (α {personal['alpha']:g})" if "alpha" in personal else "")
+        if personal
+        else ""
+    )
+    dev.log(
+        f"round {number}: version {version} published; held-out accuracy {accuracy:.3f}{mine}{eps} reported"
+    )
     dev.pending = None
     return True
+
+
+def _personalize(dev: Device, state: dict[str, torch.Tensor], number: int, version: int) -> dict[str, float]:
+    """Adapt the device's personal state to ``version`` (published by round ``number``) once, as the engine's
+    :meth:`~deltaplane.engine.ClientStep.after_round` does for every device after each round (its stream
+    ``(seed, PERSONALIZATION, number, device)``), and score it: the simulator's per-device row
+    (:func:`~deltaplane.engine.scoring.personal_row`: the global and the personal model's accuracy on the task's
+    test set weighted by this device's training label mix, and α-mix's α). Not on the held-out split: α is
+    chosen there, so its figure would flatter the personal model."""
+    if dev.adapted != version:
+        dev.step.after_round([dev.client], dev.net, state, number)
+        dev.adapted = version
+    row = personal_row(dev.step, dev.net, state, dev.test, dev.client, dev.num_classes)
+    out = {
+        "global_accuracy": float(row["global_accuracy"]),
+        "personal_accuracy": float(row["personal_accuracy"]),
+    }
+    if dev.step.personalizer.name == "alpha_mix":
+        out["alpha"] = float(row["alpha"])
+    return out
+
+
+def _watch(dev: Device, number: int, base: int) -> None:
+    """A personalized device adapts to the version of every round it sees open, taking part or not (the
+    simulator's devices all adapt after each round): it reports what an earlier round published first, then
+    waits for this one. A device without personalization reports on the rounds it took part in only."""
+    if dev.step.personalizer.name == "none":
+        return
+    report_pending(dev)
+    dev.pending = (number, base)
 
 
 def _next_round(dev: Device, seen: set[tuple[str, int]]) -> dict[str, Any] | None:
@@ -504,6 +574,9 @@ def _next_round(dev: Device, seen: set[tuple[str, int]]) -> dict[str, Any] | Non
         seen.add((r["kind"], int(r["round"])))
         if r["kind"] == "secagg" and r["stage"] != Stage.ADVERTISE:
             dev.log(f"SecAgg round {r['round']} is past key advertisement; waiting for the next round")
+            _watch(
+                dev, int(r["round"]), int(r["base_version"])
+            )  # its version is still this device's to adapt to
             continue
         return r
     return None
@@ -514,7 +587,9 @@ def take_part(dev: Device, info: dict[str, Any], *, stage_wait: float) -> bool:
 
     A round that ends or refuses the device while it trains or speaks (the coordinator's deadline passed, the
     round was aborted, the device is not a survivor) leaves the device out of that round only: it waits for the
-    next one instead of stopping."""
+    next one instead of stopping. A personalized device adapts to the round's version whether its update went
+    in or not (:func:`_watch`)."""
+    _watch(dev, int(info["round"]), int(info["base_version"]))
     try:
         if info["kind"] == "plain":
             return plain_round(dev, info)
@@ -537,8 +612,8 @@ def run_device(
     patience: float = 60.0,
 ) -> list[dict[str, Any]]:
     """Take part in the model's rounds until ``rounds`` rounds have opened (whether this device made it into
-    each or not) and the last one it took part in is reported, or until ``stop`` is set; returns one row per
-    reported round.
+    each or not) and the last one it took part in (with a personalizer: saw open) is reported, or until ``stop``
+    is set; returns one row per reported round (``took_part``: whether its update went into that round).
 
     Polls with exponential backoff (``poll`` up to ``max_poll`` seconds); waits up to ``stage_wait`` seconds
     for each SecAgg stage and for the last round to publish; gives up (:class:`ServiceUnreachable`) after
