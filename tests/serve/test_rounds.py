@@ -300,6 +300,22 @@ def test_a_restarted_service_continues_its_server_step_bit_for_bit(tmp_path):
     assert [e for _, e in forgot] == [e for _, e in control]
 
 
+def test_a_restarted_service_continues_centered_clipping_from_its_centre(tmp_path):
+    """Centered clipping starts each round from the previous round's aggregate (its state's centre): the service's
+    stored server step carries it, so a restart between rounds publishes the models of a run without one; a
+    service that lost its snapshot starts again from 0 and publishes another model from round 2 on."""
+    from deltaplane.engine import RunConfig
+
+    run = RunConfig(clients=3, defense="centered_clip(0.001, iterations=2)")
+    control = _federated_rounds(Service(tmp_path / "a", federation=run), 3)
+    restarted = _federated_rounds(Service(tmp_path / "b", federation=run), 3, restart_between=True)
+    assert restarted == control
+    forgot = _federated_rounds(
+        Service(tmp_path / "c", federation=run), 3, restart_between=True, forget_snapshot=True
+    )
+    assert forgot[0] == control[0] and forgot[1][0] != control[1][0]
+
+
 def test_a_tampered_server_step_snapshot_is_refused(tmp_path):
     from deltaplane.engine import RunConfig
 
