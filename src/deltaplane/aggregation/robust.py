@@ -460,14 +460,15 @@ class GeometricMedian(_Buffered):
             alpha = torch.full((n,), 1.0 / n, dtype=torch.float64)
         # z⁰: robust by default (see the class docstring), else the weighted mean
         z = xd.median(dim=0).values if self.start == "median" else alpha @ xd
-        objective = float(alpha @ (xd - z).norm(dim=1))
+        dist = (xd - z).norm(dim=1)  # ‖zᵗ − xᵢ‖: the step's weights and the objective g(zᵗ), one pass
+        objective = float(alpha @ dist)
         steps = 0
         for steps in range(1, self.max_iter + 1):  # noqa: B007 (the count is reported)
-            beta = alpha / (xd - z).norm(dim=1).clamp_min(self.nu)
+            beta = alpha / dist.clamp_min(self.nu)
             z = (beta @ xd) / beta.sum()
-            improved = objective
-            objective = float(alpha @ (xd - z).norm(dim=1))
-            if abs(improved - objective) <= self.ftol * objective:
+            dist = (xd - z).norm(dim=1)
+            previous, objective = objective, float(alpha @ dist)
+            if abs(previous - objective) <= self.ftol * objective:
                 break
         self._own = {"geomed_iterations": float(steps), "geomed_objective": objective}
         return z.float()
