@@ -237,6 +237,13 @@ def test_the_centre_survives_a_server_checkpoint_and_another_models_is_refused()
     other = chain()
     with pytest.raises(dp.ConfigError, match="centered clipping state.*another model"):
         load_chain_state(other, snapshot, layout={"w": TensorLayout(shape=(7,), dtype=torch.float32)})
+    blind = chain()  # restored without the model's layout at hand: refused at the next close, by name
+    load_chain_state(blind, snapshot)
+    blind.add(dp.Delta({"v": torch.ones(6)}), client_id="0")
+    with pytest.raises(
+        dp.ShapeMismatch, match=r"centered clipping state: tensors\['w'\].*centre belongs to another"
+    ):
+        blind.result()
     bad = CenteredClipState(center=torch.tensor([float("nan")] * 6, dtype=torch.float64))
     with pytest.raises(dp.ConfigError, match="NaN"):
         CenteredClip(state=bad)

@@ -484,6 +484,40 @@ class GeometricMedian(_Buffered):
         )
 
 
+def _round_floats(
+    like: Delta | None, state: CenteredClipState | FoolsGoldState, held: str
+) -> dict[str, tuple[int, ...]]:
+    """The float tensors (name -> shape) of the round's updates, refusing a rule's learned ``state`` (``held``:
+    what of it, with its verb) kept for another model: restored from another model's snapshot without the
+    model's layout at hand, it would otherwise fail as a bare shape error inside the rule.
+
+    Raises:
+        ShapeMismatch: naming the first tensor that differs.
+    """
+    assert like is not None
+    floats = float_shapes(like)
+    problem = state.layout_problem(floats)
+    if problem:
+        raise ShapeMismatch(
+            f"{problem} in this round's update: the {held} to another model (a snapshot of another model's "
+            "run restored?)"
+        )
+    return floats
+
+
+def _refuse_another_model(problem: str, held: str) -> None:
+    """Refuse at restore a rule's learned state (``held``: what of it, with its verb) that ``problem`` says is
+    another model's (empty: it fits).
+
+    Raises:
+        ConfigError: ``problem``, and what to restore instead.
+    """
+    if problem:
+        raise ConfigError(
+            f"{problem}: the snapshot's {held} to another model; restore a snapshot taken from a run of this model"
+        )
+
+
 @dataclass
 class CenteredClipState:
     """Centered clipping's server-side memory: the previous round's aggregate (the centre the next round's
@@ -527,12 +561,7 @@ class CenteredClipState:
         Raises:
             ConfigError: naming the first tensor that differs.
         """
-        problem = self.layout_problem(float_shapes(layout))
-        if problem:
-            raise ConfigError(
-                f"{problem}: the snapshot's centre belongs to another model; restore a snapshot taken from a "
-                "run of this model"
-            )
+        _refuse_another_model(self.layout_problem(float_shapes(layout)), "centre belongs")
 
 
 class CenteredClip(_Buffered):
@@ -577,14 +606,7 @@ class CenteredClip(_Buffered):
         self.state = state if state is not None else CenteredClipState()
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
-        assert self._like is not None
-        floats = float_shapes(self._like)
-        problem = self.state.layout_problem(floats)
-        if problem:  # restored from another model's snapshot without the model's layout at hand
-            raise ShapeMismatch(
-                f"{problem} in this round's update: the centre belongs to another model (a snapshot of another "
-                "model's run restored?)"
-            )
+        floats = _round_floats(self._like, self.state, "centre belongs")
         n = x.shape[0]
         order = sender_order(self._senders) if len(self._senders) == n else list(range(n))
         xd = x[order].double()  # (n, d)
@@ -818,12 +840,7 @@ class FoolsGoldState:
         Raises:
             ConfigError: naming the first tensor that differs (or the client, for a snapshot without the record).
         """
-        problem = self.layout_problem(float_shapes(layout))
-        if problem:
-            raise ConfigError(
-                f"{problem}: the snapshot's client histories belong to another model; restore a snapshot taken "
-                "from a run of this model"
-            )
+        _refuse_another_model(self.layout_problem(float_shapes(layout)), "client histories belong")
 
 
 class FoolsGold(_Buffered):
@@ -890,14 +907,7 @@ class FoolsGold(_Buffered):
         self._ids.append(cid)
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
-        assert self._like is not None
-        floats = float_shapes(self._like)
-        problem = self.state.layout_problem(floats)
-        if problem:  # restored from another model's snapshot without the model's layout at hand
-            raise ShapeMismatch(
-                f"{problem} in this round's update: the client histories belong to another model (a snapshot of "
-                "another model's run restored?)"
-            )
+        floats = _round_floats(self._like, self.state, "client histories belong")
         self.state.tensors = floats
         hist = self.state.history
         for cid, row in zip(self._ids, x, strict=True):
