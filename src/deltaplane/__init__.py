@@ -14,6 +14,7 @@ from deltaplane.lazy import lazy_attributes
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily (below)
     from deltaplane.aggregation import (
         Aggregator,
+        CenteredClip,
         Clip,
         CoordinateMedian,
         DPFedAvg,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         FedOpt,
         FedYogi,
         FLTrust,
+        GeometricMedian,
         Krum,
         NormBound,
         PrivacyAccountant,
@@ -88,6 +90,8 @@ _LAZY = {
     "FLTrust": "deltaplane.aggregation",
     "get_codec": "deltaplane.codecs",
     "InvalidUpdate": "deltaplane.errors",
+    "CenteredClip": "deltaplane.aggregation",
+    "GeometricMedian": "deltaplane.aggregation",
     "Krum": "deltaplane.aggregation",
     "Layout": "deltaplane.codecs",
     "merge": "deltaplane.merging",
@@ -112,6 +116,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Aggregator",
     "BaseMismatch",
+    "CenteredClip",
     "Clip",
     "Codec",
     "CodecError",
@@ -131,6 +136,7 @@ __all__ = [
     "FedAvgM",
     "FedOpt",
     "FedYogi",
+    "GeometricMedian",
     "InvalidUpdate",
     "Krum",
     "Layout",

@@ -296,7 +296,10 @@ def run(
         str | None,
         typer.Option(
             show_default="none",
-            help="Robust aggregation, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust', 'trimmed_mean(0.2)'.",
+            help=(
+                "Robust aggregation, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust', 'trimmed_mean(0.2)', "
+                "'geometric_median', 'centered_clip(tau=1)'."
+            ),
         ),
     ] = None,
     prox_mu: Annotated[

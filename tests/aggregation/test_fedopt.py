@@ -84,3 +84,33 @@ def test_layout_change_between_rounds_is_refused() -> None:
     with pytest.raises(dp.ShapeMismatch):
         _round(agg, [[1.0, 2.0, 3.0]])
     assert math.isfinite(agg.measurements["server_update_norm"])
+
+
+@pytest.mark.parametrize("opt", [dp.FedAdam, dp.FedYogi, dp.FedAdagrad])
+def test_a_float64_update_whose_square_overflows_is_refused_and_the_state_stays_restorable(opt) -> None:
+    """Δ² in float64 overflows from |Δ| ≈ 1.34e154 on: v became inf, the coordinate froze at a zero step for
+    good, and the snapshot taken after the round was refused at restore ("v holds NaN or Inf"). The update is
+    refused on arrival (Validate skips it, the round goes on), and a mean that overflows anyway (fed directly
+    past the per-update bound) refuses the round and leaves the moments as they were."""
+    from deltaplane.aggregation.checkpoint import chain_state, load_chain_state
+
+    huge = dp.Delta({"w": torch.tensor([1e155, 1.0], dtype=torch.float64)})
+    chain = dp.Validate(opt(lr=0.1))
+    assert not chain.add(huge, client_id="big")
+    assert isinstance(chain.rejections[0].error, dp.InvalidUpdate) and "2^500" in str(
+        chain.rejections[0].error
+    )
+    assert chain.add(dp.Delta({"w": torch.tensor([0.5, 1.0], dtype=torch.float64)}), client_id="ok")
+    out = chain.result()["w"]
+    assert bool(torch.isfinite(out).all()) and float(out[0]) > 0  # the coordinate still learns
+    load_chain_state(dp.Validate(opt(lr=0.1)), chain_state(chain))  # the snapshot restores
+    # an aggregate past the bound (the inner mean fed directly): the round is refused, nothing committed
+    agg = opt(lr=0.1)
+    agg.inner.add(huge)
+    with pytest.raises(dp.InvalidUpdate, match=r"overflows .*v\['w'\]"):
+        agg.result()
+    assert agg.state.step == 0 and agg.state.v == {} and agg.state.m == {}
+    # float32 updates cannot reach it (3.4e38 squared is 1.2e77), and server momentum squares nothing
+    agg = dp.FedAvgM()
+    agg.add(huge)
+    assert bool(torch.isfinite(agg.result()["w"]).all())

@@ -158,7 +158,17 @@ def test_buckets_follow_client_ids_not_arrival_order(make) -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["median", "trimmed_mean(0.2)", "multi_krum(1)", "flame(noise=0)", "foolsgold", "sign_vote", "fltrust"],
+    [
+        "median",
+        "trimmed_mean(0.2)",
+        "multi_krum(1)",
+        "geometric_median",
+        "centered_clip",
+        "flame(noise=0)",
+        "foolsgold",
+        "sign_vote",
+        "fltrust",
+    ],
 )
 def test_float64_values_beyond_float32_are_refused_before_they_reach_a_robust_rule(spec: str) -> None:
     """A float64 update can hold finite values that float32 (the rules' working precision) cannot: 1e39 passed
@@ -192,6 +202,8 @@ def test_float64_values_beyond_float32_are_refused_before_they_reach_a_robust_ru
         "trimmed_mean(0.2)",
         "krum(1)",
         "multi_krum(1)",
+        "geometric_median",
+        "centered_clip(0.1)",
         "flame",
         "foolsgold",
         "norm_bound(1.0)",
@@ -253,7 +265,19 @@ def test_complex_nan_or_inf_is_not_finite(bad):
 
 
 @pytest.mark.parametrize(
-    "rule", ["fedavg", "median", "trimmed_mean(0.2)", "krum(1)", "flame", "foolsgold", "sign_vote", "fltrust"]
+    "rule",
+    [
+        "fedavg",
+        "median",
+        "trimmed_mean(0.2)",
+        "krum(1)",
+        "geometric_median",
+        "centered_clip",
+        "flame",
+        "foolsgold",
+        "sign_vote",
+        "fltrust",
+    ],
 )
 def test_every_rule_refuses_complex_updates(rule):
     # every rule's input check is one refuse_complex: a typed refusal naming the tensor, not a torch error

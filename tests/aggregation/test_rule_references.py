@@ -365,7 +365,18 @@ def test_breakdown_points_keep_the_aggregate_within_the_honest_range(seed) -> No
         assert ((out >= lo - 1e-6) & (out <= hi + 1e-6)).all(), repr(rule)
 
 
-@pytest.mark.parametrize("defense", ["krum(1)", "multi_krum(1)", "median", "trimmed_mean(0.2, bucket=2)"])
+@pytest.mark.parametrize(
+    "defense",
+    [
+        "krum(1)",
+        "multi_krum(1)",
+        "median",
+        "trimmed_mean(0.2, bucket=2)",
+        "geometric_median",
+        "geometric_median(weighted=true)",
+        "centered_clip(0.5, iterations=2)",
+    ],
+)
 def test_a_chain_gives_one_aggregate_whatever_order_the_updates_arrive_in(defense) -> None:
     # the HTTP service folds uploads in as they arrive; the in-process drivers and Flower in device order. Through
     # the chain every driver builds (Validate tells the rule each sender), the round's model must not differ

@@ -51,6 +51,10 @@ FEATURES = {
     "fedavgm-multi-krum": {"aggregator": "fedavgm", "defense": "multi_krum(byzantine=0)"},
     "fedadagrad-krum": {"aggregator": "fedadagrad", "defense": "krum(byzantine=1)", "clients": 5},
     "server-lr-norm-bound": {"server_lr": 0.5, "defense": "norm_bound(1.0)"},
+    # RFA's geometric median; centered clipping over 3 rounds, so each driver carries the centre (the previous
+    # round's aggregate) from round to round, and binds (τ = 0.05 is below the devices' update norms)
+    "geometric-median": {"defense": "geometric_median"},
+    "fedadam-centered-clip": {"aggregator": "fedadam", "defense": "centered_clip(0.05)", "rounds": 3},
     "topk-quant-ef": {"codec": "topk(0.05) | quant(bits=8)"},
     "downlink": {"downlink_codec": "topk(0.2) | quant(bits=8)"},
     "alpha-mix": {"personalization": "alpha_mix"},
@@ -107,7 +111,14 @@ def _seen(r):
     return r.driver_invariants()
 
 
-SLOW_FEATURES = {"fedyogi-median", "fedavgm-multi-krum", "fedadagrad-krum", "server-lr-norm-bound"}
+SLOW_FEATURES = {
+    "fedyogi-median",
+    "fedavgm-multi-krum",
+    "fedadagrad-krum",
+    "server-lr-norm-bound",
+    "geometric-median",
+    "fedadam-centered-clip",
+}
 
 
 @pytest.mark.parametrize(

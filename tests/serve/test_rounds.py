@@ -274,11 +274,13 @@ def _federated_rounds(svc, rounds, *, restart_between=False, forget_snapshot=Fal
     return out
 
 
-def test_a_restarted_service_continues_its_server_step_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("chain", ["fedadam-dp", "centered-clip"])
+def test_a_restarted_service_continues_its_server_step_bit_for_bit(tmp_path, chain):
     from deltaplane.engine import RunConfig
 
     # FedAdam's moments, the adaptive clip's estimate and noise generators, the DP accountant and a stochastic
-    # downlink codec's residual and random state all carry across rounds
+    # downlink codec's residual and random state all carry across rounds; centered clipping starts each round from
+    # the previous round's aggregate (its state's centre), which a service without its snapshot restarts from 0
     run = RunConfig(
         clients=3,
         aggregator="fedadam",
@@ -287,6 +289,8 @@ def test_a_restarted_service_continues_its_server_step_bit_for_bit(tmp_path):
         dp_noise_source="seeded",  # bit-for-bit comparison of two services: noise from the seed, on purpose
         downlink_codec="topk(0.2) | quant(bits=8, stochastic=true)",
     )
+    if chain == "centered-clip":
+        run = RunConfig(clients=3, defense="centered_clip(0.001, iterations=2)")
     control = _federated_rounds(Service(tmp_path / "a", federation=run), 3)
     restarted = _federated_rounds(Service(tmp_path / "b", federation=run), 3, restart_between=True)
     assert restarted == control

@@ -127,6 +127,8 @@ def test_population_runs_the_whole_server_chain() -> None:
     for change in (
         {"aggregator": "fedadam"},
         {"defense": "multi_krum(2)"},  # a coordinate-wise rule over top-k is refused (IncompatibleDefense)
+        {"defense": "geometric_median"},
+        {"defense": "centered_clip(0.01)"},
         {"downlink_codec": "quant(bits=4)"},
     ):
         other = run_population(base.replace(**change), registered=200, per_round=8)

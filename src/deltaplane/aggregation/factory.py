@@ -20,9 +20,11 @@ from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import ServerSGD
 from deltaplane.aggregation.robust import (
     FLAME,
+    CenteredClip,
     CoordinateMedian,
     FLTrust,
     FoolsGold,
+    GeometricMedian,
     Krum,
     SignVote,
     TrimmedMean,
@@ -43,6 +45,8 @@ DEFENSE_PARAMS: dict[str, tuple[str, ...]] = {
     "median": ("byzantine", "bucket"),
     "krum": ("byzantine",),
     "multi_krum": ("byzantine",),
+    "geometric_median": ("nu", "max_iter", "ftol", "weighted", "start"),
+    "centered_clip": ("tau", "iterations"),
     "norm_bound": ("max_norm", "noise"),
     "fltrust": (),
     "flame": ("noise",),
@@ -81,7 +85,8 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
 
     The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`): ``name(param=value)`` with the first
     parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"`` (bucketed by 2), ``"median(bucket=1)"`` (the plain median), ``"median(4)"`` (mean around median), ``"multi_krum(byzantine=4)"``,
-    ``"norm_bound(max_norm=2.0, noise=0.001)"`` (``max_norm=adaptive``: the median norm, not with DP noise),
+    ``"geometric_median"`` (RFA; ``geometric_median(weighted=true)``: the paper's example-count weights),
+    ``"centered_clip(tau=10, iterations=1)"``, ``"norm_bound(max_norm=2.0, noise=0.001)"`` (``max_norm=adaptive``: the median norm, not with DP noise),
     ``"fltrust"``, ``"flame(noise=0.001)"``, ``"foolsgold"``, ``"sign_vote"`` or ``"none"``. The older
     ``"name:value"`` form (``"trimmed_mean:0.2"``) means ``name(value)``. ``seed`` seeds a defence's noise.
     """
@@ -106,10 +111,16 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             raise ConfigError(f"defense {name!r}: {key!r} given twice")
         params[key] = value
     for key, value in params.items():
-        if key in ("every", "steps", "unlearn", "bucket") and not (
+        if key in ("every", "steps", "unlearn", "bucket", "max_iter", "iterations") and not (
             isinstance(value, int) and not isinstance(value, bool)
         ):
             raise ConfigError(f"defense {name!r}: {key} must be an integer. Found {value!r}")
+        if key == "start":  # the geometric median's starting point
+            if value not in GeometricMedian.STARTS:
+                raise ConfigError(
+                    f"defense {name!r}: start must be one of {list(GeometricMedian.STARTS)}. Found {value!r}"
+                )
+            continue
         if key in ATTRIBUTION_CHOICES:  # trigger_attribution's named choices
             from deltaplane.aggregation import attribution
 
@@ -117,7 +128,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             if value not in allowed:
                 raise ConfigError(f"defense {name!r}: {key} must be one of {list(allowed)}. Found {value!r}")
             continue
-        if key in ("centred", "binary", "sticky"):
+        if key in ("centred", "binary", "sticky", "weighted"):
             if not isinstance(value, bool):
                 raise ConfigError(f"defense {name!r}: {key} must be true or false. Found {value!r}")
             continue
@@ -139,6 +150,16 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
         if not isinstance(f, int):
             raise ConfigError(f"defense {name!r}: byzantine must be an integer. Found {f!r}")
         return Krum(byzantine=f, select=1 if name == "krum" else None)
+    if name == "geometric_median":
+        return GeometricMedian(
+            nu=float(params.get("nu", 1e-6)),
+            max_iter=params.get("max_iter", 100),
+            ftol=float(params.get("ftol", 1e-6)),
+            weighted=bool(params.get("weighted", False)),
+            start=str(params.get("start", "median")),
+        )
+    if name == "centered_clip":
+        return CenteredClip(tau=float(params.get("tau", 10.0)), iterations=params.get("iterations", 1))
     if name == "norm_bound":
         bound = params.get("max_norm", 1.0)
         return NormBound(

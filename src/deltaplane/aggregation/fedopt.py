@@ -27,7 +27,7 @@ import torch
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.checkpoint import float_shapes, layout_difference
 from deltaplane.delta import Delta, check_compatible
-from deltaplane.errors import ConfigError, ShapeMismatch
+from deltaplane.errors import ConfigError, InvalidUpdate, ShapeMismatch
 
 if TYPE_CHECKING:
     from deltaplane.codecs.layout import TensorLayout
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "ServerOptimizerState", "ServerSGD"]
 
 OPTIMIZERS = ("adam", "yogi", "adagrad", "momentum")
+#: the largest magnitude an update may carry into an optimizer that squares the mean delta (adam, yogi,
+#: adagrad): Δ² is computed in float64, whose largest value (≈1.8e308) is exceeded from |Δ| ≈ 1.34e154 on, so
+#: ``v`` became inf, the coordinate froze (``m / (√v + τ)`` = 0 for good) and the next snapshot was refused at
+#: restore ("v holds NaN or Inf"). 2^500 ≈ 3.3e150 leaves Δ² ≤ 2^1000, so even FedAdagrad's ever-growing
+#: sum of squares stays finite for 2^23 rounds of such updates; float32 updates (at most ≈3.4e38) never reach it.
+MAX_SQUARED_MAGNITUDE = 2.0**500
 
 
 @dataclass
@@ -170,6 +176,24 @@ class FedOpt(AggregatorWrapper):
             state.check_state()
         self.state = state if state is not None else ServerOptimizerState()
 
+    def add(self, delta: Delta, weight: float = 1.0) -> bool | None:
+        """Fold ``delta`` into the inner aggregator, refusing first a float64 update the second moment would
+        overflow on (see :data:`MAX_SQUARED_MAGNITUDE`): :class:`~deltaplane.aggregation.Validate` skips it and
+        the round goes on with the others.
+
+        Raises:
+            InvalidUpdate: a float64 tensor holds a value beyond ±2^500 (adam, yogi, adagrad).
+        """
+        if self.optimizer != "momentum":
+            for k, t in delta.items():
+                if t.dtype == torch.float64 and t.numel() and float(t.abs().max()) > MAX_SQUARED_MAGNITUDE:
+                    raise InvalidUpdate(
+                        f"tensor '{k}' holds values beyond ±2^500 (≈3.3e150): {type(self).__name__} squares the "
+                        "mean update in float64, which would overflow its second moment to inf (the coordinate "
+                        "would stop learning and the server state could not be restored); refusing the update"
+                    )
+        return super().add(delta, weight)
+
     def _finish(self) -> Delta:
         delta = self.inner.result()
         s = self.state
@@ -184,6 +208,8 @@ class FedOpt(AggregatorWrapper):
                         "moments belong to another model (a snapshot of another model's run restored?)"
                     )
         out: dict[str, torch.Tensor] = {}
+        new_m: dict[str, torch.Tensor] = {}
+        new_v: dict[str, torch.Tensor] = {}
         b1, b2 = self.beta1, self.beta2
         for k, t in delta.items():
             if not t.is_floating_point():
@@ -196,7 +222,7 @@ class FedOpt(AggregatorWrapper):
             if self.optimizer == "momentum":
                 m = b1 * m + d
                 out[k] = (self.lr * m).to(t.dtype)
-                s.m[k] = m
+                new_m[k] = m
                 continue
             m = b1 * m + (1 - b1) * d
             v = s.v.get(k)
@@ -209,8 +235,21 @@ class FedOpt(AggregatorWrapper):
                 v = b2 * v + (1 - b2) * d2
             else:  # yogi: additive, sign-controlled update of v
                 v = v - (1 - b2) * d2 * torch.sign(v - d2)
-            s.m[k], s.v[k] = m, v
+            new_m[k], new_v[k] = m, v
             out[k] = (self.lr * m / (v.sqrt() + self.tau)).to(t.dtype)
+        # the moments are committed only when finite: an overflowed v froze its coordinate for good and made
+        # every later snapshot unrestorable (an aggregate the per-update bound in add() did not see: a chain
+        # fed directly, or an inner rule that scales its result up)
+        for name, moments in (("m", new_m), ("v", new_v)):
+            for k, t in moments.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise InvalidUpdate(
+                        f"the round's mean update overflows {type(self).__name__}'s moment {name}[{k!r}] in float64 "
+                        "(its square or running sum passes ≈1.8e308): the round is refused and the optimizer state left as "
+                        "it was; check the clients' updates (Validate(max_norm=...) refuses outsized ones)"
+                    )
+        s.m.update(new_m)
+        s.v.update(new_v)
         s.step += 1
         result = Delta(out)
         self._own = {"server_step": float(s.step), "server_update_norm": result.norm()}

@@ -2,7 +2,7 @@
 
 Statistical defences compare updates with each other, so they **must hold every update of the round**
 (``streaming = False``, memory O(clients × model)): :class:`CoordinateMedian`, :class:`TrimmedMean`,
-:class:`Krum`, :class:`FLAME`, :class:`FoolsGold`. Updates are kept flattened to one float32 vector each. Three
+:class:`Krum`, :class:`GeometricMedian` (RFA), :class:`CenteredClip`, :class:`FLAME`, :class:`FoolsGold`. Updates are kept flattened to one float32 vector each. Three
 defences stream in O(model): :class:`~deltaplane.aggregation.clipping.NormBound` (clip each update's norm, with
 optional weak DP noise), :class:`FLTrust` (score each update against a trusted server update known before the
 round) and :class:`SignVote` (majority vote of signs). These defences ignore client weights: a weight is
@@ -39,10 +39,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FLAME",
+    "CenteredClip",
+    "CenteredClipState",
     "CoordinateMedian",
     "FLTrust",
     "FoolsGold",
     "FoolsGoldState",
+    "GeometricMedian",
     "Krum",
     "NormBound",
     "SignVote",
@@ -374,6 +377,257 @@ class Krum(_Buffered):
         return f"Krum(byzantine={self.byzantine!r}, select={self.select!r})"
 
 
+class GeometricMedian(_Buffered):
+    """Geometric median by the smoothed Weiszfeld algorithm: RFA (Pillutla, Kakade & Harchaoui 2022, IEEE TSP,
+    "Robust Aggregation for Federated Learning", https://arxiv.org/abs/1912.13445, Algorithm 2).
+
+    The aggregate is ``z* = argmin_z Σᵢ αᵢ ‖z − xᵢ‖`` over the round's updates ``xᵢ``. From a start ``z⁰``,
+    each iteration is a Weiszfeld step made safe near a data point by ``ν``::
+
+        βᵢ = αᵢ / max(ν, ‖zᵗ − xᵢ‖)
+        zᵗ⁺¹ = Σ βᵢ xᵢ / Σ βᵢ
+
+    and the loop stops after ``max_iter`` steps or once the objective ``g(z) = Σ αᵢ ‖z − xᵢ‖`` improves by
+    less than ``ftol · g(zᵗ⁺¹)``. Unlike a coordinate-wise median it is one point of the update space, so it
+    keeps the updates' joint structure (valid over sparsifying codecs), and its breakdown point is ½: fewer
+    than half the updates (by weight), however large, move it at most a bounded distance from the others.
+
+    **The start** is the coordinate-wise (lower) median (``start="median"``, the default), not the weighted
+    mean (``start="mean"``, the usual choice in RFA's experiments, whose attackers are not orders of magnitude
+    off). The stop on *relative* improvement cannot tell a start far off: with one update of 1e30 among 11,
+    ``g`` is ~1e30 wherever ``z`` lies near the others, so from the mean (~1e29) the loop stopped with ``z``
+    still ~1e22 away. Weiszfeld steps never increase ``g``, so from a start that is itself robust every
+    iterate stays within a bounded distance of ``z*`` whenever the rule stops.
+
+    Weights: ``αᵢ`` are equal (``weighted=False``, the default, as every deltaplane defence: a weight is
+    something an attacker can claim) or the claimed weights normalised to sum 1 (``weighted=True``, the
+    paper's ``αᵢ = nᵢ / n``). Every sum runs in float64 over the updates in their senders' order
+    (:func:`sender_order`), so the result is the same bit for bit whatever order a network delivers them in.
+    Holds all updates (O(clients × model)) plus one float64 copy while it iterates.
+
+    Args:
+        nu: ``ν`` > 0, the smoothing: distances below it count as ``ν`` (no division by zero at a data point).
+        max_iter: the most Weiszfeld steps a round takes (≥ 1).
+        ftol: stop when the objective's relative improvement falls below this (0: always ``max_iter`` steps).
+        weighted: weight updates by their claimed weights (the paper's ``αᵢ``) instead of equally.
+        start: ``"median"`` (the coordinate-wise median) or ``"mean"`` (the weighted mean): ``z⁰``.
+    """
+
+    #: the legal starts ``z⁰``
+    STARTS = ("median", "mean")
+
+    def __init__(
+        self,
+        *,
+        nu: float = 1e-6,
+        max_iter: int = 100,
+        ftol: float = 1e-6,
+        weighted: bool = False,
+        start: str = "median",
+    ) -> None:
+        super().__init__()
+        if not (isinstance(nu, int | float) and not isinstance(nu, bool) and math.isfinite(nu) and nu > 0):
+            raise ConfigError(f"nu must be a positive number. Found {nu!r}")
+        if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
+            raise ConfigError(f"max_iter must be a positive integer. Found {max_iter!r}")
+        if not (isinstance(ftol, int | float) and not isinstance(ftol, bool) and 0 <= ftol < 1):
+            raise ConfigError(f"ftol must be in [0, 1). Found {ftol!r}")
+        if not isinstance(weighted, bool):
+            raise ConfigError(f"weighted must be true or false. Found {weighted!r}")
+        if start not in self.STARTS:
+            raise ConfigError(f"start must be one of {list(self.STARTS)}. Found {start!r}")
+        self.start = start
+        self.nu = nu
+        self.max_iter = max_iter
+        self.ftol = ftol
+        self.weighted = weighted
+        self._weights: list[float] = []
+
+    def add(self, delta: Delta, weight: float = 1.0) -> None:
+        super().add(delta, weight)  # admitted (a finite, non-negative weight) before it is kept
+        self._weights.append(float(weight))
+
+    def _combine(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        order = sender_order(self._senders) if len(self._senders) == n else list(range(n))
+        xd = x[order].double()  # (n, d)
+        if self.weighted:
+            alpha = torch.tensor([self._weights[i] for i in order], dtype=torch.float64)
+            if float(alpha.sum()) == 0:
+                raise TooFewUpdates("every update of the round claims weight 0: no weighted median to take")
+            alpha = alpha / alpha.sum()
+        else:
+            alpha = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        # z⁰: robust by default (see the class docstring), else the weighted mean
+        z = xd.median(dim=0).values if self.start == "median" else alpha @ xd
+        dist = (xd - z).norm(dim=1)  # ‖zᵗ − xᵢ‖: the step's weights and the objective g(zᵗ), one pass
+        objective = float(alpha @ dist)
+        steps = 0
+        for steps in range(1, self.max_iter + 1):  # noqa: B007 (the count is reported)
+            beta = alpha / dist.clamp_min(self.nu)
+            z = (beta @ xd) / beta.sum()
+            dist = (xd - z).norm(dim=1)
+            previous, objective = objective, float(alpha @ dist)
+            if abs(previous - objective) <= self.ftol * objective:
+                break
+        self._own = {"geomed_iterations": float(steps), "geomed_objective": objective}
+        return z.float()
+
+    def reset(self) -> None:
+        super().reset()
+        self._weights = []
+
+    def __repr__(self) -> str:
+        return (
+            f"GeometricMedian(nu={self.nu!r}, max_iter={self.max_iter!r}, ftol={self.ftol!r}, "
+            f"weighted={self.weighted!r}, start={self.start!r})"
+        )
+
+
+def _round_floats(
+    like: Delta | None, state: CenteredClipState | FoolsGoldState, held: str
+) -> dict[str, tuple[int, ...]]:
+    """The float tensors (name -> shape) of the round's updates, refusing a rule's learned ``state`` (``held``:
+    what of it, with its verb) kept for another model: restored from another model's snapshot without the
+    model's layout at hand, it would otherwise fail as a bare shape error inside the rule.
+
+    Raises:
+        ShapeMismatch: naming the first tensor that differs.
+    """
+    assert like is not None
+    floats = float_shapes(like)
+    problem = state.layout_problem(floats)
+    if problem:
+        raise ShapeMismatch(
+            f"{problem} in this round's update: the {held} to another model (a snapshot of another model's "
+            "run restored?)"
+        )
+    return floats
+
+
+def _refuse_another_model(problem: str, held: str) -> None:
+    """Refuse at restore a rule's learned state (``held``: what of it, with its verb) that ``problem`` says is
+    another model's (empty: it fits).
+
+    Raises:
+        ConfigError: ``problem``, and what to restore instead.
+    """
+    if problem:
+        raise ConfigError(
+            f"{problem}: the snapshot's {held} to another model; restore a snapshot taken from a run of this model"
+        )
+
+
+@dataclass
+class CenteredClipState:
+    """Centered clipping's server-side memory: the previous round's aggregate (the centre the next round's
+    clipping starts from), one flat float64 vector over the model's float tensors, None before the first
+    round. Kept apart from the rule so that a checkpoint or a service snapshot carries it."""
+
+    center: torch.Tensor | None = None
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The float tensors (name -> shape) the centre's values belong to, recorded at the first round."""
+
+    def check_state(self) -> None:
+        """Refuse a centre no run produces (a corrupted or hand-made snapshot): a finite, flat float64 vector of
+        the recorded tensors' length.
+
+        Raises:
+            ConfigError: saying what is wrong with it.
+        """
+        c = self.center
+        if c is None:
+            return
+        if not (isinstance(c, torch.Tensor) and c.dtype == torch.float64 and c.dim() == 1):
+            raise ConfigError("centered clipping state: center must be a flat float64 tensor")
+        if not bool(torch.isfinite(c).all()):
+            raise ConfigError("centered clipping state: center holds NaN or Inf")
+        if self.tensors and c.numel() != sum(math.prod(s) for s in self.tensors.values()):
+            raise ConfigError(
+                "centered clipping state: center and the tensors it is of differ in length "
+                f"({c.numel()} values for {sum(math.prod(s) for s in self.tensors.values())})"
+            )
+
+    def layout_problem(self, floats: dict[str, tuple[int, ...]]) -> str:
+        """How the centre differs from a model whose float tensors are ``floats``; empty if it fits."""
+        if self.center is None:
+            return ""
+        problem = flat_state_difference(self.tensors, {"center": self.center}, floats)
+        return f"centered clipping state: {problem}" if problem else ""
+
+    def check_layout(self, layout: Mapping[str, TensorLayout]) -> None:
+        """Refuse, at restore, a centre taken from a run of another model.
+
+        Raises:
+            ConfigError: naming the first tensor that differs.
+        """
+        _refuse_another_model(self.layout_problem(float_shapes(layout)), "centre belongs")
+
+
+class CenteredClip(_Buffered):
+    """Centered clipping (Karimireddy, He & Jaggi 2021, ICML, "Learning from History for Byzantine Robust
+    Optimization", https://arxiv.org/abs/2012.10333, eq. (CC) and Algorithm 2).
+
+    Starting from ``v⁰``, the previous round's aggregate, ``L`` iterations of::
+
+        vˡ⁺¹ = vˡ + (1/n) Σᵢ clip_τ(xᵢ − vˡ),    clip_τ(u) = u · min(1, τ / ‖u‖)
+
+    over the round's ``n`` updates; ``v^L`` is the aggregate and the next round's ``v⁰``. An update within ``τ``
+    of the centre counts in full (``‖u‖ = τ`` exactly is not scaled), one farther away moves it by at most
+    ``τ / n``, so ``f`` attackers move a round's aggregate at most ``L·f·τ / n`` from where the honest updates
+    alone take it; ``τ = ∞`` is the plain mean after one iteration whatever ``v⁰``. The centre lives in
+    :attr:`state` (:class:`CenteredClipState`), which server checkpoints and the service's snapshot carry: a
+    restarted server continues from the centre it had. **The first round** (no centre yet, or a server that
+    lost its snapshot) starts from ``v⁰ = 0``, where one iteration is the mean of the updates norm-bounded at
+    ``τ`` (:class:`~deltaplane.aggregation.clipping.NormBound`); a later round starts from the last aggregate,
+    the paper's momentum-like choice. Updates count equally (claimed weights are ignored), every sum runs in
+    float64 in the senders' order (:func:`sender_order`). Valid over sparsifying codecs (not coordinate-wise).
+    Holds all updates (O(clients × model)).
+
+    Args:
+        tau: ``τ`` > 0, the clipping radius around the centre, in update-norm units (``math.inf``: no clipping).
+        iterations: ``L`` ≥ 1, clipping iterations per round (the paper finds one enough when ``v⁰`` is the
+            previous aggregate).
+        state: the centre to resume from; fresh (first round from 0) when None.
+    """
+
+    def __init__(
+        self, *, tau: float = 10.0, iterations: int = 1, state: CenteredClipState | None = None
+    ) -> None:
+        super().__init__()
+        if isinstance(tau, bool) or not (isinstance(tau, int | float) and tau > 0 and not math.isnan(tau)):
+            raise ConfigError(f"tau must be a positive number (math.inf: no clipping). Found {tau!r}")
+        if isinstance(iterations, bool) or not (isinstance(iterations, int) and iterations >= 1):
+            raise ConfigError(f"iterations must be a positive integer. Found {iterations!r}")
+        self.tau = tau
+        self.iterations = iterations
+        if state is not None:
+            state.check_state()
+        self.state = state if state is not None else CenteredClipState()
+
+    def _combine(self, x: torch.Tensor) -> torch.Tensor:
+        floats = _round_floats(self._like, self.state, "centre belongs")
+        n = x.shape[0]
+        order = sender_order(self._senders) if len(self._senders) == n else list(range(n))
+        xd = x[order].double()  # (n, d)
+        c = self.state.center
+        v = c.clone() if c is not None else torch.zeros(xd.shape[1], dtype=torch.float64)
+        clipped = 0
+        for _ in range(self.iterations):
+            u = xd - v
+            norms = u.norm(dim=1)
+            far = norms > self.tau  # (never at ‖u‖ = 0, nor at τ = ∞)
+            scale = torch.where(far, self.tau / norms.clamp_min(1e-300), torch.ones_like(norms))
+            v = v + (u * scale[:, None]).mean(dim=0)
+            clipped = int(far.sum())
+        self.state.center, self.state.tensors = v, floats
+        self._own = {"clipped": float(clipped), "center_norm": float(v.norm())}
+        return v.float()
+
+    def __repr__(self) -> str:
+        return f"CenteredClip(tau={self.tau!r}, iterations={self.iterations!r})"
+
+
 def _squared_distances(x: torch.Tensor) -> torch.Tensor:
     """``‖xᵢ − xⱼ‖²`` for the rows of ``x`` (n, d), in float64, by the Gram identity ``‖xᵢ‖² + ‖xⱼ‖² − 2xᵢ·xⱼ`` on
     rows centred at one of them (distances do not change under a shift).
@@ -586,12 +840,7 @@ class FoolsGoldState:
         Raises:
             ConfigError: naming the first tensor that differs (or the client, for a snapshot without the record).
         """
-        problem = self.layout_problem(float_shapes(layout))
-        if problem:
-            raise ConfigError(
-                f"{problem}: the snapshot's client histories belong to another model; restore a snapshot taken "
-                "from a run of this model"
-            )
+        _refuse_another_model(self.layout_problem(float_shapes(layout)), "client histories belong")
 
 
 class FoolsGold(_Buffered):
@@ -658,14 +907,7 @@ class FoolsGold(_Buffered):
         self._ids.append(cid)
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
-        assert self._like is not None
-        floats = float_shapes(self._like)
-        problem = self.state.layout_problem(floats)
-        if problem:  # restored from another model's snapshot without the model's layout at hand
-            raise ShapeMismatch(
-                f"{problem} in this round's update: the client histories belong to another model (a snapshot of "
-                "another model's run restored?)"
-            )
+        floats = _round_floats(self._like, self.state, "client histories belong")
         self.state.tensors = floats
         hist = self.state.history
         for cid, row in zip(self._ids, x, strict=True):

@@ -1535,7 +1535,10 @@ def register(app: typer.Typer) -> None:
         defense: Annotated[
             str | None,
             typer.Option(
-                help="Robust rule: trimmed_mean:0.2, median, krum:1, fltrust (needs --task).",
+                help=(
+                    "Robust rule: trimmed_mean:0.2, median, krum:1, geometric_median, centered_clip(1.0), "
+                    "fltrust (needs --task)."
+                ),
                 show_default="none",
             ),
         ] = None,

@@ -223,7 +223,9 @@ class RunConfig(BaseModel):
         None, description="poisoning attack and malicious fraction, e.g. 'backdoor:0.2'"
     )
     defense: str | None = Field(
-        None, description="robust aggregation spec, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust'"
+        None,
+        description="robust aggregation spec, e.g. 'foolsgold', 'flame(noise=0.001)', 'fltrust', "
+        "'geometric_median', 'centered_clip(tau=1)'",
     )
     root_samples: int = Field(100, ge=10, description="clean samples the server trains on for FLTrust")
     max_update_norm: float | None = Field(None, gt=0, description="reject client updates with a larger norm")
