@@ -53,10 +53,10 @@ def home(tmp_path):
     reg.register_model("m", _state(1))
     reg.register_model("m", _state(2), parent=1)
     reg.register_model("m", _state(3), parent=2, governance={"cohorts": ["eu"]})
-    reg.set_tag("m", "production", 1, action="promote")
-    reg.set_tag("m", "production", 2, action="promote")
+    reg._move_tag("m", "production", 1, action="promote")
+    reg._move_tag("m", "production", 2, action="promote")
     reg.set_tag("m", "staging", 1)
-    reg.set_tag("m", "production", 3, action="promote")
+    reg._move_tag("m", "production", 3, action="promote")
     reg.withdraw_cohort("eu", reason="consent withdrawn")
     report = Registry(tmp_path / "h").verify()
     assert report.ok and not report.notes, (report.problems, report.notes)
@@ -90,7 +90,7 @@ def test_a_tag_changed_in_the_database_fails_verify_and_verified_reads(home, sql
     assert reg.load_state("m@1")  # a version number needs no tag
     tag = "canary" if "canary" in sql else "production"
     with pytest.raises(IntegrityError, match="differ"):
-        reg.set_tag("m", tag, 2, action="promote")  # a move would sign a 'previous' that someone else wrote
+        reg._move_tag("m", tag, 2, action="promote")  # a move would sign a 'previous' that someone else wrote
     reg.set_tag("m", "staging", 2)  # another tag still moves
 
 
@@ -123,7 +123,7 @@ def test_a_deleted_withdrawal_fails_verify_and_the_promotion_gate(home):
     from deltaplane.errors import PromotionRefused
 
     reg = Registry(home)
-    reg.set_tag("m", "production", 2, action="promote")
+    reg._move_tag("m", "production", 2, action="promote")
     with pytest.raises(PromotionRefused, match="withdrawn cohort 'eu'"):
         promote(reg, "m@3", evaluator=_pass)
     evaluated = len(reg.evaluations(reg.get("m", 3)))
@@ -270,7 +270,7 @@ def test_concurrent_tag_moves_from_two_processes_keep_the_chain_linear(home, tmp
         while not Path(sys.argv[2]).exists():
             time.sleep(0.005)
         for i in range(25):
-            reg.set_tag("m", sys.argv[3], 1 + i % 3, reason=f"{sys.argv[3]} {i}", action="promote")
+            reg._move_tag("m", sys.argv[3], 1 + i % 3, reason=f"{sys.argv[3]} {i}", action="promote")
         """
     )
     before = len(_entries(home))
@@ -302,7 +302,7 @@ def test_a_failed_signature_leaves_no_tag_move(home, monkeypatch):
 
     monkeypatch.setattr(reg.signer, "sign", broken)
     with pytest.raises(OSError, match="unreadable"):
-        reg.set_tag("m", "production", 1, action="promote")
+        reg._move_tag("m", "production", 1, action="promote")
     with pytest.raises(OSError, match="unreadable"):
         reg.withdraw_cohort("us")
     fresh = Registry(home)

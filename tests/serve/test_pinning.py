@@ -55,7 +55,7 @@ def bump(service, parent: int, scale: float = 2.0, model: str = "cnn") -> int:
 def test_a_validly_signed_artifact_of_another_model_is_refused(service, mitm, make_state):
     m, dev = mitm
     other = service.reg.register_model("other", make_state(7))
-    service.reg.set_tag("other", "production", other.number, action="promote")
+    service.reg._move_tag("other", "production", other.number, action="promote")
 
     def swap_path(req, forward):  # ask upstream for "other", keep or rewrite the announced name
         url = req.url.copy_with(path=req.url.path.replace("/cnn/", "/other/"))
@@ -82,7 +82,7 @@ def test_replayed_older_answer_is_refused(service, mitm):
     assert dev.fetch("cnn")[0] == 1
     old_answer = m.recorded[-1]
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
     assert dev.fetch("cnn")[0] == v2
     held = dict(dev.state)
     m.rewrite = lambda req, forward: httpx.Response(
@@ -97,7 +97,7 @@ def test_faked_204_cannot_freeze_the_device(service, mitm):
     m, dev = mitm
     dev.fetch("cnn")
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
 
     def freeze(req, forward):
         resp = forward(req)
@@ -121,16 +121,16 @@ def test_a_genuine_204_is_accepted(service, mitm):
 def test_downgrade_needs_a_signed_rollback_record(service, mitm):
     m, dev = mitm
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
     assert dev.fetch("cnn")[0] == v2
     # the tag moved back without a rollback record (or a MITM drops the record): the device refuses
-    service.reg.set_tag("cnn", "production", 1, action="promote")
+    service.reg._move_tag("cnn", "production", 1, action="promote")
     with pytest.raises(DowngradeRefused):
         dev.fetch("cnn")
     # an explicit rollback signs a record covering v2: the device follows it
     from deltaplane.registry import rollback
 
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
     assert rollback(service.reg, "cnn").number == 1
     dl_headers: list[httpx.Headers] = []
 
@@ -227,14 +227,14 @@ def test_a_rollback_of_another_tag_does_not_move_a_production_device_back(servic
 
     m, dev = mitm
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
     assert dev.fetch("cnn")[0] == v2
     service.reg.set_tag("cnn", "staging", 1)
     service.reg.set_tag("cnn", "staging", v2)
     assert rollback(service.reg, "cnn", tag="staging").number == 1
     record = service.reg.rollback_record("cnn", 1, v2)
     assert record is not None and record["tag"] == "staging"
-    service.reg.set_tag("cnn", "production", 1, action="promote")  # production moved back, not rolled back
+    service.reg._move_tag("cnn", "production", 1, action="promote")  # production moved back, not rolled back
     with pytest.raises(DowngradeRefused, match="rollback"):
         dev.fetch("cnn")  # the service no longer offers staging's record
     assert service.reg.rollback_record("cnn", 1, v2, tag="production") is None

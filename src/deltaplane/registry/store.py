@@ -1667,12 +1667,25 @@ class Registry:
         the move would otherwise sign a ``previous`` version that someone else wrote.
 
         A gated tag (:func:`is_gated_tag`: ``production``, ``production.<cohort>``) says what devices are served,
-        so it moves only through the promotion gate: ``action`` ``"promote"`` or ``"rollback"`` is for
-        :func:`~deltaplane.registry.promotion.promote` and :func:`~deltaplane.registry.promotion.rollback`,
-        which run its checks first. Any other move of a gated tag is a :class:`PromotionRefused`, with one
-        exception: placing a model's first ``production`` (a new model's initial version, which no device runs
-        yet and nothing can be compared with) when that version contains no withdrawn cohort.
+        so it moves only through the promotion gate: :func:`~deltaplane.registry.promotion.promote` and
+        :func:`~deltaplane.registry.promotion.rollback`, which run its checks first. Any move of a gated tag
+        from here is a :class:`PromotionRefused`, with one exception: placing a model's first ``production`` (a
+        new model's initial version, which no device runs yet and nothing can be compared with) when that
+        version contains no withdrawn cohort. ``action`` is what the tag history records; the gate's own actions
+        (``"promote"``, ``"rollback"``) are refused here, so that no caller can label a move as the gate's to
+        skip the gate.
         """
+        if action in GATED_ACTIONS:
+            raise PromotionRefused(
+                f"set_tag(action={action!r}) is refused: only the promotion gate records a {action!r} "
+                f"(promote(registry, '{model}@{number}', to='{tag}') or rollback(registry, '{model}', tag='{tag}'); "
+                f"`deltaplane registry promote` / `rollback`), after its checks"
+            )
+        self._move_tag(model, tag, number, reason=reason, action=action)
+
+    def _move_tag(self, model: str, tag: str, number: int, *, reason: str = "", action: str) -> None:
+        """:meth:`set_tag` without its refusal of the gate's actions: for :mod:`~deltaplane.registry.promotion`
+        only, which calls it with ``"promote"`` / ``"rollback"`` once its checks passed."""
         _check_name("tag", tag)
         gated = is_gated_tag(tag) and action not in GATED_ACTIONS
         if gated and tag != PRODUCTION:

@@ -63,6 +63,7 @@ from deltaplane.monitor import DriftMonitor, DriftReport, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback, withdrawn_among
 from deltaplane.registry.downlink import serve_statement
 from deltaplane.registry.promotion import Evaluator
+from deltaplane.registry.store import PRODUCTION
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
@@ -774,7 +775,10 @@ class PromoteRequest(_Strict):
 class PromoteResponse(BaseModel):
     promoted: bool
     candidate: str
-    previous: str | None
+    previous: str | None = Field(description="what the tag held (null: nothing)")
+    compared_with: str | None = Field(
+        default=None, description="the version the gate compared against and the tag holding it, e.g. 'cnn@1 (production)'"
+    )
     candidate_metrics: dict[str, float | None] = Field(description="null where the metric was NaN/Inf")
     baseline_metrics: dict[str, float | None] | None
     regressions: list[str]
@@ -1113,14 +1117,20 @@ def create_app(
     install_revocation_routes(app, state, config, device=device, admin=admin, store=service_store)
 
     def served_tag(model: str, channel: str, cohort: str) -> tuple[str, int]:
-        """The tag a device of ``cohort`` on ``channel`` is served from, and the version it holds."""
+        """The tag a device of ``cohort`` on ``channel`` is served from, and the version it holds.
+
+        Cohort first, then the channel; ``training`` then falls back to what that cohort runs in production
+        (``training.<cohort>``, ``training``, ``production.<cohort>``, ``production``), so a training device of
+        cohort ``eu`` trains from the version ``eu`` is served, not from the global production.
+        """
         # verified against the signed state log: a tag moved in the database is a 409, never served
         tags = reg.tags(model, verify=True)
-        for tag in (f"{channel}.{cohort}", channel):
+        order = [f"{channel}.{cohort}", channel]
+        if channel == "training":
+            order += [f"{PRODUCTION}.{cohort}", PRODUCTION]
+        for tag in order:
             if tag in tags:
                 return tag, tags[tag]
-        if channel == "training" and "production" in tags:
-            return "production", tags["production"]
         if not reg.versions(model):
             raise NotFound(f"unknown model {model!r}")
         raise NotFound(f"{model} has no {channel!r} version (tags: {sorted(tags)})")
@@ -1322,6 +1332,7 @@ def create_app(
             promoted=res.promoted,
             candidate=res.candidate,
             previous=res.previous,
+            compared_with=res.compared_with,
             candidate_metrics=_finite_or_none(res.candidate_metrics),
             baseline_metrics=_finite_or_none(res.baseline_metrics),
             regressions=res.regressions,
