@@ -158,6 +158,73 @@ def test_downgrade_needs_a_signed_rollback_record(service, mitm):
     assert dev.fetch("cnn")[0] == 1
 
 
+def test_a_stale_rollback_record_is_not_offered_and_a_replayed_one_is_refused(service, mitm):
+    # a rollback record had no expiry: production rolled back v2 -> v1 (record: v1, superseding v2), went to v2
+    # again and later was moved back to v1 by hand; the service offered the old record and a device on v2
+    # followed, as it would a man in the middle replaying that record. A record is current only while its tag's
+    # newest move is the rollback that signed it, and the device needs the service's word on its own nonce.
+    from deltaplane.registry import rollback
+
+    m, dev = mitm
+    v2 = bump(service, 1)
+    service.reg._move_tag("cnn", "production", v2, action="promote")
+    assert dev.fetch("cnn")[0] == v2
+    assert rollback(service.reg, "cnn").number == 1
+    stale = service.reg.rollback_record("cnn", 1, v2, tag="production")
+    assert stale is not None and stale["supersedes"] == v2
+    offered = service.device("d2")._download("cnn", have=v2, channel="production", nonce="n" * 16)[1]
+    assert offered["x-deltaplane-rollback"] == f"production:{v2}:{stale['signature']}"
+    service.reg._move_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", 1, action="promote")  # back by hand: no rollback record
+    assert service.reg.rollback_record("cnn", 1, v2, tag="production") is None
+    with pytest.raises(DowngradeRefused, match="without a signed rollback record"):
+        dev.fetch("cnn")  # the service no longer offers the stale record
+
+    def replay_stale(req, forward):  # the genuine record, and the offer signed for another request
+        resp = forward(req)
+        headers = {
+            **dict(resp.headers),
+            "x-deltaplane-rollback": offered["x-deltaplane-rollback"],
+            "x-deltaplane-rollback-offer": offered["x-deltaplane-rollback-offer"],
+        }
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = replay_stale
+    with pytest.raises(SignatureError):
+        dev.fetch("cnn")
+
+    def replay_record_only(req, forward):
+        resp = forward(req)
+        headers = {**dict(resp.headers), "x-deltaplane-rollback": offered["x-deltaplane-rollback"]}
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = replay_record_only
+    with pytest.raises(DowngradeRefused, match="did not vouch for on this request"):
+        dev.fetch("cnn")
+    assert dev.version == v2
+    # checked with the cryptography package directly: the record itself is still a valid Ed25519 signature
+    # over its statement, so only its staleness refuses it
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from deltaplane.registry.signing import statement
+    from deltaplane.registry.store import rollback_statement
+
+    kid, _, sig = stale["signature"].partition(":")
+    raw = base64.b64decode(sig)
+    pub = service.verifier._keys[kid].public_bytes_raw()
+    Ed25519PublicKey.from_public_bytes(pub).verify(
+        raw, statement(rollback_statement("cnn", "production", 1, v2, service.reg.get("cnn", 1).sha256))
+    )
+    m.rewrite = None
+    assert rollback(service.reg, "cnn").number == v2  # pops the manual move
+    service.reg._move_tag("cnn", "production", 1, action="promote")
+    assert rollback(service.reg, "cnn").number == v2
+    assert rollback(service.reg, "cnn").number == 1  # a fresh rollback: the device follows it
+    assert dev.fetch("cnn")[0] == 1
+
+
 class _Endless(httpx.SyncByteStream):
     """A body that never ends; ``pulled[0]`` counts the bytes the device read from it."""
 

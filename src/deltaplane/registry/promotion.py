@@ -352,6 +352,8 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
                 f"rebuild without the cohort (POST /admin/models/{model}/rebuild) and promote the version it "
                 "publishes instead"
             )
-        registry._move_tag(model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}")
+        registry._move_tag(
+            model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}"
+        )
         registry.record_rollback(model, tag, target)  # devices already on a newer version may follow it back
     return registry.get(model, target)

@@ -61,7 +61,7 @@ from deltaplane.errors import (
 )
 from deltaplane.monitor import DriftMonitor, DriftReport, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback, withdrawn_among
-from deltaplane.registry.downlink import serve_statement
+from deltaplane.registry.downlink import rollback_offer_statement, serve_statement
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.registry.store import PRODUCTION
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
@@ -777,7 +777,8 @@ class PromoteResponse(BaseModel):
     candidate: str
     previous: str | None = Field(description="what the tag held (null: nothing)")
     compared_with: str | None = Field(
-        default=None, description="the version the gate compared against and the tag holding it, e.g. 'cnn@1 (production)'"
+        default=None,
+        description="the version the gate compared against and the tag holding it, e.g. 'cnn@1 (production)'",
     )
     candidate_metrics: dict[str, float | None] = Field(description="null where the metric was NaN/Inf")
     baseline_metrics: dict[str, float | None] | None
@@ -1198,10 +1199,17 @@ def create_app(
             # The device is ahead (a rollback): only a full model is safe, and the device accepts an older
             # version only with a signed rollback record covering the one it holds, made by a rollback of
             # the tag it is served from (staging's rollback does not move production's devices back).
-            record = reg.rollback_record(model, want, have, tag=served)
+            record = reg.rollback_record(model, want, have, tag=served)  # only while it is current
             if record is not None:
+                text = f"{record['tag']}:{record['supersedes']}:{record['signature']}"
                 rollback_header = {
-                    "X-Deltaplane-Rollback": f"{record['tag']}:{record['supersedes']}:{record['signature']}"
+                    "X-Deltaplane-Rollback": text,
+                    # this record, offered now, for this request: a stale one replayed later lacks it
+                    "X-Deltaplane-Rollback-Offer": signer.sign(
+                        rollback_offer_statement(
+                            model, channel, want, reg.get(model, want).sha256, nonce, text
+                        )
+                    ).to_text(),
                 }
             have = None
         key = (model, want, have)
