@@ -30,6 +30,13 @@ handle, so a read costs one row digest once the log was replayed). Rows of a log
 only without the signing key) fall back to the older rule: a row without an entry below its table's first
 signed id is unsigned, labelled so.
 
+A card or evaluation row names its version by artifact row id, which no signature covers, so its ``record``
+entry also carries ``of``: ``[model, number, weights SHA-256]`` of that version (:data:`VERSIONED_TABLES`);
+reads and verify refuse a row whose id now names another version. The registry's :data:`SIGNED_SETTINGS`
+(whether blobs are encrypted) are signed too. A log started before either gets one ``versions`` entry (the
+versions its rows point at, as found) and one ``settings`` entry on its first open with the signing key
+(:func:`_bind_versions`); a new log's checkpoint carries both.
+
 What a chain cannot show: a log cut short (its newest entries removed — or all of them, with the marker the
 first entry leaves in ``settings``) is still a valid chain of validly signed entries. The head (index and hash of
 the newest entry) is in verify's output; an operator who keeps it elsewhere can check that a later log still
