@@ -29,7 +29,7 @@ def build(home: Path, versions: int) -> None:
     reg = Registry.create(home)
     for n in range(1, versions + 1):
         art = reg.register_model("m", {"w": torch.full((4,), float(n))}, parent=n - 1 or None)
-        reg.set_tag("m", "production", n, action="promote")
+        reg._move_tag("m", "production", n, action="promote")
         reg.attach_card(art, {"version": n})
         reg.record_evaluation(art, "holdout", {"accuracy": 0.5})
         reg.record_promotion_decision(

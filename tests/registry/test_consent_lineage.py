@@ -53,7 +53,7 @@ def test_a_rollback_onto_a_version_of_a_withdrawn_cohort_is_refused(tmp_path):
     v1 = reg.register_model("m", {"w": torch.zeros(2)}, governance={"cohorts": ["eu"]})
     v2 = reg.register_model("m", {"w": torch.ones(2)}, governance={"cohorts": ["us"]})
     for v in (v1, v2):
-        reg.set_tag("m", "production", v.number, action="promote")
+        reg._move_tag("m", "production", v.number, action="promote")
     reg.withdraw_cohort("eu")
     with pytest.raises(PromotionRefused, match="m@1 was trained on withdrawn cohort 'eu'"):
         rollback(reg, "m")

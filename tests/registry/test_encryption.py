@@ -281,3 +281,56 @@ def test_a_write_that_fails_midway_leaves_no_blob_and_no_temp_file(tmp_path, mon
         sorted(p.relative_to(tmp_path) for p in (tmp_path / "h" / "blobs").rglob("*") if p.is_file()) == files
     )
     assert [a.number for a in reg.versions("m")] == [1] and Registry(tmp_path / "h").verify().ok
+
+
+def test_a_plaintext_registry_keeps_a_file_that_starts_with_the_envelope_magic(tmp_path):
+    # an unencrypted registry took any blob starting with b"DPEB" as sealed and could not read it back (no key,
+    # or not an envelope): whether blobs are encrypted is the registry's setting, signed in its state log
+    import hashlib
+
+    from deltaplane.registry import eventlog
+
+    reg = Registry.create(tmp_path / "plain", encrypt=False)
+    looks_sealed = b"DPEB\x01\x10" + bytes(range(256)) * 4  # what an envelope header starts with
+    v = reg.register_model("m", state(), files={"tokenizer.model": looks_sealed})  # binary, any first bytes
+    stored = reg.blob_path(hashlib.sha256(looks_sealed).hexdigest()).read_bytes()
+    assert stored == looks_sealed  # on disk as given: this registry encrypts nothing
+    again = Registry(tmp_path / "plain")
+    assert again.load_files(again.get("m", v.number)) == {"tokenizer.model": looks_sealed}
+    assert again.get_blob(hashlib.sha256(looks_sealed).hexdigest()) == looks_sealed
+    assert again.verify().ok, again.verify().problems
+    con = sqlite3.connect(tmp_path / "plain" / "registry.db")
+    try:  # the setting is in the signed log, not only in registry.json and its copy in the database
+        assert eventlog.replay(con, again.verifier).settings == {"encryption": "none"}
+    finally:
+        con.close()
+
+
+def test_an_encrypted_registry_refuses_a_plaintext_blob_whatever_its_first_bytes(tmp_path):
+    import hashlib
+
+    reg = Registry.create(tmp_path / "enc")
+    data = b"not sealed" * 10
+    digest = reg.put_blob(data)
+    reg.blob_path(digest).write_bytes(data)  # a plaintext file that hashes to its name, swapped in behind
+    with pytest.raises(IntegrityError, match="stored in plaintext in an encrypted registry"):
+        Registry(tmp_path / "enc").get_blob(digest)
+    assert hashlib.sha256(data).hexdigest() == digest
+
+
+def test_turning_encryption_off_behind_the_registry_is_caught_by_the_signed_setting(tmp_path):
+    # registry.json and registry.db's settings row agree (the check at open passes), but the signed log says
+    # encrypted: nothing is written in plaintext, and verify names the setting
+    import json
+
+    home = tmp_path / "enc"
+    Registry.create(home).register_model("m", state())
+    (home / "registry.json").write_text(json.dumps({"encryption": "none"}))
+    con = sqlite3.connect(home / "registry.db", isolation_level=None)
+    con.execute("UPDATE settings SET value='none' WHERE name='encryption'")
+    con.close()
+    reg = Registry(home)
+    assert not reg.encrypted
+    with pytest.raises(IntegrityError, match="signed state log says this registry's blobs are encrypted"):
+        reg.put_blob(b"secret weights")
+    assert any("records encryption 'none', but the signed state log says" in p for p in reg.verify().problems)

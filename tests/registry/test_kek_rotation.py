@@ -239,3 +239,44 @@ def test_a_registry_from_before_encryption_opens_as_plaintext(tmp_path):
     b = old.register_model("m", state(1))
     assert b"deltaplane.order" in old.blob_path(b.sha256).read_bytes()
     assert not Registry.create(home).encrypted and recorded(home) == ("none",)
+
+
+def test_a_rotation_streams_each_blob_and_the_result_opens_with_cryptography_directly(tmp_path, monkeypatch):
+    # rotate_kek read every blob whole (and copied it twice more): peak memory was three times the largest
+    # blob (3.1 GiB for a 1 GiB blob). It now reads a header and copies the ciphertext in chunks.
+    import hashlib
+    import tracemalloc
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from deltaplane.registry import store
+
+    old_kek, new_kek = os.urandom(32), os.urandom(32)
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(old_kek).decode())
+    reg = Registry.create(tmp_path / "h")
+    data = os.urandom(1 << 20) * 24  # 24 MiB
+    digest = reg.put_blob(data)
+    sealed = reg.blob_path(digest).read_bytes()
+    monkeypatch.setenv(KEK_ENV, ",".join(base64.b64encode(k).decode() for k in (new_kek, old_kek)))
+    monkeypatch.setattr(store, "_COPY_CHUNK", 256 << 10, raising=False)
+    reg = Registry(tmp_path / "h")
+    tracemalloc.start()
+    try:
+        assert reg.rotate_kek().rewrapped == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"the rotation allocated {peak / 2**20:.1f} MiB at its peak for a 24 MiB blob"
+    raw = reg.blob_path(digest).read_bytes()
+    klen = raw[5]
+    off = 6 + klen
+    assert raw[6:off].decode() == kek_id(new_kek) and raw[off + 60 :] == sealed[sealed[5] + 6 + 60 :]
+    dek = AESGCM(new_kek).decrypt(
+        raw[off : off + 12], raw[off + 12 : off + 60], b"deltaplane/kek-wrap/v1\x00" + digest.encode()
+    )
+    plain = AESGCM(dek).decrypt(
+        raw[off + 60 : off + 72], raw[off + 72 :], b"deltaplane/blob/v1\x00" + digest.encode()
+    )
+    assert hashlib.sha256(plain).hexdigest() == digest
+    monkeypatch.setenv(KEK_ENV, base64.b64encode(new_kek).decode())  # the old key is no longer needed
+    assert Registry(tmp_path / "h").get_blob(digest) == data

@@ -61,7 +61,7 @@ def test_gate_blocks_over_pruned_model_and_rollback_is_byte_identical(tmp_path, 
 def test_gate_refuses_ood_regression_and_withdrawn_cohort(tmp_path, train, evaluate):
     reg = Registry.create(tmp_path / "h")
     prod = reg.register_model("digits", train(600))
-    reg.set_tag("digits", "production", prod.number, action="promote")
+    reg._move_tag("digits", "production", prod.number, action="promote")
     cand = reg.register_model("digits", train(1200, seed=1), governance={"cohorts": ["eu"]})
 
     calls = []
@@ -111,7 +111,7 @@ def _three_productions(home) -> Registry:
     reg = Registry.create(home)
     for i in range(3):
         v = reg.register_model("m", {"w": torch.full((2,), float(i))})
-        reg.set_tag("m", "production", v.number, action="promote")
+        reg._move_tag("m", "production", v.number, action="promote")
     return reg
 
 
@@ -235,7 +235,7 @@ def test_a_tag_moved_by_another_process_during_the_evaluation_is_not_overwritten
 
     reg = Registry.create(tmp_path / "h")
     prod = reg.register_model("digits", train(300))
-    reg.set_tag("digits", "production", prod.number, action="promote")
+    reg._move_tag("digits", "production", prod.number, action="promote")
     strong = reg.register_model("digits", train(1200), parent=prod.number)
     weaker = reg.register_model("digits", train(600, seed=1), parent=prod.number)
     other = Registry(tmp_path / "h")  # another process's connection
@@ -279,7 +279,7 @@ def test_a_forged_tag_history_is_refused_before_anything_is_evaluated(tmp_path):
     reg = Registry.create(tmp_path / "h")
     reg.register_model("m", {"w": torch.zeros(2)})
     reg.register_model("m", {"w": torch.ones(2)}, parent=1)
-    reg.set_tag("m", "production", 1, action="promote")
+    reg._move_tag("m", "production", 1, action="promote")
     con = sqlite3.connect(tmp_path / "h" / "registry.db", isolation_level=None)
     con.execute(
         "INSERT INTO tag_history (model, tag, number, previous, action, reason, at) "
@@ -309,7 +309,7 @@ def test_promoting_the_version_the_tag_holds_again_does_not_make_rollback_a_no_o
     gate = {"evaluator": lambda s: {"accuracy": 0.9}, "tolerance": Tolerance({"accuracy": 0.01})}
     for ref in ("m@1", "m@2", "m@2"):
         promote(reg, ref, **gate)
-    reg.set_tag("m", "production", 2, action="promote")  # a move onto the same version: no new stack entry
+    reg._move_tag("m", "production", 2, action="promote")  # a move onto the same version: no new stack entry
     assert production_stack(reg, "m") == [1, 2]
     assert rollback(reg, "m").number == 1
     assert reg.tag("m", "production", verify=True) == 1
@@ -363,6 +363,18 @@ def test_set_tag_cannot_move_a_gated_tag_around_the_gate(tmp_path, tag):
     assert reg.tags("m", verify=True) == {"production": 1, "staging": 2}
 
 
+@pytest.mark.parametrize("action", ["promote", "rollback"])
+@pytest.mark.parametrize("tag", ["production", "production.eu", "staging"])
+def test_set_tag_cannot_claim_the_gates_action(tmp_path, tag, action):
+    # set_tag(action="promote") used to skip every check of the gate: a worse m@2 went to production unevaluated
+    reg = _two_versions(tmp_path)
+    with pytest.raises(PromotionRefused, match=f"set_tag.action='{action}'. is refused"):
+        reg.set_tag("m", tag, 2, action=action)
+    assert reg.tags("m", verify=True) == {"production": 1}
+    assert [h["action"] for h in reg.tag_history("m", "production", verify=True)] == ["promote"]
+    assert reg.evaluations(reg.get("m", 2)) == []  # nothing was recorded as if the gate had run
+
+
 @pytest.mark.parametrize(
     "tag", ["production ", " production", "production\n", "prоduction", "production\u200b", "production/eu"]
 )
@@ -383,13 +395,23 @@ def test_a_cohorts_first_production_is_gated_against_what_that_cohort_is_served(
     # against nothing and promoted to production.eu, a 0.4 drop for every eu device
     reg = _two_versions(tmp_path)
     res = promote(reg, "m@2", to="production.eu", evaluator=_scored, raise_on_refusal=False)
-    assert not res.promoted and res.previous == "m@1"
+    # production.eu held nothing: m@1 is what it was gated against, not what it held
+    assert not res.promoted and res.previous is None and res.compared_with == "m@1 (production)"
+    assert "stays at nothing" in res.summary() and "gated against m@1 (production)" in res.summary()
+    assert reg.promotion_decisions("m")[-1]["previous"] is None
     assert any("accuracy drops by 0.4000" in r for r in res.regressions), res.regressions
     assert "production.eu" not in reg.tags("m", verify=True)
     # a candidate as good as production passes, and from then on production.eu is gated against its own holder
     reg.register_model("m", {"w": torch.full((2,), 0.95)}, parent=1)
-    assert promote(reg, "m@3", to="production.eu", evaluator=_scored).promoted
-    assert reg.tags("m", verify=True) == {"production": 1, "production.eu": 3}
+    first = promote(reg, "m@3", to="production.eu", evaluator=_scored)
+    assert first.promoted and first.previous is None and first.compared_with == "m@1 (production)"
+    assert "promoted to m:production.eu (it held nothing)" in first.summary()
+    assert reg.card(reg.get("m", 3))["evaluation"]["compared_with"] == "m@1"
+    reg.register_model("m", {"w": torch.full((2,), 0.96)}, parent=1)
+    then = promote(reg, "m@4", to="production.eu", evaluator=_scored)
+    assert then.previous == "m@3" and then.compared_with == "m@3 (production.eu)"
+    assert "gated against" not in then.summary()
+    assert reg.tags("m", verify=True) == {"production": 1, "production.eu": 4}
 
 
 def test_a_cohorts_first_production_is_not_taken_when_production_moved_meanwhile(tmp_path):

@@ -53,10 +53,10 @@ def home(tmp_path):
     reg.register_model("m", _state(1))
     reg.register_model("m", _state(2), parent=1)
     reg.register_model("m", _state(3), parent=2, governance={"cohorts": ["eu"]})
-    reg.set_tag("m", "production", 1, action="promote")
-    reg.set_tag("m", "production", 2, action="promote")
+    reg._move_tag("m", "production", 1, action="promote")
+    reg._move_tag("m", "production", 2, action="promote")
     reg.set_tag("m", "staging", 1)
-    reg.set_tag("m", "production", 3, action="promote")
+    reg._move_tag("m", "production", 3, action="promote")
     reg.withdraw_cohort("eu", reason="consent withdrawn")
     report = Registry(tmp_path / "h").verify()
     assert report.ok and not report.notes, (report.problems, report.notes)
@@ -90,7 +90,7 @@ def test_a_tag_changed_in_the_database_fails_verify_and_verified_reads(home, sql
     assert reg.load_state("m@1")  # a version number needs no tag
     tag = "canary" if "canary" in sql else "production"
     with pytest.raises(IntegrityError, match="differ"):
-        reg.set_tag("m", tag, 2, action="promote")  # a move would sign a 'previous' that someone else wrote
+        reg._move_tag("m", tag, 2, action="promote")  # a move would sign a 'previous' that someone else wrote
     reg.set_tag("m", "staging", 2)  # another tag still moves
 
 
@@ -123,7 +123,7 @@ def test_a_deleted_withdrawal_fails_verify_and_the_promotion_gate(home):
     from deltaplane.errors import PromotionRefused
 
     reg = Registry(home)
-    reg.set_tag("m", "production", 2, action="promote")
+    reg._move_tag("m", "production", 2, action="promote")
     with pytest.raises(PromotionRefused, match="withdrawn cohort 'eu'"):
         promote(reg, "m@3", evaluator=_pass)
     evaluated = len(reg.evaluations(reg.get("m", 3)))
@@ -270,7 +270,7 @@ def test_concurrent_tag_moves_from_two_processes_keep_the_chain_linear(home, tmp
         while not Path(sys.argv[2]).exists():
             time.sleep(0.005)
         for i in range(25):
-            reg.set_tag("m", sys.argv[3], 1 + i % 3, reason=f"{sys.argv[3]} {i}", action="promote")
+            reg._move_tag("m", sys.argv[3], 1 + i % 3, reason=f"{sys.argv[3]} {i}", action="promote")
         """
     )
     before = len(_entries(home))
@@ -302,7 +302,7 @@ def test_a_failed_signature_leaves_no_tag_move(home, monkeypatch):
 
     monkeypatch.setattr(reg.signer, "sign", broken)
     with pytest.raises(OSError, match="unreadable"):
-        reg.set_tag("m", "production", 1, action="promote")
+        reg._move_tag("m", "production", 1, action="promote")
     with pytest.raises(OSError, match="unreadable"):
         reg.withdraw_cohort("us")
     fresh = Registry(home)
@@ -776,7 +776,7 @@ def _log_of_an_older_release(home) -> None:
     for i in (1, 2, 3):
         reg.record_evaluation(reg.get("m", 1), "gate", {"accuracy": i / 10})
     _make_old(home)
-    _sql(home, "DELETE FROM settings WHERE name='state_log_records'")
+    _sql(home, "DELETE FROM settings WHERE name IN ('state_log_records', 'state_log_versions')")
     con = sqlite3.connect(home / "registry.db", isolation_level=None)
     con.row_factory = sqlite3.Row
     try:
@@ -789,7 +789,8 @@ def _log_of_an_older_release(home) -> None:
             "tag_history": [[i, *v] for i, v in sorted(now.tag_history.items())],
             "withdrawals": [[c, *v] for c, v in sorted(now.withdrawals.items())],
         })  # fmt: skip
-        eventlog._write(con, signer, head, eventlog.record_change(con, "evaluations", 3))
+        old = {k: v for k, v in eventlog.record_change(con, "evaluations", 3).items() if k != "of"}
+        eventlog._write(con, signer, head, old)
         con.execute("INSERT INTO settings VALUES ('state_log', '1')")
     finally:
         con.close()
@@ -808,17 +809,64 @@ def test_a_log_from_an_older_release_binds_its_legacy_rows_on_the_first_open_wit
     key.write_bytes(saved)
     reg = Registry(home)
     assert [e["record"] for e in reg.evaluations(reg.get("m", 1))] == ["legacy", "legacy", "signed"]
-    assert reg.verify().ok and len(_entries(home)) == 3
-    assert json.loads(_entries(home)[-1][3])["op"] == "legacy"
-    Registry(home)  # bound once: deleting the settings shortcut does not bind again
-    _sql(home, "DELETE FROM settings WHERE name='state_log_records'")
-    assert Registry(home).verify().ok and len(_entries(home)) == 3
+    assert reg.verify().ok and len(_entries(home)) == 5
+    assert [json.loads(e[3])["op"] for e in _entries(home)[2:]] == ["legacy", "versions", "settings"]
+    Registry(home)  # bound once: deleting the settings shortcuts does not bind again
+    _sql(home, "DELETE FROM settings WHERE name IN ('state_log_records', 'state_log_versions')")
+    assert Registry(home).verify().ok and len(_entries(home)) == 5
     _sql(home, "DELETE FROM evaluations WHERE id=2")
     _sql(
         home,
         "INSERT INTO evaluations (id, artifact, evaluator, metrics, at) VALUES (2, 2, 'gate', '{}', 0.0)",
     )
     assert any("evaluations row 2 differs" in p for p in _problems(home))
+
+
+def _swap_versions(home, a: int, b: int) -> None:
+    """Swap the artifact row ids of m@a and m@b in registry.db, as a tamperer with sqlite3 would."""
+    ids = dict(_query(home, "SELECT number, id FROM artifacts WHERE model='m'"))
+    _sql(
+        home,
+        "DROP TRIGGER IF EXISTS artifacts_immutable_u",
+        f"UPDATE artifacts SET id=-1 WHERE model='m' AND number={a}",
+        f"UPDATE artifacts SET id={ids[a]} WHERE model='m' AND number={b}",
+        f"UPDATE artifacts SET id={ids[b]} WHERE model='m' AND number={a}",
+    )
+
+
+def _query(home, sql: str) -> list[tuple]:
+    con = sqlite3.connect(home / "registry.db")
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_rows_recorded_before_versions_were_bound_are_bound_as_found_on_the_first_open_with_the_key(home):
+    """A log from the release before: record entries without ``of`` (and no signed settings). Without the key
+    such rows read as before and verify notes them; the first open with the key appends a ``versions`` entry
+    (their versions as found) and a ``settings`` entry, after which a swap of artifact ids is caught."""
+    _log_of_an_older_release(home)
+    key = home / "keys" / "signing.ed25519.pem"
+    saved = key.read_bytes()
+    key.unlink()
+    reg = Registry(home)
+    assert [e["metrics"] for e in reg.evaluations(reg.get("m", 1))][-1] == {"accuracy": 0.3}
+    notes = reg.verify().notes
+    assert any("1 evaluations rows are not bound to the version they are of" in n for n in notes), notes
+    key.write_bytes(saved)
+    reg = Registry(home)
+    report = reg.verify()
+    assert report.ok and not any("not bound to the version" in n for n in report.notes), report
+    versions = json.loads(_entries(home)[-2][3])
+    m1 = reg.get("m", 1)
+    assert versions["op"] == "versions"
+    assert versions["versions"]["evaluations"] == [[i, "m", 1, m1.sha256] for i in (1, 2, 3)]
+    assert json.loads(_entries(home)[-1][3])["settings"] == {"encryption": "aes-256-gcm"}
+    _swap_versions(home, 1, 2)
+    with pytest.raises(IntegrityError, match=r"evaluation row 1 of m@2.*was recorded for m@1 \(weights"):
+        Registry(home).evaluations(Registry(home).get("m", 2))
+    assert sum("was recorded for m@1" in p for p in _problems(home)) == 3
 
 
 def test_registry_show_labels_rows_written_before_rows_were_signed(home):

@@ -38,7 +38,7 @@ def home(tmp_path):
     reg = Registry.create(tmp_path / "h")
     for n in (1, 2, 3):
         art = reg.register_model("m", {"w": torch.full((4,), float(n))})
-        reg.set_tag("m", "production", n, action="promote")
+        reg._move_tag("m", "production", n, action="promote")
         reg.record_evaluation(art, "gate", {"accuracy": n / 10})
     assert Registry(tmp_path / "h").tags("m", verify=True) == {"production": 3}
     return tmp_path / "h"

@@ -109,7 +109,7 @@ class RegistryMachine(RuleBasedStateMachine):
         if target is None:
             return
         model, number = target
-        self.reg.set_tag(model, tag, number, action="promote")
+        self.reg._move_tag(model, tag, number, action="promote")
         self.model.tags[(model, tag)] = number
         stack = self.model.stacks.setdefault((model, tag), [])
         if not stack or stack[-1] != number:  # a move onto the version the tag holds changes nothing

@@ -41,8 +41,8 @@ def test_versions_lineage_tags_and_roundtrip(reg):
     assert list(loaded) == list(model_state(1)) and all(
         torch.equal(loaded[k], v) for k, v in model_state(1).items()
     )
-    reg.set_tag("cnn", "production", 1, action="promote")
-    reg.set_tag("cnn", "production.eu", 2, action="promote")
+    reg._move_tag("cnn", "production", 1, action="promote")
+    reg._move_tag("cnn", "production.eu", 2, action="promote")
     assert reg.resolve("cnn:production").number == 1 and reg.resolve("cnn@latest").number == 2
     assert reg.tags("cnn") == {"production": 1, "production.eu": 2}
     with pytest.raises(NotFound, match="cnn@9 does not exist"):

@@ -379,9 +379,71 @@ def test_swapped_artifact_row_ids_do_not_move_a_promotion_card(tmp_path):
     con.execute("UPDATE artifacts SET id=? WHERE number=1", (ids[3],))
     con.close()
     reg = Registry(h)
-    with pytest.raises(IntegrityError, match="the model card of m@3 is m@1's"):
+    # the log binds the card row to m@1 (its weights' SHA-256 too), so the swap is named before the card is read
+    with pytest.raises(
+        IntegrityError, match=r"the model card of m@3 \(cards row 1\): cards row 1 was recorded for m@1"
+    ):
         reg.card(reg.get("m", 3))
-    assert reg.verify().problems == [
+    problems = reg.verify().problems
+    assert (
+        f"cards row 1 was recorded for m@1 (weights {reg.get('m', 1).sha256[:12]}…), but registry.db now links it "
+        f"to m@3 (weights {reg.get('m', 3).sha256[:12]}…): artifact rows or the row's artifact id were changed "
+        "behind the registry's back"
+    ) in problems
+    assert (
         "the model card of m@3 is m@1's: the cards row or the artifact row ids were edited in registry.db "
         "(restore it from a backup)"
+    ) in problems
+    # the gate's evaluations of m@1 and m@3 moved with the swap too: each is named
+    assert sum(p.startswith("evaluations row") for p in problems) == 3
+
+
+def _swap_artifact_ids(db, a: int, b: int) -> None:
+    """What a tamperer with sqlite3 does: swap the row ids of versions ``a`` and ``b`` of model m."""
+    con = sqlite3.connect(db, isolation_level=None)
+    try:
+        con.execute("DROP TRIGGER IF EXISTS artifacts_immutable_u")
+        ids = dict(con.execute("SELECT number, id FROM artifacts WHERE model='m'").fetchall())
+        con.execute("UPDATE artifacts SET id=-1 WHERE model='m' AND number=?", (a,))
+        con.execute("UPDATE artifacts SET id=? WHERE model='m' AND number=?", (ids[a], b))
+        con.execute("UPDATE artifacts SET id=? WHERE model='m' AND number=?", (ids[b], a))
+    finally:
+        con.close()
+
+
+def test_swapped_artifact_row_ids_do_not_move_evaluations(tmp_path):
+    # an evaluation row names its version by artifact row id only, and its row digest (in the log) covers that
+    # id, not the version: swapping two artifact rows' ids moved m@2's scores to m@1 with every signature intact
+    import hashlib
+
+    from deltaplane.errors import IntegrityError
+
+    h = tmp_path / "h"
+    reg = Registry.create(h, encrypt=False)
+    good = reg.register_model("m", {"w": torch.full((2,), 0.9)})
+    bad = reg.register_model("m", {"w": torch.full((2,), 0.1)})
+    reg.record_evaluation(good, "gate", {"accuracy": 0.9})
+    reg.record_evaluation(bad, "gate", {"accuracy": 0.1})
+    _swap_artifact_ids(h / "registry.db", 1, 2)
+    # the artifacts themselves still verify: their signatures cover model, number and weights, not the row id
+    con = sqlite3.connect(h / "registry.db")
+    rows = con.execute("SELECT id, number, sha256 FROM artifacts ORDER BY number").fetchall()
+    con.close()
+    assert [r[0] for r in rows] == [good.id + 1, good.id] and rows[0][2] == good.sha256
+    assert hashlib.sha256(Registry(h).read(Registry(h).get("m", 1))).hexdigest() == good.sha256
+    reg = Registry(h)
+    with pytest.raises(IntegrityError, match=r"evaluation row 2 of m@1.*was recorded for m@2 \(weights "):
+        reg.evaluations(reg.get("m", 1))
+    with pytest.raises(IntegrityError, match=r"evaluation row 1 of m@2.*was recorded for m@1 \(weights "):
+        reg.evaluations(reg.get("m", 2))
+    problems = reg.verify().problems
+    assert [p for p in problems if p.startswith("evaluations row")] == [
+        f"evaluations row {n} was recorded for m@{n} (weights {sha[:12]}…), but registry.db now links it to "
+        f"m@{3 - n} (weights {other[:12]}…): artifact rows or the row's artifact id were changed behind the "
+        "registry's back"
+        for n, sha, other in ((1, good.sha256, bad.sha256), (2, bad.sha256, good.sha256))
     ]
+    _swap_artifact_ids(h / "registry.db", 1, 2)  # swapped back: everything reads and verifies again
+    reg = Registry(h)
+    assert [e["metrics"] for e in reg.evaluations(reg.get("m", 2))] == [{"accuracy": 0.1}]
+    assert reg.verify().ok

@@ -28,7 +28,7 @@ class Service:
         v1 = self.reg.register_model(
             "cnn", cnn_state(0) if initial is None else initial, lineage={"round": 0}
         )
-        self.reg.set_tag("cnn", "production", v1.number, action="promote")
+        self.reg._move_tag("cnn", "production", v1.number, action="promote")
         self.config = ServiceConfig(home=str(home), admin_token=ADMIN, device_secret="s" * 32, **config)
         self.app = create_app(self.config)
         self.http = TestClient(self.app, raise_server_exceptions=True)

@@ -106,7 +106,7 @@ def test_the_service_refuses_to_serve_from_tags_or_withdrawals_edited_in_the_dat
 
     svc = Service(tmp_path / "h")
     v2 = svc.reg.register_model("cnn", cnn_state(1), parent=1, governance={"cohorts": ["eu"]})
-    svc.reg.set_tag("cnn", "production", v2.number, action="promote")
+    svc.reg._move_tag("cnn", "production", v2.number, action="promote")
     svc.reg.withdraw_cohort("eu")
     device = svc.device("d", "us")
     with pytest.raises(ServiceError) as e:
@@ -159,7 +159,7 @@ def test_a_withdrawal_reaches_its_cohort_whatever_the_case_it_is_spelled_in(tmp_
     consent check matches without it."""
     svc = Service(tmp_path / "h")
     v2 = svc.reg.register_model("cnn", cnn_state(1), parent=1, governance={"cohorts": ["eu"]})
-    svc.reg.set_tag("cnn", "production", v2.number, action="promote")
+    svc.reg._move_tag("cnn", "production", v2.number, action="promote")
     assert svc.admin.withdraw("EU")["affected"] == [f"cnn@{v2.number}"]
     assert svc.reg.governance_problems(v2) == [f"cnn@{v2.number} was trained on withdrawn cohort 'eu'"]
     with pytest.raises(ServiceError) as e:

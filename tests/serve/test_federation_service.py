@@ -119,7 +119,9 @@ def test_a_fedper_device_compresses_with_the_served_session_and_uploads(tmp_path
     run = RunConfig(clients=3, personalization="fedper", codec="topk(0.05) | quant(bits=8)")
     reg = Registry.create(tmp_path / "h")
     state = make_task(run).build_model(0).state_dict()
-    reg.set_tag("digits-cnn", "production", reg.register_model("digits-cnn", state).number, action="promote")
+    reg._move_tag(
+        "digits-cnn", "production", reg.register_model("digits-cnn", state).number, action="promote"
+    )
     service = create_app(ServiceConfig(home=str(tmp_path / "h"), admin_token="a" * 20, federation=run))
     http = TestClient(service)
     admin = AdminClient("http://testserver", "a" * 20, client=http)

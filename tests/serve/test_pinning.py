@@ -55,7 +55,7 @@ def bump(service, parent: int, scale: float = 2.0, model: str = "cnn") -> int:
 def test_a_validly_signed_artifact_of_another_model_is_refused(service, mitm, make_state):
     m, dev = mitm
     other = service.reg.register_model("other", make_state(7))
-    service.reg.set_tag("other", "production", other.number, action="promote")
+    service.reg._move_tag("other", "production", other.number, action="promote")
 
     def swap_path(req, forward):  # ask upstream for "other", keep or rewrite the announced name
         url = req.url.copy_with(path=req.url.path.replace("/cnn/", "/other/"))
@@ -82,7 +82,7 @@ def test_replayed_older_answer_is_refused(service, mitm):
     assert dev.fetch("cnn")[0] == 1
     old_answer = m.recorded[-1]
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
     assert dev.fetch("cnn")[0] == v2
     held = dict(dev.state)
     m.rewrite = lambda req, forward: httpx.Response(
@@ -97,7 +97,7 @@ def test_faked_204_cannot_freeze_the_device(service, mitm):
     m, dev = mitm
     dev.fetch("cnn")
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
 
     def freeze(req, forward):
         resp = forward(req)
@@ -121,16 +121,16 @@ def test_a_genuine_204_is_accepted(service, mitm):
 def test_downgrade_needs_a_signed_rollback_record(service, mitm):
     m, dev = mitm
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
     assert dev.fetch("cnn")[0] == v2
     # the tag moved back without a rollback record (or a MITM drops the record): the device refuses
-    service.reg.set_tag("cnn", "production", 1, action="promote")
+    service.reg._move_tag("cnn", "production", 1, action="promote")
     with pytest.raises(DowngradeRefused):
         dev.fetch("cnn")
     # an explicit rollback signs a record covering v2: the device follows it
     from deltaplane.registry import rollback
 
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
     assert rollback(service.reg, "cnn").number == 1
     dl_headers: list[httpx.Headers] = []
 
@@ -155,6 +155,73 @@ def test_downgrade_needs_a_signed_rollback_record(service, mitm):
     with pytest.raises(SignatureError):
         dev.fetch("cnn")
     m.rewrite = None
+    assert dev.fetch("cnn")[0] == 1
+
+
+def test_a_stale_rollback_record_is_not_offered_and_a_replayed_one_is_refused(service, mitm):
+    # a rollback record had no expiry: production rolled back v2 -> v1 (record: v1, superseding v2), went to v2
+    # again and later was moved back to v1 by hand; the service offered the old record and a device on v2
+    # followed, as it would a man in the middle replaying that record. A record is current only while its tag's
+    # newest move is the rollback that signed it, and the device needs the service's word on its own nonce.
+    from deltaplane.registry import rollback
+
+    m, dev = mitm
+    v2 = bump(service, 1)
+    service.reg._move_tag("cnn", "production", v2, action="promote")
+    assert dev.fetch("cnn")[0] == v2
+    assert rollback(service.reg, "cnn").number == 1
+    stale = service.reg.rollback_record("cnn", 1, v2, tag="production")
+    assert stale is not None and stale["supersedes"] == v2
+    offered = service.device("d2")._download("cnn", have=v2, channel="production", nonce="n" * 16)[1]
+    assert offered["x-deltaplane-rollback"] == f"production:{v2}:{stale['signature']}"
+    service.reg._move_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", 1, action="promote")  # back by hand: no rollback record
+    with pytest.raises(DowngradeRefused, match="without a signed rollback record"):
+        dev.fetch("cnn")  # the service no longer offers the stale record (it did, and the device followed)
+    assert service.reg.rollback_record("cnn", 1, v2, tag="production") is None
+
+    def replay_stale(req, forward):  # the genuine record, and the offer signed for another request
+        resp = forward(req)
+        headers = {
+            **dict(resp.headers),
+            "x-deltaplane-rollback": offered["x-deltaplane-rollback"],
+            "x-deltaplane-rollback-offer": offered["x-deltaplane-rollback-offer"],
+        }
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = replay_stale
+    with pytest.raises(SignatureError):
+        dev.fetch("cnn")
+
+    def replay_record_only(req, forward):
+        resp = forward(req)
+        headers = {**dict(resp.headers), "x-deltaplane-rollback": offered["x-deltaplane-rollback"]}
+        return httpx.Response(resp.status_code, headers=headers, content=resp.content)
+
+    m.rewrite = replay_record_only
+    with pytest.raises(DowngradeRefused, match="did not vouch for on this request"):
+        dev.fetch("cnn")
+    assert dev.version == v2
+    # checked with the cryptography package directly: the record itself is still a valid Ed25519 signature
+    # over its statement, so only its staleness refuses it
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from deltaplane.registry.signing import statement
+    from deltaplane.registry.store import rollback_statement
+
+    kid, _, sig = stale["signature"].partition(":")
+    raw = base64.b64decode(sig)
+    pub = service.verifier._keys[kid].public_bytes_raw()
+    Ed25519PublicKey.from_public_bytes(pub).verify(
+        raw, statement(rollback_statement("cnn", "production", 1, v2, service.reg.get("cnn", 1).sha256))
+    )
+    m.rewrite = None
+    assert rollback(service.reg, "cnn").number == v2  # pops the manual move
+    service.reg._move_tag("cnn", "production", 1, action="promote")
+    assert rollback(service.reg, "cnn").number == v2
+    assert rollback(service.reg, "cnn").number == 1  # a fresh rollback: the device follows it
     assert dev.fetch("cnn")[0] == 1
 
 
@@ -227,14 +294,14 @@ def test_a_rollback_of_another_tag_does_not_move_a_production_device_back(servic
 
     m, dev = mitm
     v2 = bump(service, 1)
-    service.reg.set_tag("cnn", "production", v2, action="promote")
+    service.reg._move_tag("cnn", "production", v2, action="promote")
     assert dev.fetch("cnn")[0] == v2
     service.reg.set_tag("cnn", "staging", 1)
     service.reg.set_tag("cnn", "staging", v2)
     assert rollback(service.reg, "cnn", tag="staging").number == 1
     record = service.reg.rollback_record("cnn", 1, v2)
     assert record is not None and record["tag"] == "staging"
-    service.reg.set_tag("cnn", "production", 1, action="promote")  # production moved back, not rolled back
+    service.reg._move_tag("cnn", "production", 1, action="promote")  # production moved back, not rolled back
     with pytest.raises(DowngradeRefused, match="rollback"):
         dev.fetch("cnn")  # the service no longer offers staging's record
     assert service.reg.rollback_record("cnn", 1, v2, tag="production") is None

@@ -245,7 +245,7 @@ def test_memory_is_bounded_by_bytes(tmp_path):
         v = svc.reg.register_model(
             "cnn", {k: t + i for k, t in svc.reg.load_state("cnn@1").items()}, parent=1
         )
-        svc.reg.set_tag("cnn", "production", v.number, action="promote")
+        svc.reg._move_tag("cnn", "production", v.number, action="promote")
         svc.device(f"d{i}").fetch("cnn")
     cache = svc.state.downlinks
     assert cache.nbytes <= 200_000 and len(cache) == 200_000 // (full + 512)

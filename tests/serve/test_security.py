@@ -51,9 +51,9 @@ class LiveService:
         self.home = root / "home"
         self.reg = Registry.create(self.home)
         v1 = self.reg.register_model("cnn", cnn_state(0), governance={"cohorts": ["seed"]})
-        self.reg.set_tag("cnn", "production", v1.number, action="promote")
+        self.reg._move_tag("cnn", "production", v1.number, action="promote")
         other = self.reg.register_model("other", cnn_state(9))
-        self.reg.set_tag("other", "production", other.number, action="promote")
+        self.reg._move_tag("other", "production", other.number, action="promote")
         self.tls = make_tls_bundle(root / "tls", hosts=["127.0.0.1"])
         (root / "nan_eval.py").write_text(
             "def evaluate(state):\n    return {'accuracy': float('nan'), 'ood_accuracy': 1.0}\n"
@@ -176,7 +176,7 @@ def test_mitm_model_swap_and_downgrade_are_refused(live):
     assert dev.fetch("cnn")[0] == 1
     old_answer = mitm.recorded  # the validly signed v1 answer, captured on the wire
     v2 = live.reg.register_model("cnn", cnn_state(2), parent=1, governance={"cohorts": ["seed"]})
-    live.reg.set_tag("cnn", "production", v2.number, action="promote")
+    live.reg._move_tag("cnn", "production", v2.number, action="promote")
     assert dev.fetch("cnn")[0] == v2.number
     mitm.mode, mitm.recorded = "replay", old_answer  # downgrade by replaying the old answer
     with pytest.raises(SignatureError):
@@ -184,7 +184,7 @@ def test_mitm_model_swap_and_downgrade_are_refused(live):
     assert dev.version == v2.number
     # downgrade by moving the tag back without a signed rollback record: refused by the device
     mitm.mode = "pass"
-    live.reg.set_tag("cnn", "production", 1, action="promote")
+    live.reg._move_tag("cnn", "production", 1, action="promote")
     with pytest.raises(DowngradeRefused):
         dev.fetch("cnn")
     assert dev.version == v2.number

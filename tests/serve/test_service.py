@@ -57,7 +57,7 @@ def test_tampered_downlink_is_refused_by_the_device(service):
     service.reg.register_model(
         "cnn", {k: v + 1 for k, v in service.reg.load_state("cnn@1").items()}, parent=1
     )
-    service.reg.set_tag("cnn", "production", 2, action="promote")
+    service.reg._move_tag("cnn", "production", 2, action="promote")
     dev = service.device("d1")
     dl = dev.download("cnn")
     body = bytearray(dl.body)
@@ -74,9 +74,30 @@ def test_cohort_tag_is_served_to_that_cohort(service):
     v2 = service.reg.register_model(
         "cnn", {k: v * 2 for k, v in service.reg.load_state("cnn@1").items()}, parent=1
     )
-    service.reg.set_tag("cnn", "production.eu", v2.number, action="promote")
+    service.reg._move_tag("cnn", "production.eu", v2.number, action="promote")
     assert service.device("a", "eu").fetch("cnn")[0] == 2
     assert service.device("b", "us").fetch("cnn")[0] == 1
+
+
+def test_training_devices_fall_back_to_their_cohorts_production(service):
+    # a training device of cohort eu used to fall back to production (v1), not production.eu (v2): it trained
+    # from a version its cohort is not served; the order is training.eu, training, production.eu, production
+    v2 = service.reg.register_model(
+        "cnn", {k: v * 2 for k, v in service.reg.load_state("cnn@1").items()}, parent=1
+    )
+    service.reg._move_tag("cnn", "production.eu", v2.number, action="promote")
+    assert "training" not in service.reg.tags("cnn")
+    eu, us = service.device("a", "eu"), service.device("b", "us")
+    assert eu.fetch("cnn", channel="training")[0] == 2
+    assert us.fetch("cnn", channel="training")[0] == 1
+    v3 = service.reg.register_model(
+        "cnn", {k: v * 3 for k, v in service.reg.load_state("cnn@1").items()}, parent=1
+    )
+    service.reg.set_tag("cnn", "training", v3.number)
+    assert eu.download("cnn", channel="training").version == 3  # the channel's own tag before production's
+    service.reg.set_tag("cnn", "training.eu", 1)
+    assert eu.download("cnn", channel="training").version == 1
+    assert us.download("cnn", channel="training").version == 3
 
 
 def raw(service, method, path, token=None, **kw):

@@ -564,7 +564,7 @@ def test_the_model_page_checks_and_lists_one_page_of_versions(tmp_path, monkeypa
     for i in range(64):
         reg.register_model("digits", {"w": torch.full((3,), float(i))}, parent=i + 1)
     for i in range(120):
-        reg.set_tag("digits", "production", 1 + i % 60, reason=f"move {i}", action="promote")
+        reg._move_tag("digits", "production", 1 + i % 60, reason=f"move {i}", action="promote")
     reads: list[int] = []
     real = Registry.read
     monkeypatch.setattr(
@@ -682,7 +682,7 @@ def test_tags_and_withdrawals_edited_in_sqlite_are_not_shown_as_fact(tmp_path, s
     home = tmp_path / "home"
     reg = _registry(home)
     v2 = reg.register_model("digits", {"w": torch.ones(3)}, parent=1, lineage={"source": "run"})
-    reg.set_tag("digits", "production", v2.number, action="promote")
+    reg._move_tag("digits", "production", v2.number, action="promote")
     reg.withdraw_cohort("eu", reason="test")
     reg.close()
     con = sqlite3.connect(home / "registry.db", isolation_level=None)

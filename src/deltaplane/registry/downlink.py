@@ -201,6 +201,29 @@ def serve_statement(
     }
 
 
+def rollback_offer_statement(
+    model: str, channel: str, version: int, target_sha256: str, nonce: str, record: str
+) -> dict[str, Any]:
+    """What the service signs when it offers a rollback record (``X-Deltaplane-Rollback-Offer``): the record's
+    header text (``tag:supersedes:signature``) for the version it answers with, bound to this request's
+    ``nonce``.
+
+    A rollback record alone is valid for ever: one replayed long after the rollback it was made for (its tag has
+    moved on since) would let a man in the middle take a device back. The service offers a record only while it
+    is current (:meth:`~deltaplane.registry.store.Registry.rollback_record`) and says so for this request only;
+    the device refuses a record without this signature over its own nonce.
+    """
+    return {
+        "kind": "rollback-offer",
+        "model": model,
+        "channel": channel,
+        "version": version,
+        "sha256": target_sha256,
+        "nonce": nonce,
+        "record": record,
+    }
+
+
 def _chain(registry: Registry, model: str, have: int, want: Artifact) -> list[Artifact] | None:
     hops: list[Artifact] = []
     cur = want

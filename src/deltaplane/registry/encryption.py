@@ -61,6 +61,8 @@ _WRAP_AAD = b"deltaplane/kek-wrap/v1\x00"
 _DATA_AAD = b"deltaplane/blob/v1\x00"
 _NONCE = 12
 _WRAPPED = 32 + 16
+HEADER_MAX = 6 + 255 + _NONCE + _WRAPPED
+"""The longest an envelope's header (magic .. wrapped data key) can be: what a rotation reads of each blob."""
 LOCK_NAME = "rotation.lock"
 RETIRED_NAME = "retired.json"
 _SEPARATORS = re.compile(rb"[,\s]+")
@@ -302,11 +304,15 @@ class KeyRing:
         klen = raw[5]
         return raw[6 : 6 + klen].decode("ascii", errors="replace") if len(raw) >= 6 + klen else None
 
-    def _split(self, raw: bytes, name: str) -> tuple[str, bytes, int]:
-        """(kid, data key, offset of the data nonce) of a sealed blob; IntegrityError if it does not open."""
+    def _split(self, raw: bytes, name: str, size: int | None = None) -> tuple[str, bytes, int]:
+        """(kid, data key, offset of the data nonce) of a sealed blob; IntegrityError if it does not open.
+
+        ``raw`` may be the blob's first bytes only (at least its header, :data:`HEADER_MAX` suffices), given the
+        whole blob's ``size``."""
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+        size = len(raw) if size is None else size
         if len(raw) < 6 or raw[:4] != MAGIC:
             raise IntegrityError(f"blob {name} is not an encrypted registry blob")
         version, klen = struct.unpack_from("<BB", raw, 4)
@@ -315,7 +321,7 @@ class KeyRing:
                 f"blob {name} uses encryption format {version}; this deltaplane reads {VERSION}"
             )
         off = 6 + klen
-        if len(raw) < off + _NONCE + _WRAPPED + _NONCE + 16:
+        if size < off + _NONCE + _WRAPPED + _NONCE + 16 or len(raw) < off + _NONCE + _WRAPPED:
             raise IntegrityError(f"blob {name} is truncated")
         kid = raw[6:off].decode("ascii", errors="replace")
         kek = self.keys.get(kid)
@@ -349,7 +355,14 @@ class KeyRing:
 
     def rewrap(self, raw: bytes, name: str) -> bytes | None:
         """The blob with its data key re-wrapped by the current KEK (None when it already is)."""
-        kid, dek, off = self._split(raw, name)
+        new = self.rewrap_header(raw, name, len(raw))
+        return None if new is None else new[0] + raw[new[1] :]
+
+    def rewrap_header(self, head: bytes, name: str, size: int) -> tuple[bytes, int] | None:
+        """(new header, offset in the blob where the unchanged rest starts) to re-wrap a blob of ``size`` bytes
+        whose first bytes are ``head`` (:data:`HEADER_MAX` of them suffice) by the current KEK; None when it is
+        wrapped by it already. The ciphertext is not read: a rotation streams it across unchanged."""
+        kid, dek, off = self._split(head, name, size)
         if kid == self.current:
             return None
-        return self._header(self.current, dek, name) + raw[off:]
+        return self._header(self.current, dek, name), off

@@ -30,6 +30,13 @@ handle, so a read costs one row digest once the log was replayed). Rows of a log
 only without the signing key) fall back to the older rule: a row without an entry below its table's first
 signed id is unsigned, labelled so.
 
+A card or evaluation row names its version by artifact row id, which no signature covers, so its ``record``
+entry also carries ``of``: ``[model, number, weights SHA-256]`` of that version (:data:`VERSIONED_TABLES`);
+reads and verify refuse a row whose id now names another version. The registry's :data:`SIGNED_SETTINGS`
+(whether blobs are encrypted) are signed too. A log started before either gets one ``versions`` entry (the
+versions its rows point at, as found) and one ``settings`` entry on its first open with the signing key
+(:func:`_bind_versions`); a new log's checkpoint carries both.
+
 What a chain cannot show: a log cut short (its newest entries removed — or all of them, with the marker the
 first entry leaves in ``settings``) is still a valid chain of validly signed entries. The head (index and hash of
 the newest entry) is in verify's output; an operator who keeps it elsewhere can check that a later log still
@@ -84,6 +91,15 @@ PARTS = ("tags", "tag_history", "withdrawals")
 # append-only tables whose rows the log binds one by one: each insert appends a "record" entry carrying the
 # SHA-256 of the row's canonical JSON (see :func:`record_change`), which verify compares (:func:`record_problems`)
 RECORD_TABLES = ("cards", "evaluations", "promotion_decisions")
+# record tables whose rows point at a version by its artifact row id: an id is no identity (swapping two artifact
+# rows' ids in registry.db moves their cards and evaluations with every row digest intact), so each such row is
+# bound to the version it is of, ``[model, number, weights SHA-256]`` (a ``record`` entry's ``of``)
+VERSIONED_TABLES = ("cards", "evaluations")
+# a settings row written once the log binds the versions of the rows from before ``of`` and the registry's
+# settings (a ``versions`` and a ``settings`` entry, or the checkpoint): a shortcut, as RECORDS_MARKER
+VERSIONS_MARKER = "state_log_versions"
+# the settings the log signs: what the registry is, not what a blob's first bytes look like
+SIGNED_SETTINGS = ("encryption",)
 _HISTORY_COLUMNS = ("model", "tag", "number", "previous", "action", "reason", "at")
 _HEAD = re.compile(r"(?P<index>[0-9]{1,18}):(?P<sha>[0-9a-f]{64})")
 
@@ -139,6 +155,12 @@ class SignedState:
     # table -> row id -> SHA-256 of the rows found when binding began; None until the log binds them
     legacy: dict[str, dict[int, str]] | None = None
     legacy_seq: int | None = None  # the entry that bound them
+    # (table, row id) -> [model, number, SHA-256] of the version the row is of (VERSIONED_TABLES)
+    record_of: dict[tuple[str, int], tuple[Any, ...]] = field(default_factory=dict)
+    versions_seq: int | None = None  # the entry that bound the versions of rows from before ``of``, as found
+    settings: dict[str, str] | None = (
+        None  # the signed settings (SIGNED_SETTINGS); None until the log has them
+    )
     head: Head | None = None
     checkpoint_at: float | None = None  # set when the log starts from a non-empty checkpoint (a migration)
     # what a seal of this state would say (deltaplane.registry.seal): the running digest of the signature texts
@@ -155,6 +177,7 @@ class SignedState:
             withdrawals=dict(self.withdrawals),
             records=dict(self.records),
             first_record=dict(self.first_record),
+            record_of=dict(self.record_of),
             keys=dict(self.keys),
         )
 
@@ -271,7 +294,9 @@ def ensure_started(con: sqlite3.Connection, signer: Signer) -> Head:
         con.execute(ddl)
     head = read_head(con)
     if head is not None:
-        return head if marked(con, RECORDS_MARKER) else _bind_legacy(con, signer, head)
+        if not marked(con, RECORDS_MARKER):
+            head = _bind_legacy(con, signer, head)
+        return head if marked(con, VERSIONS_MARKER) else _bind_versions(con, signer, head)
     if marked(con):
         raise _deleted()
     now = read_tables(con)
@@ -282,10 +307,64 @@ def ensure_started(con: sqlite3.Connection, signer: Signer) -> Head:
         "tag_history": [[i, *v] for i, v in sorted(now.tag_history.items())],
         "withdrawals": [[c, *v] for c, v in sorted(now.withdrawals.items())],
         "records": _unbound_rows(con, SignedState()),
+        "versions": _unbound_versions(con, SignedState()),
+        "settings": current_settings(con),
     }
     head = _write(con, signer, None, checkpoint)
-    for name in (MARKER, RECORDS_MARKER):
+    for name in (MARKER, RECORDS_MARKER, VERSIONS_MARKER):
         con.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (name, str(FORMAT)))
+    return head
+
+
+def current_settings(con: sqlite3.Connection) -> dict[str, str]:
+    """The :data:`SIGNED_SETTINGS` as the database's ``settings`` table holds them (``encryption`` ``"none"``
+    when it records none: a registry from before encryption, whose blobs are plaintext)."""
+    out = {}
+    for name in SIGNED_SETTINGS:
+        row = con.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+        out[name] = "none" if row is None else str(row[0])
+    return out
+
+
+def row_version(con: sqlite3.Connection, artifact_id: object) -> list[Any] | None:
+    """``[model, number, weights SHA-256]`` of the artifact row ``artifact_id`` (None when there is none)."""
+    row = con.execute("SELECT model, number, sha256 FROM artifacts WHERE id=?", (artifact_id,)).fetchone()
+    return None if row is None else [row[0], row[1], row[2]]
+
+
+def _unbound_versions(con: sqlite3.Connection, state: SignedState) -> dict[str, list[list[Any]]]:
+    """``[id, model, number, SHA-256]`` of every row of :data:`VERSIONED_TABLES` whose version ``state`` does not
+    bind: the rows recorded before ``record`` entries carried ``of`` (or before rows were signed at all)."""
+    out: dict[str, list[list[Any]]] = {}
+    for table in VERSIONED_TABLES:
+        out[table] = [
+            [row["id"], *(row_version(con, row["artifact"]) or [None, None, None])]
+            for row in _row(con, table)
+            if (table, row["id"]) not in state.record_of
+        ]
+    return out
+
+
+def _bind_versions(con: sqlite3.Connection, signer: Signer, head: Head) -> Head:
+    """The upgrade of a log written before rows were bound to their versions and the settings were signed:
+    append one ``versions`` entry binding, as found, the version each such row of :data:`VERSIONED_TABLES` is of,
+    and one ``settings`` entry with the registry's :data:`SIGNED_SETTINGS`; returns the new head.
+
+    As :func:`_bind_legacy`, this vouches for what the rows point at when it runs (a row moved before is not
+    caught) and leaves a log that does not replay for verify to report.
+    """
+    try:
+        state = replay(con, None)
+    except IntegrityError:
+        return head
+    if state.versions_seq is None:
+        change = {"op": "versions", "at": time.time(), "versions": _unbound_versions(con, state)}
+        head = _write(con, signer, head, change)
+    if state.settings is None:
+        head = _write(
+            con, signer, head, {"op": "settings", "at": time.time(), "settings": current_settings(con)}
+        )
+    con.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (VERSIONS_MARKER, str(FORMAT)))
     return head
 
 
@@ -374,19 +453,55 @@ def row_digest(table: str, row: Mapping[str, Any]) -> str:
 
 
 def record_change(con: sqlite3.Connection, table: str, row_id: int) -> dict[str, Any]:
-    """The entry binding row ``row_id`` of ``table`` (just inserted, in the same transaction) to the log."""
+    """The entry binding row ``row_id`` of ``table`` (just inserted, in the same transaction) to the log; for
+    :data:`VERSIONED_TABLES`, also to the version it is of (``of``: model, number, weights SHA-256)."""
     if table not in RECORD_TABLES:
         raise ValueError(f"{table!r} is not a table the state log records rows of")
     (row,) = _row(con, table, " WHERE id=?", (row_id,))
-    return {"op": "record", "table": table, "row": row_id, "sha256": row_digest(table, row)}
+    change = {"op": "record", "table": table, "row": row_id, "sha256": row_digest(table, row)}
+    if table in VERSIONED_TABLES:
+        change["of"] = row_version(con, row["artifact"])
+    return change
 
 
-def record_status(signed: SignedState | None, table: str, row: Mapping[str, Any]) -> str:
+def _version_text(of: object) -> str:
+    if not isinstance(of, list | tuple) or len(of) != 3 or of[0] is None:
+        return "no version"
+    return f"{of[0]}@{of[1]} (weights {str(of[2])[:12]}…)"
+
+
+def record_status(
+    signed: SignedState | None, table: str, row: Mapping[str, Any], of: list[Any] | None = None
+) -> str:
     """How row ``row`` of ``table`` is vouched for: ``"signed"`` (its own ``record`` entry), ``"legacy"`` (written
     before rows were signed, bound as found) or ``"unsigned"`` (written before, in a log that does not bind such
     rows yet, or a registry without a log: ``signed`` None). Raises :class:`IntegrityError` naming the row when it
     differs from its entry or when the log accounts for no such row (inserted behind the registry's back).
+
+    ``of``: for :data:`VERSIONED_TABLES`, the version (``[model, number, weights SHA-256]``) the row's artifact id
+    names now; it must be the one the log binds the row to (a row whose artifact ids were swapped in registry.db
+    is an :class:`IntegrityError`). A row the log binds to no version yet (a log not upgraded since, see
+    :func:`_bind_versions`) is checked as before; verify notes it.
     """
+    kind = _record_kind(signed, table, row)
+    if signed is None or table not in VERSIONED_TABLES or kind == "unsigned":
+        return kind
+    want = signed.record_of.get((table, row["id"]))
+    if want is None and signed.versions_seq is not None:
+        raise IntegrityError(
+            f"{table} row {row['id']} is bound to no version in the signed state log: written behind the "
+            "registry's back"
+        )
+    if want is not None and list(want) != list(of or []):
+        raise IntegrityError(
+            f"{table} row {row['id']} was recorded for {_version_text(list(want))}, but registry.db now links it "
+            f"to {_version_text(of)}: artifact rows or the row's artifact id were changed behind the registry's back"
+        )
+    return kind
+
+
+def _record_kind(signed: SignedState | None, table: str, row: Mapping[str, Any]) -> str:
+    """:func:`record_status` without the version check."""
     rid = row["id"]
     key = (table, rid)
     want = None if signed is None else signed.records.get(key)
@@ -420,14 +535,28 @@ def record_problems(con: sqlite3.Connection, signed: SignedState) -> tuple[list[
         bound = {r for t, r in signed.records if t == table} | set((signed.legacy or {}).get(table, {}))
         seen: set[int] = set()
         found: dict[str, list[int]] = {"legacy": [], "unsigned": []}
+        unversioned: list[int] = []
         for row in _row(con, table):
             seen.add(row["id"])
+            of = row_version(con, row["artifact"]) if table in VERSIONED_TABLES else None
             try:
-                status = record_status(signed, table, row)
+                status = record_status(signed, table, row, of)
             except IntegrityError as exc:
                 problems.append(str(exc))
                 continue
             found.get(status, []).append(row["id"])
+            if (
+                table in VERSIONED_TABLES
+                and status != "unsigned"
+                and (table, row["id"]) not in signed.record_of
+            ):
+                unversioned.append(row["id"])
+        if unversioned:
+            notes.append(
+                f"{len(unversioned)} {table} rows are not bound to the version they are of (recorded before the "
+                "state log bound them): a swap of artifact ids would move them unnoticed; open the registry once "
+                "with its signing key to bind them as found"
+            )
         problems += [
             f"{table} row {rid} is missing; the signed state log records it (deleted)"
             for rid in sorted(bound - seen)
@@ -461,6 +590,10 @@ def _apply(state: SignedState, entry: Mapping[str, Any], seq: int) -> None:
             state.checkpoint_at = float(entry["at"])
         if "records" in entry:  # absent from a checkpoint written by an older release
             _bind(state, entry["records"], seq)
+        if "versions" in entry:  # absent from a checkpoint written by an older release, as "settings"
+            _bind_of(state, entry["versions"], seq)
+        if "settings" in entry:
+            state.settings = {str(k): str(v) for k, v in entry["settings"].items()}
     elif seq == 1:
         raise IntegrityError(f"state log entry 1 is a {op!r} change; the log must start with a checkpoint")
     elif op == "tag":
@@ -481,6 +614,16 @@ def _apply(state: SignedState, entry: Mapping[str, Any], seq: int) -> None:
             raise IntegrityError(f"state log entry {seq} records {key[0]} row {key[1]}, which it cannot")
         state.records[key] = str(entry["sha256"])
         state.first_record[key[0]] = min(key[1], state.first_record.get(key[0], key[1]))
+        if "of" in entry:  # absent from the entries of an older release (bound later by a ``versions`` entry)
+            state.record_of[key] = tuple(entry["of"] or ())
+    elif op == "versions":
+        if state.versions_seq is not None:
+            raise IntegrityError(f"state log entry {seq} binds rows' versions a second time")
+        _bind_of(state, entry["versions"], seq)
+    elif op == "settings":
+        if state.settings is not None:
+            raise IntegrityError(f"state log entry {seq} signs the registry's settings a second time")
+        state.settings = {str(k): str(v) for k, v in entry["settings"].items()}
     elif op == "legacy":
         if state.legacy is not None:
             raise IntegrityError(f"state log entry {seq} binds rows from before signing a second time")
@@ -501,6 +644,19 @@ def _bind(state: SignedState, records: Mapping[str, Any], seq: int) -> None:
         if set(legacy[table]) & {r for t, r in state.records if t == table}:
             raise IntegrityError(f"state log entry {seq} binds {table} rows that have record entries")
     state.legacy, state.legacy_seq = legacy, seq
+
+
+def _bind_of(state: SignedState, versions: Mapping[str, Any], seq: int) -> None:
+    """Take the versions a checkpoint or ``versions`` entry binds rows to (``{table: [[id, model, number,
+    SHA-256], ...]}``)."""
+    for table, rows in versions.items():
+        if table not in VERSIONED_TABLES:
+            raise IntegrityError(f"state log entry {seq} binds versions of {table!r} rows, which it cannot")
+        for rid, *of in rows:
+            if (table, int(rid)) in state.record_of:
+                raise IntegrityError(f"state log entry {seq} binds {table} row {rid}'s version a second time")
+            state.record_of[(table, int(rid))] = tuple(of)
+    state.versions_seq = seq
 
 
 class _Unsealed(Exception):
@@ -774,6 +930,7 @@ def verify(
             problems, notes = record_problems(con, signed)
             report.problems += problems
             report.notes += notes
+            report.problems += settings_problems(con, signed)
             if signed.checkpoint_at is not None:
                 when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(signed.checkpoint_at))
                 report.notes.append(
@@ -786,6 +943,19 @@ def verify(
         if problem is not None:
             report.problems.append(problem)
     return report
+
+
+def settings_problems(con: sqlite3.Connection, signed: SignedState) -> list[str]:
+    """Where the registry's recorded settings differ from the signed ones (none for a log that signs none yet)."""
+    if signed.settings is None:
+        return []
+    found = current_settings(con)
+    return [
+        f"registry.db records {name} {found.get(name)!r}, but the signed state log says {value!r}: the setting was "
+        "changed behind the registry's back; restore registry.db and registry.json from a backup"
+        for name, value in sorted(signed.settings.items())
+        if found.get(name) != value
+    ]
 
 
 def head_problem(con: sqlite3.Connection, head: Head | None, expect_head: Head) -> str | None:

@@ -54,7 +54,12 @@ class Tolerance:
 
 @dataclass
 class PromotionResult:
-    """What a promotion decided and why (``regressions`` is empty when it was promoted)."""
+    """What a promotion decided and why (``regressions`` is empty when it was promoted).
+
+    ``previous`` is what the tag itself held (None: nothing); ``compared_with`` the version the candidate was
+    gated against and the tag holding it. They differ for a cohort's first own ``production.<cohort>``: the tag
+    held nothing, and the candidate was gated against ``production``'s holder, which that cohort's devices run.
+    """
 
     promoted: bool
     candidate: str
@@ -63,6 +68,7 @@ class PromotionResult:
     candidate_metrics: dict[str, float]
     baseline_metrics: dict[str, float] | None
     regressions: list[str]
+    compared_with: str | None = None  # "m@1 (production)"
 
     def summary(self) -> str:
         model = self.candidate.partition("@")[0]
@@ -72,6 +78,8 @@ class PromotionResult:
             if self.promoted
             else f"{self.candidate} REFUSED for {where} (it stays at {self.previous or 'nothing'})"
         ]
+        if self.compared_with and not self.compared_with.startswith(f"{self.previous} "):
+            lines.append(f"  gated against {self.compared_with}, which that tag's devices were served")
         for k, v in self.candidate_metrics.items():
             base = self.baseline_metrics.get(k) if self.baseline_metrics else None
             lines.append(
@@ -183,13 +191,15 @@ def promote(
         promoted=not regressions,
         candidate=cand.ref,
         tag=to,
-        previous=prev.ref if prev else None,
+        # what ``to`` held: a cohort's first own production held nothing, though it is gated against production's
+        previous=prev.ref if prev is not None and served == to else None,
         candidate_metrics=cand_metrics,
         baseline_metrics=base_metrics,
         regressions=regressions,
+        compared_with=f"{prev.ref} ({served})" if prev is not None else None,
     )
     decision: dict[str, Any] = {
-        "previous": prev.number if prev else None,
+        "previous": prev.number if prev is not None and served == to else None,
         "evaluator": name,
         "metrics": cand_metrics,
         "baseline": base_metrics,
@@ -210,7 +220,7 @@ def promote(
     with registry.transaction():
         _check_unchanged(registry, cand, to, prev, served)
         registry.record_promotion_decision(cand.model, to, cand.number, promoted=True, reasons=[], **decision)
-        registry.set_tag(cand.model, to, cand.number, action="promote", reason=f"gate passed ({name})")
+        registry._move_tag(cand.model, to, cand.number, action="promote", reason=f"gate passed ({name})")
         registry.attach_card(cand, card.to_dict())
     return result
 
@@ -342,6 +352,8 @@ def rollback(registry: Registry, model: str, *, tag: str = "production", reason:
                 f"rebuild without the cohort (POST /admin/models/{model}/rebuild) and promote the version it "
                 "publishes instead"
             )
-        registry.set_tag(model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}")
+        registry._move_tag(
+            model, tag, target, action="rollback", reason=reason or f"rollback from {stack[-1]}"
+        )
         registry.record_rollback(model, tag, target)  # devices already on a newer version may follow it back
     return registry.get(model, target)

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -43,7 +44,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeGuard
 
 from deltaplane.errors import (
     ConfigError,
@@ -56,7 +57,7 @@ from deltaplane.errors import (
     SignatureError,
 )
 from deltaplane.registry import eventlog, seal
-from deltaplane.registry.encryption import KekRotation, KeyRing, is_sealed, key_lock
+from deltaplane.registry.encryption import HEADER_MAX, KekRotation, KeyRing, is_sealed, key_lock
 from deltaplane.registry.signing import (
     PUBLIC_NAME,
     TRUSTED_KEYS_ENV,
@@ -717,6 +718,9 @@ def _stored_json(text: str | bytes | None, what: str, kind: type) -> Any:
 
 #: A blob of unknown size that ``verify`` finds is read up to the longest one the registry records, or this.
 _UNKNOWN_BLOB_FLOOR = 64 << 20
+#: How much of a blob a rotation copies at a time (its memory bound, see Registry._rewrap_all).
+_COPY_CHUNK = 1 << 20
+
 #: The most an encrypted blob's envelope (magic, key id, wrapped data key, nonce, GCM tag) adds to its data.
 _ENVELOPE_SLACK = 4096
 
@@ -830,6 +834,7 @@ class Registry:
             ) from None
         self._settings: dict[str, Any] = self._checked_settings(found, recorded)
         self._signed: eventlog.SignedState | None = None  # the state log as last verified (see _reading)
+        self._plaintext_checked = False  # see _check_signed_plaintext
         self._start_state_log()
 
     def _start_state_log(self) -> None:
@@ -844,8 +849,10 @@ class Registry:
         from deltaplane.registry.signing import PRIVATE_NAME
 
         con = self._connect()
-        if eventlog.read_head(con) is not None and eventlog.marked(con, eventlog.RECORDS_MARKER):
-            return  # started, and binding the rows of cards/evaluations/verdicts from before signing
+        if eventlog.read_head(con) is not None and all(
+            eventlog.marked(con, m) for m in (eventlog.RECORDS_MARKER, eventlog.VERSIONS_MARKER)
+        ):
+            return  # started, binding the rows of cards/evaluations/verdicts from before signing and their versions
         if self._signer is None and not (self.home / "keys" / PRIVATE_NAME).exists():
             return
         try:
@@ -1158,7 +1165,16 @@ class Registry:
         return self._ring
 
     def _decode_blob(self, raw: bytes, sha256: str) -> bytes:
-        data = self.keyring.open(raw, sha256) if is_sealed(raw) else raw
+        """The data of a stored blob: opened when the registry is encrypted (its setting says so, never the
+        blob's first bytes: a plaintext registry may hold weights that start with the envelope's magic)."""
+        if not self.encrypted:
+            data = raw
+        elif not is_sealed(raw):
+            raise IntegrityError(
+                f"blob {sha256} is stored in plaintext in an encrypted registry: restore it from a backup"
+            )
+        else:
+            data = self.keyring.open(raw, sha256)
         if hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"blob {sha256} is corrupt: its bytes no longer hash to its name")
         return data
@@ -1174,19 +1190,22 @@ class Registry:
         any rotation, reload the keys and read the file again.
         """
         raw = _read_blob_bytes(path, sha256, size, largest=largest)
-        if is_sealed(raw) and KeyRing.blob_kid(raw) not in self.keyring.keys:
+        if self.encrypted and is_sealed(raw) and KeyRing.blob_kid(raw) not in self.keyring.keys:
             with key_lock(self.home, exclusive=False, required=False):
                 self._fresh_keyring()
                 raw = _read_blob_bytes(path, sha256, size, largest=largest)
         return raw, self._decode_blob(raw, sha256)
 
-    def _write_blob_file(self, path: Path, stored: bytes, tag: str) -> None:
+    def _write_blob_file(self, path: Path, stored: bytes, tag: str, rest: BinaryIO | None = None) -> None:
+        """Write ``stored`` (then what is left of ``rest``, copied in chunks) to ``path`` durably and atomically."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.home / "blobs" / "tmp" / f"{tag[:16]}.{uuid.uuid4().hex}.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(tmp, "wb") as f:
                 f.write(stored)
+                if rest is not None:
+                    shutil.copyfileobj(rest, f, _COPY_CHUNK)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -1209,6 +1228,7 @@ class Registry:
         except (FileNotFoundError, IntegrityError):
             pass  # absent, corrupt or undecryptable: write it below
         if not self.encrypted:
+            self._check_signed_plaintext()
             self._write_blob_file(path, data, digest)
             return digest
         # shared with other writers, exclusive with a rotation: the key chosen stays current until the
@@ -1216,6 +1236,30 @@ class Registry:
         with key_lock(self.home, exclusive=False):
             self._write_blob_file(path, self._fresh_keyring().seal(data, digest), digest)
         return digest
+
+    def _check_signed_plaintext(self) -> None:
+        """Refuse to write a plaintext blob unless the signed state log says this registry is unencrypted.
+
+        registry.json and the database's ``settings`` row are checked against each other at open, but whoever
+        can write both could turn encryption off for every blob written after; the log's ``settings`` entry,
+        signed by the registry's key, cannot be rewritten so. Checked once per handle (the setting never
+        changes); a registry whose log signs no settings yet (no log, or opened since only without the signing
+        key) is taken at its recorded word, which verify notes.
+        """
+        if self._plaintext_checked:
+            return
+        with self._snapshot() as con:
+            if eventlog.read_head(con) is None:
+                return
+            self._signed = eventlog.signed_state(con, self.verifier, self._signed)
+            signed = self._signed.settings
+        if signed is not None and signed.get("encryption") != "none":
+            raise IntegrityError(
+                f"the signed state log says this registry's blobs are encrypted ({signed.get('encryption')!r}), but "
+                f"{self.home / SETTINGS_NAME} and registry.db say 'none': the setting was changed behind the "
+                "registry's back; nothing is written in plaintext; restore both from a backup"
+            )
+        self._plaintext_checked = True
 
     def get_blob(self, sha256: str, *, size: int | None = None) -> bytes:
         """The bytes stored under ``sha256`` (decrypted); :class:`IntegrityError` if missing, tampered or corrupt,
@@ -1277,17 +1321,24 @@ class Registry:
         )
 
     def _rewrap_all(self, ring: KeyRing) -> int:
-        """Re-wrap every sealed blob to ``ring.current``; returns how many changed."""
+        """Re-wrap every sealed blob to ``ring.current``; returns how many changed.
+
+        Streamed: of each blob only the header is read and rewritten; the ciphertext is copied across in
+        :data:`_COPY_CHUNK` pieces, so memory stays bounded by the chunk, not by the largest blob.
+        """
         changed = 0
         for sub in sorted(p for p in (self.home / "blobs").iterdir() if p.is_dir() and p.name != "tmp"):
             for f in sorted(sub.iterdir()):
-                raw = f.read_bytes()
-                if not is_sealed(raw):
-                    continue
-                new = ring.rewrap(raw, sub.name + f.name)
-                if new is not None:
-                    self._write_blob_file(f, new, sub.name + f.name)
-                    changed += 1
+                with open(f, "rb") as src:
+                    head = src.read(HEADER_MAX)
+                    if not is_sealed(head):
+                        continue
+                    new = ring.rewrap_header(head, sub.name + f.name, os.fstat(src.fileno()).st_size)
+                    if new is None:
+                        continue
+                    src.seek(new[1])
+                    self._write_blob_file(f, new[0], sub.name + f.name, rest=src)
+                changed += 1
         return changed
 
     @staticmethod
@@ -1667,12 +1718,25 @@ class Registry:
         the move would otherwise sign a ``previous`` version that someone else wrote.
 
         A gated tag (:func:`is_gated_tag`: ``production``, ``production.<cohort>``) says what devices are served,
-        so it moves only through the promotion gate: ``action`` ``"promote"`` or ``"rollback"`` is for
-        :func:`~deltaplane.registry.promotion.promote` and :func:`~deltaplane.registry.promotion.rollback`,
-        which run its checks first. Any other move of a gated tag is a :class:`PromotionRefused`, with one
-        exception: placing a model's first ``production`` (a new model's initial version, which no device runs
-        yet and nothing can be compared with) when that version contains no withdrawn cohort.
+        so it moves only through the promotion gate: :func:`~deltaplane.registry.promotion.promote` and
+        :func:`~deltaplane.registry.promotion.rollback`, which run its checks first. Any move of a gated tag
+        from here is a :class:`PromotionRefused`, with one exception: placing a model's first ``production`` (a
+        new model's initial version, which no device runs yet and nothing can be compared with) when that
+        version contains no withdrawn cohort. ``action`` is what the tag history records; the gate's own actions
+        (``"promote"``, ``"rollback"``) are refused here, so that no caller can label a move as the gate's to
+        skip the gate.
         """
+        if action in GATED_ACTIONS:
+            raise PromotionRefused(
+                f"set_tag(action={action!r}) is refused: only the promotion gate records a {action!r} "
+                f"(promote(registry, '{model}@{number}', to='{tag}') or rollback(registry, '{model}', tag='{tag}'); "
+                f"`deltaplane registry promote` / `rollback`), after its checks"
+            )
+        self._move_tag(model, tag, number, reason=reason, action=action)
+
+    def _move_tag(self, model: str, tag: str, number: int, *, reason: str = "", action: str) -> None:
+        """:meth:`set_tag` without its refusal of the gate's actions: for :mod:`~deltaplane.registry.promotion`
+        only, which calls it with ``"promote"`` / ``"rollback"`` once its checks passed."""
         _check_name("tag", tag)
         gated = is_gated_tag(tag) and action not in GATED_ACTIONS
         if gated and tag != PRODUCTION:
@@ -1745,20 +1809,31 @@ class Registry:
     def rollback_record(
         self, model: str, number: int, have: int, *, tag: str | None = None
     ) -> dict[str, Any] | None:
-        """The newest signed rollback record that lets a device on ``have`` move back to ``number``, if any
-        (``tag``: only a rollback of that tag, the one the device is served from)."""
-        row = (
-            self._connect()
-            .execute(
-                "SELECT tag, number, supersedes, signature FROM rollbacks WHERE model=? AND number=? "
-                "AND supersedes>=? AND (? IS NULL OR tag=?) ORDER BY id DESC",
-                (model, number, have, tag, tag),
-            )
-            .fetchone()
-        )
-        if row is None:
-            return None
-        return {"tag": row[0], "version": row[1], "supersedes": row[2], "signature": row[3]}
+        """The signed rollback record that lets a device on ``have`` move back to ``number``, if one is current
+        (``tag``: only a rollback of that tag, the one the device is served from).
+
+        A record is current only while its tag still holds what that rollback put there: the tag's newest move
+        (its history, verified against the signed state log) is the rollback to ``number`` that signed it, and it
+        is the tag's newest record. Once the tag moves again (a promotion, a move back by hand, another rollback)
+        the record is stale and never offered again, so a device ahead of a later move back stays where it is.
+        """
+        con = self._connect()
+        rows = con.execute(
+            "SELECT tag, number, supersedes, signature, at FROM rollbacks WHERE model=? AND (? IS NULL OR tag=?) "
+            "ORDER BY id DESC",
+            (model, tag, tag),
+        ).fetchall()
+        newest: dict[str, tuple[Any, ...]] = {}
+        for r in rows:
+            newest.setdefault(r[0], tuple(r))
+        for rtag, rnum, supersedes, signature, at in newest.values():
+            if rnum != number or supersedes < have:
+                continue
+            history = self.tag_history(model, rtag, verify=True)
+            last = history[-1] if history else None
+            if last and last["action"] == "rollback" and last["number"] == number and last["at"] <= at:
+                return {"tag": rtag, "version": rnum, "supersedes": supersedes, "signature": signature}
+        return None
 
     def tag_history(self, model: str, tag: str, *, verify: bool = False) -> list[dict[str, Any]]:
         """Every move of ``model:tag``, oldest first; ``verify`` checks them against the signed state log first."""
@@ -1806,10 +1881,18 @@ class Registry:
         self._seal_if_due()
 
     @staticmethod
-    def _record_status(signed: eventlog.SignedState | None, table: str, row: sqlite3.Row, what: str) -> str:
-        """:func:`eventlog.record_status` of ``row``, its :class:`IntegrityError` naming ``what`` and the remedy."""
+    def _record_status(
+        signed: eventlog.SignedState | None,
+        table: str,
+        row: sqlite3.Row,
+        what: str,
+        of: Artifact | None = None,
+    ) -> str:
+        """:func:`eventlog.record_status` of ``row`` (``of``: the version it was read for), its
+        :class:`IntegrityError` naming ``what`` and the remedy."""
+        version = None if of is None else [of.model, of.number, of.sha256]
         try:
-            return eventlog.record_status(signed, table, dict(row))
+            return eventlog.record_status(signed, table, dict(row), version)
         except IntegrityError as exc:
             raise IntegrityError(
                 f"{what}: {exc}. `deltaplane registry verify` lists every such row; restore registry.db from a "
@@ -1832,7 +1915,7 @@ class Registry:
             if not row:
                 return None
             what = f"the model card of {artifact.ref} (cards row {row['id']})"
-            status = self._record_status(signed, "cards", row, what)
+            status = self._record_status(signed, "cards", row, what, artifact)
         card = _stored_json(self.get_blob(row["sha256"]), f"{what}, blob {row['sha256']}", dict)
         mismatch = _card_mismatch(card, artifact.model, artifact.number)
         if mismatch:
@@ -1862,7 +1945,9 @@ class Registry:
             out = []
             for r in rows:
                 what = f"evaluation row {r['id']} of {artifact.ref}"
-                status = self._record_status(signed, "evaluations", r, what)  # first: an edit is named as one
+                status = self._record_status(
+                    signed, "evaluations", r, what, artifact
+                )  # first: edits are named
                 out.append(
                     {
                         "evaluator": r["evaluator"],
@@ -2160,14 +2245,12 @@ class Registry:
                 sha = sub.name + f.name
                 report.blobs_checked += 1
                 try:  # AES-GCM tags first (encrypted), then the SHA-256
-                    raw, _ = self._read_blob_file(f, sha, sizes.get(sha), largest=largest)
+                    self._read_blob_file(f, sha, sizes.get(sha), largest=largest)
                 except FileNotFoundError:  # deleted meanwhile (a discarded upload, gc)
                     continue
                 except (IntegrityError, NotFound) as exc:
                     report.problems.append(f"{exc}" if "blob" in str(exc) else f"blob {sha}: {exc}")
                     continue
-                if self.encrypted and not is_sealed(raw):
-                    report.problems.append(f"blob {sha} is stored in plaintext in an encrypted registry")
                 if sha not in referenced:
                     report.orphans.append(sha)
         report.temp_files = sorted(p.name for p in (blobs / "tmp").glob("*.tmp"))

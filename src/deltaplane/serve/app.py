@@ -63,8 +63,9 @@ from deltaplane.errors import (
 )
 from deltaplane.monitor import DriftMonitor, DriftReport, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback, withdrawn_among
-from deltaplane.registry.downlink import serve_statement
+from deltaplane.registry.downlink import rollback_offer_statement, serve_statement
 from deltaplane.registry.promotion import Evaluator
+from deltaplane.registry.store import PRODUCTION
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
 from deltaplane.serve.body_errors import FASTAPI_UNPARSED_BODY, body_problem, describe
 from deltaplane.serve.bounded import ByteLRU
@@ -816,7 +817,11 @@ class PromoteRequest(_Strict):
 class PromoteResponse(BaseModel):
     promoted: bool
     candidate: str
-    previous: str | None
+    previous: str | None = Field(description="what the tag held (null: nothing)")
+    compared_with: str | None = Field(
+        default=None,
+        description="the version the gate compared against and the tag holding it, e.g. 'cnn@1 (production)'",
+    )
     candidate_metrics: dict[str, float | None] = Field(description="null where the metric was NaN/Inf")
     baseline_metrics: dict[str, float | None] | None
     regressions: list[str]
@@ -1163,14 +1168,20 @@ def create_app(
     install_revocation_routes(app, state, config, device=device, admin=admin, store=service_store)
 
     def served_tag(model: str, channel: str, cohort: str) -> tuple[str, int]:
-        """The tag a device of ``cohort`` on ``channel`` is served from, and the version it holds."""
+        """The tag a device of ``cohort`` on ``channel`` is served from, and the version it holds.
+
+        Cohort first, then the channel; ``training`` then falls back to what that cohort runs in production
+        (``training.<cohort>``, ``training``, ``production.<cohort>``, ``production``), so a training device of
+        cohort ``eu`` trains from the version ``eu`` is served, not from the global production.
+        """
         # verified against the signed state log: a tag moved in the database is a 409, never served
         tags = reg.tags(model, verify=True)
-        for tag in (f"{channel}.{cohort}", channel):
+        order = [f"{channel}.{cohort}", channel]
+        if channel == "training":
+            order += [f"{PRODUCTION}.{cohort}", PRODUCTION]
+        for tag in order:
             if tag in tags:
                 return tag, tags[tag]
-        if channel == "training" and "production" in tags:
-            return "production", tags["production"]
         if not reg.versions(model):
             raise NotFound(f"unknown model {model!r}")
         raise NotFound(f"{model} has no {channel!r} version (tags: {sorted(tags)})")
@@ -1238,10 +1249,17 @@ def create_app(
             # The device is ahead (a rollback): only a full model is safe, and the device accepts an older
             # version only with a signed rollback record covering the one it holds, made by a rollback of
             # the tag it is served from (staging's rollback does not move production's devices back).
-            record = reg.rollback_record(model, want, have, tag=served)
+            record = reg.rollback_record(model, want, have, tag=served)  # only while it is current
             if record is not None:
+                text = f"{record['tag']}:{record['supersedes']}:{record['signature']}"
                 rollback_header = {
-                    "X-Deltaplane-Rollback": f"{record['tag']}:{record['supersedes']}:{record['signature']}"
+                    "X-Deltaplane-Rollback": text,
+                    # this record, offered now, for this request: a stale one replayed later lacks it
+                    "X-Deltaplane-Rollback-Offer": signer.sign(
+                        rollback_offer_statement(
+                            model, channel, want, reg.get(model, want).sha256, nonce, text
+                        )
+                    ).to_text(),
                 }
             have = None
         key = (model, want, have)
@@ -1372,6 +1390,7 @@ def create_app(
             promoted=res.promoted,
             candidate=res.candidate,
             previous=res.previous,
+            compared_with=res.compared_with,
             candidate_metrics=_finite_or_none(res.candidate_metrics),
             baseline_metrics=_finite_or_none(res.baseline_metrics),
             regressions=res.regressions,

@@ -382,7 +382,7 @@ class DeviceClient:
 
     def _check_answer(self, model: str, channel: str, nonce: str, dl: Downlink, h: httpx.Headers) -> None:
         """Refuse an answer that is not fresh, not for this model, or older than what the device holds."""
-        from deltaplane.registry.downlink import serve_statement
+        from deltaplane.registry.downlink import rollback_offer_statement, serve_statement
 
         stmt = serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
         sig = h.get("x-deltaplane-serve-signature", "")
@@ -410,6 +410,16 @@ class DeviceClient:
                 )
             self.verifier.verify(
                 rollback_statement(model, tag, dl.version, int(supersedes), dl.target_sha256), rsig
+            )
+            offer = h.get("x-deltaplane-rollback-offer", "")
+            if not offer:
+                raise DowngradeRefused(
+                    f"offered {model}@{dl.version} while holding @{self.version} with a rollback record the service "
+                    "did not vouch for on this request (no X-Deltaplane-Rollback-Offer signature): a record "
+                    "replayed after its tag moved on, or a service from before offers were signed; refused"
+                )
+            self.verifier.verify(
+                rollback_offer_statement(model, channel, dl.version, dl.target_sha256, nonce, record), offer
             )
 
     def fetch(self, model: str, *, channel: str = "production") -> tuple[int, dict[str, torch.Tensor]]:
