@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -75,6 +75,9 @@ MC_MAX_CELLS = 20_000_000
 #: prediction references a monitor keeps, one per model version (the highest version numbers): a report names
 #: the version it ran, and reports from older versions than these are not tested on predictions
 MAX_PREDICTION_REFERENCES = 8
+
+#: what :meth:`DriftMonitor._without_each_device` reads a window less one device as (pooled counts, device indices)
+_W = TypeVar("_W")
 
 #: A count vector: a list of numbers or a 1-D array (each test reads it with ``np.asarray``).
 Counts = Sequence[float] | np.ndarray
@@ -658,8 +661,9 @@ class DriftReport:
         }
 
 
-def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
-    """Pooling of one signal's counts from several devices, each weighted by :func:`_device_weights`.
+def _pool(rows: Sequence[Sequence[float]], cap: float | None = None) -> tuple[np.ndarray, float] | None:
+    """Pooling of one signal's counts from several devices, each weighted by :func:`_device_weights` (capped at
+    ``cap`` samples when given, else at the median device's).
 
     Each device's counts become fractions and the window's distribution is their weighted mean, so a device
     sending huge counts (1e9 per bin) weighs no more than the window's median device. The returned
@@ -670,12 +674,18 @@ def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
     arrs = [a for a in arrs if a.sum() > 0]
     if not arrs:
         return None
-    weights, n_eff = _device_weights([a.sum() for a in arrs])
+    weights, n_eff = _device_weights([a.sum() for a in arrs], cap)
     fractions = weights @ np.array([a / a.sum() for a in arrs])
     return fractions * n_eff, n_eff
 
 
-def _device_weights(counts: Sequence[float]) -> tuple[np.ndarray, float]:
+def _median_count(counts: Sequence[float]) -> float:
+    """The (lower) median of the positive ``counts``: the cap :func:`_device_weights` puts on each device."""
+    n = np.sort([c for c in counts if c > 0])
+    return float(n[(n.size - 1) // 2]) if n.size else 0.0
+
+
+def _device_weights(counts: Sequence[float], cap: float | None = None) -> tuple[np.ndarray, float]:
     """Each device's weight in a window (summing to 1) and the window's effective sample size, for the devices
     with ``n_d > 0`` (empty weights and 0 when there are none).
 
@@ -693,7 +703,7 @@ def _device_weights(counts: Sequence[float]) -> tuple[np.ndarray, float]:
     n = np.asarray([c for c in counts if c > 0], dtype=np.float64)
     if not n.size:
         return n, 0.0
-    w = np.minimum(n, np.sort(n)[(n.size - 1) // 2])
+    w = np.minimum(n, _median_count(n) if cap is None else cap)
     return w / w.sum(), float(w.sum() ** 2 / np.sum(w * w / n))
 
 
@@ -801,6 +811,8 @@ class DriftMonitor:
         self._live: dict[str, Summary] = {}
         self._reports = 0
         self._anonymous = 0
+        #: reports each device merged in the open window (:meth:`_window_full` caps what one device counts)
+        self._device_reports: dict[str, int] = {}
         self.history: list[DriftReport] = []
 
     def settings(self) -> dict[str, Any]:
@@ -862,11 +874,24 @@ class DriftMonitor:
         so far (a copy: :meth:`resume_window` puts it back, after a restart or a failed write)."""
         return dict(self._live), self._reports, self._anonymous
 
-    def resume_window(self, live: Mapping[str, Summary], reports: int, anonymous: int) -> None:
-        """Continue the window :meth:`live_window` returned (each summary is checked against the spec)."""
+    def device_reports(self) -> dict[str, int]:
+        """How many reports each device of the open window merged (a copy, for :meth:`resume_window`)."""
+        return dict(self._device_reports)
+
+    def resume_window(
+        self,
+        live: Mapping[str, Summary],
+        reports: int,
+        anonymous: int,
+        device_reports: Mapping[str, int] | None = None,
+    ) -> None:
+        """Continue the window :meth:`live_window` returned (each summary is checked against the spec), with each
+        device's report count (:meth:`device_reports`; a device whose count is not given counts one report)."""
         for summary in live.values():
             summary.validate(self.spec)
         self._live, self._reports, self._anonymous = dict(live), int(reports), int(anonymous)
+        given = device_reports or {}
+        self._device_reports = {d: max(1, int(given.get(d, 1))) for d in self._live}
 
     def ingest(
         self, summary: Summary, device: str | None = None, *, version: int | None = None
@@ -894,12 +919,27 @@ class DriftMonitor:
                 summary.merge(prev) if isinstance(summary, WindowSummary) else prev.merge(summary)
             )
         self._reports += 1
-        if self._reports < self.window or len(self._live) < self.min_devices:
+        self._device_reports[device] = self._device_reports.get(device, 0) + 1
+        if not self._window_full():
             return None
         report = self.compare(list(self._live.values()))
         self.history.append(report)
-        self._live, self._reports = {}, 0
+        self._live, self._reports, self._device_reports = {}, 0, {}
         return report
+
+    def _window_full(self) -> bool:
+        """Whether the open window holds ``window`` reports, each device's counted up to
+        ``ceil(window / min_devices)``, from at least ``min_devices`` devices that sent inputs.
+
+        Why: counted plainly, one device reporting fast (within its rate limit) filled the window alone, and
+        closed it as soon as ``min_devices - 1`` others had said anything, an empty summary included: the window
+        was decided on a few honest reports. Capped, a window holds at least ``min_devices`` devices' share of
+        reports, and the devices counted are those whose summary holds inputs.
+        """
+        per_device = -(-self.window // self.min_devices)
+        counted = sum(min(k, per_device) for k in self._device_reports.values())
+        with_inputs = sum(1 for summary in self._live.values() if summary.n > 0)
+        return counted >= self.window and with_inputs >= self.min_devices
 
     def compare(self, live: Summary | Sequence[Summary]) -> DriftReport:
         """Drift figures of a live window against the reference, with alerts for flagged signals.
@@ -926,6 +966,7 @@ class DriftMonitor:
             untested: str | None = None,
             **extra: Any,
         ) -> None:
+            cur = [c for c in cur if sum(c) > 0]  # the devices that reported this signal
             pooled = _pool(cur)
             if (sum(ref) == 0 and untested is None) or pooled is None:
                 return
@@ -935,28 +976,45 @@ class DriftMonitor:
                 "name": name,
                 "test": test,
                 **extra,
-                "devices": sum(1 for c in cur if sum(c) > 0),
+                "devices": len(cur),
                 "n": n_eff,  # the effective sample size this signal's test sees
             }
-            if untested is None and n_eff < self.min_samples:  # too few to test: say so, not a noisy verdict
-                untested = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+            if untested is None:
+                untested = self._too_few(len(cur), n_eff)
             if untested is not None:
                 rows.append({**base, **_UNTESTED, "note": untested})
                 return
+
+            def verdict(counts: np.ndarray) -> tuple[float, float]:
+                stat, p = (
+                    ks_from_counts(ref, counts)
+                    if test == "ks"
+                    else chi2_from_counts(ref, counts, min_p=min_p)
+                )
+                return stat, p
+
             value = psi(ref, counts)
-            if test == "ks":
-                stat, p = ks_from_counts(ref, counts)
-            else:
-                stat, p = chi2_from_counts(ref, counts, min_p=min_p)
+            stat, p = verdict(counts)
             if not np.isfinite([value, stat, p]).all():
                 _failed(rows, alerts, base, f"{kind} {name}")
                 return
             rows.append({**base, "psi": value, "stat": stat, "p": p, "drifted": False})
+            effect, p_robust = value, p
+            if value > self.psi_threshold and p < self.alpha and len(cur) > 1:
+                cap = _median_count([sum(c) for c in cur])  # the window's: see _without_each_device
+                effect, p_robust = self._without_each_device(
+                    [_pool(cur[:i] + cur[i + 1 :], cap) for i in range(len(cur))],
+                    lambda pooled: psi(ref, pooled),
+                    lambda pooled: verdict(pooled)[1],
+                    self.psi_threshold,
+                )
+                rows[-1].update(psi_without_one=effect, p_without_one=p_robust)
             tested.append(
                 _Tested(
                     rows[-1],
-                    value > self.psi_threshold,
+                    effect > self.psi_threshold,
                     f"{kind} drift on {name}: PSI {value:.3f} > {self.psi_threshold}, {test} p={p:.2g}",
+                    p_robust,
                 )
             )
 
@@ -1001,6 +1059,60 @@ class DriftMonitor:
             ref = [sum(self.reference.feature_counts[j]), ref_missing[j]]
             row("missing values", name, ref, [[sum(c[j]), m[j]] for c, m in live], "chi2")
 
+    def _too_few(self, devices: int, n_eff: float) -> str | None:
+        """Why a signal reported by ``devices`` devices with ``n_eff`` effective samples is not tested, or None.
+
+        The window's ``min_devices`` counts the devices that reported *this* signal: counted over the window,
+        two honest devices sending metrics only (or features only) let one device be the whole of a signal's
+        evidence (the embeddings, a version's predictions), and its own median, so nothing capped it.
+        """
+        if devices < self.min_devices:
+            return f"not enough devices: {devices} < min_devices {self.min_devices}"
+        if n_eff < self.min_samples:  # too few to test: say so, not a noisy verdict
+            return f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+        return None
+
+    def _without_each_device(
+        self,
+        windows: Sequence[tuple[_W, float] | None],
+        effect: Callable[[_W], float],
+        pvalue: Callable[[_W], float],
+        threshold: float,
+    ) -> tuple[float, float]:
+        """The weakest evidence of a signal over the window less each one device: the smallest effect size and the
+        largest p-value, over ``windows`` (for each device, what ``effect`` and ``pvalue`` read of the others'
+        window, e.g. :func:`_pool` of their counts, and its effective size; None when they sent none). A signal is flagged only if it would be without any one device, so no device raises an alert alone.
+
+        Why: a device is capped at the median device's weight, which stops it outweighing the others but not
+        moving a window by its own share: one device of ten reporting every input missing moved the window's
+        share of missing values by 10%, significant at any alpha on 1,000 samples, and a device reporting a value
+        the reference never held (an edge bin) moved the PSI past 0.2. Without the liar, the others' window is
+        clean, so the signal's weakest window is no larger than the honest fleet's own: an alert needs the
+        evidence of the others. The largest p-value over the windows is a valid p-value when one device lies
+        (it is at least the honest window's), so Holm's correction over these keeps its guarantee.
+
+        Effects first (cheap): a window at or below ``threshold`` ends it with no test run, which is the case of a
+        liar; tests then run in increasing effect order and stop once one cannot reject (p >= alpha). A window
+        that has too few samples without one device is the weakest possible: (0, 1).
+
+        The windows less one device keep the whole window's caps (the median device's count, and for the
+        centroid its deviation): recomputed, two devices left of three are capped at the smaller, so a liar
+        reporting one sample made every window without an honest device hold two samples, and hid the drift the
+        honest devices saw.
+        """
+        kept = [w for w in windows if w is not None and w[1] >= self.min_samples]
+        if len(kept) < len(windows):
+            return 0.0, 1.0
+        sizes = [effect(counts) for counts, _ in kept]
+        if min(sizes) <= threshold:
+            return min(sizes), 1.0
+        worst = 0.0
+        for i in np.argsort(sizes, kind="stable"):
+            worst = max(worst, pvalue(kept[i][0]))
+            if not worst < self.alpha:
+                break
+        return min(sizes), worst
+
     def _n_signals(self) -> int:
         """How many signals a window can test at most (the size of the family Holm corrects over)."""
         ref = self.reference
@@ -1021,7 +1133,7 @@ class DriftMonitor:
         test and adds no false alarms of its own: a signal must pass it *and* reject after the correction, so
         the alerts are a subset of Holm's rejections.
         """
-        adjusted = holm([t.row["p"] for t in tested])
+        adjusted = holm([t.p for t in tested])
         for t, p_adj in zip(tested, adjusted, strict=True):
             t.row["p_adjusted"] = p_adj
             t.row["drifted"] = bool(t.large_effect and p_adj < self.alpha)
@@ -1044,46 +1156,69 @@ class DriftMonitor:
         """
         from scipy.stats import chi2
 
-        means = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
-        if not means:
+        held = [d for d in devices if d.embedding_n]
+        if not held:
             return
-        weights, n_eff = _device_weights([d.embedding_n for d in devices])
+        means = np.array([np.asarray(d.embedding_sum) / d.embedding_n for d in held])
+        ns = [float(d.embedding_n) for d in held]
+        n_eff = _device_weights(ns)[1]
         base = {
             "kind": "embedding",
             "name": "centroid shift",
             "test": "centroid",
-            "devices": len(means),
+            "devices": len(held),
             "n": n_eff,
         }
-        if n_eff < self.min_samples:
-            note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
-            rows.append({**base, **_UNTESTED, "note": note})
-            return
-        trace = self.spec.embedding_trace
-        if trace <= 0:
+        note = self._too_few(len(held), n_eff)
+        if note is None and self.spec.embedding_trace <= 0:
             note = "the drift spec has no embedding_trace (reference spread): refit it with DriftSpec.fit"
+        if note is not None:
             rows.append({**base, **_UNTESTED, "note": note})
             return
         ref_mean = np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
-        diff = weights @ _clip_to_median_norm(np.array(means) - ref_mean)
-        sq = float(diff @ diff)
-        stat = float(np.sqrt(sq / trace))
-        p = float(chi2.sf(sq / (trace * (1 / n_eff + 1 / self.reference.embedding_n)), 1))
+
+        cap = _median_count(ns)
+        deviations = means - ref_mean
+        norm_cap = float(np.sort(np.linalg.norm(deviations, axis=1))[(len(held) - 1) // 2])
+
+        def shift(idx: Sequence[int]) -> tuple[float, float]:
+            """The centroid shift and its p-value of the devices ``idx``, capped as the whole window is."""
+            weights, n = _device_weights([ns[i] for i in idx], cap)
+            diff = weights @ _clip_to_median_norm(deviations[list(idx)], norm_cap)
+            sq = float(diff @ diff)
+            trace = self.spec.embedding_trace
+            return float(np.sqrt(sq / trace)), float(
+                chi2.sf(sq / (trace * (1 / n + 1 / self.reference.embedding_n)), 1)
+            )
+
+        everyone = range(len(held))
+        stat, p = shift(everyone)
         if not np.isfinite([stat, p]).all():
             _failed(rows, alerts, base, "embedding centroid")
             return
         rows.append({**base, "psi": None, "stat": stat, "p": p, "drifted": False})
+        effect, p_robust = stat, p
+        if stat > self.embedding_shift_threshold and p < self.alpha and len(held) > 1:
+            others = [[j for j in everyone if j != i] for i in everyone]
+            effect, p_robust = self._without_each_device(
+                [(idx, _device_weights([ns[j] for j in idx], cap)[1]) for idx in others],
+                lambda idx: shift(idx)[0],
+                lambda idx: shift(idx)[1],
+                self.embedding_shift_threshold,
+            )
+            rows[-1].update(shift_without_one=effect, p_without_one=p_robust)
         tested.append(
             _Tested(
                 rows[-1],
-                stat > self.embedding_shift_threshold,
+                effect > self.embedding_shift_threshold,
                 f"embedding drift: centroid shift {stat:.3f} x reference spread > "
                 f"{self.embedding_shift_threshold}, p={p:.2g}",
+                p_robust,
             )
         )
 
 
-def _clip_to_median_norm(deviations: np.ndarray) -> np.ndarray:
+def _clip_to_median_norm(deviations: np.ndarray, cap: float | None = None) -> np.ndarray:
     """Each device's centroid deviation from the reference, ``(devices, dim)``, its length capped at the
     window's (lower) median device's.
 
@@ -1093,7 +1228,7 @@ def _clip_to_median_norm(deviations: np.ndarray) -> np.ndarray:
     median does too and nothing changes. One device's window is its own median (nothing capped).
     """
     norms = np.linalg.norm(deviations, axis=1)
-    cap = np.sort(norms)[(len(norms) - 1) // 2]
+    cap = np.sort(norms)[(len(norms) - 1) // 2] if cap is None else cap
     scale = np.where(norms > cap, cap / np.where(norms > 0, norms, 1.0), 1.0)
     return deviations * scale[:, None]
 
@@ -1116,11 +1251,15 @@ _UNTESTED: dict[str, Any] = {"psi": None, "stat": None, "p": None, "p_adjusted":
 @dataclass
 class _Tested:
     """A tested signal awaiting the window's multiplicity correction: its row, whether its effect size
-    (PSI or centroid shift) passes the threshold, and the alert text if it is flagged."""
+    (PSI or centroid shift) passes the threshold without any one device, the alert text if it is flagged, and
+    its p-value."""
 
     row: dict[str, Any]
     large_effect: bool
     alert: str
+    #: the p-value the correction sees: the worst of the window's and of every window less one device
+    #: (:meth:`DriftMonitor._without_each_device`) for a signal that could be flagged, else the window's own
+    p: float
 
 
 def _failed(rows: list[dict[str, Any]], alerts: list[str], base: dict[str, Any], what: str) -> None:
