@@ -166,3 +166,35 @@ def test_clean_fleets_with_one_liar_stay_quiet_over_many_windows():
         for liar in _liars(spec, draw, rng).values():
             alarms += bool(mon.compare([*_honest(spec, draw, rng), liar]).alerts)
     assert alarms <= 2
+
+
+def test_the_windows_less_one_device_are_computed_as_each_would_be_alone():
+    """The windows less one device are computed together (a loop of tests took 72 s for 200 devices drifting
+    on 64 features); each equals the pooling and tests of that window on its own, with the window's cap."""
+    from deltaplane.monitor.drift import (
+        _chi2_rows,
+        _device_weights,
+        _ks_rows,
+        _median_count,
+        _pools_without_each,
+        _psi_rows,
+        ks_from_counts,
+        psi,
+    )
+
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 50, 6) + 1 for _ in range(5)] + [np.array([1, 0, 0, 0, 0, 1e9])]
+    ref = rng.integers(10, 100, 6)
+    cap = _median_count([r.sum() for r in rows])
+    pools, sizes = _pools_without_each(rows, cap)
+    for i in range(len(rows)):
+        others = [np.asarray(r, dtype=np.float64) for j, r in enumerate(rows) if j != i]
+        w, n = _device_weights([o.sum() for o in others], cap)
+        alone = (w @ np.array([o / o.sum() for o in others])) * n
+        assert sizes[i] == pytest.approx(n) and pools[i] == pytest.approx(alone)
+        assert _psi_rows(ref, pools)[i] == pytest.approx(psi(ref, alone))
+        assert _ks_rows(ref, pools)[i] == pytest.approx(ks_from_counts(ref, alone)[1])
+        table = np.vstack([ref, alone])
+        assert _chi2_rows(ref, pools)[i] == pytest.approx(
+            stats.chi2_contingency(table, correction=False).pvalue
+        )
