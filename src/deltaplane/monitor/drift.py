@@ -747,9 +747,9 @@ def _centroids_without_each(
     return np.sqrt(sq / trace), sizes, np.asarray(p, dtype=np.float64)
 
 
-def _median_count(counts: Sequence[float]) -> float:
+def _median_count(counts: Counts) -> float:
     """The (lower) median of the positive ``counts``: the cap :func:`_device_weights` puts on each device."""
-    n = np.sort([c for c in counts if c > 0])
+    n = np.sort([c for c in np.asarray(counts, dtype=np.float64).tolist() if c > 0])
     return float(n[(n.size - 1) // 2]) if n.size else 0.0
 
 

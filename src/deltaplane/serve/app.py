@@ -513,7 +513,9 @@ class ServiceState:
         transaction (uploads and aborts take it first, then the database's write lock: the same order)."""
         device = report["device"]
         closed: DriftReport | None = None
-        undo: tuple[DriftMonitor, Any, dict[str, int], list[DriftReport]] | None = None
+        undo: (
+            tuple[DriftMonitor, tuple[dict[str, Summary], int, int], dict[str, int], list[DriftReport]] | None
+        ) = None
         with self.report_lock:
             with self.lock:
                 mon = self.monitors.get(model) if summary is not None else None
@@ -539,8 +541,8 @@ class ServiceState:
             except BaseException:
                 if undo is not None:
                     with self.lock:
-                        mon, window, counts, history = undo
-                        mon.resume_window(*window, device_reports=counts)
+                        mon, (live, reports, anonymous), counts, history = undo
+                        mon.resume_window(live, reports, anonymous, counts)
                         mon.history[:] = history
                 raise
             with self.lock:

@@ -343,7 +343,9 @@ class FleetWatch:
         a row whose count is unknown too (written before counts were kept, or damaged) restarts the window
         empty, as unreadable counts do. Either way the loss is named in :attr:`LoadedWatch.window_losses`."""
         live: dict[str, Summary] = {}
-        counts: dict[str, int] = {}  # reports each device merged, where known (see DriftMonitor.resume_window)
+        counts: dict[
+            str, int
+        ] = {}  # reports each device merged, where known (see DriftMonitor.resume_window)
         dropped: list[str] = []
         lost: int | None = 0  # None: some left-out row's report count is unknown
         for device, fmt, text, held in self.registry.query(
