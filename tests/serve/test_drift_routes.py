@@ -69,10 +69,15 @@ def test_a_window_needs_distinct_devices_and_counts_must_match_n(service):
     for _ in range(6):  # one device fills the window alone: no verdict, however shifted its data
         out = one.report("cnn", version=1, summary=summarize(spec, rng.normal(size=(300, 2)) + 3).to_dict())
         assert not out["drift_evaluated"]
-    for i in range(2):  # two more devices: the window closes (it has 8 reports from 3 devices)
-        out = service.device(f"d{i}").report(
+    # a device's reports count up to ceil(window / min_devices) = 2: the flood's 6 and two devices' make 4 of 5
+    # (before, the window closed on them, 8 reports, 6 of them one device's)
+    others = [service.device(f"d{i}") for i in range(2)]
+    for device in others:
+        out = device.report(
             "cnn", version=1, summary=summarize(spec, rng.normal(size=(300, 2)) + 3).to_dict()
         )
+        assert not out["drift_evaluated"]
+    out = others[0].report("cnn", version=1, summary=summarize(spec, rng.normal(size=(300, 2)) + 3).to_dict())
     assert out["drift_evaluated"] and len(out["alerts"]) == 2
     bad = summarize(spec, rng.normal(size=(300, 2))).to_dict()
     bad["n"] = 10  # counts claim 300 samples
@@ -220,3 +225,51 @@ def test_a_prediction_reference_needs_a_drift_reference(service):
     with pytest.raises(ServiceError) as e:
         service.admin.set_prediction_reference("cnn", 1, [1, 1, 1])
     assert e.value.status == 404 and "drift-reference first" in e.value.detail
+
+
+def test_a_liar_in_an_honest_fleet_raises_no_alert_over_http(service):
+    """Nine honest devices and one reporting every input missing, through the report route: before, each
+    feature's missing-values signal alerted (one device's 10% share of the window); now an alert must hold
+    without any one device."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5000, 3))
+    spec = DriftSpec.fit(ref)
+    service.admin.set_drift_reference("cnn", spec.to_dict(), summarize(spec, ref).to_dict(), window=10)
+    for i in range(9):
+        service.device(f"d{i}").report(
+            "cnn", version=1, summary=summarize(spec, rng.normal(size=(200, 3))).to_dict()
+        )
+    out = service.device("liar").report(
+        "cnn", version=1, summary=summarize(spec, np.full((200, 3), np.nan)).to_dict()
+    )
+    assert out["drift_evaluated"] and out["alerts"] == [], out
+    (window,) = service.admin._get("/admin/models/cnn/drift")
+    missing = [r for r in window["rows"] if r["kind"] == "missing values"]
+    assert len(missing) == 3 and all(r["psi"] > 0.2 and r["psi_without_one"] == 0.0 for r in missing)
+
+
+def test_one_models_flood_of_alerts_keeps_another_models_alerts(service, monkeypatch):
+    """The last 10,000 alerts were kept for all models together: one model's windows pushed every other model's
+    alerts out, in memory and in the database. Each model now keeps its last MAX_ALERTS."""
+    import torch
+
+    from deltaplane.serve import fleet_watch
+
+    monkeypatch.setattr(fleet_watch, "MAX_ALERTS", 4)
+    service.reg.register_model("other", {"w": torch.zeros(2)})
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2000, 3))
+    spec = DriftSpec.fit(ref)
+    shifted = summarize(spec, rng.normal(size=(500, 3)) + 3.0).to_dict()
+    for model in ("cnn", "other"):
+        service.admin.set_drift_reference(
+            model, spec.to_dict(), summarize(spec, ref).to_dict(), window=1, min_devices=1
+        )
+    assert len(service.device("d0").report("cnn", version=1, summary=shifted)["alerts"]) == 3
+    for _ in range(5):  # 15 alerts of "other"
+        service.device("d1").report("other", version=1, summary=shifted)
+    models = [a["model"] for a in service.admin.alerts()]
+    assert models.count("cnn") == 3 and models.count("other") == 4
+    assert [a["model"] for a in service.admin.alerts("cnn")] == ["cnn"] * 3
+    stored = fleet_watch.FleetWatch(service.reg).load().alerts
+    assert [a["model"] for a in stored].count("cnn") == 3 and len(stored) == 7

@@ -250,9 +250,9 @@ def test_memory_is_bounded_by_bytes(tmp_path):
     cache = svc.state.downlinks
     assert cache.nbytes <= 200_000 and len(cache) == 200_000 // (full + 512)
     # drift history and alerts are capped
-    from deltaplane.serve.app import MAX_ALERTS
+    from deltaplane.serve.fleet_watch import AlertLog
 
-    assert svc.state.alerts.maxlen == MAX_ALERTS
+    assert isinstance(svc.state.alerts, AlertLog)  # the last MAX_ALERTS of each model (test_fleet_watch)
 
 
 def _federated_rounds(svc, rounds, *, restart_between=False, forget_snapshot=False):

@@ -24,7 +24,8 @@ correction over all the signals the window tests (:func:`holm`): with thousands 
 negligible shifts, PSI alone ignores sample size, and uncorrected tests over 64 features alert on 1 clean
 window in 6. So ``alpha`` bounds the chance that a window without drift raises *any* alert. Windows weigh
 each device by its sample count capped at the median device's (:func:`_device_weights`) and need
-``min_devices`` distinct devices; a signal
+``min_devices`` distinct devices, per signal too; a signal is flagged only if it would be without any one device
+(:meth:`DriftMonitor._without_each_device`), so no device raises an alert alone; a signal
 with fewer than ``min_samples`` live samples is reported as "not enough samples" rather than tested. See
 ``docs/ops.md`` for the measured false-alarm rates.
 """
@@ -675,7 +676,84 @@ def _pool(rows: Sequence[Sequence[float]]) -> tuple[np.ndarray, float] | None:
     return fractions * n_eff, n_eff
 
 
-def _device_weights(counts: Sequence[float]) -> tuple[np.ndarray, float]:
+def _pools_without_each(rows: Sequence[Sequence[float]], cap: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_pool` of the window less each one device, all at once: pseudo-counts ``(devices, bins)`` and
+    effective sizes ``(devices,)``, every device weighing its count capped at ``cap`` (the whole window's).
+    ``rows`` are the devices' counts of one signal, each with inputs."""
+    counts = np.asarray(rows, dtype=np.float64)
+    n = counts.sum(axis=1)
+    w = np.minimum(n, cap)
+    fractions = counts / n[:, None]
+    weight = w.sum() - w
+    kish = np.sum(w * w / n) - w * w / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sizes = np.where(weight > 0, weight**2 / kish, 0.0)
+        pooled = np.maximum((w @ fractions)[None, :] - w[:, None] * fractions, 0) / weight[:, None]
+    return np.nan_to_num(pooled * sizes[:, None]), np.nan_to_num(sizes)
+
+
+def _psi_rows(reference: Counts, live: np.ndarray, eps: float = PSI_EPS) -> np.ndarray:
+    """:func:`psi` of ``reference`` against each row of ``live`` (rows with no counts: 0)."""
+    r = np.clip(np.asarray(reference, dtype=np.float64) / np.sum(reference), eps, None)
+    total = live.sum(axis=1, keepdims=True)
+    q = np.clip(live / np.where(total > 0, total, 1.0), eps, None)
+    return np.where(total[:, 0] > 0, np.sum((q - r) * np.log(q / r), axis=1), 0.0)
+
+
+def _ks_rows(reference: Counts, live: np.ndarray) -> np.ndarray:
+    """:func:`ks_from_counts`'s p-value of ``reference`` against each row of ``live``."""
+    from scipy.stats import kstwobign
+
+    r = np.asarray(reference, dtype=np.float64)
+    n, m = r.sum(), np.maximum(live.sum(axis=1), 1e-300)
+    d = np.max(np.abs(np.cumsum(r) / n - np.cumsum(live, axis=1) / m[:, None]), axis=1)
+    return np.asarray(kstwobign.sf(d * np.sqrt(n * m / (n + m))), dtype=np.float64)
+
+
+def _chi2_rows(reference: Counts, live: np.ndarray) -> np.ndarray:
+    """The asymptotic χ² homogeneity p-value of ``reference`` against each row of ``live`` (bins empty in both
+    dropped): the screen that picks which window :func:`chi2_from_counts` tests exactly."""
+    from scipy.stats import chi2
+
+    r = np.broadcast_to(np.asarray(reference, dtype=np.float64), live.shape)
+    cols = r + live
+    total = cols.sum(axis=1, keepdims=True)
+    rows = np.stack([r.sum(axis=1), live.sum(axis=1)], axis=1)  # (devices, 2)
+    stat = np.zeros(len(live))
+    for observed, k in ((r, 0), (live, 1)):
+        expected = rows[:, k : k + 1] * cols / total
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stat += np.where(expected > 0, (observed - expected) ** 2 / expected, 0.0).sum(axis=1)
+    df = np.maximum((cols > 0).sum(axis=1) - 1, 1)
+    return np.asarray(chi2.sf(stat, df), dtype=np.float64)
+
+
+def _centroids_without_each(
+    deviations: np.ndarray, ns: np.ndarray, cap: float, trace: float, n_reference: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The centroid shift, effective size and p-value (as :meth:`DriftMonitor._centroid_row` computes them) of
+    the window less each one device: ``deviations`` already capped at the window's median norm, every device
+    weighing its count capped at ``cap``."""
+    from scipy.stats import chi2
+
+    w = np.minimum(ns, cap)
+    weight = w.sum() - w
+    kish = np.sum(w * w / ns) - w * w / ns
+    with np.errstate(divide="ignore", invalid="ignore"):
+        diff = ((w @ deviations)[None, :] - w[:, None] * deviations) / weight[:, None]
+        sizes = np.nan_to_num(np.where(weight > 0, weight**2 / kish, 0.0))
+        sq = np.nan_to_num(np.sum(diff * diff, axis=1))
+        p = chi2.sf(sq / (trace * (1 / np.maximum(sizes, 1e-300) + 1 / n_reference)), 1)
+    return np.sqrt(sq / trace), sizes, np.asarray(p, dtype=np.float64)
+
+
+def _median_count(counts: Counts) -> float:
+    """The (lower) median of the positive ``counts``: the cap :func:`_device_weights` puts on each device."""
+    n = np.sort([c for c in np.asarray(counts, dtype=np.float64).tolist() if c > 0])
+    return float(n[(n.size - 1) // 2]) if n.size else 0.0
+
+
+def _device_weights(counts: Sequence[float], cap: float | None = None) -> tuple[np.ndarray, float]:
     """Each device's weight in a window (summing to 1) and the window's effective sample size, for the devices
     with ``n_d > 0`` (empty weights and 0 when there are none).
 
@@ -693,16 +771,19 @@ def _device_weights(counts: Sequence[float]) -> tuple[np.ndarray, float]:
     n = np.asarray([c for c in counts if c > 0], dtype=np.float64)
     if not n.size:
         return n, 0.0
-    w = np.minimum(n, np.sort(n)[(n.size - 1) // 2])
+    w = np.minimum(n, _median_count(n) if cap is None else cap)
     return w / w.sum(), float(w.sum() ** 2 / np.sum(w * w / n))
 
 
 class DriftMonitor:
     """Compares live windows of device summaries against a reference summary.
 
-    A window closes when it holds ``window`` reports from at least ``min_devices`` distinct devices; each
-    device weighs its sample count capped at the median device's (see :func:`_device_weights`), so one device
-    can neither hide a drift the others see (by huge counts or by a single sample) nor raise an alert alone. Reports passed without a device id count as distinct devices.
+    A window closes when it holds ``window`` reports, each device's counted up to ``ceil(window /
+    min_devices)``, from at least ``min_devices`` distinct devices with inputs; each device weighs its sample
+    count capped at the median device's (see :func:`_device_weights`), so one device cannot hide a drift the
+    others see (by huge counts or by a single sample), and a signal is flagged only if it would be without any
+    one device (:meth:`_without_each_device`), so none raises an alert alone. Reports passed without a device
+    id count as distinct devices.
 
     Args:
         spec: the binning devices use.
@@ -722,7 +803,7 @@ class DriftMonitor:
             samples" (``drifted`` false, no PSI or p-value) rather than tested: a PSI on a handful of samples
             is noise.
         min_devices: distinct devices a window needs before it is evaluated (a window keeps collecting
-            reports until it has them).
+            reports until it has them), and a signal before it is tested (the devices that reported it).
         prediction_references: each model version's predicted-class counts on the reference data
             (:meth:`set_prediction_reference`).
 
@@ -801,6 +882,8 @@ class DriftMonitor:
         self._live: dict[str, Summary] = {}
         self._reports = 0
         self._anonymous = 0
+        #: reports each device merged in the open window (:meth:`_window_full` caps what one device counts)
+        self._device_reports: dict[str, int] = {}
         self.history: list[DriftReport] = []
 
     def settings(self) -> dict[str, Any]:
@@ -862,11 +945,24 @@ class DriftMonitor:
         so far (a copy: :meth:`resume_window` puts it back, after a restart or a failed write)."""
         return dict(self._live), self._reports, self._anonymous
 
-    def resume_window(self, live: Mapping[str, Summary], reports: int, anonymous: int) -> None:
-        """Continue the window :meth:`live_window` returned (each summary is checked against the spec)."""
+    def device_reports(self) -> dict[str, int]:
+        """How many reports each device of the open window merged (a copy, for :meth:`resume_window`)."""
+        return dict(self._device_reports)
+
+    def resume_window(
+        self,
+        live: Mapping[str, Summary],
+        reports: int,
+        anonymous: int,
+        device_reports: Mapping[str, int] | None = None,
+    ) -> None:
+        """Continue the window :meth:`live_window` returned (each summary is checked against the spec), with each
+        device's report count (:meth:`device_reports`; a device whose count is not given counts one report)."""
         for summary in live.values():
             summary.validate(self.spec)
         self._live, self._reports, self._anonymous = dict(live), int(reports), int(anonymous)
+        given = device_reports or {}
+        self._device_reports = {d: max(1, int(given.get(d, 1))) for d in self._live}
 
     def ingest(
         self, summary: Summary, device: str | None = None, *, version: int | None = None
@@ -894,12 +990,27 @@ class DriftMonitor:
                 summary.merge(prev) if isinstance(summary, WindowSummary) else prev.merge(summary)
             )
         self._reports += 1
-        if self._reports < self.window or len(self._live) < self.min_devices:
+        self._device_reports[device] = self._device_reports.get(device, 0) + 1
+        if not self._window_full():
             return None
         report = self.compare(list(self._live.values()))
         self.history.append(report)
-        self._live, self._reports = {}, 0
+        self._live, self._reports, self._device_reports = {}, 0, {}
         return report
+
+    def _window_full(self) -> bool:
+        """Whether the open window holds ``window`` reports, each device's counted up to
+        ``ceil(window / min_devices)``, from at least ``min_devices`` devices that sent inputs.
+
+        Why: counted plainly, one device reporting fast (within its rate limit) filled the window alone, and
+        closed it as soon as ``min_devices - 1`` others had said anything, an empty summary included: the window
+        was decided on a few honest reports. Capped, a window holds at least ``min_devices`` devices' share of
+        reports, and the devices counted are those whose summary holds inputs.
+        """
+        per_device = -(-self.window // self.min_devices)
+        counted = sum(min(k, per_device) for k in self._device_reports.values())
+        with_inputs = sum(1 for summary in self._live.values() if summary.n > 0)
+        return counted >= self.window and with_inputs >= self.min_devices
 
     def compare(self, live: Summary | Sequence[Summary]) -> DriftReport:
         """Drift figures of a live window against the reference, with alerts for flagged signals.
@@ -926,6 +1037,7 @@ class DriftMonitor:
             untested: str | None = None,
             **extra: Any,
         ) -> None:
+            cur = [c for c in cur if sum(c) > 0]  # the devices that reported this signal
             pooled = _pool(cur)
             if (sum(ref) == 0 and untested is None) or pooled is None:
                 return
@@ -935,28 +1047,46 @@ class DriftMonitor:
                 "name": name,
                 "test": test,
                 **extra,
-                "devices": sum(1 for c in cur if sum(c) > 0),
+                "devices": len(cur),
                 "n": n_eff,  # the effective sample size this signal's test sees
             }
-            if untested is None and n_eff < self.min_samples:  # too few to test: say so, not a noisy verdict
-                untested = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+            if untested is None:
+                untested = self._too_few(len(cur), n_eff)
             if untested is not None:
                 rows.append({**base, **_UNTESTED, "note": untested})
                 return
+
+            def verdict(counts: np.ndarray) -> tuple[float, float]:
+                stat, p = (
+                    ks_from_counts(ref, counts)
+                    if test == "ks"
+                    else chi2_from_counts(ref, counts, min_p=min_p)
+                )
+                return stat, p
+
             value = psi(ref, counts)
-            if test == "ks":
-                stat, p = ks_from_counts(ref, counts)
-            else:
-                stat, p = chi2_from_counts(ref, counts, min_p=min_p)
+            stat, p = verdict(counts)
             if not np.isfinite([value, stat, p]).all():
                 _failed(rows, alerts, base, f"{kind} {name}")
                 return
             rows.append({**base, "psi": value, "stat": stat, "p": p, "drifted": False})
+            effect, p_robust = value, p
+            if value > self.psi_threshold and p < self.alpha and len(cur) > 1:
+                pools, sizes = _pools_without_each(cur, _median_count([sum(c) for c in cur]))
+                effect, p_robust = self._without_each_device(
+                    _psi_rows(ref, pools),
+                    sizes,
+                    _ks_rows(ref, pools) if test == "ks" else _chi2_rows(ref, pools),
+                    self.psi_threshold,
+                    None if test == "ks" else lambda i: chi2_from_counts(ref, pools[i], min_p=min_p)[1],
+                )
+                rows[-1].update(psi_without_one=effect, p_without_one=p_robust)
             tested.append(
                 _Tested(
                     rows[-1],
-                    value > self.psi_threshold,
+                    effect > self.psi_threshold,
                     f"{kind} drift on {name}: PSI {value:.3f} > {self.psi_threshold}, {test} p={p:.2g}",
+                    p_robust,
                 )
             )
 
@@ -1001,6 +1131,58 @@ class DriftMonitor:
             ref = [sum(self.reference.feature_counts[j]), ref_missing[j]]
             row("missing values", name, ref, [[sum(c[j]), m[j]] for c, m in live], "chi2")
 
+    def _too_few(self, devices: int, n_eff: float) -> str | None:
+        """Why a signal reported by ``devices`` devices with ``n_eff`` effective samples is not tested, or None.
+
+        The window's ``min_devices`` counts the devices that reported *this* signal: counted over the window,
+        two honest devices sending metrics only (or features only) let one device be the whole of a signal's
+        evidence (the embeddings, a version's predictions), and its own median, so nothing capped it.
+        """
+        if devices < self.min_devices:
+            return f"not enough devices: {devices} < min_devices {self.min_devices}"
+        if n_eff < self.min_samples:  # too few to test: say so, not a noisy verdict
+            return f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
+        return None
+
+    def _without_each_device(
+        self,
+        effects: np.ndarray,
+        sizes: np.ndarray,
+        pvalues: np.ndarray,
+        threshold: float,
+        exact: Callable[[int], float] | None = None,
+    ) -> tuple[float, float]:
+        """The weakest evidence of a signal over the window less each one device: the smallest effect size and the
+        largest p-value. ``effects``, ``sizes`` (effective sample sizes) and ``pvalues`` hold one entry per device
+        left out (computed together: :func:`_pools_without_each`); ``exact``, when given, is the signal's own test
+        of the window less device ``i``, run on the window whose ``pvalues`` entry (an asymptotic screen) is the
+        largest. A signal is flagged only if it would be without any one device, so no device raises an alert
+        alone.
+
+        Why: a device is capped at the median device's weight, which stops it outweighing the others but not
+        moving a window by its own share: one device of ten reporting every input missing moved the window's
+        share of missing values by 10%, significant at any alpha on 1,000 samples, and a device reporting a value
+        the reference never held (an edge bin) moved the PSI past 0.2. Without the liar, the others' window is
+        the honest fleet's, so the signal's smallest effect is no larger than the honest fleet's own: an alert
+        needs the evidence of the others. The largest p-value over the windows is at least the honest window's, a
+        valid p-value when one device lies, so Holm's correction over these keeps its guarantee (for χ² signals
+        the window tested exactly is the one the asymptotic screen finds weakest).
+
+        A window that has too few samples without one device is the weakest possible: (0, 1). The windows less
+        one device keep the whole window's caps (the median device's count, and for the centroid its
+        deviation): recomputed, two devices left of three are capped at the smaller, so a liar reporting one
+        sample made every window without an honest device hold two samples, and hid the drift the honest
+        devices saw. All of it is a few array operations per signal: tested one window at a time, 200 devices
+        drifting on 64 features took 72 s under the service's lock.
+        """
+        if not (sizes >= self.min_samples).all():
+            return 0.0, 1.0
+        smallest = float(effects.min())
+        if smallest <= threshold:
+            return smallest, 1.0
+        weakest = int(np.argmax(pvalues))
+        return smallest, exact(weakest) if exact is not None else float(pvalues[weakest])
+
     def _n_signals(self) -> int:
         """How many signals a window can test at most (the size of the family Holm corrects over)."""
         ref = self.reference
@@ -1021,7 +1203,7 @@ class DriftMonitor:
         test and adds no false alarms of its own: a signal must pass it *and* reject after the correction, so
         the alerts are a subset of Holm's rejections.
         """
-        adjusted = holm([t.row["p"] for t in tested])
+        adjusted = holm([t.p for t in tested])
         for t, p_adj in zip(tested, adjusted, strict=True):
             t.row["p_adjusted"] = p_adj
             t.row["drifted"] = bool(t.large_effect and p_adj < self.alpha)
@@ -1044,28 +1226,33 @@ class DriftMonitor:
         """
         from scipy.stats import chi2
 
-        means = [np.asarray(d.embedding_sum) / d.embedding_n for d in devices if d.embedding_n]
-        if not means:
+        held = [d for d in devices if d.embedding_n]
+        if not held:
             return
-        weights, n_eff = _device_weights([d.embedding_n for d in devices])
+        means = np.array([np.asarray(d.embedding_sum) / d.embedding_n for d in held])
+        ns = [float(d.embedding_n) for d in held]
+        n_eff = _device_weights(ns)[1]
         base = {
             "kind": "embedding",
             "name": "centroid shift",
             "test": "centroid",
-            "devices": len(means),
+            "devices": len(held),
             "n": n_eff,
         }
-        if n_eff < self.min_samples:
-            note = f"not enough samples: {n_eff:.4g} < min_samples {self.min_samples}"
-            rows.append({**base, **_UNTESTED, "note": note})
-            return
-        trace = self.spec.embedding_trace
-        if trace <= 0:
+        note = self._too_few(len(held), n_eff)
+        if note is None and self.spec.embedding_trace <= 0:
             note = "the drift spec has no embedding_trace (reference spread): refit it with DriftSpec.fit"
+        if note is not None:
             rows.append({**base, **_UNTESTED, "note": note})
             return
         ref_mean = np.asarray(self.reference.embedding_sum) / self.reference.embedding_n
-        diff = weights @ _clip_to_median_norm(np.array(means) - ref_mean)
+
+        cap = _median_count(ns)
+        deviations = _clip_to_median_norm(means - ref_mean)  # the window's cap, kept without any one device
+
+        trace = self.spec.embedding_trace
+        weights = _device_weights(ns, cap)[0]
+        diff = weights @ deviations
         sq = float(diff @ diff)
         stat = float(np.sqrt(sq / trace))
         p = float(chi2.sf(sq / (trace * (1 / n_eff + 1 / self.reference.embedding_n)), 1))
@@ -1073,12 +1260,22 @@ class DriftMonitor:
             _failed(rows, alerts, base, "embedding centroid")
             return
         rows.append({**base, "psi": None, "stat": stat, "p": p, "drifted": False})
+        effect, p_robust = stat, p
+        if stat > self.embedding_shift_threshold and p < self.alpha and len(held) > 1:
+            shifts, sizes, pvalues = _centroids_without_each(
+                deviations, np.asarray(ns), cap, trace, self.reference.embedding_n
+            )
+            effect, p_robust = self._without_each_device(
+                shifts, sizes, pvalues, self.embedding_shift_threshold
+            )
+            rows[-1].update(shift_without_one=effect, p_without_one=p_robust)
         tested.append(
             _Tested(
                 rows[-1],
-                stat > self.embedding_shift_threshold,
+                effect > self.embedding_shift_threshold,
                 f"embedding drift: centroid shift {stat:.3f} x reference spread > "
                 f"{self.embedding_shift_threshold}, p={p:.2g}",
+                p_robust,
             )
         )
 
@@ -1116,11 +1313,15 @@ _UNTESTED: dict[str, Any] = {"psi": None, "stat": None, "p": None, "p_adjusted":
 @dataclass
 class _Tested:
     """A tested signal awaiting the window's multiplicity correction: its row, whether its effect size
-    (PSI or centroid shift) passes the threshold, and the alert text if it is flagged."""
+    (PSI or centroid shift) passes the threshold without any one device, the alert text if it is flagged, and
+    its p-value."""
 
     row: dict[str, Any]
     large_effect: bool
     alert: str
+    #: the p-value the correction sees: the worst of the window's and of every window less one device
+    #: (:meth:`DriftMonitor._without_each_device`) for a signal that could be flagged, else the window's own
+    p: float
 
 
 def _failed(rows: list[dict[str, Any]], alerts: list[str], base: dict[str, Any], what: str) -> None:

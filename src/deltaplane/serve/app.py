@@ -78,7 +78,7 @@ from deltaplane.serve.fleet_history import (
     bounded_reason,
     kept_counter,
 )
-from deltaplane.serve.fleet_watch import MAX_ALERTS, MAX_DEVICES_SEEN, MAX_DRIFT_HISTORY, FleetWatch
+from deltaplane.serve.fleet_watch import MAX_DEVICES_SEEN, MAX_DRIFT_HISTORY, AlertLog, FleetWatch
 from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
 from deltaplane.serve.revocation_routes import (
     check_revocations_at_start,
@@ -306,7 +306,8 @@ class ServiceState:
     #: not be read) -> what was lost; shown beside :attr:`unreadable_monitors` until that window closes or a new
     #: reference is set
     window_losses: dict[str, str] = field(default_factory=dict)
-    alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ALERTS))
+    #: the drift alerts raised, the last MAX_ALERTS of each model (one model's cannot push another's out)
+    alerts: AlertLog = field(default_factory=AlertLog)
     #: open SecAgg rounds by (model, number): their protocol state is in memory only (their numbers and outcomes
     #: are in the RoundStore, so numbers continue after a restart and a round open then is recorded lost)
     secagg_rounds: dict[tuple[str, int], Any] = field(default_factory=dict)
@@ -547,12 +548,14 @@ class ServiceState:
         transaction (uploads and aborts take it first, then the database's write lock: the same order)."""
         device = report["device"]
         closed: DriftReport | None = None
-        undo: tuple[DriftMonitor, Any, list[DriftReport]] | None = None
+        undo: (
+            tuple[DriftMonitor, tuple[dict[str, Summary], int, int], dict[str, int], list[DriftReport]] | None
+        ) = None
         with self.report_lock:
             with self.lock:
                 mon = self.monitors.get(model) if summary is not None else None
                 if mon is not None and summary is not None:
-                    undo = (mon, mon.live_window(), list(mon.history))
+                    undo = (mon, mon.live_window(), mon.device_reports(), list(mon.history))
                     # the report's version made its predictions: they are tested against that version's
                     closed = mon.ingest(summary, device=device, version=report["version"])
                     del mon.history[:-MAX_DRIFT_HISTORY]
@@ -573,8 +576,8 @@ class ServiceState:
             except BaseException:
                 if undo is not None:
                     with self.lock:
-                        mon, window, history = undo
-                        mon.resume_window(*window)
+                        mon, (live, reports, anonymous), counts, history = undo
+                        mon.resume_window(live, reports, anonymous, counts)
                         mon.history[:] = history
                 raise
             with self.lock:
@@ -1473,7 +1476,7 @@ def create_app(
     def alerts(
         model: Annotated[str | None, Query(pattern=NAME, max_length=128)] = None,
     ) -> list[dict[str, Any]]:
-        return [a for a in state.alerts if model is None or a["model"] == model]
+        return list(state.alerts) if model is None else state.alerts.of(model)
 
     @app.get("/admin/stats", tags=["admin"], dependencies=[Admin])
     def stats() -> dict[str, Any]:

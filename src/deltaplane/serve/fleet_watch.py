@@ -24,7 +24,8 @@ adds a transaction per report:
   contents agree);
   ``drift_windows``: each closed window's report (the last :data:`MAX_DRIFT_HISTORY` per model), written in the
   transaction of the report that closed it. A new reference drops the model's window and history, as in memory.
-* ``fleet_alerts``: the drift alerts raised, the last :data:`MAX_ALERTS` (all models), in the same transaction.
+* ``fleet_alerts``: the drift alerts raised, the last :data:`MAX_ALERTS` of each model, in the same transaction
+  (:class:`AlertLog` in memory): a model's alerts make room only for its own newer ones.
 
 Every row carries ``format`` 1; a row of another format, with damaged JSON or holding values of the wrong type
 is refused with :class:`~deltaplane.serve.fleet_history.HistoryRowError` naming it and left out by
@@ -33,9 +34,11 @@ is refused with :class:`~deltaplane.serve.fleet_history.HistoryRowError` naming 
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +49,12 @@ from deltaplane.registry import Registry
 from deltaplane.serve.fleet_history import HistoryRowError, decode_row, is_int, is_number
 from deltaplane.wording import count
 
-__all__ = ["MAX_ALERTS", "MAX_DEVICES_SEEN", "MAX_DRIFT_HISTORY", "FleetWatch", "LoadedWatch"]
+__all__ = ["MAX_ALERTS", "MAX_DEVICES_SEEN", "MAX_DRIFT_HISTORY", "AlertLog", "FleetWatch", "LoadedWatch"]
 
 #: the fleet page remembers at most this many devices (the least recently seen are forgotten)
 MAX_DEVICES_SEEN = 10_000
-#: drift alerts kept, all models together (each entry is bounded: names <= 128 chars, text from the monitor)
+#: drift alerts kept per model (each entry is bounded: names <= 128 chars, text from the monitor); alerts come
+#: only from the models an admin set a drift reference for, so all of them are bounded by the admin's choice
 MAX_ALERTS = 10_000
 #: closed drift windows kept per monitored model
 MAX_DRIFT_HISTORY = 1_000
@@ -74,6 +78,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS fleet_alerts (
         id INTEGER PRIMARY KEY AUTOINCREMENT, format INTEGER NOT NULL, model TEXT NOT NULL, alert TEXT NOT NULL,
         version INTEGER NOT NULL, at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS fleet_alerts_model ON fleet_alerts (model, id)",
 )
 
 _SETTINGS = ("spec", "reference", "psi_threshold", "alpha", "window", "min_samples", "min_devices")
@@ -91,6 +96,39 @@ _REPORT_CHECKS: dict[str, Any] = {
 
 def _seen_at(value: Any) -> bool:
     return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+class AlertLog:
+    """The drift alerts the service keeps: the last :data:`MAX_ALERTS` of each model, read oldest first.
+
+    Why per model: one log of the last 10,000 alerts of all models let one model's windows (a real drift, or
+    devices colluding on its reports) push every other model's alerts out, the ones an operator had not read
+    yet among them. Alerts are raised only by models an admin set a drift reference for, so the models, and
+    with them the log, stay bounded.
+    """
+
+    def __init__(self, alerts: Iterable[Mapping[str, Any]] = ()) -> None:
+        self._by_model: dict[str, deque[dict[str, Any]]] = {}
+        self._added = 0  # the order alerts came in, across models (their times may tie)
+        self.extend(alerts)
+
+    def extend(self, alerts: Iterable[Mapping[str, Any]]) -> None:
+        """Add alerts (each with its ``model``), oldest first; a model's oldest make room for its newest."""
+        for a in alerts:
+            kept = self._by_model.setdefault(a["model"], deque(maxlen=MAX_ALERTS))
+            kept.append({**a, "_order": self._added})
+            self._added += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        merged = heapq.merge(*self._by_model.values(), key=lambda a: a["_order"])
+        return ({k: v for k, v in a.items() if k != "_order"} for a in merged)
+
+    def __len__(self) -> int:
+        return sum(len(kept) for kept in self._by_model.values())
+
+    def of(self, model: str) -> list[dict[str, Any]]:
+        """``model``'s alerts, oldest first."""
+        return [{k: v for k, v in a.items() if k != "_order"} for a in self._by_model.get(model, ())]
 
 
 @dataclass
@@ -217,7 +255,8 @@ class FleetWatch:
             )
 
     def add_alerts(self, alerts: Iterable[Mapping[str, Any]]) -> None:
-        """Store alerts (``model``, ``alert``, ``version``, ``at``), keeping the last :data:`MAX_ALERTS`."""
+        """Store alerts (``model``, ``alert``, ``version``, ``at``), keeping the last :data:`MAX_ALERTS` of each
+        model (as :class:`AlertLog` does in memory)."""
         rows = [(_FORMAT, a["model"], a["alert"], a["version"], a["at"]) for a in alerts]
         if not rows:
             return
@@ -225,10 +264,10 @@ class FleetWatch:
             con.executemany(
                 "INSERT INTO fleet_alerts (format, model, alert, version, at) VALUES (?,?,?,?,?)", rows
             )
-            con.execute(
-                "DELETE FROM fleet_alerts WHERE id <= "
-                "(SELECT id FROM fleet_alerts ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (MAX_ALERTS,),
+            con.executemany(
+                "DELETE FROM fleet_alerts WHERE model=? AND id <= "
+                "(SELECT id FROM fleet_alerts WHERE model=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                [(m, m, MAX_ALERTS) for m in sorted({r[1] for r in rows})],
             )
 
     # -- reading back ------------------------------------------------------------------------------------
@@ -304,6 +343,9 @@ class FleetWatch:
         a row whose count is unknown too (written before counts were kept, or damaged) restarts the window
         empty, as unreadable counts do. Either way the loss is named in :attr:`LoadedWatch.window_losses`."""
         live: dict[str, Summary] = {}
+        counts: dict[
+            str, int
+        ] = {}  # reports each device merged, where known (see DriftMonitor.resume_window)
         dropped: list[str] = []
         lost: int | None = 0  # None: some left-out row's report count is unknown
         for device, fmt, text, held in self.registry.query(
@@ -320,8 +362,10 @@ class FleetWatch:
                 lost = lost + int(held) if lost is not None and is_int(held) and held >= 1 else None
                 continue
             live[device] = summary
+            if is_int(held) and held >= 1:
+                counts[device] = int(held)
         if not dropped:
-            mon.resume_window(live, reports, anonymous)
+            mon.resume_window(live, reports, anonymous, counts)
             return
         if lost is None or lost > reports:
             out.restarted_windows.append(model)
@@ -330,7 +374,7 @@ class FleetWatch:
                 "read at start, with reports it could not count: the window restarted empty"
             )
             return
-        mon.resume_window(live, reports - lost, anonymous)
+        mon.resume_window(live, reports - lost, anonymous, counts)
         out.dropped_rows[model] = (dropped, reports - lost)
         out.window_losses[model] = (
             f"{count(len(dropped), 'device summary', 'device summaries')} of its open window could not be read "
