@@ -278,9 +278,13 @@ PLAN: list[Step] = [
     Step("wire_overhead.py", (), ("wire-overhead",)),
 ]
 
-#: scripts that record no section of their own: per-run diagnostics, and the pfl-research child of sim_speed
+#: scripts that record no section of their own: per-run diagnostics and figures a docs page quotes with its load,
+#: and the pfl-research child of sim_speed
 HELPERS = {
+    "drift_hostile_service.py",
     "registry_first_read.py",
+    "registry_rotate_rss.py",
+    "robust_cost.py",
     "robustness_diagnostics.py",
     "robustness_score_probe.py",
     "robustness_trace.py",
