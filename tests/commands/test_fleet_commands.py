@@ -209,7 +209,12 @@ def test_fleet_device_last_line_counts_one_published_round_in_the_singular(tmp_p
     from deltaplane.registry import signing
     from deltaplane.serve import fleet as fleet_module
 
-    rows: list[list[dict]] = [[{"round": 1}], [{"round": 1}, {"round": 2}]]
+    # run_device's rows say whether the device's update went into each round (`took_part`): a personalized device
+    # also reports the rounds it sat out, and the line counts only those it took part in
+    rows: list[list[dict]] = [
+        [{"round": 1, "took_part": True}, {"round": 2, "took_part": False}],
+        [{"round": 1, "took_part": True}, {"round": 2, "took_part": True}],
+    ]
     monkeypatch.setattr(signing, "load_trusted_keys", lambda path: [])
     monkeypatch.setattr(fleet_module, "load_device", lambda conn, run, device, *, model: SimpleNamespace())
     monkeypatch.setattr(fleet_module, "run_device", lambda dev, **kw: rows.pop(0))
