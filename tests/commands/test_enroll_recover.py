@@ -243,7 +243,7 @@ def test_a_failure_at_the_first_token_leaves_an_earlier_releases_folder_as_it_wa
     and its mark, no ledger) gets no ledger from a run that issued nothing."""
     from deltaplane.serve.client import AdminClient, ServiceError
 
-    def refuse(self, d, c):
+    def refuse(self, d, c, **kw):
         raise ServiceError(503, "busy")
 
     monkeypatch.setattr(AdminClient, "issue_token", refuse)

@@ -233,7 +233,7 @@ def test_the_ledger_is_bounded_and_a_damaged_one_is_refused(cli, authority, tmp_
     from deltaplane.serve.client import AdminClient
 
     asked: list[str] = []
-    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: asked.append(d) or f"tok-{d}")
+    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c, **kw: asked.append(d) or f"tok-{d}")
     monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
     tokens = tmp_path / "tokens"
     tokens.mkdir()
@@ -260,7 +260,7 @@ def test_fleet_enroll_does_not_hold_the_folders_lock_while_the_service_answers(t
     out = tmp_path / "tokens"
     seen: list[object] = []
 
-    def issue(self, d, c):
+    def issue(self, d, c, **kw):
         if not seen:
             fd = os.open(out, os.O_RDONLY)
             try:
@@ -481,7 +481,7 @@ def test_a_part_way_enroll_near_the_bound_is_refused_before_any_token_not_after(
 
     asked: list[str] = []
 
-    def issue(self, d, c):
+    def issue(self, d, c, **kw):
         asked.append(d)
         if d == "device-3":
             raise ServiceError(503, "busy")

@@ -134,7 +134,9 @@ def test_fleet_enroll_add_issues_tokens_in_the_fleets_cohort_without_the_authori
     from deltaplane.serve.client import AdminClient
 
     issued: list[tuple[str, str]] = []
-    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: issued.append((d, c)) or f"tok-{d}")
+    monkeypatch.setattr(
+        AdminClient, "issue_token", lambda self, d, c, **kw: issued.append((d, c)) or f"tok-{d}"
+    )
     monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
     key = tmp_path / "enrollment.ed25519.pem"
     key.write_bytes(EnrollmentAuthority.generate().to_pem())
@@ -159,7 +161,7 @@ def test_fleet_enroll_add_names_a_malformed_certificate_in_out_as_a_usage_error(
     from deltaplane.serve.client import AdminClient
 
     issued: list[str] = []
-    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: issued.append(d) or f"tok-{d}")
+    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c, **kw: issued.append(d) or f"tok-{d}")
     monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
     key = tmp_path / "enrollment.ed25519.pem"
     key.write_bytes(EnrollmentAuthority.generate().to_pem())
@@ -188,7 +190,7 @@ def test_fleet_enroll_add_never_reissues_an_id_whose_token_was_removed(tmp_path,
     from deltaplane.serve.client import AdminClient
 
     issued: list[str] = []
-    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c: issued.append(d) or f"tok-{d}")
+    monkeypatch.setattr(AdminClient, "issue_token", lambda self, d, c, **kw: issued.append(d) or f"tok-{d}")
     monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
     out, url = tmp_path / "tokens", ["--url", "http://127.0.0.1:9"]
     assert (
@@ -254,7 +256,7 @@ def test_fleet_enroll_failing_part_way_spends_the_ids_whose_tokens_were_issued(t
     issued: list[str] = []
     failed: list[str] = []
 
-    def issue(self, d, c):
+    def issue(self, d, c, **kw):
         if d == "device-2" and not failed:  # once: the service fails mid-way through the first run
             failed.append(d)
             raise ServiceError(503, "the registry database is unavailable")
@@ -288,7 +290,7 @@ def test_fleet_enroll_refused_at_the_first_token_leaves_nothing(tmp_path, monkey
     """A refusal before any token was issued (a wrong admin token) still leaves no folder, file or mark."""
     from deltaplane.serve.client import AdminClient, ServiceError
 
-    def refuse(self, d, c):
+    def refuse(self, d, c, **kw):
         raise ServiceError(401, "invalid admin token")
 
     monkeypatch.setattr(AdminClient, "issue_token", refuse)

@@ -184,9 +184,18 @@ def _connected(url: str, fn: Any) -> Any:
 
 
 def _issue_tokens(
-    url: str, admin: Any, names: list[str], cohort: str, out: Path, identities: list[Any], *, created: bool
+    url: str,
+    admin: Any,
+    names: list[str],
+    cohort: str,
+    out: Path,
+    identities: list[Any],
+    *,
+    created: bool,
+    models: list[str] | None = None,
 ) -> list[str]:
-    """A token from the service for each device of ``names``, in order (``fleet enroll``), then their files.
+    """A token from the service for each device of ``names``, in order (``fleet enroll``), then their files;
+    ``models`` scopes each token to those models (None: every model of the service).
 
     The ids are reserved in OUT (``reserve_ids``) and the folder's lock is not held while the service answers:
     a slow service keeps no other run on OUT waiting. The tokens are then recorded under the lock: their ids
@@ -202,7 +211,7 @@ def _issue_tokens(
     tokens: list[str] = []
     try:
         for d in names:
-            tokens.append(_connected(url, lambda d=d: admin.issue_token(d, cohort)))
+            tokens.append(_connected(url, lambda d=d: admin.issue_token(d, cohort, models=models)))
     except BaseException:
         _record_tokens(out, names, tokens, [], created=created)
         if tokens:
@@ -582,6 +591,15 @@ def register(app: typer.Typer) -> None:
                 show_default="none",
             ),
         ] = None,
+        scope: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--model",
+                help="Scope the tokens to this model (repeatable): the service refuses them, 403, on any other. "
+                "Without it they reach every model of the service, as tokens always have.",
+                show_default="every model",
+            ),
+        ] = None,
         valid_days: ValidDays = 365.0,
         add: AddDevices = None,
         revocations: HeldRevocations = None,
@@ -633,11 +651,11 @@ def register(app: typer.Typer) -> None:
                     "--abandoned RANGE names a reservation for --recover to take back: give both"
                 )
             if recover:
-                given = [devices, federation, add, authority_key, revocations, cohort]
+                given = [devices, federation, add, authority_key, revocations, cohort, scope]
                 if any(x is not None for x in given):
                     raise ConfigError(
                         "--recover issues nothing: give it with --url and --out (and --abandoned RANGE), without "
-                        "--devices, --federation, --add, --authority-key, --revocations or --cohort"
+                        "--devices, --federation, --add, --authority-key, --revocations, --cohort or --model"
                     )
                 _recover(url, out, admin_client(url, ca, tls_cert, tls_key, service_spki), abandoned or [])
                 return
@@ -699,7 +717,7 @@ def register(app: typer.Typer) -> None:
                 reserve_ids(out, names)
             # every token first: a refusal of the first (a wrong admin token, the service gone) leaves no folder
             # or file; one part-way keeps the tokens issued before it and spends their ids
-            _issue_tokens(url, admin, names, cohort, out, identities, created=created)
+            _issue_tokens(url, admin, names, cohort, out, identities, created=created, models=scope)
         span = f"{names[0]}.token" if len(names) == 1 else f"{names[0]}.token … {names[-1]}.token"
         console.print(
             escape(

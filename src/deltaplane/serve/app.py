@@ -793,6 +793,12 @@ class DeviceTokenRequest(_Strict):
     ttl_s: int | None = Field(
         default=None, ge=60, le=10 * 365 * 86400, description="lifetime; defaults to the service's"
     )
+    models: list[Annotated[str, Field(pattern=NAME, max_length=128)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="the models the token may act on (any other: 403); omitted: every model of this service",
+    )
 
 
 class DeviceToken(BaseModel):
@@ -801,6 +807,8 @@ class DeviceToken(BaseModel):
     token: str
     token_id: str
     expires_at: float
+    #: the models the token may act on; null: every model of this service
+    models: list[str] | None = None
 
 
 class RevokeTokenRequest(_Strict):
@@ -928,7 +936,7 @@ _ERRORS: dict[int, dict[str, Any]] = {
     for code, text in {
         400: "malformed request or payload",
         401: "missing, invalid, expired or revoked token",
-        403: "the device's cohort withdrew consent",
+        403: "the device's cohort withdrew consent, or its token is scoped to other models",
         404: "unknown model, version or tag",
         409: "conflict: round not open, duplicate upload, stale base version, promotion refused",
         413: "upload larger than the configured limit",
@@ -1125,6 +1133,15 @@ def create_app(
                 ident or "missing or invalid device token; ask an admin for one (POST /admin/devices)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        model = request.path_params.get("model")
+        if model is not None and not ident.may_use(model):
+            state.count("rejected.model_scope")
+            raise HTTPException(
+                403,
+                f"this device token is scoped to model(s) {list(ident.models or ())} and may not act on "
+                f"{model!r}; use the token issued for {model!r}, or ask this service's admin for one "
+                f'(POST /admin/devices with "models": [{model!r}])',
+            )
         wait = limiter.acquire(ident.device_id)
         if wait > 0:
             state.count("rejected.rate_limited")
@@ -1295,10 +1312,21 @@ def create_app(
         tags=["device"],
         status_code=202,
         response_model=ReportAccepted,
-        responses={k: _ERRORS[k] for k in (404, 422)},
+        responses={k: _ERRORS[k] for k in (403, 404, 422, 451)},
     )
     def report(model: ModelName, body: ReportRequest, ident: Device) -> ReportAccepted:
+        """Store a device's metrics and drift summary about ``model@version``.
+
+        Consent as on the other device routes: a device whose own cohort withdrew consent may send nothing
+        (403, as uploads), and a version that contains a withdrawn cohort may no longer be served, so reports
+        about it are refused too (451, as downloads): neither is stored nor enters the drift window.
+        """
         reg.get(model, body.version)  # 404 for unknown model/version
+        if withdrawn_among([ident.cohort], reg.withdrawn_cohorts(verify=True)):
+            raise HTTPException(
+                403, f"cohort {ident.cohort!r} withdrew consent; its reports are not accepted"
+            )
+        check_consent(model, body.version)
         closed = state.record_report(
             model,
             {
@@ -1320,13 +1348,15 @@ def create_app(
     def issue_token(body: DeviceTokenRequest) -> DeviceToken:
         if body.ttl_s is not None and body.ttl_s > config.max_token_ttl_s:
             raise ConfigError(f"ttl_s must be at most {config.max_token_ttl_s:.0f}. Found {body.ttl_s}")
-        t = authority.issue_token(body.device_id, body.cohort, ttl_s=body.ttl_s)
+        models = None if body.models is None else tuple(body.models)
+        t = authority.issue_token(body.device_id, body.cohort, ttl_s=body.ttl_s, models=models)
         return DeviceToken(
             device_id=t.device_id,
             cohort=t.cohort,
             token=t.token,
             token_id=t.token_id,
             expires_at=t.expires_at,
+            models=None if t.models is None else list(t.models),
         )
 
     app.include_router(

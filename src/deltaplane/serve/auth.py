@@ -12,6 +12,11 @@ per registry and kept in its database): two services given the same secret would
 other's tokens, a token revoked at one included, revocations being kept per registry. Tokens of format 1 (no
 audience) are refused with a message asking the device to re-enroll.
 
+A token may also name the models it is for (``"m"``: a list of model names, set when the admin issues it with
+``models``); the service then refuses it, 403, on every ``/v1/models/<other>/…`` route. A token without ``"m"``
+(every token issued before model scopes existed, and any issued without ``models``) reaches every model of the
+service, as before: the field is optional so that enrolled fleets keep working.
+
 The HMAC secret is, in order: the configured one, else ``<home>/keys/device-secret`` (created 0600 on first
 start), so tokens survive a restart.
 """
@@ -75,6 +80,12 @@ class DeviceIdentity:
     token_id: str = ""
     issued_at: float = 0.0
     expires_at: float = 0.0
+    #: the models this token may act on; None: every model of the service (unscoped, as tokens were before)
+    models: tuple[str, ...] | None = None
+
+    def may_use(self, model: str) -> bool:
+        """Whether this token may act on ``model`` (its scope names it, or it has no scope)."""
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ class IssuedToken:
     device_id: str
     cohort: str
     expires_at: float
+    models: tuple[str, ...] | None = None
 
 
 class TokenAuthority:
@@ -124,9 +136,19 @@ class TokenAuthority:
         return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
 
     def issue_token(
-        self, device_id: str, cohort: str = "default", *, ttl_s: float | None = None
+        self,
+        device_id: str,
+        cohort: str = "default",
+        *,
+        ttl_s: float | None = None,
+        models: tuple[str, ...] | None = None,
     ) -> IssuedToken:
-        """A new token for ``device_id`` in ``cohort``, valid for ``ttl_s`` seconds (default: the authority's)."""
+        """A new token for ``device_id`` in ``cohort``, valid for ``ttl_s`` seconds (default: the authority's).
+
+        ``models`` scopes it to those models (the service refuses it on any other); None leaves it unscoped.
+        """
+        if models is not None and not models:
+            raise ConfigError("a token scoped to no model could do nothing: name at least one, or give none")
         now = time.time()
         ttl = self.ttl_s if ttl_s is None else ttl_s
         if ttl <= 0:
@@ -144,8 +166,11 @@ class TokenAuthority:
             "i": now,
             "e": expires,
         }
+        if models is not None:  # absent, not null, when unscoped: such a token is the same as before scopes
+            doc["m"] = sorted(set(models))
         body = _b64(json.dumps(doc, separators=(",", ":")).encode())
-        return IssuedToken(body + "." + self._mac(body), tid, device_id, cohort, expires)
+        scope = None if models is None else tuple(sorted(set(models)))
+        return IssuedToken(body + "." + self._mac(body), tid, device_id, cohort, expires, scope)
 
     def issue(self, device_id: str, cohort: str = "default", *, ttl_s: float | None = None) -> str:
         """Just the token text of :meth:`issue_token`."""
@@ -177,8 +202,18 @@ class TokenAuthority:
                     f"this device token is of format {doc.get('v', 1)}, which names no service and is no longer "
                     f"accepted (format {TOKEN_FORMAT} is); re-enroll the device: {_ENROLL}"
                 )
+            scope = doc.get("m")
+            if scope is not None and (
+                not isinstance(scope, list) or not all(isinstance(m, str) for m in scope)
+            ):
+                return ""
             ident = DeviceIdentity(
-                str(doc["d"]), str(doc["c"]), str(doc["j"]), float(doc["i"]), float(doc["e"])
+                str(doc["d"]),
+                str(doc["c"]),
+                str(doc["j"]),
+                float(doc["i"]),
+                float(doc["e"]),
+                None if scope is None else tuple(scope),
             )
             audience = str(doc["a"])
         except (ValueError, KeyError, TypeError, UnicodeError):

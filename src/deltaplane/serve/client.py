@@ -598,14 +598,31 @@ class AdminClient:
         headers = {**self._headers, "Content-Type": "application/octet-stream"}
         return _check(self._http.post(REVOCATIONS_ADMIN_PATH, content=data, headers=headers)).json()
 
-    def issue_token(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> str:
+    def issue_token(
+        self,
+        device_id: str,
+        cohort: str = "default",
+        *,
+        ttl_s: int | None = None,
+        models: Sequence[str] | None = None,
+    ) -> str:
         """A device token (text); :meth:`issue_token_info` also returns its id and expiry."""
-        return self.issue_token_info(device_id, cohort, ttl_s=ttl_s)["token"]
+        return self.issue_token_info(device_id, cohort, ttl_s=ttl_s, models=models)["token"]
 
-    def issue_token_info(self, device_id: str, cohort: str = "default", *, ttl_s: int | None = None) -> Any:
+    def issue_token_info(
+        self,
+        device_id: str,
+        cohort: str = "default",
+        *,
+        ttl_s: int | None = None,
+        models: Sequence[str] | None = None,
+    ) -> Any:
+        """A device token with its id, expiry and scope; ``models`` limits it to those models (None: every one)."""
         body: dict[str, Any] = {"device_id": device_id, "cohort": cohort}
         if ttl_s is not None:
             body["ttl_s"] = ttl_s
+        if models is not None:
+            body["models"] = list(models)
         return self._post("/admin/devices", body)
 
     def revoke_token(self, token_id: str) -> Any:
