@@ -310,7 +310,7 @@ def _forged_frame_mod(config: RunConfig, *, simulation: bool) -> Mod:
         session = None
         if is_compact(payload):  # the session delta_mod framed it in: the shared tensors' (the server's too)
             model = task.build_model(0)
-            session = step.sessions.get(Layout.of(model.state_dict()).without(step.local_keys(model)))
+            session = step.sessions.get(Layout.of(model.state_dict()).without(step.left_out(model)))
         reply.content[UPLINK_KEY] = ConfigRecord({"payload": step.attack.forge(payload, session)})
         return reply
 

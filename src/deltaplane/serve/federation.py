@@ -243,7 +243,7 @@ def _run(
     # authenticated SecAgg: the run's enrollment authority certifies each device's identity (out of band, as an
     # operator's `fleet enroll --authority-key`), under the device name its token carries
     enrollment = run_enrollment(config)
-    raw_bytes = raw_upload_bytes(initial, step.local_keys(model))
+    raw_bytes = raw_upload_bytes(initial, step.left_out(model))
     history: list[RoundMetrics] = []
     client_rows: list[dict[str, Any]] = []
     drift: list[dict[str, Any]] = []

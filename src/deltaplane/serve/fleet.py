@@ -394,7 +394,7 @@ def _accept_invitation(dev: Device, number: int, state: dict[str, torch.Tensor])
             min_range=dev.config.min_secagg_range(),
             credentials=dev.credentials,
         )
-        sa.check_update(masked_zeros(state, dev.step.local_keys(dev.net)), dev.client.num_samples)
+        sa.check_update(masked_zeros(state, dev.step.left_out(dev.net)), dev.client.num_samples)
     except (SecAggError, DecodeError) as exc:
         dev.log(f"SecAgg round {number}: this device refused the invitation ({exc}); sitting it out")
         return None
