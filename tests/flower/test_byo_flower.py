@@ -58,3 +58,17 @@ def test_a_tied_weight_travels_once_on_flower_as_in_process(tied_task, loopback_
     assert torch.equal(finals["hidden.weight"], finals["again.weight"])
     for k, v in expected.final_state.items():
         torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
+
+
+def test_a_diverging_run_is_called_so_on_flower(diverging_task, loopback_grid) -> None:
+    """The divergence warning of the in-process drivers (tests/engine/test_divergence.py), on Flower."""
+    import warnings
+
+    cfg = RunConfig(task=diverging_task, clients=2, rounds=1, codec="identity", lr=0.05)
+    server = task_server_app(cfg)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
+    said = [str(w.message) for w in caught if w.category.__name__ == "DivergenceWarning"]
+    assert len(said) == 1 and said[0].startswith("round 1: the global model's test loss rose to ")

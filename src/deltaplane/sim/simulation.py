@@ -36,6 +36,7 @@ from deltaplane.engine import (
     make_task,
     sample_clients,
 )
+from deltaplane.engine.divergence import DivergenceWatch
 from deltaplane.engine.federation import Client, build_clients
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
 from deltaplane.engine.metrics import score_round
@@ -260,6 +261,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     local_keys = step.local_keys(model)  # the server step leaves the same tensors out (ServerStep.for_run)
     raw_bytes = raw_upload_bytes(initial, step.left_out(model))
+    watch = DivergenceWatch(task, initial, lr=config.lr)
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     enrollment = run_enrollment(config)  # authenticated SecAgg: the devices' identities, enrolled once a run
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
@@ -394,6 +396,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
                 break
             global_state = outcome.state
+            watch.check(rnd, global_state)
             if prefetch and rnd < config.rounds:
                 assert trainer is not None
                 upcoming = [clients[c] for c in chosen_in(rnd + 1)]

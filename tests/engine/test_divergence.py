@@ -1,0 +1,71 @@
+"""A diverging run says so in the round it diverges, on every driver; a healthy run says nothing."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+from deltaplane.apps.runner import run_federation
+from deltaplane.engine import RunConfig
+
+
+def _divergence_warnings(cfg: RunConfig) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_federation(cfg)
+    assert len(result.rounds) == cfg.rounds  # a warning, not a stop: the run's figures are as they were
+    return [str(w.message) for w in caught if w.category.__name__ == "DivergenceWarning"]
+
+
+@pytest.mark.parametrize(
+    ("driver", "lr"),
+    [
+        ({}, 0.05),
+        ({"engine": "batched"}, 0.05),
+        ({"transport": "http"}, 0.05),
+        ({"engine": "population"}, 0.2),
+    ],
+    ids=["sequential", "batched", "http", "population"],
+)
+def test_a_run_whose_loss_rises_above_the_initial_is_called_diverged_in_round_one(
+    diverging_task, driver, lr
+) -> None:
+    """Round 1's accuracy does not tell a diverged model from a slow start (the population engine's at the
+    default lr 0.2: 0.52, about chance, with a test loss 10²⁰ times the untrained model's); its loss does. The
+    warning names the round, the loss against the initial one, and the fix (a smaller lr)."""
+    cfg = RunConfig(task=diverging_task, clients=2, rounds=1, lr=lr, codec="identity", **driver)
+    said = _divergence_warnings(cfg)
+    assert len(said) == 1
+    assert said[0].startswith("round 1: the global model's test loss rose to ")
+    assert "× the initial model's" in said[0] and f"Try a smaller learning rate (now {lr:g}" in said[0]
+
+
+def test_a_healthy_run_gives_no_divergence_warning(diverging_task) -> None:
+    cfg = RunConfig(
+        task=diverging_task, task_options={"scale": 1.0}, clients=2, rounds=3, lr=0.05, codec="identity"
+    )
+    assert _divergence_warnings(cfg) == []
+
+
+def test_the_watch_measures_the_tasks_loss_independently(diverging_task) -> None:
+    """The watch's initial loss is the task's loss of the untrained model on the test set, as plain torch gives."""
+    import torch
+
+    from deltaplane.engine import make_task
+    from deltaplane.engine.divergence import DivergenceWatch
+    from deltaplane.engine.seeding import Stream, derive_seed
+
+    cfg = RunConfig(task=diverging_task, clients=2)
+    task = make_task(cfg)
+    model = task.build_model(derive_seed(cfg.seed, Stream.MODEL_INIT))
+    with torch.no_grad():
+        d = model(task.test.x)
+        expected = float(((d[:, 1] - d[:, 0] - (2 * task.test.y - 1).float()) ** 2).mean())
+    watch = DivergenceWatch(task, model.state_dict(), lr=0.2)
+    assert math.isclose(watch.initial, expected, rel_tol=1e-6)
+    nan = {k: v * float("nan") for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"round 4: the global model's test loss is nan: training diverged"):
+        watch.check(4, nan)
+    assert watch.check(5, nan) is None  # once a run
