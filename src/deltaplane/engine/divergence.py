@@ -39,16 +39,17 @@ class DivergenceWatch:
 
     Args:
         task: the run's task (its model builder, loss and test set).
-        initial: the global model of version 0.
+        initial: the global model of version 0; None: the first state :meth:`check` sees (a coordinator that
+            starts on a version the service already serves).
         lr: the devices' learning rate, named in the advice.
     """
 
-    def __init__(self, task: Task, initial: StateDict, *, lr: float) -> None:
+    def __init__(self, task: Task, initial: StateDict | None, *, lr: float) -> None:
         self._model = task.build_model(0)  # scratch: every check loads the state it scores
         self._x, self._y = task.test.x[:SAMPLES], task.test.y[:SAMPLES]
         self._loss = task.loss
         self._lr = lr
-        self.initial = self.loss(initial)
+        self.initial: float | None = self.loss(initial) if initial is not None else None
         #: the warning given (once a run), or None
         self.warned: str | None = None
 
@@ -61,9 +62,12 @@ class DivergenceWatch:
         self._model.eval()
         return float(self._loss(self._model(self._x), self._y))
 
-    def check(self, rnd: int, state: StateDict) -> str | None:
+    def check(self, rnd: int, state: StateDict, *, where: str | None = None) -> str | None:
         """Warn (:class:`DivergenceWarning`, once a run) if round ``rnd``'s global ``state`` diverged; return
-        the warning's text, else None."""
+        the warning's text, else None. ``where`` names the state in the text instead of ``round {rnd}``."""
+        if self.initial is None:
+            self.initial = self.loss(state)
+            return None
         if self.warned is not None or not math.isfinite(self.initial) or len(self._y) == 0:
             return None
         value = self.loss(state)
@@ -75,7 +79,7 @@ class DivergenceWatch:
             else f"rose to {value:.4g}, {value / self.initial:.1f}× the initial model's {self.initial:.4g}"
         )
         self.warned = (
-            f"round {rnd}: the global model's test loss {how}: training diverged. Try a smaller learning rate "
+            f"{where or f'round {rnd}'}: the global model's test loss {how}: training diverged. Try a smaller learning rate "
             f"(now {self._lr:g}; in a run config: clients: {{lr: ...}}), e.g. a quarter of it"
         )
         warnings.warn(self.warned, DivergenceWarning, stacklevel=2)
