@@ -91,3 +91,12 @@ def test_secagg_with_distributed_dp_keeps_the_tied_names_equal(tied_task) -> Non
     s = run_federation(cfg).final_state
     assert torch.equal(s["hidden.weight"], s["again.weight"])
     assert run_federation(cfg.replace(engine="batched")).final_state.keys() == s.keys()
+
+
+def test_fltrust_scores_a_tied_models_updates_against_a_reference_of_the_same_layout(tied_task) -> None:
+    """FLTrust's server reference is trained as a device's update is: its tied parameter once, as in the
+    updates it is compared with (it held both names while the updates held one)."""
+    cfg = RunConfig(task=tied_task, clients=3, rounds=2, lr=0.05, defense="fltrust", codec="identity")
+    result = run_federation(cfg)
+    assert [r.rejected for r in result.rounds] == [0, 0]
+    assert torch.equal(result.final_state["hidden.weight"], result.final_state["again.weight"])

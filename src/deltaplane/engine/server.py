@@ -35,7 +35,7 @@ from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
-from deltaplane.engine.tied import retie, tied_aliases
+from deltaplane.engine.tied import retie, tied_aliases, untie
 from deltaplane.engine.training import local_train
 from deltaplane.engine.wire import Sessions
 from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError, InvalidUpdate
@@ -241,7 +241,8 @@ class ServerStep:
         self._secure = False
         self.aggregator.reset()
         if self._fltrust is not None:
-            self._fltrust.set_reference(self._reference(rnd, self.state))  # type: ignore[misc]
+            # the reference as the devices' updates hold a tied parameter: once, under its kept name
+            self._fltrust.set_reference(untie(self._reference(rnd, self.state), self.tied))  # type: ignore[misc]
         attribution = self.aggregator.find(BackdoorAttribution)
         if isinstance(attribution, BackdoorAttribution):
             attribution.set_probe(self._probe(self.state))  # type: ignore[misc]
