@@ -63,9 +63,22 @@ def test_the_watch_measures_the_tasks_loss_independently(diverging_task) -> None
     with torch.no_grad():
         d = model(task.test.x)
         expected = float(((d[:, 1] - d[:, 0] - (2 * task.test.y - 1).float()) ** 2).mean())
-    watch = DivergenceWatch(task, model.state_dict(), lr=0.2)
+    watch = DivergenceWatch(task, model.state_dict(), config=cfg)
     assert math.isclose(watch.initial, expected, rel_tol=1e-6)
     nan = {k: v * float("nan") for k, v in model.state_dict().items()}
     with pytest.warns(UserWarning, match=r"round 4: the global model's test loss is nan: training diverged"):
         watch.check(4, nan)
     assert watch.check(5, nan) is None  # once a run
+
+
+def test_under_dp_the_warning_also_names_the_noise(diverging_task) -> None:
+    """Noise large against the weights raises the loss as an lr too large does: the advice names both."""
+    from deltaplane.engine import make_task
+    from deltaplane.engine.divergence import DivergenceWatch
+
+    cfg = RunConfig(task=diverging_task, clients=2, clip=1.0, dp_noise=1.0)
+    task = make_task(cfg)
+    model = task.build_model(0)
+    watch = DivergenceWatch(task, model.state_dict(), config=cfg)
+    with pytest.warns(UserWarning, match=r"Try a smaller learning rate .*; or the DP noise is large"):
+        watch.check(1, {k: v * 1e3 for k, v in model.state_dict().items()})

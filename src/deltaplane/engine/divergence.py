@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from deltaplane.delta import StateDict
+from deltaplane.engine.config import RunConfig
 from deltaplane.engine.task import Task
 
 __all__ = ["RISE", "SAMPLES", "DivergenceWarning", "DivergenceWatch"]
@@ -41,14 +42,16 @@ class DivergenceWatch:
         task: the run's task (its model builder, loss and test set).
         initial: the global model of version 0; None: the first state :meth:`check` sees (a coordinator that
             starts on a version the service already serves).
-        lr: the devices' learning rate, named in the advice.
+        config: the run's configuration: its learning rate is named in the advice, and its DP noise, if any, as
+            the other cause (noise large against the weights raises the loss without any divergence of SGD).
     """
 
-    def __init__(self, task: Task, initial: StateDict | None, *, lr: float) -> None:
+    def __init__(self, task: Task, initial: StateDict | None, *, config: RunConfig) -> None:
         self._model = task.build_model(0)  # scratch: every check loads the state it scores
         self._x, self._y = task.test.x[:SAMPLES], task.test.y[:SAMPLES]
         self._loss = task.loss
-        self._lr = lr
+        self._lr = config.lr
+        self._noised = config.dp_noise > 0 or config.local_dp_noise > 0
         self.initial: float | None = self.loss(initial) if initial is not None else None
         #: the warning given (once a run), or None
         self.warned: str | None = None
@@ -82,5 +85,10 @@ class DivergenceWatch:
             f"{where or f'round {rnd}'}: the global model's test loss {how}: training diverged. Try a smaller learning rate "
             f"(now {self._lr:g}; in a run config: clients: {{lr: ...}}), e.g. a quarter of it"
         )
+        if self._noised:
+            self.warned += (
+                "; or the DP noise is large against the model's weights (noise per value z·clip/devices): more "
+                "devices a round, a smaller noise multiplier (a larger ε) or a smaller clip"
+            )
         warnings.warn(self.warned, DivergenceWarning, stacklevel=2)
         return self.warned

@@ -467,7 +467,7 @@ def task_server_app(
         else:
             strategy = DeltaStrategy(**options)
         initial = state_to_arrays(initial_state)
-        watch = DivergenceWatch(task, initial_state, lr=config.lr)
+        watch = DivergenceWatch(task, initial_state, config=config)
         cum = {"up": 0, "down": 0}
         clock = [time.perf_counter()]
         sampled: dict[int, int] = {}  # rounds each node trained in (local DP: its ε grows with them)

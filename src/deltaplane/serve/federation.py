@@ -245,7 +245,7 @@ def _run(
     # operator's `fleet enroll --authority-key`), under the device name its token carries
     enrollment = run_enrollment(config)
     raw_bytes = raw_upload_bytes(initial, step.left_out(model))
-    watch = DivergenceWatch(task, initial, lr=config.lr)
+    watch = DivergenceWatch(task, initial, config=config)
     history: list[RoundMetrics] = []
     client_rows: list[dict[str, Any]] = []
     drift: list[dict[str, Any]] = []

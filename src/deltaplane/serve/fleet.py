@@ -1128,7 +1128,7 @@ def coordinate(
         predictions = functools.partial(
             register_predictions, p, models, model, net=net,
             reference=lambda m: prediction_reference(spec, m, task, clients),
-            watch=DivergenceWatch(task, None, lr=config.lr),
+            watch=DivergenceWatch(task, None, config=config),
         )  # fmt: skip
         predictions(None)  # a restarted coordinator: the version the devices may still report on
     elif drift:

@@ -348,7 +348,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     try:
         step = ClientStep(config, task, base_id=BASE_ID)
         server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
-        watch = DivergenceWatch(task, initial, lr=config.lr)
+        watch = DivergenceWatch(task, initial, config=config)
         # one wire session per run, built once (both sides would build the same)
         step.sessions = server.sessions
         enrollment = run_enrollment(config)  # authenticated SecAgg: each device enrolled when first sampled

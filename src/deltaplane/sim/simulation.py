@@ -261,7 +261,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     local_keys = step.local_keys(model)  # the server step leaves the same tensors out (ServerStep.for_run)
     raw_bytes = raw_upload_bytes(initial, step.left_out(model))
-    watch = DivergenceWatch(task, initial, lr=config.lr)
+    watch = DivergenceWatch(task, initial, config=config)
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     enrollment = run_enrollment(config)  # authenticated SecAgg: the devices' identities, enrolled once a run
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
