@@ -8,6 +8,11 @@ its loss does: it is NaN or Inf, or several times the untrained model's. Every d
 :class:`DivergenceWatch` from the initial state and checks each round's global state; the first divergent
 round raises one :class:`DivergenceWarning` naming the round, the loss and the fix. It records nothing: a
 healthy run's figures are the same with or without it.
+
+A driver that scores the global model on the test set every round anyway (the in-process simulator,
+:func:`~deltaplane.engine.metrics.score_round` with the task's loss) hands the watch that loss instead
+(:meth:`DivergenceWatch.check_loss`, ``samples=None``): no forward pass of the watch's own in the round, and
+where a forked worker scores the round (``threads=2``) none on the caller's critical path at all.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 from deltaplane.delta import StateDict
 from deltaplane.engine.config import RunConfig
+from deltaplane.engine.metrics import logits
 from deltaplane.engine.task import Task
 
 __all__ = ["RISE", "SAMPLES", "DivergenceWarning", "DivergenceWatch"]
@@ -44,11 +50,15 @@ class DivergenceWatch:
             starts on a version the service already serves).
         config: the run's configuration: its learning rate is named in the advice, and its DP noise, if any, as
             the other cause (noise large against the weights raises the loss without any divergence of SGD).
+        samples: how many of the test set's first samples the watch scores; None: all of them, as a driver's
+            per-round scoring does when it hands :meth:`check_loss` its test loss (the initial on the same ones).
     """
 
-    def __init__(self, task: Task, initial: StateDict | None, *, config: RunConfig) -> None:
+    def __init__(
+        self, task: Task, initial: StateDict | None, *, config: RunConfig, samples: int | None = SAMPLES
+    ) -> None:
         self._model = task.build_model(0)  # scratch: every check loads the state it scores
-        self._x, self._y = task.test.x[:SAMPLES], task.test.y[:SAMPLES]
+        self._x, self._y = task.test.x[:samples], task.test.y[:samples]
         self._loss = task.loss
         self._lr = config.lr
         self._noised = config.dp_noise > 0 or config.local_dp_noise > 0
@@ -63,7 +73,9 @@ class DivergenceWatch:
             return math.nan
         self._model.load_state_dict(state)
         self._model.eval()
-        return float(self._loss(self._model(self._x), self._y))
+        # the logits the round's scoring computes (metrics.logits), so a loss handed to check_loss and this
+        # one are the same up to float rounding
+        return float(self._loss(logits(self._model, self._x), self._y))
 
     def check(self, rnd: int, state: StateDict, *, where: str | None = None) -> str | None:
         """Warn (:class:`DivergenceWarning`, once a run) if round ``rnd``'s global ``state`` diverged; return
@@ -71,9 +83,31 @@ class DivergenceWatch:
         if self.initial is None:
             self.initial = self.loss(state)
             return None
-        if self.warned is not None or not math.isfinite(self.initial) or len(self._y) == 0:
+        if not self._watching():
             return None
-        value = self.loss(state)
+        return self._judge(rnd, self.loss(state), where, stacklevel=3)
+
+    def check_loss(self, rnd: int, value: float) -> str | None:
+        """:meth:`check` of a test loss the driver computed (the task's loss of round ``rnd``'s global model
+        on the watched samples: :data:`~deltaplane.engine.metrics.TEST_LOSS` from a scoring of the whole test
+        set, with ``samples=None``), without a forward pass of the watch's own."""
+        if not self._watching():
+            return None
+        return self._judge(rnd, value, None, stacklevel=3)
+
+    def _watching(self) -> bool:
+        """Whether a round's loss can still warn: not yet warned, a finite initial loss, samples to score."""
+        return (
+            self.warned is None
+            and self.initial is not None
+            and math.isfinite(self.initial)
+            and len(self._y) > 0
+        )
+
+    def _judge(self, rnd: int, value: float, where: str | None, *, stacklevel: int) -> str | None:
+        """Warn if round ``rnd``'s test loss ``value`` diverged (see :meth:`check`); ``stacklevel`` points the
+        warning at the driver's call."""
+        assert self.initial is not None
         if math.isfinite(value) and value <= RISE * self.initial:
             return None
         how = (
@@ -90,5 +124,5 @@ class DivergenceWatch:
                 "; or the DP noise is large against the model's weights (noise per value z·clip/devices): more "
                 "devices a round, a smaller noise multiplier (a larger ε) or a smaller clip"
             )
-        warnings.warn(self.warned, DivergenceWarning, stacklevel=2)
+        warnings.warn(self.warned, DivergenceWarning, stacklevel=stacklevel)
         return self.warned
