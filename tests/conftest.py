@@ -82,6 +82,79 @@ def big_task(tmp_path, monkeypatch) -> str:
     sys.modules.pop("bigtask", None)
 
 
+TIED_TASK = """
+import torch
+from torch import nn
+
+from deltaplane.engine import Dataset, Task
+
+
+class TiedMLP(nn.Module):
+    \"\"\"A hidden layer used twice under two names (one parameter, as a tied embedding and output head).\"\"\"
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, width)
+        self.hidden = nn.Linear(width, width)
+        self.again = nn.Linear(width, width)
+        self.again.weight = self.hidden.weight
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(torch.tanh(self.inp(x))))
+        return self.head(torch.tanh(self.again(h)))
+
+
+def make_task(width: int = 32) -> Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return Task(name="tied", model=lambda: TiedMLP(width), train=Dataset(x[:500], y[:500]),
+                test=Dataset(x[500:], y[500:]))
+"""
+
+
+@pytest.fixture
+def tied_task(tmp_path, monkeypatch) -> str:
+    """A user's task whose model ties one weight under two names (``hidden.weight`` and ``again.weight``, the
+    kept name); yields its task path."""
+    (tmp_path / "tiedtask.py").write_text(TIED_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "tiedtask:make_task"
+    sys.modules.pop("tiedtask", None)
+
+
+DIVERGING_TASK = """
+import torch
+from torch import nn
+
+from deltaplane.engine import Dataset, Task
+
+
+def margin_mse(logits, y, reduction="mean"):
+    per = (logits[:, 1] - logits[:, 0] - (2 * y - 1).float()) ** 2
+    return per if reduction == "none" else per.mean()
+
+
+def make_task(scale: float = 3.0) -> Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=g) * scale
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return Task(name="margin", model=lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
+                train=Dataset(x[:500], y[:500]), test=Dataset(x[500:], y[500:]), loss=margin_mse)
+"""
+
+
+@pytest.fixture
+def diverging_task(tmp_path, monkeypatch) -> str:
+    """A user's regression-style task (a squared-error loss on the logits' margin, inputs of std 3) whose
+    training diverges at lr 0.05 within one round (scale=1 trains at lr 0.05); yields its task path."""
+    (tmp_path / "divtask.py").write_text(DIVERGING_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "divtask:make_task"
+    sys.modules.pop("divtask", None)
+
+
 class PlaintextWatch:
     """Byte patterns of plaintext updates that must never reach the server, and the checks that look for them."""
 

@@ -42,3 +42,33 @@ def test_devices_larger_than_the_default_example_bound_are_taken_on_flower(big_t
     assert [r.rejected for r in rounds] == [0]
     for k, v in expected.final_state.items():
         torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
+
+
+def test_a_tied_weight_travels_once_on_flower_as_in_process(tied_task, loopback_grid) -> None:
+    """A tied parameter under central DP on Flower: one tensor in each node's update, noised once, both names
+    equal after every round, and the sequential driver's model bit for bit."""
+    cfg = RunConfig(
+        task=tied_task, clients=4, rounds=2, alpha=1.0, codec="identity", lr=0.05, clip=1.0, dp_noise=0.5
+    )
+    expected = run_simulation(cfg)
+    finals: dict = {}
+    server = task_server_app(cfg, on_done=lambda s, st: finals.update(st))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
+    assert torch.equal(finals["hidden.weight"], finals["again.weight"])
+    for k, v in expected.final_state.items():
+        torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
+
+
+def test_a_diverging_run_is_called_so_on_flower(diverging_task, loopback_grid) -> None:
+    """The divergence warning of the in-process drivers (tests/engine/test_divergence.py), on Flower."""
+    import warnings
+
+    cfg = RunConfig(task=diverging_task, clients=2, rounds=1, codec="identity", lr=0.05)
+    server = task_server_app(cfg)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
+    said = [str(w.message) for w in caught if w.category.__name__ == "DivergenceWarning"]
+    assert len(said) == 1 and said[0].startswith("round 1: the global model's test loss rose to ")

@@ -357,6 +357,46 @@ def test_a_secagg_fleet_with_distributed_dp_publishes_and_accounts(byo_task, tmp
     assert out[0].measurements["secure_sum_published"] == 1.0
 
 
+@pytest.mark.parametrize("secagg", [True, False], ids=["secagg-distributed-dp", "plain-central-dp"])
+def test_a_tied_weight_is_one_tensor_on_the_served_fleet(tied_task, tmp_path, secagg) -> None:
+    """A model of one's own with a tied parameter, over TLS with DP (distributed under SecAgg, central over plain
+    rounds): the devices mask or upload it once, and every published version keeps its two names equal (the
+    bring-your-own walk: before, the published versions' names drifted apart by 2.6 and 3.4 on a tied wine MLP)."""
+    cfg = _config(tied_task, clients=3, rounds=1, clip="1.0", dp_noise=0.8, dp_delta=1e-3, secagg=secagg)
+    with Fleet(tmp_path, cfg) as f:
+        threads = _threads([f.device(i) for i in range(3)], rounds=1, stage_wait=20)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=20, poll=0.05)
+        for t in threads:
+            t.join(60)
+        assert [s.failed for s in out] == [None], [s.failed for s in out]
+        state = f.reg.load_state(f.reg.get(MODEL, out[0].version))
+    assert not torch.equal(state["again.weight"], f.initial["again.weight"])
+    assert torch.equal(state["hidden.weight"], state["again.weight"])
+
+
+def test_the_coordinator_calls_a_diverged_version_so(diverging_task, tmp_path) -> None:
+    """The served fleet's divergence warning: the coordinator, which fetches each published version verified
+    (``--trusted``), compares its test loss with the version served at its start's (the in-process drivers':
+    tests/engine/test_divergence.py)."""
+    import warnings
+
+    cfg = _config(diverging_task, clients=2, rounds=1, lr=0.05)
+    with Fleet(tmp_path, cfg) as f:
+        threads = _threads([f.device(i) for i in range(2)], rounds=1)
+        conn = DeviceClient(f.url, f.admin.issue_token("coordinator"), verifier=f.reg.verifier, tls=f.ctx)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=60, poll=0.05,
+                                   drift_min_samples=1, models=conn)  # fmt: skip
+        for t in threads:
+            t.join(60)
+    assert [s.failed for s in out] == [None]
+    said = [str(w.message) for w in caught if w.category.__name__ == "DivergenceWarning"]
+    assert len(said) == 1 and said[0].startswith(
+        f"version {out[0].version}: the global model's test loss rose"
+    )
+
+
 def test_a_device_late_for_a_round_sits_it_out_and_takes_the_next(byo_task, tmp_path) -> None:
     """The round ends while a device trains (the coordinator's deadline passed; a SecAgg round was aborted):
     the service refuses it (409), and the device used to stop on that refusal (the CLI exited with

@@ -38,6 +38,7 @@ from deltaplane.engine.dgc import NormHistory
 from deltaplane.engine.federation import Client
 from deltaplane.engine.seeding import Stream, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
+from deltaplane.engine.tied import tied_aliases, untie
 from deltaplane.engine.training import local_train
 from deltaplane.engine.wire import Sessions
 from deltaplane.errors import DeltaplaneError, UnsupportedOption
@@ -137,6 +138,7 @@ class ClientStep:
         #: devices that released a locally privatized update, and in how many rounds (local ε)
         self.participations: dict[int, int] = {}
         self._local_keys: frozenset[str] | None = None
+        self._tied: dict[str, str] | None = None
         self._attack_streams: dict[int, torch.Generator] = {}
         #: the uplink's wire sessions (compact frames unless ``config.wire`` is self-describing)
         self.sessions = Sessions.for_config(config, base_id)
@@ -146,6 +148,18 @@ class ClientStep:
         if self._local_keys is None:
             self._local_keys = self.personalizer.local_keys(model)
         return self._local_keys
+
+    def tied(self, model: nn.Module) -> dict[str, str]:
+        """``{alias: kept}`` of the model's tied parameters (:func:`~deltaplane.engine.tied.tied_aliases`): the
+        aliases are left out of every upload, so the update holds a tied parameter once."""
+        if self._tied is None:
+            self._tied = tied_aliases(model)
+        return self._tied
+
+    def left_out(self, model: nn.Module) -> frozenset[str]:
+        """State-dict names an upload leaves out: :meth:`local_keys` and the aliases of :meth:`tied` (the server
+        step's ``local_keys`` holds the same names)."""
+        return self.local_keys(model) | frozenset(self.tied(model))
 
     @property
     def stackable(self) -> bool:
@@ -388,12 +402,15 @@ class ClientStep:
     def transform(
         self, client: Client, delta: Delta, *, model: nn.Module, global_state: StateDict, rnd: int
     ) -> Delta:
-        """Stages 2–4 on a trained ``delta``: personalize, attack (simulation only), clip / local DP."""
+        """Stages 2–4 on a trained ``delta``: personalize, untie tied weights, attack (simulation only), clip /
+        local DP."""
         c = self.config
         if self.local_keys(model):
             delta = personalize(
                 self.personalizer, client, delta, self.origin(client, global_state, model), model
             )
+        # before the clip and DP: the norm and the noise count a tied parameter once (engine.tied)
+        delta = untie(delta, self.tied(model))
         if client.cid in self.malicious:
             # the attack's generator continues where data poisoning left it: one stream per device and round
             g = self._attack_streams.pop(client.cid, None)

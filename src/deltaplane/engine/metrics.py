@@ -10,9 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.data.dataset import Dataset
+from deltaplane.engine.task import Loss
 from deltaplane.errors import ConfigError
 
 __all__ = [
+    "TEST_LOSS",
     "accuracy",
     "class_accuracy_stacked",
     "evaluate_clients",
@@ -22,6 +24,12 @@ __all__ = [
     "score_round",
 ]
 
+
+#: The key under which :func:`score_round` (given a ``loss``) returns the task's loss of the global model on the
+#: test set, from the logits its test accuracy is computed from: for a driver's divergence watch
+#: (:meth:`~deltaplane.engine.divergence.DivergenceWatch.check_loss`), which would otherwise run a forward pass
+#: of its own. No round metric: the driver takes it out of the scores before it records them.
+TEST_LOSS = "watched_test_loss"
 
 #: :func:`logits` cuts a scoring batch into at most this many stacked copies of the model, of at least
 #: :data:`_SCORE_ROWS` samples each
@@ -92,18 +100,37 @@ _CLIENT_FIELDS = (
 )
 
 
-def round_scores(model: nn.Module, test: Dataset, client_acc: list[float]) -> dict[str, float]:
+@torch.no_grad()
+def _accuracy_and_loss(model: nn.Module, data: Dataset, loss: Loss) -> dict[str, float]:
+    """:func:`accuracy` (the same bits) and, under :data:`TEST_LOSS`, ``loss`` of the same logits (NaN for
+    an empty set)."""
+    if len(data) == 0:
+        return {"test_accuracy": 0.0, TEST_LOSS: float("nan")}
+    model.eval()
+    out = logits(model, data.x)
+    return {
+        "test_accuracy": float((out.argmax(dim=1) == data.y).float().mean()),
+        TEST_LOSS: float(loss(out, data.y)),
+    }
+
+
+def round_scores(
+    model: nn.Module, test: Dataset, client_acc: list[float], *, loss: Loss | None = None
+) -> dict[str, float]:
     """The accuracy fields of a round's metrics: ``model`` on the test set, and the mean, worst, quantiles
-    (10%, median, 90%) and best of the per-client accuracies (:func:`evaluate_clients`).
+    (10%, median, 90%) and best of the per-client accuracies (:func:`evaluate_clients`); with ``loss`` (the
+    task's), also the test loss under :data:`TEST_LOSS`, from the same logits.
 
     With no client accuracies (a driver that scores the round's sampled devices, in a Poisson-sampled round
     that sampled nobody) the client figures are NaN: there is no device to score, and no value would be
     honest (a report writes NaN as null)."""
+    tested = (
+        {"test_accuracy": accuracy(model, test)} if loss is None else _accuracy_and_loss(model, test, loss)
+    )
     if not client_acc:
         nan = float("nan")
-        return {"test_accuracy": accuracy(model, test)} | dict.fromkeys(_CLIENT_FIELDS, nan)
-    return {
-        "test_accuracy": accuracy(model, test),
+        return tested | dict.fromkeys(_CLIENT_FIELDS, nan)
+    return tested | {
         "client_accuracy_mean": float(np.mean(client_acc)),
         "client_accuracy_min": float(np.min(client_acc)),
         # the spread across devices, not only its mean and worst (the dashboard draws p10-p90 as a band)
@@ -115,13 +142,19 @@ def round_scores(model: nn.Module, test: Dataset, client_acc: list[float]) -> di
 
 
 def score_round(
-    model: nn.Module, state: dict[str, Tensor], test: Dataset, clients: Sequence[Any]
+    model: nn.Module,
+    state: dict[str, Tensor],
+    test: Dataset,
+    clients: Sequence[Any],
+    *,
+    loss: Loss | None = None,
 ) -> dict[str, float]:
     """:func:`round_scores` of the global model ``state`` (loaded into ``model``), with every device's held-out
     data scored by :func:`evaluate_clients`: for a driver that needs the per-device accuracies for nothing
-    else (the in-process simulator; its forked worker, :mod:`deltaplane.sim.worker_scoring`)."""
+    else (the in-process simulator; its forked worker, :mod:`deltaplane.sim.worker_scoring`). With ``loss``,
+    also the test loss under :data:`TEST_LOSS` (for the driver's divergence watch, not a metric)."""
     model.load_state_dict(state)
-    return round_scores(model, test, evaluate_clients(model, clients))
+    return round_scores(model, test, evaluate_clients(model, clients), loss=loss)
 
 
 @torch.no_grad()

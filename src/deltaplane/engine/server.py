@@ -35,6 +35,7 @@ from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.seeding import Stream, derive_seed, numpy_rng, torch_generator
 from deltaplane.engine.task import Task
+from deltaplane.engine.tied import retie, tied_aliases, untie
 from deltaplane.engine.training import local_train
 from deltaplane.engine.wire import Sessions
 from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError, InvalidUpdate
@@ -156,8 +157,11 @@ class ServerStep:
         self._accepted = 0
         self._rejections: list[Rejection] = []
         self._secure = False
-        #: tensors that stay on the devices (FedPer/FedBN local layers): uploads leave them out
+        #: tensors uploads leave out: FedPer/FedBN local layers, and tied parameters' aliases (:attr:`tied`)
         self.local_keys: frozenset[str] = frozenset()
+        #: ``{alias: kept}`` of the model's tied parameters (:func:`~deltaplane.engine.tied.tied_aliases`): each
+        #: round's update gives an alias its kept name's change before it is published
+        self.tied: dict[str, str] = {}
         self._layout: tuple[dict[str, Tensor], frozenset[str], Layout] | None = None
 
     @classmethod
@@ -225,8 +229,12 @@ class ServerStep:
             probe=probe,
             sessions=sessions,
         )
+        scratch_model = task.build_model(0)  # the names depend on the architecture only, not on the weights
+        # a tied parameter's aliases are not uploaded either: its kept name carries its one change (engine.tied)
+        step.tied = tied_aliases(scratch_model)
+        step.local_keys = frozenset(step.tied)
         if config.personalization != "none":  # FedPer's head, FedBN's norms: never uploaded nor aggregated
-            step.local_keys = config.make_personalizer().local_keys(task.build_model(0))
+            step.local_keys |= config.make_personalizer().local_keys(scratch_model)
         return step
 
     def open(self, rnd: int, *, version: int | None = None, state: StateDict | None = None) -> None:
@@ -242,7 +250,8 @@ class ServerStep:
         self._secure = False
         self.aggregator.reset()
         if self._fltrust is not None:
-            self._fltrust.set_reference(self._reference(rnd, self.state))  # type: ignore[misc]
+            # the reference as the devices' updates hold a tied parameter: once, under its kept name
+            self._fltrust.set_reference(untie(self._reference(rnd, self.state), self.tied))  # type: ignore[misc]
         attribution = self.aggregator.find(BackdoorAttribution)
         if isinstance(attribution, BackdoorAttribution):
             attribution.set_probe(self._probe(self.state))  # type: ignore[misc]
@@ -480,6 +489,7 @@ class ServerStep:
                 "diverged, try a lower lr)"
             ) from (first.error if first else None)
         update = self.aggregator.result()  # raises PrivacyBudgetExceeded before a round that would exceed it
+        update = retie(update, self.tied)  # after DP: a copy of the noised tensor, not a second draw
         measurements = dict(self.aggregator.measurements)
         base = self.version
         payload, decoded = self.publisher.publish(

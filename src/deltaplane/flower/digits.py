@@ -47,6 +47,7 @@ from deltaplane.engine import (
 from deltaplane.engine.admission import examples_bound
 from deltaplane.engine.attacks import parse_attack
 from deltaplane.engine.client import require_simulation
+from deltaplane.engine.divergence import DivergenceWatch
 from deltaplane.engine.results import budget_stop
 from deltaplane.engine.scoring import backdoor_success, dp_adjacency, personal_row, personal_summary
 from deltaplane.engine.secure import secure_weight_scale
@@ -310,7 +311,7 @@ def _forged_frame_mod(config: RunConfig, *, simulation: bool) -> Mod:
         session = None
         if is_compact(payload):  # the session delta_mod framed it in: the shared tensors' (the server's too)
             model = task.build_model(0)
-            session = step.sessions.get(Layout.of(model.state_dict()).without(step.local_keys(model)))
+            session = step.sessions.get(Layout.of(model.state_dict()).without(step.left_out(model)))
         reply.content[UPLINK_KEY] = ConfigRecord({"payload": step.attack.forge(payload, session)})
         return reply
 
@@ -466,6 +467,7 @@ def task_server_app(
         else:
             strategy = DeltaStrategy(**options)
         initial = state_to_arrays(initial_state)
+        watch = DivergenceWatch(task, initial_state, config=config)
         cum = {"up": 0, "down": 0}
         clock = [time.perf_counter()]
         sampled: dict[int, int] = {}  # rounds each node trained in (local DP: its ε grows with them)
@@ -474,7 +476,9 @@ def task_server_app(
             if rnd == 0:
                 clock[0] = time.perf_counter()
                 return None
-            model.load_state_dict(arrays_to_state(arrays))
+            state = arrays_to_state(arrays)
+            watch.check(rnd, state)
+            model.load_state_dict(state)
             traffic = strategy.traffic[-1]
             outcome = strategy.last_outcome
             assert outcome is not None

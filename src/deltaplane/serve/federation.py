@@ -41,6 +41,7 @@ from deltaplane.engine import (
     sample_clients,
 )
 from deltaplane.engine.admission import examples_bound
+from deltaplane.engine.divergence import DivergenceWatch
 from deltaplane.engine.results import budget_stop, raw_upload_bytes
 from deltaplane.engine.scoring import backdoor_success, dp_adjacency, personal_metrics, round_epsilon
 from deltaplane.engine.secure import run_enrollment
@@ -243,7 +244,8 @@ def _run(
     # authenticated SecAgg: the run's enrollment authority certifies each device's identity (out of band, as an
     # operator's `fleet enroll --authority-key`), under the device name its token carries
     enrollment = run_enrollment(config)
-    raw_bytes = raw_upload_bytes(initial, step.local_keys(model))
+    raw_bytes = raw_upload_bytes(initial, step.left_out(model))
+    watch = DivergenceWatch(task, initial, config=config)
     history: list[RoundMetrics] = []
     client_rows: list[dict[str, Any]] = []
     drift: list[dict[str, Any]] = []
@@ -301,6 +303,7 @@ def _run(
             cum_up += uplink
             cum_down += down
             global_state, _ = _held(devices[0])
+            watch.check(rnd, global_state)
             personal: dict[str, float] = {}
             if step.personalizer.name != "none":
                 step.after_round(clients, model, global_state, rnd)

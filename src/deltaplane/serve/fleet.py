@@ -49,6 +49,7 @@ from deltaplane.aggregation.secagg import (
 from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.aggregation.secagg.revocation import take_revocations
 from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
+from deltaplane.engine.divergence import DivergenceWatch
 from deltaplane.engine.scoring import dp_adjacency, personal_row, round_epsilon
 from deltaplane.engine.secure import check_float_uploads, masked_zeros, secure_neighbours
 from deltaplane.engine.seeding import Stream, derive_seed
@@ -419,7 +420,7 @@ def _accept_invitation(dev: Device, number: int, state: dict[str, torch.Tensor])
             min_range=dev.config.min_secagg_range(),
             credentials=dev.credentials,
         )
-        sa.check_update(masked_zeros(state, dev.step.local_keys(dev.net)), dev.client.num_samples)
+        sa.check_update(masked_zeros(state, dev.step.left_out(dev.net)), dev.client.num_samples)
     except (SecAggError, DecodeError) as exc:
         dev.log(f"SecAgg round {number}: this device refused the invitation ({exc}); sitting it out")
         return None
@@ -1077,6 +1078,7 @@ def register_predictions(
     version: int | None,
     net: torch.nn.Module,
     reference: Callable[[torch.nn.Module], list[int]],
+    watch: DivergenceWatch | None = None,
 ) -> int | None:
     """Register the prediction reference of the version the training tag serves (expected: ``version``; None:
     whichever it is, as at the coordinator's start): its predicted-class counts on the drift reference's data
@@ -1084,12 +1086,16 @@ def register_predictions(
     on the weights ``models`` fetched and verified as a device does (the registry's signature, the service's
     signed answer). The version registered, or None: a version that cannot be fetched and verified, or that the
     tag no longer serves, is said (``p.say``) and left unregistered, so its predicted-class row stays untested
-    ("no prediction reference") and the rounds go on; never counts of unverified weights."""
+    ("no prediction reference") and the rounds go on; never counts of unverified weights. With ``watch``
+    the fetched weights are also checked for divergence (:class:`~deltaplane.engine.divergence.DivergenceWatch`:
+    the version served at start is its initial model)."""
     doing = "fetch the published version" if version is None else f"fetch version {version}"
     try:
         got, state = p.call(lambda: models.fetch(model, channel="training"), doing)
         if version is not None and got != version:
             raise ConfigError(f"the training tag serves version {got}, not {version} (moved meanwhile?)")
+        if watch is not None:
+            watch.check(got, state, where=f"version {got}")
         net.load_state_dict(state)
         counts = reference(net)
         p.call(
@@ -1199,6 +1205,7 @@ def coordinate(
         predictions = functools.partial(
             register_predictions, p, models, model, net=net,
             reference=lambda m: prediction_reference(spec, m, task, clients),
+            watch=DivergenceWatch(task, None, config=config),
         )  # fmt: skip
         predictions(None)  # a restarted coordinator: the version the devices may still report on
     elif drift:

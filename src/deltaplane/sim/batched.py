@@ -77,7 +77,7 @@ def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | No
     Stacked training gives each client its own copy of the parameters only: the model's buffers are one copy
     shared by every client, so a buffer the forward pass updates in place (BatchNorm's running statistics) would
     mix the clients, and a constant one cannot be told from it; a tied parameter (one tensor under two names) is
-    stacked once but sent under both names; non-float parameters have no gradient; frozen
+    stacked under its first name but sent under its last; non-float parameters have no gradient; frozen
     ones (``requires_grad=False``) would be trained; other float types than float32 are left to the sequential
     loop. Random layers (dropout modules with ``p > 0``, RReLU) are found by type; with a ``sample`` input the
     model also runs one forward pass in training mode, in a fork of torch's global generator, and a pass that
@@ -94,12 +94,12 @@ def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | No
         )
     tied = _tied_parameters(model)
     if tied:
-        # the stacked step trains named_parameters() (one name per tensor) while a device's update, and the
-        # wire session it is checked against, carry every state-dict name: a tied tensor's second name was
-        # missing, and every update of round 1 was refused as belonging to another wire session
+        # the stacked step trains named_parameters() (a tied tensor under its first name) while a device's
+        # update, and the wire session it is checked against, carry it under the name load_state_dict keeps,
+        # its last (engine.tied): every update of round 1 was refused as belonging to another wire session
         return (
             f"model {type(model).__name__} has tied parameters ({', '.join(tied[:3])}); stacked training "
-            "keeps one copy per tensor, a device's update one per name"
+            "keeps a tied tensor under its first name, a device's update under its last"
         )
     ints = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if ints:

@@ -51,6 +51,7 @@ from deltaplane.engine import (
     sample_clients,
 )
 from deltaplane.engine.dgc import NormHistory
+from deltaplane.engine.divergence import DivergenceWatch
 from deltaplane.engine.results import budget_stop, raw_upload_bytes
 from deltaplane.engine.scoring import backdoor_success, dp_adjacency, round_epsilon
 from deltaplane.engine.secure import run_enrollment
@@ -347,6 +348,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     try:
         step = ClientStep(config, task, base_id=BASE_ID)
         server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
+        watch = DivergenceWatch(task, initial, config=config)
         # one wire session per run, built once (both sides would build the same)
         step.sessions = server.sessions
         enrollment = run_enrollment(config)  # authenticated SecAgg: each device enrolled when first sampled
@@ -423,6 +425,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
                 break
             uplink += outcome.uplink_bytes
+            watch.check(rnd, outcome.state)
             model.load_state_dict(outcome.state)
             test_acc.append(accuracy(model, task.test))
             # Poisson sampling (central DP) may choose nobody: the round still released its noise, and there is

@@ -36,9 +36,10 @@ from deltaplane.engine import (
     make_task,
     sample_clients,
 )
+from deltaplane.engine.divergence import DivergenceWatch
 from deltaplane.engine.federation import Client, build_clients
+from deltaplane.engine.metrics import TEST_LOSS, score_round
 from deltaplane.engine.metrics import label_mix_accuracy as _label_mix
-from deltaplane.engine.metrics import score_round
 from deltaplane.engine.results import budget_stop, raw_upload_bytes
 from deltaplane.engine.scoring import backdoor_success, dp_adjacency, personal_metrics, round_epsilon
 from deltaplane.engine.secure import run_enrollment
@@ -259,7 +260,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     step = ClientStep(config, task, base_id=BASE_ID)
     server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
     local_keys = step.local_keys(model)  # the server step leaves the same tensors out (ServerStep.for_run)
-    raw_bytes = raw_upload_bytes(initial, local_keys)
+    raw_bytes = raw_upload_bytes(initial, step.left_out(model))
+    # the whole test set, as each round's scoring, which hands the watch its loss (report, below): the watch
+    # runs the initial model's forward pass, and none of its own in a round
+    watch = DivergenceWatch(task, initial, config=config, samples=None)
     step.sessions = server.sessions  # one wire session per run, built once (both sides would build the same)
     enrollment = run_enrollment(config)  # authenticated SecAgg: the devices' identities, enrolled once a run
     trainer = _batched_trainer(config, model, personalized=bool(local_keys), task=task)
@@ -311,7 +315,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     # of this process before its own share (deltaplane.sim.worker_scoring); set up before the first start()
     # forks the worker. Such a round's metrics are reported once the next round has closed.
     scoring = (
-        WorkerScoring(trainer, model, task.test, clients, backdoor_target=backdoor_target)
+        WorkerScoring(trainer, model, task.test, clients, backdoor_target=backdoor_target, loss=task.loss)
         if prefetch and trainer is not None
         else None
     )
@@ -323,7 +327,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     deferred: tuple[dict[str, Any], float, Future] | None = None
 
     def report(fields: dict[str, Any], seconds: float, scores: dict[str, Any]) -> None:
+        """Record a round and check it for divergence, by the test loss its scoring computed (no metric)."""
+        loss = scores.pop(TEST_LOSS)
         history.append(RoundMetrics(**fields, **scores, seconds=seconds))
+        watch.check_loss(fields["round"], loss)
         if progress is not None:
             progress(history[-1])
 
@@ -470,7 +477,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             # here: the global model on the test set and on each device's held-out data (personalized figures
             # are in `personal`); the round's time includes its scoring
             scored: dict[str, Any] = score_round(
-                model, global_state, task.test, clients if scored_clients else []
+                model, global_state, task.test, clients if scored_clients else [], loss=task.loss
             )
             scored["backdoor_success"] = backdoor_success(model, task.test, backdoor_target)
             report(fields, time.perf_counter() - t0, scored)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from deltaplane.data.dataset import Dataset
 from deltaplane.engine.metrics import score_round
 from deltaplane.engine.scoring import backdoor_success
+from deltaplane.engine.task import Loss
 from deltaplane.sim.batched import BatchedTrainer
 from deltaplane.sim.forked_workers import ForkContexts
 
@@ -38,10 +39,14 @@ def _score_forked(key: int, state: dict[str, np.ndarray], scored: bool) -> dict[
     (:func:`~deltaplane.engine.scoring.backdoor_success`, ``None`` without a backdoor) in a forked worker, with
     the context it inherited at the fork; the devices' held-out data only where ``scored`` (else their fields
     are NaN, as in the caller: ``RunConfig.client_eval_every``)."""
-    model, test, clients, target = _CONTEXT.of(key)
+    model, test, clients, target, loss = _CONTEXT.of(key)
     scores: dict[str, float | None] = dict(
         score_round(
-            model, {k: torch.from_numpy(v) for k, v in state.items()}, test, clients if scored else []
+            model,
+            {k: torch.from_numpy(v) for k, v in state.items()},
+            test,
+            clients if scored else [],
+            loss=loss,
         )
     )
     scores["backdoor_success"] = backdoor_success(model, test, target)
@@ -56,7 +61,9 @@ class WorkerScoring:
     holds their copy from the fork); neither an attack (which poisons a copy of a device's training data)
     nor α-mix / Ditto (which adapt a device's personal state, scored by the caller) changes it.
     ``backdoor_target``: the class a backdoor attack aims at, whose success the worker scores too
-    (:func:`~deltaplane.engine.scoring.backdoor_success`); ``None`` without one.
+    (:func:`~deltaplane.engine.scoring.backdoor_success`); ``None`` without one. ``loss``: the task's loss,
+    whose value on the test set the scores carry too (:data:`~deltaplane.engine.metrics.TEST_LOSS`, for the
+    run's divergence watch); ``None``: none.
     """
 
     def __init__(
@@ -67,10 +74,11 @@ class WorkerScoring:
         clients: list[Any],
         *,
         backdoor_target: int | None = None,
+        loss: Loss | None = None,
     ) -> None:
         self._trainer = trainer
         # a copy: in the worker, the trainer's own model (whose weights a forward may read) stays untouched
-        self._key = _CONTEXT.register(trainer, (copy.deepcopy(model), test, clients, backdoor_target))
+        self._key = _CONTEXT.register(trainer, (copy.deepcopy(model), test, clients, backdoor_target, loss))
 
     def submit(self, state: dict[str, Tensor], *, clients: bool = True) -> Future | None:
         """Score the global model ``state`` in the worker once it has done the jobs already sent to it (the
