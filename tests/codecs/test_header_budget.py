@@ -126,11 +126,11 @@ def test_the_value_limit_is_exact_at_its_cap() -> None:
 
 
 def test_honest_multi_thousand_tensor_payloads_fit_the_value_limit_without_its_floor() -> None:
-    """The per-byte allowance alone covers honest standalone payloads: 3,000 tensors of 3 values each under a
-    nested pipeline (~21 values a tensor in ~15 payload bytes) and 4,000 empty tensors (nothing in the body)."""
-    limits = Limits(min_header_values=0)
+    """The per-byte allowance alone covers honest standalone payloads: 2,000 tensors of 3 values each under a
+    nested pipeline (~21 values a tensor in ~15 payload bytes) and 2,000 empty tensors (nothing in the body;
+    ~19 values a tensor in ~3 bytes); docs/wire-format.md §6 quotes 5,000 and 20,000."""
+    limits, n = Limits(min_header_values=0), 2000
     for shape, spec in (((3,), "topk(0.01) | quant(bits=4)"), ((0,), "topk(0.01)")):
-        n = 3000 if shape == (3,) else 4000
         model = {f"model.layers.{i}.mlp.w": torch.ones(shape) for i in range(n)}
         payload = dp.Compressor(spec, seed=0).compress(dp.Delta(model), base_id="m")
         assert len(dp.decompress(payload, limits=limits)) == n
