@@ -126,6 +126,16 @@ class Limits:
     #: carries ~200 bytes a tensor (a pipeline's nested nodes, codec specs, field lengths) and a few of metadata
     min_header_bytes: int = 1 << 20
     header_bytes_per_tensor: int = 4096
+    #: header values (objects, arrays and commas, counted while the header inflates, before it is parsed):
+    #: at most ``min(max_header_values, min_header_values + header_values_per_byte × payload bytes)``, with or
+    #: without an expected layout. ``json.loads`` spends ~75 bytes of Python objects a value, so this bounds
+    #: parsing by the payload's size where the byte limit alone did not: a standalone 16 KB payload inflating
+    #: to 16 MiB of ``[{},{},...]`` made ~420 MB of objects. An honest header holds 9–22 values a tensor (a
+    #: 5,000-tensor header ~105,000) and at most ~7 values a payload byte (20,000 empty tensors under
+    #: ``topk | quant``); a tensor with any values to send has at most ~2.4
+    min_header_values: int = 1 << 17
+    header_values_per_byte: int = 16
+    max_header_values: int = 1 << 22
 
     def header_budget(self, tensors: int | None = None, name_chars: int = 0) -> int:
         """Most bytes a payload's (inflated) header may hold: ``max_header_bytes``, or for a receiver expecting
@@ -135,6 +145,12 @@ class Limits:
             return self.max_header_bytes
         allowance = self.min_header_bytes + self.header_bytes_per_tensor * tensors + 12 * name_chars
         return min(self.max_header_bytes, allowance)
+
+    def header_values(self, payload_bytes: int) -> int:
+        """Most JSON values (objects, arrays and commas) a ``payload_bytes``-byte payload's header may hold."""
+        return min(
+            self.max_header_values, self.min_header_values + self.header_values_per_byte * payload_bytes
+        )
 
     def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None, tensors: int = 0) -> int:
         """Most bytes a payload of ``payload_bytes`` may decode to, all nodes together (see the fields);
@@ -282,18 +298,11 @@ def _read_header(
     raw = bytes(buf[_PREFIX.size : _PREFIX.size + header_len])
     if flags & FLAG_ZLIB_HEADER and flags & FLAG_DICT_HEADER:
         raise _fail("flag bits 0 and 2 (two header compressions) are exclusive")
+    count = _ValueCount(limits.header_values(len(buf)), len(buf))
     if flags & (FLAG_ZLIB_HEADER | FLAG_DICT_HEADER):
-        try:
-            d = (
-                zlib.decompressobj()
-                if flags & FLAG_ZLIB_HEADER
-                else zlib.decompressobj(-15, zdict=HEADER_DICT)
-            )
-            raw = d.decompress(raw, cap)  # inflates at most cap bytes, whatever the stream says
-            if d.unconsumed_tail or not d.eof:
-                raise _fail(f"compressed header is truncated or inflates beyond the {cap}-byte header limit")
-        except zlib.error as exc:
-            raise _fail(f"compressed header is corrupt ({exc})") from None
+        raw = _inflate_header(raw, flags, cap, count)
+    else:
+        count.add(raw)
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -301,6 +310,60 @@ def _read_header(
     if not isinstance(doc, dict):
         raise _fail("header must be a JSON object")
     return doc, buf[_PREFIX.size + header_len : len(buf) - _CRC.size], flags
+
+
+#: the compressed header inflates in steps of this many bytes, each counted before the next is inflated
+_INFLATE_STEP = 1 << 16
+
+
+class _ValueCount:
+    """Counts a header's JSON values as its bytes arrive, refusing it past ``cap`` before it is parsed.
+
+    Every value but the first follows a ``,``, ``[`` or ``{`` (an object's first value, after ``{`` and
+    its key), so ``1 + `` those bytes bound the values ``json.loads`` would build, whatever the nesting; the
+    same bytes inside strings only overcount. ``bytes.count`` scans at memory speed: bounding the parse costs
+    no parse.
+    """
+
+    __slots__ = ("cap", "payload_bytes", "values")
+
+    def __init__(self, cap: int, payload_bytes: int) -> None:
+        self.cap, self.payload_bytes, self.values = cap, payload_bytes, 1
+
+    def add(self, chunk: bytes) -> None:
+        self.values += chunk.count(b",") + chunk.count(b"[") + chunk.count(b"{")
+        if self.values > self.cap:
+            raise _fail(
+                f"header holds more than {self.cap} JSON values (objects, arrays and commas, counted before "
+                f"parsing), the limit for a {self.payload_bytes}-byte payload (Limits.header_values); an "
+                "honest header holds 9-22 a tensor"
+            )
+
+
+def _inflate_header(raw: bytes, flags: int, cap: int, count: _ValueCount) -> bytes:
+    """The compressed header ``raw`` inflated in bounded steps, within ``cap`` bytes and ``count``'s values.
+
+    A zlib stream inflates up to ~1000×: stepping lets a bomb be refused after the step that crosses either
+    limit, holding at most that much of it, never the whole header nor its parse.
+    """
+    d = zlib.decompressobj() if flags & FLAG_ZLIB_HEADER else zlib.decompressobj(-15, zdict=HEADER_DICT)
+    parts: list[bytes] = []
+    size, tail = 0, raw
+    try:
+        while not d.eof:
+            step = d.decompress(tail, _INFLATE_STEP)
+            if not step and len(d.unconsumed_tail) == len(tail):  # no progress: the input ended early
+                raise _fail("compressed header is truncated (its stream does not end)")
+            # what a full step left unread; empty while zlib may still hold output for the next step
+            tail = d.unconsumed_tail
+            size += len(step)
+            if size > cap:
+                raise _fail(f"compressed header inflates beyond the {cap}-byte header limit")
+            count.add(step)
+            parts.append(step)
+    except zlib.error as exc:
+        raise _fail(f"compressed header is corrupt ({exc})") from None
+    return b"".join(parts)
 
 
 def _shape(v: Any, where: str, limits: Limits) -> tuple[int, ...]:
