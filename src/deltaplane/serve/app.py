@@ -275,6 +275,11 @@ class ServiceConfig:
                 f"max_body_bytes_in_flight must be at least the largest body cap ({need} bytes, max_upload_bytes "
                 f"or max_json_bytes), or that body could never pass. Found {self.max_body_bytes_in_flight}"
             )
+        if not 0 < self.flush_every_s <= MAX_FLUSH_EVERY_S:  # NaN fails too
+            raise ConfigError(
+                f"flush_every_s must be in (0, {MAX_FLUSH_EVERY_S:g}] seconds: a crash loses the fleet's contacts "
+                f"and counts of the last period. Found {self.flush_every_s}"
+            )
 
     @property
     def body_budget(self) -> int:
@@ -282,11 +287,6 @@ class ServiceConfig:
         if self.max_body_bytes_in_flight is not None:
             return self.max_body_bytes_in_flight
         return BODY_BUDGET_UPLOADS * max(self.max_upload_bytes, self.max_json_bytes)
-        if not 0 < self.flush_every_s <= MAX_FLUSH_EVERY_S:  # NaN fails too
-            raise ConfigError(
-                f"flush_every_s must be in (0, {MAX_FLUSH_EVERY_S:g}] seconds: a crash loses the fleet's contacts "
-                f"and counts of the last period. Found {self.flush_every_s}"
-            )
 
 
 @dataclass
