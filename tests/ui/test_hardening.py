@@ -901,7 +901,13 @@ def test_the_service_counts_a_ui_422_and_keeps_json_422_on_its_api(tmp_path):
     assert "query parameter 'page'" in unescape(r.text) and counters["rejected.validation"] == 1
     api = c.post("/admin/devices", headers=BEARER, content=b"not json")
     assert api.status_code == 422 and api.headers["content-type"] == "application/json"
-    assert api.json()["detail"].startswith("invalid request") and counters["rejected.validation"] == 2
+    # the route, and why: this body said no Content-Type, so it was never read as JSON ("got JSON of another
+    # shape" would send the operator to fix the fields)
+    said = api.json()["detail"]
+    assert said.startswith("POST /admin/devices: got a body without a Content-Type") and '"device_id"' in said
+    assert counters["rejected.validation"] == 2
+    typed = c.post("/admin/devices", headers={**BEARER, "Content-Type": "text/plain"}, content=b"not json")
+    assert typed.status_code == 422 and "sent as 'text/plain', not read as JSON" in typed.json()["detail"]
 
 
 # -- long runs -------------------------------------------------------------------------------------------------

@@ -54,7 +54,14 @@ def body_problem(request: Request, errors: Sequence[Any] = ()) -> str | None:
             f"{route}: the body is not valid JSON ({why} at byte {loc[1] if len(loc) > 1 else '?'}); {what}"
         )
     else:
-        got = "no body (or JSON null)" if first.get("type") == "missing" else "JSON of another shape"
+        sent = request.headers.get("content-type", "")
+        if first.get("type") == "missing":
+            got = "no body (or JSON null)"
+        elif sent.split(";")[0].strip().lower() != "application/json":
+            # FastAPI reads a body as JSON only when it says so: any other body reaches the model as bytes
+            got = f"a body sent as {sent!r}, not read as JSON" if sent else "a body without a Content-Type"
+        else:
+            got = "JSON of another shape"
         message = f"{route}: got {got}; {what}"
     others = [describe(e) for e in errors if e is not first][:4]  # e.g. a path parameter's own error
     return message + "".join(f"; also {o}" for o in others)
