@@ -720,34 +720,6 @@ def test_a_batch_size_beyond_every_client_pads_nothing() -> None:
         train(0)
 
 
-def test_a_step_is_as_wide_as_its_longest_real_batch() -> None:
-    """A step's slots beyond every live client's real samples are padding in all of them and are not
-    computed: sizes 40 and 10 at batch 32 run steps of 32, 10 (the 40's last 8 beside the 10's second
-    epoch), 32 and 8 (the 40's second epoch alone), not four of 32; the deltas still equal the sequential
-    loop's, which trains a short batch at its own size."""
-    data = load_digits()
-    shards = [data.subset(range(0, 40)), data.subset(range(40, 50))]
-    cfg = RunConfig(local_epochs=2, batch_size=32, lr=0.2, momentum=0.9)
-    model = build_model(3)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = BatchedTrainer(build_model(0))
-    widths: list[tuple[int, int]] = []
-    step = trainer._step_grads
-
-    def spy(params, x, y, w):
-        widths.append((x.shape[0], x.shape[1]))
-        assert y.shape == w.shape == x.shape[:2]
-        return step(params, x, y, w)
-
-    trainer._step_grads = spy
-    gens = [torch_generator(cfg.seed, Stream.LOCAL_TRAINING, 1, cid) for cid in range(2)]
-    stacked = trainer.train(state, shards, gens, epochs=2, batch_size=32, lr=0.2, momentum=0.9)
-    assert widths == [(2, 32), (2, 10), (1, 32), (1, 8)]
-    for cid, delta in enumerate(_sequential(model, state, shards, cfg, rnd=1)):
-        for name, t in delta.items():
-            assert torch.allclose(stacked[name][cid], t, rtol=0, atol=4e-6), (cid, name)
-
-
 @pytest.mark.parametrize("engine", ["batched", "population"])
 def test_no_more_workers_are_forked_than_a_round_has_clients(engine, monkeypatch) -> None:
     """A round splits its clients over at most that many workers; threads=6 on 2 clients forked 5 processes,

@@ -668,13 +668,8 @@ class BatchedTrainer:
         # Each parameter holds all clients' copies, (C, *shape); the clients still training at step s are the
         # first k rows, so an SGD step of every client is three multi-tensor (foreach) operations.
         bufs = [torch.zeros_like(p) for p in params]
-        # A step's width is its longest real batch: the slots beyond it are padding in every live client, and
-        # each costs as much as a real sample. It matters in a share's last steps, where the few clients
-        # left are short (a threads=2 share of the default federation ends on one step of 11, 3 and 1 real
-        # samples: 2.0 → 1.4 ms at width 11 instead of 32).
-        widths = (weight > 0).sum(-1).amax(1).tolist()
         for s, k in enumerate(active):
-            i, w = idx[s, :k, : widths[s]], weight[s, :k, : widths[s]]
+            i, w = idx[s, :k], weight[s, :k]
             live, live_bufs = [p[:k] for p in params], [b[:k] for b in bufs]
             g: list[Tensor] | tuple[Tensor, ...] = step_grads(live, x[rows[:k], i], y[rows[:k], i], w)
             with torch.no_grad():
