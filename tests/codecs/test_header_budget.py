@@ -143,6 +143,20 @@ def test_a_truncated_compressed_header_is_refused() -> None:
         dp.decompress(frame + _CRC.pack(crc32c.crc32c(frame)))
 
 
+def test_bytes_after_a_compressed_headers_stream_are_refused() -> None:
+    """The header's declared length must end with its zlib stream: bytes after it were read past unchecked,
+    so one payload had many CRC-valid spellings (the format says the stream must end exactly)."""
+    honest = zlib.compress(b'{"t":[]}', 9)
+    for head, ok in ((honest, True), (honest + b"junk", False), (honest + honest, False)):
+        frame = _PREFIX.pack(MAGIC, VERSION, FLAG_ZLIB_HEADER, len(head)) + head
+        payload = frame + _CRC.pack(crc32c.crc32c(frame))
+        if ok:
+            assert dict(dp.decompress(payload)) == {}
+        else:
+            with pytest.raises(DecodeError, match="bytes after its stream ends"):
+                dp.decompress(payload)
+
+
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4),

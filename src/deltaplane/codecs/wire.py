@@ -363,6 +363,9 @@ def _inflate_header(raw: bytes, flags: int, cap: int, count: _ValueCount) -> byt
             parts.append(step)
     except zlib.error as exc:
         raise _fail(f"compressed header is corrupt ({exc})") from None
+    if d.unused_data or tail:  # the declared header length must end with its stream (docs/wire-format.md §1)
+        extra = len(d.unused_data) + len(tail)
+        raise _fail(f"compressed header has {extra} bytes after its stream ends (a header must end exactly)")
     return b"".join(parts)
 
 
