@@ -76,7 +76,7 @@ def _fleet_enroll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str,
         def __init__(self, url: str, token: str, tls: Any, service_spki: str | None = None) -> None:
             pass
 
-        def issue_token(self, device: str, cohort: str) -> str:
+        def issue_token(self, device: str, cohort: str, models: object = None) -> str:
             return f"token-of-{device}"
 
     monkeypatch.setattr("deltaplane.serve.client.AdminClient", Admin)
