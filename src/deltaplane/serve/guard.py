@@ -186,14 +186,15 @@ class RequestGuard:
         device_id = ident.device_id
         held = self._in_flight.get(device_id, 0)
         if held >= self.max_device_requests:
-            self.on_reject("rejected.device_busy")
-            await self._drain_small(receive, headers)
-            await _reply(
+            await self._refuse_unread(
+                receive,
                 send,
+                headers,
+                "rejected.device_busy",
                 429,
                 f"device {device_id} already has {held} requests in flight (at most {self.max_device_requests}); "
                 "wait for one to finish",
-                {"retry-after": "1"},
+                retry_after_s=1,
             )
             return
         self._in_flight[device_id] = held + 1
@@ -253,10 +254,11 @@ class RequestGuard:
         reserve = (limit if size_declared is None else size_declared) if area == "device" else 0
         budget = self.max_body_bytes_in_flight
         if reserve and budget is not None and self.body_bytes_in_flight + reserve > budget:
-            self.on_reject("rejected.busy_bodies")
-            await self._drain_small(receive, headers)
-            await _reply(
+            await self._refuse_unread(
+                receive,
                 send,
+                headers,
+                "rejected.busy_bodies",
                 503,
                 f"the service is reading {self.body_bytes_in_flight} bytes of request bodies, and this one's "
                 f"{reserve} would pass its {budget}-byte budget (--max-body-bytes-in-flight); retry in "
@@ -266,7 +268,7 @@ class RequestGuard:
                     if size_declared is not None
                     else " (a body without Content-Length reserves its route's whole cap: send Content-Length)"
                 ),
-                {"retry-after": str(BUDGET_RETRY_AFTER_S)},
+                retry_after_s=BUDGET_RETRY_AFTER_S,
             )
             return
         self.body_bytes_in_flight += reserve
@@ -321,6 +323,23 @@ class RequestGuard:
             return ident or ""
         scope.setdefault("state", {})[DEVICE_SCOPE_KEY] = ident
         return None
+
+    async def _refuse_unread(
+        self,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        counter: str,
+        status: int,
+        detail: str,
+        *,
+        retry_after_s: int,
+    ) -> None:
+        """Refuse a request before handling it, its body unread (only a small one drained), counted under
+        ``counter``, with ``Retry-After``: the refusals a device may retry (:func:`serve.client.retry_after`)."""
+        self.on_reject(counter)
+        await self._drain_small(receive, headers)
+        await _reply(send, status, detail, {"retry-after": str(retry_after_s)})
 
     async def _drain_small(self, receive: Receive, headers: dict[bytes, bytes]) -> None:
         """Before refusing a request unread: read and drop its body if it declared a small one. Closing a
