@@ -65,8 +65,12 @@ def accuracy(model: nn.Module, data: Dataset) -> float:
     if len(data) == 0:
         return 0.0
     model.eval()
-    pred = logits(model, data.x).argmax(dim=1)
-    return float((pred == data.y).float().mean())
+    return _share_right(logits(model, data.x), data.y)
+
+
+def _share_right(out: Tensor, y: Tensor) -> float:
+    """The share of rows of logits ``out`` whose best class is ``y``'s."""
+    return float((out.argmax(dim=1) == y).float().mean())
 
 
 @torch.no_grad()
@@ -109,7 +113,7 @@ def _accuracy_and_loss(model: nn.Module, data: Dataset, loss: Loss) -> dict[str,
     model.eval()
     out = logits(model, data.x)
     return {
-        "test_accuracy": float((out.argmax(dim=1) == data.y).float().mean()),
+        "test_accuracy": _share_right(out, data.y),
         TEST_LOSS: float(loss(out, data.y)),
     }
 
