@@ -91,22 +91,13 @@ def test_under_dp_the_warning_also_names_the_noise(diverging_task) -> None:
     ids=["sequential", "batched", "batched-worker-scoring"],
 )
 def test_the_simulator_judges_the_loss_its_scoring_computed_without_a_forward_pass_of_its_own(
-    diverging_task, driver, monkeypatch
+    diverging_task, driver, watch_passes
 ) -> None:
     """The simulator scores the global model on the test set every round anyway (with threads=2 in its forked
     worker, off the critical path); the watch judges the loss of those logits. Its own forward pass runs once,
     for the initial model, not once a round (that cost ~20% of a default round), and the warning still names
     the round that diverged, once."""
-    from deltaplane.engine.divergence import DivergenceWatch
 
-    calls: list[int] = []
-    real = DivergenceWatch.loss
-
-    def counting(self: DivergenceWatch, state: dict) -> float:
-        calls.append(1)
-        return real(self, state)
-
-    monkeypatch.setattr(DivergenceWatch, "loss", counting)
     # round 2's updates hold NaN and are refused: with threads=2 round 1 is scored in the worker while round 2
     # trains, and reported (and judged) as the run stops
     cfg = RunConfig(task=diverging_task, clients=2, rounds=2, lr=0.05, codec="identity", **driver)
@@ -114,7 +105,7 @@ def test_the_simulator_judges_the_loss_its_scoring_computed_without_a_forward_pa
         warnings.simplefilter("always")
         run_federation(cfg)
     said = [str(w.message) for w in caught if w.category.__name__ == "DivergenceWarning"]
-    assert len(calls) == 1  # the initial model's loss only
+    assert len(watch_passes) == 1  # the initial model's loss only
     assert len(said) == 1 and said[0].startswith("round 1: the global model's test loss rose to ")
 
 
@@ -124,24 +115,15 @@ def test_the_simulator_judges_the_loss_its_scoring_computed_without_a_forward_pa
     ids=["http", "population"],
 )
 def test_drivers_that_score_each_round_hand_the_watch_their_loss(
-    diverging_task, driver, lr, monkeypatch
+    diverging_task, driver, lr, watch_passes
 ) -> None:
     """The HTTP simulation (round_scores) and the population engine (accuracy_and_loss) score the global model
     on the test set every round anyway: the watch judges the loss of those logits, its own forward pass runs
     once (the initial model), and the warning still names round 1, once."""
-    from deltaplane.engine.divergence import DivergenceWatch
 
-    calls: list[int] = []
-    real = DivergenceWatch.loss
-
-    def counting(self: DivergenceWatch, state: dict) -> float:
-        calls.append(1)
-        return real(self, state)
-
-    monkeypatch.setattr(DivergenceWatch, "loss", counting)
     cfg = RunConfig(task=diverging_task, clients=2, rounds=1, lr=lr, codec="identity", **driver)
     said = _divergence_warnings(cfg)
-    assert len(calls) == 1  # the initial model's loss only (and round 1's before)
+    assert len(watch_passes) == 1  # the initial model's loss only (and round 1's before)
     assert len(said) == 1 and said[0].startswith("round 1: the global model's test loss rose to ")
 
 
