@@ -402,7 +402,8 @@ def test_the_coordinator_scores_each_version_on_the_test_set_and_devices_say_the
 ) -> None:
     """Walking docs/fleet.md with a 442-sample task, the devices' held-out accuracies (0.156, 0.400, 0.514 on a
     3-class task) were all a newcomer saw of whether the model learned, and nothing said that device 0 held out
-    5 samples (one sample: 0.2). Each device's line now names its held-out size, and the coordinator, which
+    5 samples (one sample: 0.2). Each device's line now names its held-out size (and the Fleet page the smallest
+    held-out set behind a round's figures), and the coordinator, which
     fetches each published version verified (``--trusted``), prints its accuracy on the task's test set: the
     figure ``deltaplane run`` prints for the same task."""
     from deltaplane.engine.metrics import accuracy
@@ -420,6 +421,12 @@ def test_the_coordinator_scores_each_version_on_the_test_set_and_devices_say_the
         for t in threads:
             t.join(60)
         state = f.reg.load_state(f.reg.get(MODEL, out[0].version))
+        (closed,) = f.state.fleet_snapshot()["closed_rounds"]
+        page = httpx.get(f"{f.url}/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}, verify=f.ctx).text
+    smallest = min(len(dev.client.holdout) for dev in devices)
+    assert closed["reports"] == 3 and closed["holdout_samples_min"] == smallest
+    assert "<th>smallest held-out set</th>" in page
+    assert f'data-field="holdout_samples_min">{smallest}</td>' in page
     assert [s.failed for s in out] == [None]
     task = make_task(cfg)
     net = task.build_model(0)

@@ -503,7 +503,10 @@ def report_pending(dev: Device) -> bool:
     personal = _personalize(dev, state, number, version) if dev.step.personalizer.name != "none" else {}
     dev.net.load_state_dict(state)  # after the personal scoring, which leaves a personal model loaded
     score = float(evaluate_clients(dev.net, [dev.client])[0])
-    metrics = {"holdout_accuracy": score, **personal}
+    # the held-out split is holdout_fraction of this device's partition, often a few samples on a small fleet:
+    # its size says how far one sample moves the figure (5 samples: 0.2), here and on the Fleet page
+    held = len(dev.client.holdout)
+    metrics = {"holdout_accuracy": score, "holdout_samples": float(held), **personal}
     epsilon = round_epsilon(dev.config, dev.step, {})  # local DP: this device's own ε so far (else None)
     if epsilon is not None:
         metrics["epsilon"] = epsilon
@@ -522,9 +525,6 @@ def report_pending(dev: Device) -> bool:
         if personal
         else ""
     )
-    # the held-out split is holdout_fraction of this device's partition, often a few samples on a small fleet:
-    # its count says how far one sample moves the figure (5 samples: 0.2), so a newcomer does not read noise
-    held = len(dev.client.holdout)
     dev.log(
         f"round {number}: version {version} published; held-out accuracy {score:.3f} on {held} "
         f"sample{'s' if held != 1 else ''}{mine}{eps} reported"
