@@ -440,6 +440,31 @@ def test_the_coordinator_scores_each_version_on_the_test_set_and_devices_say_the
     assert len([line for line in lines if "held-out accuracy" in line]) == 3
 
 
+def test_a_coordinator_stopped_while_a_secagg_round_is_open_aborts_it(
+    byo_task, tmp_path, monkeypatch
+) -> None:
+    """Walking docs/fleet.md, a coordinator stopped (SIGTERM) during its first SecAgg round left that round open
+    on the service; the next coordinator's devices skipped it as older than the new round but counted it
+    towards their --rounds 2, stopped after one published round, and the second round failed with *only 0
+    clients advertised keys*. A stopped coordinator now aborts its open SecAgg round (which no other coordinator
+    can take over) with the reason, and still stops."""
+    said: list[str] = []
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
+
+    def stopped(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fleet, "_secagg_round", stopped)
+    with Fleet(tmp_path, cfg) as f:
+        with pytest.raises(KeyboardInterrupt):
+            fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=5, poll=0.05, say=said.append)
+        (ended,) = f.admin.unpublished_rounds(MODEL)
+        status = f.admin.secagg_status(MODEL, ended["round"])
+    assert status["finished"] == "aborted"
+    assert ended["reason"].startswith("the coordinator was stopped (Ctrl-C or SIGTERM)")
+    assert f"stopped; SecAgg round {ended['round']} aborted on the service" in said
+
+
 def test_a_device_late_for_a_round_sits_it_out_and_takes_the_next(byo_task, tmp_path) -> None:
     """The round ends while a device trains (the coordinator's deadline passed; a SecAgg round was aborted):
     the service refuses it (409), and the device used to stop on that refusal (the CLI exited with

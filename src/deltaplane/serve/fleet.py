@@ -828,18 +828,51 @@ def _unreachable_leaving(exc: ServiceUnreachable, left: str) -> ServiceUnreachab
 
 
 def _follow(
-    p: Patient, number: int, run: Callable[[], tuple], abort: Callable[[str], Any], left: str
+    p: Patient,
+    number: int,
+    run: Callable[[], tuple],
+    abort: Callable[[str], Any],
+    left: str,
+    *,
+    abort_when_stopped: bool = False,
 ) -> tuple:
     """Follow opened round ``number`` to its end with ``run``: a service error aborts the round (best effort)
     and is reported as the round's failure; an unreachable service, while following or aborting, is the final
-    give-up, saying what is ``left`` on the service and what to do about it."""
+    give-up, saying what is ``left`` on the service and what to do about it. With ``abort_when_stopped`` (SecAgg
+    rounds, which no later coordinator can take over) a coordinator stopped meanwhile (Ctrl-C, SIGTERM:
+    ``KeyboardInterrupt``) aborts the round once, best effort, before it stops."""
     try:
         try:
             return run()
         except ServiceError as exc:
             raise _given_up(p, abort, number, exc) from None
+        except KeyboardInterrupt:
+            if abort_when_stopped:
+                _abort_when_stopped(p, abort, number)
+            raise
     except ServiceUnreachable as exc:
         raise _unreachable_leaving(exc, left) from None
+
+
+#: why a stopped coordinator aborts its SecAgg round (the Fleet page and ``GET /admin/rounds/closed`` show it)
+_STOPPED = (
+    "the coordinator was stopped (Ctrl-C or SIGTERM) while the round was open; a SecAgg round cannot be taken "
+    "over by another coordinator, so it was aborted rather than left open"
+)
+
+
+def _abort_when_stopped(p: Patient, abort: Callable[[str], Any], number: int) -> None:
+    """One try at aborting SecAgg round ``number`` as the coordinator stops: left open, the round kept the
+    devices waiting in it, and each counted it towards its ``--rounds``, so the next coordinator's last round
+    found them gone (walking docs/fleet.md: *only 0 clients advertised keys*)."""
+    try:
+        abort(_STOPPED)
+    except (ServiceError, ServiceUnreachable, httpx.TransportError) as exc:
+        p.say(
+            f"stopped; could not abort SecAgg round {number} ({type(exc).__name__}: {exc}): abort it by hand"
+        )
+    else:
+        p.say(f"stopped; SecAgg round {number} aborted on the service")
 
 
 def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
@@ -936,6 +969,7 @@ def _secagg(
         f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
         f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
         f"{number}/abort)",
+        abort_when_stopped=True,
     )
     number, survivors, version, measured, ids = done
     # client ids are positions in the open's device list, revoked ones left out (OpenSecAggRequest.devices)
