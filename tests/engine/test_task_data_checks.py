@@ -47,6 +47,10 @@ def string_labels():
 def float_labels():
     return task(Dataset(X[40:], Y[40:].float()), Dataset(X[:40], Y[:40].float()))
 
+def regression_targets():  # a float target, as for an MSE head
+    t = X[:, 0] * 0.5 + 0.1
+    return task(Dataset(X[40:], t[40:]), Dataset(X[:40], t[:40]), model=mlp(1), num_classes=1)
+
 def column_labels():
     return task(Dataset(X[40:], Y[40:, None]))
 
@@ -125,6 +129,11 @@ def odd(tmp_path, monkeypatch):
         ),
         ("string_labels", r"Dataset y must be a torch.Tensor, not numpy.ndarray.*map strings to 0..C-1"),
         ("float_labels", r"test.y holds float32 values; labels are integer class ids 0..C-1 \(y.long\(\)\)"),
+        (
+            "regression_targets",
+            r"test.y holds float32 targets such as -?\d\.\d+: a regression target\. The engine federates "
+            r"classifiers .*regression is not supported; .*bin the target into classes .*docs/byo.md, 'Regression'",
+        ),
         ("column_labels", r"one class id per sample, shape \(N,\); got shape \[160, 1\].*y.squeeze\(1\)"),
         ("negative_labels", r"test.y holds labels from -1 to 1, but class ids must be in \[0, 2\)"),
         ("label_beyond_num_classes", r"train.y holds labels from 0 to 7, but class ids must be in \[0, 3\)"),
@@ -154,6 +163,16 @@ def test_odd_data_and_models_are_one_line_task_errors(odd: str, factory: str, ma
     with pytest.raises(TaskError, match=match) as info:
         load_task(f"{odd}:{factory}")
     assert "\n" not in str(info.value)
+
+
+def test_a_regression_target_is_not_told_to_become_class_ids_by_truncation(odd: str) -> None:
+    # y.long() is right for class ids saved as floats (float_labels) but truncates a regression target into
+    # classes nobody meant: the message for real-valued targets says regression is not supported instead
+    with pytest.raises(TaskError) as info:
+        load_task(f"{odd}:regression_targets")
+    assert "y.long()" not in str(info.value)
+    with pytest.raises(TaskError, match=r"\(y.long\(\)\)"):
+        load_task(f"{odd}:float_labels")
 
 
 def test_a_module_that_fails_to_import_or_a_file_path_is_a_task_error(odd: str) -> None:

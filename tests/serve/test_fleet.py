@@ -397,6 +397,74 @@ def test_the_coordinator_calls_a_diverged_version_so(diverging_task, tmp_path) -
     )
 
 
+def test_the_coordinator_scores_each_version_on_the_test_set_and_devices_say_their_held_out_size(
+    byo_task, tmp_path
+) -> None:
+    """Walking docs/fleet.md with a 442-sample task, the devices' held-out accuracies (0.156, 0.400, 0.514 on a
+    3-class task) were all a newcomer saw of whether the model learned, and nothing said that device 0 held out
+    5 samples (one sample: 0.2). Each device's line now names its held-out size (and the Fleet page the smallest
+    held-out set behind a round's figures), and the coordinator, which
+    fetches each published version verified (``--trusted``), prints its accuracy on the task's test set: the
+    figure ``deltaplane run`` prints for the same task."""
+    from deltaplane.engine.metrics import accuracy
+
+    cfg = _config(byo_task, rounds=1)
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        lines: list[str] = []
+        for dev in devices:
+            dev.log = lines.append
+        threads = _threads(devices, rounds=1)
+        conn = DeviceClient(f.url, f.admin.issue_token("coordinator"), verifier=f.reg.verifier, tls=f.ctx)
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=60, poll=0.05,
+                               drift_min_samples=1, models=conn)  # fmt: skip
+        for t in threads:
+            t.join(60)
+        state = f.reg.load_state(f.reg.get(MODEL, out[0].version))
+        (closed,) = f.state.fleet_snapshot()["closed_rounds"]
+        page = httpx.get(f"{f.url}/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}, verify=f.ctx).text
+    smallest = min(len(dev.client.holdout) for dev in devices)
+    assert closed["reports"] == 3 and closed["holdout_samples_min"] == smallest
+    assert "<th>smallest held-out set</th>" in page
+    assert f'data-field="holdout_samples_min">{smallest}</td>' in page
+    assert [s.failed for s in out] == [None]
+    task = make_task(cfg)
+    net = task.build_model(0)
+    net.load_state_dict(state)
+    assert out[0].test_samples == len(task.test) == 113
+    assert out[0].test_accuracy == accuracy(net, task.test)
+    assert f", test accuracy {out[0].test_accuracy:.3f} on 113 samples, " in out[0].line(1)
+    for dev in devices:
+        held = len(dev.client.holdout)
+        assert any("held-out accuracy" in line and f" on {held} samples reported" in line for line in lines)
+    assert len([line for line in lines if "held-out accuracy" in line]) == 3
+
+
+def test_a_coordinator_stopped_while_a_secagg_round_is_open_aborts_it(
+    byo_task, tmp_path, monkeypatch
+) -> None:
+    """Walking docs/fleet.md, a coordinator stopped (SIGTERM) during its first SecAgg round left that round open
+    on the service; the next coordinator's devices skipped it as older than the new round but counted it
+    towards their --rounds 2, stopped after one published round, and the second round failed with *only 0
+    clients advertised keys*. A stopped coordinator now aborts its open SecAgg round (which no other coordinator
+    can take over) with the reason, and still stops."""
+    said: list[str] = []
+    cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
+
+    def stopped(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fleet, "_secagg_round", stopped)
+    with Fleet(tmp_path, cfg) as f:
+        with pytest.raises(KeyboardInterrupt):
+            fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=5, poll=0.05, say=said.append)
+        (ended,) = f.admin.unpublished_rounds(MODEL)
+        status = f.admin.secagg_status(MODEL, ended["round"])
+    assert status["finished"] == "aborted"
+    assert ended["reason"].startswith("the coordinator was stopped (Ctrl-C or SIGTERM)")
+    assert f"stopped; SecAgg round {ended['round']} aborted on the service" in said
+
+
 def test_a_device_late_for_a_round_sits_it_out_and_takes_the_next(byo_task, tmp_path) -> None:
     """The round ends while a device trains (the coordinator's deadline passed; a SecAgg round was aborted):
     the service refuses it (409), and the device used to stop on that refusal (the CLI exited with

@@ -976,6 +976,9 @@ def register(app: typer.Typer) -> None:
 
             admin = admin_client(url, ca, tls_cert, tls_key, service_spki)
             models = _ModelsConnection(url, trusted, _tls(url, ca, tls_cert, tls_key), service_spki)
+            # SIGTERM stops the coordinator as Ctrl-C does (KeyboardInterrupt), so the SecAgg round it has open
+            # is aborted on the service rather than left for the devices to wait in and count
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
             done = _connected(
                 url,
                 lambda: models.run(

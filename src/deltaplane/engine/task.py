@@ -147,6 +147,23 @@ def _datasets(task: Task) -> list[tuple[str, Dataset]]:
     return [("test", task.test), *own, *([("train", task.train)] if task.train is not None else [])]
 
 
+def _regression_refusal(task: str, name: str, y: Tensor) -> str:
+    """Why float targets that are not whole numbers are refused, and what to do instead of ``y.long()``.
+
+    ``y.long()`` is the fix for class ids saved as floats (``0.0``/``1.0``); on a regression target it
+    truncates values into classes nobody meant, so a regression gets its own message.
+    """
+    first = y[y != y.round()][0].item()
+    return (
+        f"task {task!r}: {name}.y holds {str(y.dtype).removeprefix('torch.')} targets such as {first:.4g}: a "
+        "regression target. The engine federates classifiers (labels are int64 class ids 0..C-1; rounds, the "
+        "devices' held-out reports and deploy's gates are scored by accuracy), so regression is not supported; "
+        "to federate this data, bin the target into classes with the same edges in every dataset (e.g. "
+        "torch.bucketize(y, edges) with edges at quantiles of the training targets) and give the model one "
+        "output per class (docs/byo.md, 'Regression')"
+    )
+
+
 def _check_data(task: Task) -> None:
     """Labels are int class ids in ``[0, num_classes)`` and float inputs are finite, in every dataset.
 
@@ -163,6 +180,9 @@ def _check_data(task: Task) -> None:
                 f"task {task.name!r}: {name}.x requires grad (it was computed from tensors that do, e.g. by an "
                 "encoder outside torch.no_grad()); pass x.detach()"
             )
+        if d.y.is_floating_point() and len(d) and not bool((d.y == d.y.round()).all()):
+            # a regression target: y.long() would truncate it into nonsense classes, so the advice differs
+            raise TaskError(_regression_refusal(task.name, name, d.y))
         if d.y.is_floating_point() or d.y.is_complex() or d.y.dtype == torch.bool:
             raise TaskError(
                 f"task {task.name!r}: {name}.y holds {str(d.y.dtype).removeprefix('torch.')} values; labels "

@@ -692,11 +692,15 @@ class ServiceState:
             # their own label mix (fleet.report_pending): the page shows both means, the gain, and the worst
             # device's change (personal − global of one device), as the simulator's round metrics do
             glob, mine = self._reported("global_accuracy"), self._reported("personal_accuracy")
+            # each device's held-out size (fleet device reports it since 2026-12-07): on a small fleet some hold
+            # out a handful of samples, and the page says so beside the accuracy those samples give
+            sizes = self._reported("holdout_samples")
             out = []
             for closed in reversed(self.closed_rounds):
                 key = (closed["model"], closed["version"])
                 accs = list(reported.get(key, {}).values())
                 eps = list(local.get(key, {}).values())
+                held = list(sizes.get(key, {}).values())
                 pairs = [(g, mine[key][d]) for d, g in glob.get(key, {}).items() if d in mine.get(key, {})]
                 out.append(
                     closed
@@ -704,6 +708,7 @@ class ServiceState:
                         "reports": len(accs),
                         "holdout_accuracy_mean": sum(accs) / len(accs) if accs else None,
                         "holdout_accuracy_min": min(accs) if accs else None,
+                        "holdout_samples_min": int(min(held)) if held else None,
                         "local_epsilon_max": max(eps) if eps else None,
                         "global_accuracy_mean": sum(g for g, _ in pairs) / len(pairs) if pairs else None,
                         "personal_accuracy_mean": sum(m for _, m in pairs) / len(pairs) if pairs else None,

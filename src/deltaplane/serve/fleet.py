@@ -48,8 +48,9 @@ from deltaplane.aggregation.secagg import (
 )
 from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.aggregation.secagg.revocation import take_revocations
-from deltaplane.engine import ClientStep, RunConfig, build_clients, evaluate_clients, make_task
+from deltaplane.engine import ClientStep, Dataset, RunConfig, build_clients, evaluate_clients, make_task
 from deltaplane.engine.divergence import DivergenceWatch
+from deltaplane.engine.metrics import accuracy
 from deltaplane.engine.scoring import dp_adjacency, personal_row, round_epsilon
 from deltaplane.engine.secure import check_float_uploads, masked_zeros, secure_neighbours
 from deltaplane.engine.seeding import Stream, derive_seed
@@ -501,8 +502,11 @@ def report_pending(dev: Device) -> bool:
         return False  # not published yet
     personal = _personalize(dev, state, number, version) if dev.step.personalizer.name != "none" else {}
     dev.net.load_state_dict(state)  # after the personal scoring, which leaves a personal model loaded
-    accuracy = float(evaluate_clients(dev.net, [dev.client])[0])
-    metrics = {"holdout_accuracy": accuracy, **personal}
+    score = float(evaluate_clients(dev.net, [dev.client])[0])
+    # the held-out split is holdout_fraction of this device's partition, often a few samples on a small fleet:
+    # its size says how far one sample moves the figure (5 samples: 0.2), here and on the Fleet page
+    held = len(dev.client.holdout)
+    metrics = {"holdout_accuracy": score, "holdout_samples": float(held), **personal}
     epsilon = round_epsilon(dev.config, dev.step, {})  # local DP: this device's own ε so far (else None)
     if epsilon is not None:
         metrics["epsilon"] = epsilon
@@ -522,7 +526,8 @@ def report_pending(dev: Device) -> bool:
         else ""
     )
     dev.log(
-        f"round {number}: version {version} published; held-out accuracy {accuracy:.3f}{mine}{eps} reported"
+        f"round {number}: version {version} published; held-out accuracy {score:.3f} on {held} "
+        f"sample{'s' if held != 1 else ''}{mine}{eps} reported"
     )
     dev.pending = None
     return True
@@ -699,6 +704,10 @@ class RoundSummary:
     #: the neighbouring relation ``epsilon`` is stated under (the federation's: "add/remove", "zero-out" under
     #: distributed DP); None without central DP
     dp_adjacency: str | None = None
+    #: the published version's accuracy on the task's test set and that set's size, measured by the coordinator
+    #: on the weights it fetched verified (``--trusted``); None without them or when the fetch failed
+    test_accuracy: float | None = None
+    test_samples: int = 0
 
     @property
     def dropouts(self) -> int:
@@ -720,9 +729,14 @@ class RoundSummary:
         if self.measurements.get("secure_sum_published") == 0:  # distributed DP: too few for the noise
             eps += " (too few devices for the distributed noise: the sum was not published, ε still spent)"
         who = f": {', '.join(self.dropped)}" if self.dropped else ""
+        test = (
+            f", test accuracy {self.test_accuracy:.3f} on {self.test_samples} samples"
+            if self.test_accuracy is not None
+            else ""
+        )
         return (
             f"{head}: {self.contributors}/{self.invited} devices ({self.dropouts} dropped out{who}), "
-            f"version {self.version}{eps}, {self.seconds:.1f} s{left}"
+            f"version {self.version}{eps}{test}, {self.seconds:.1f} s{left}"
         )
 
 
@@ -814,18 +828,51 @@ def _unreachable_leaving(exc: ServiceUnreachable, left: str) -> ServiceUnreachab
 
 
 def _follow(
-    p: Patient, number: int, run: Callable[[], tuple], abort: Callable[[str], Any], left: str
+    p: Patient,
+    number: int,
+    run: Callable[[], tuple],
+    abort: Callable[[str], Any],
+    left: str,
+    *,
+    abort_when_stopped: bool = False,
 ) -> tuple:
     """Follow opened round ``number`` to its end with ``run``: a service error aborts the round (best effort)
     and is reported as the round's failure; an unreachable service, while following or aborting, is the final
-    give-up, saying what is ``left`` on the service and what to do about it."""
+    give-up, saying what is ``left`` on the service and what to do about it. With ``abort_when_stopped`` (SecAgg
+    rounds, which no later coordinator can take over) a coordinator stopped meanwhile (Ctrl-C, SIGTERM:
+    ``KeyboardInterrupt``) aborts the round once, best effort, before it stops."""
     try:
         try:
             return run()
         except ServiceError as exc:
             raise _given_up(p, abort, number, exc) from None
+        except KeyboardInterrupt:
+            if abort_when_stopped:
+                _abort_when_stopped(p, abort, number)
+            raise
     except ServiceUnreachable as exc:
         raise _unreachable_leaving(exc, left) from None
+
+
+#: why a stopped coordinator aborts its SecAgg round (the Fleet page and ``GET /admin/rounds/closed`` show it)
+_STOPPED = (
+    "the coordinator was stopped (Ctrl-C or SIGTERM) while the round was open; a SecAgg round cannot be taken "
+    "over by another coordinator, so it was aborted rather than left open"
+)
+
+
+def _abort_when_stopped(p: Patient, abort: Callable[[str], Any], number: int) -> None:
+    """One try at aborting SecAgg round ``number`` as the coordinator stops: left open, the round kept the
+    devices waiting in it, and each counted it towards its ``--rounds``, so the next coordinator's last round
+    found them gone (walking docs/fleet.md: *only 0 clients advertised keys*)."""
+    try:
+        abort(_STOPPED)
+    except (ServiceError, ServiceUnreachable, httpx.TransportError) as exc:
+        p.say(
+            f"stopped; could not abort SecAgg round {number} ({type(exc).__name__}: {exc}): abort it by hand"
+        )
+    else:
+        p.say(f"stopped; SecAgg round {number} aborted on the service")
 
 
 def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: float) -> tuple:
@@ -922,6 +969,7 @@ def _secagg(
         f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
         f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
         f"{number}/abort)",
+        abort_when_stopped=True,
     )
     number, survivors, version, measured, ids = done
     # client ids are positions in the open's device list, revoked ones left out (OpenSecAggRequest.devices)
@@ -1079,7 +1127,8 @@ def register_predictions(
     net: torch.nn.Module,
     reference: Callable[[torch.nn.Module], list[int]],
     watch: DivergenceWatch | None = None,
-) -> int | None:
+    test: Dataset | None = None,
+) -> tuple[int, float | None] | None:
     """Register the prediction reference of the version the training tag serves (expected: ``version``; None:
     whichever it is, as at the coordinator's start): its predicted-class counts on the drift reference's data
     (``reference``, the HTTP simulation's :func:`~deltaplane.serve.federation.prediction_reference`), computed
@@ -1088,7 +1137,9 @@ def register_predictions(
     tag no longer serves, is said (``p.say``) and left unregistered, so its predicted-class row stays untested
     ("no prediction reference") and the rounds go on; never counts of unverified weights. With ``watch``
     the fetched weights are also checked for divergence (:class:`~deltaplane.engine.divergence.DivergenceWatch`:
-    the version served at start is its initial model)."""
+    the version served at start is its initial model). With ``test`` (the task's test set) the version's
+    accuracy on it comes back beside the version: the devices' held-out figures are a few samples each on a
+    small fleet, this one the figure ``deltaplane run`` prints for the same task."""
     doing = "fetch the published version" if version is None else f"fetch version {version}"
     try:
         got, state = p.call(lambda: models.fetch(model, channel="training"), doing)
@@ -1097,6 +1148,7 @@ def register_predictions(
         if watch is not None:
             watch.check(got, state, where=f"version {got}")
         net.load_state_dict(state)
+        scored = accuracy(net, test) if test is not None else None
         counts = reference(net)
         p.call(
             lambda: p.admin.set_prediction_reference(model, got, counts),
@@ -1110,7 +1162,7 @@ def register_predictions(
             "predicted-class drift row stays untested (no prediction reference)"
         )
         return None
-    return got
+    return got, scored
 
 
 def coordinate(
@@ -1198,14 +1250,14 @@ def coordinate(
             ),
             "set the drift reference",
         )
-    predictions: Callable[[int | None], int | None] = lambda version: None  # noqa: E731
+    predictions: Callable[[int | None], tuple[int, float | None] | None] = lambda version: None  # noqa: E731
     if drift and models is not None:
         task, clients = task_and_clients()
         net = task.build_model(derive_seed(config.seed, Stream.MODEL_INIT))
         predictions = functools.partial(
             register_predictions, p, models, model, net=net,
             reference=lambda m: prediction_reference(spec, m, task, clients),
-            watch=DivergenceWatch(task, None, config=config),
+            watch=DivergenceWatch(task, None, config=config), test=task.test,
         )  # fmt: skip
         predictions(None)  # a restarted coordinator: the version the devices may still report on
     elif drift:
@@ -1254,8 +1306,8 @@ def coordinate(
             )  # fmt: skip
             if version is None:  # closed without an update (no device uploaded): nothing was published
                 summary.failed = "no device took part; nothing was published"
-            else:
-                predictions(int(version))
+            elif (fetched := predictions(int(version))) is not None and fetched[1] is not None:
+                summary.test_accuracy, summary.test_samples = fetched[1], len(task_and_clients()[0].test)
         done.append(summary)
         if progress is not None:
             progress(summary)

@@ -849,6 +849,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + _num(r.get("local_epsilon_max"), "{:.3f}", "local_epsilon_max")
         + _num(r.get("holdout_accuracy_mean"), "{:.3f}", "holdout_accuracy_mean")
         + _num(r.get("holdout_accuracy_min"), "{:.3f}", "holdout_accuracy_min")
+        + _num(r.get("holdout_samples_min"), "{}", "holdout_samples_min")
         + _num(r.get("global_accuracy_mean"), "{:.3f}", "global_accuracy_mean")
         + _num(r.get("personal_accuracy_mean"), "{:.3f}", "personal_accuracy_mean")
         + _num(r.get("personal_gain_min"), "{:+.3f}", "personal_gain_min")
@@ -955,6 +956,7 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
                 "local ε (max reported)",
                 "held-out accuracy mean",
                 "min",
+                "smallest held-out set",
                 "global, own label mix",
                 "personal, own label mix",
                 "worst device's change",
