@@ -153,6 +153,50 @@ def test_fleet_enroll_add_issues_tokens_in_the_fleets_cohort_without_the_authori
     assert r.exit_code == 2 and "certified in ['north']" in " ".join(r.output.split()), r.output
 
 
+def test_fleet_enroll_add_keeps_the_fleets_model_scope_and_cohort(tmp_path, monkeypatch):
+    """`fleet enroll --model cnn` scopes a fleet's tokens to cnn, but `--add K` issued the new devices' tokens
+    unscoped (every model of the service), and without certificates in cohort "fleet" whatever the fleet's was
+    (outside its consent withdrawal). --add now reads both from the fleet's tokens in OUT; a --model that is
+    not the fleet's scope is a usage error naming it."""
+    import base64
+    import json
+
+    from deltaplane.serve.auth import TokenAuthority
+    from deltaplane.serve.client import AdminClient
+
+    authority = TokenAuthority(b"s" * 32, audience="svc")
+
+    def claims(path):
+        body = path.read_text().partition(".")[0]
+        return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+
+    def issue(self, d, c, *, models=None, **kw):
+        return authority.issue_token(d, c, models=None if models is None else tuple(models)).token
+
+    monkeypatch.setattr(AdminClient, "issue_token", issue)
+    monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
+    out, url = tmp_path / "tokens", ["--url", "http://127.0.0.1:9"]
+    enroll = ["fleet", "enroll", *url, "--out", str(out)]
+    r = CliRunner().invoke(app, [*enroll, "--devices", "2", "--model", "cnn", "--cohort", "north"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*enroll, "--add", "1"])
+    assert r.exit_code == 0, r.output
+    added = claims(out / "device-2.token")
+    assert (added.get("m"), added["c"]) == (["cnn"], "north"), added
+    r = CliRunner().invoke(app, [*enroll, "--add", "1", "--model", "cnn"])  # the fleet's own scope: fine
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*enroll, "--add", "1", "--model", "lm"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--model lm, but the fleet's tokens" in flat and "['cnn']" in flat, r.output
+    assert not (out / "device-4.token").exists()
+    plain = tmp_path / "plain"  # an unscoped fleet stays unscoped
+    r = CliRunner().invoke(app, ["fleet", "enroll", *url, "--out", str(plain), "--devices", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["fleet", "enroll", *url, "--out", str(plain), "--add", "1"])
+    assert r.exit_code == 0, r.output
+    assert "m" not in claims(plain / "device-1.token")
+
+
 def test_fleet_enroll_add_names_a_malformed_certificate_in_out_as_a_usage_error(tmp_path, monkeypatch):
     """`--add K` reads the cohort from OUT's certificates; a damaged one (truncated here) ended the command with
     exit 1 and the decoder's message alone. It is the operator's folder to fix: exit 2 naming the file and what

@@ -262,7 +262,8 @@ def test_one_device_holds_at_most_max_device_requests_in_flight(tmp_path):
 
     from deltaplane.serve import BackgroundServer
 
-    svc = Service(tmp_path / "h", max_device_requests=4)
+    # four chunked uploads reserve four caps: above one device's default share of the body budget, tested apart
+    svc = Service(tmp_path / "h", max_device_requests=4, max_device_body_bytes=4 * (8 << 20))
     evil, honest = svc.admin.issue_token("evil"), svc.admin.issue_token("honest")
     with BackgroundServer(svc.app) as s, httpx.Client(base_url=s.url, timeout=10) as http:
         held = [_hold_upload(s.url, evil, 256 << 10) for _ in range(4)]
@@ -454,7 +455,11 @@ def test_bodies_in_flight_share_one_budget_across_devices(tmp_path):
 
     cap = 256 << 10
     svc = Service(
-        tmp_path / "h", max_upload_bytes=cap, max_json_bytes=64 << 10, max_body_bytes_in_flight=4 * cap
+        tmp_path / "h",
+        max_upload_bytes=cap,
+        max_json_bytes=64 << 10,
+        max_body_bytes_in_flight=4 * cap,
+        max_device_body_bytes=2 * cap,  # the budget alone here: the share per device is tested below
     )
     evil = [svc.admin.issue_token(f"evil{i}") for i in range(2)]
     honest = {"Authorization": f"Bearer {svc.admin.issue_token('honest')}"}
@@ -481,6 +486,117 @@ def test_bodies_in_flight_share_one_budget_across_devices(tmp_path):
         time.sleep(0.2)
         assert guard.body_bytes_in_flight == 0  # every reservation given back, refused ones included
     assert svc.state.counters["rejected.busy_bodies"] >= 2
+
+
+def test_one_device_reserves_at_most_its_share_of_the_body_budget(tmp_path):
+    """Four tokens each holding four slow chunked uploads filled the whole budget and refused every honest
+    upload for the body timeout. Now one device reserves at most max_device_body_bytes (by default an eighth of
+    the budget, at least one body cap): its next body gets 429 with Retry-After at once, unread, naming the
+    flag; the budget keeps room for the other devices, whose uploads are served."""
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    cap = 256 << 10
+    svc = Service(
+        tmp_path / "h", max_upload_bytes=cap, max_json_bytes=64 << 10, max_body_bytes_in_flight=8 * cap
+    )
+    assert svc.config.device_body_share == cap  # 8 caps / 8, at least one cap
+    evil = svc.admin.issue_token("evil")
+    honest = {"Authorization": f"Bearer {svc.admin.issue_token('honest')}"}
+    with BackgroundServer(svc.app) as s, httpx.Client(base_url=s.url, timeout=10) as http:
+        held = [_hold_upload(s.url, evil, 64 << 10)]  # chunked: reserves its cap, the device's whole share
+        time.sleep(0.5)
+        guard = _guard_of(svc.app)
+        assert guard.body_bytes_in_flight == cap
+        again = {"Authorization": f"Bearer {evil}"}
+        resp = http.post("/v1/models/cnn/report", json={"version": 1, "metrics": {}}, headers=again)
+        assert resp.status_code == 429 and resp.headers["retry-after"] == "2", resp.text
+        detail = resp.json()["detail"]
+        assert f"device evil already reserves {cap} bytes" in detail and "--max-device-body-bytes" in detail
+        assert guard.body_bytes_in_flight == cap  # the refused one reserved nothing
+        _served_again(http, honest)  # another device still fits the budget
+        for sock in held:
+            sock.close()
+        seen = _served_again(http, again)  # its own share given back once its held body ended
+        time.sleep(0.2)
+        assert guard.body_bytes_in_flight == 0 and not guard._device_bytes
+    # asked before the server saw the disconnect: refused, and counted, again
+    assert svc.state.counters["rejected.device_bodies"] == 1 + seen.count(429)
+
+
+def test_a_body_slower_than_the_minimum_rate_is_dropped_after_the_grace(tmp_path):
+    """A body trickled (or stalled) held its reservation for the whole body timeout (120 s): k tokens so held
+    the budget for two minutes per connection. After the grace a body must average min_body_rate bytes/s from
+    its head on: a stalled one gets 408 naming the rate and the flag, long before the body timeout, and its
+    reservation is given back; a body that keeps pace is served."""
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    svc = Service(tmp_path / "h", min_body_rate=1 << 20, body_rate_grace_s=0.5, body_timeout_s=60)
+    token = svc.admin.issue_token("slow")
+    with BackgroundServer(svc.app) as s:
+        start = time.monotonic()
+        sock = _hold_upload(s.url, token, 64 << 10)  # 64 KiB, then nothing: behind 1 MiB/s after 0.5 s
+        sock.settimeout(10)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                answer += chunk
+        sock.close()
+        took = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"--min-body-rate" in answer and b"at least 1048576 bytes/s" in answer
+        assert 0.4 < took < 5, took
+        assert _guard_of(svc.app).body_bytes_in_flight == 0
+        with httpx.Client(base_url=s.url, timeout=10) as http:
+            # a trickler that reconnects at once held its share for ever: its device waits six graces (3 s)
+            headers = {"Authorization": f"Bearer {token}"}
+            resp = http.post("/v1/models/cnn/report", json={"version": 1, "metrics": {}}, headers=headers)
+            assert resp.status_code == 429 and "may send another in" in resp.text, resp.text
+            assert 1 <= int(resp.headers["retry-after"]) <= 3
+            other = {"Authorization": f"Bearer {svc.admin.issue_token('other')}"}
+            assert _served_again(http, other) == [202]  # another device is not held up
+            _served_again(http, headers)
+    assert svc.state.counters["rejected.body_too_slow"] == 1
+    assert svc.state.counters["rejected.device_slow"] >= 1
+
+
+def test_a_body_behind_the_pace_of_its_declared_length_is_dropped_before_the_body_timeout(service_factory):
+    """A body that declares 1 MiB and trickles held its 1 MiB reservation for the whole body timeout at the cost
+    of the minimum rate (4 KiB/s). It must also keep the pace that brings its reserved bytes within the body
+    timeout, the line from (grace, 0) to (body timeout, its length): behind it, 408 naming the reservation."""
+    import time
+
+    svc = service_factory(min_body_rate=1, body_rate_grace_s=0.2, body_timeout_s=20)
+    token = svc.admin.issue_token("d1")
+    start = time.monotonic()
+    status, body, _ = call(
+        svc.app, "POST", "/v1/models/cnn/rounds/1/update", token=token, chunks=[b"\0" * 1024],
+        content_length=1 << 20, stall=True,
+    )  # fmt: skip
+    assert time.monotonic() - start < 5  # 0.2 s + 19.8 s x 1 KiB / 1 MiB: about 0.22 s
+    assert status == 408 and b"the 1048576 bytes it reserved within 20 s" in body, body
+
+
+def test_the_device_share_and_the_minimum_rate_have_defaults_and_refuse_what_cannot_work():
+    config = ServiceConfig(home=".", admin_token=ADMIN)
+    assert config.device_body_share == 16 << 20  # 128 MiB / 8: two full uploads
+    assert config.min_body_rate == 4096 and config.body_rate_grace_s == 10
+    small = ServiceConfig(home=".", admin_token=ADMIN, max_body_bytes_in_flight=8 << 20)
+    assert small.device_body_share == 8 << 20  # never below one body cap
+    with pytest.raises(ConfigError, match="max_device_body_bytes must be at least"):
+        ServiceConfig(home=".", admin_token=ADMIN, max_device_body_bytes=1 << 20)
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ConfigError, match="min_body_rate must be"):
+            ServiceConfig(home=".", admin_token=ADMIN, min_body_rate=bad)
+    with pytest.raises(ConfigError, match="body_rate_grace_s must be"):
+        ServiceConfig(home=".", admin_token=ADMIN, body_rate_grace_s=0)
 
 
 def _guard_of(app):

@@ -77,3 +77,27 @@ def test_serve_takes_the_body_budget_and_the_write_deadline(tmp_path, captured) 
         r = CliRunner().invoke(app, [*base, *bad])
         assert r.exit_code != 0, bad
         assert "write" in r.output.lower() or "max_body_bytes_in_flight" in r.output, (bad, r.output)
+
+
+def test_serve_takes_the_device_share_and_the_minimum_body_rate(tmp_path, captured) -> None:
+    """The share of the body budget one device may reserve and the rate a body must keep reach the
+    ServiceConfig; a share below a body cap, or a rate that is no finite non-negative number, is a usage error."""
+    base = ["serve", "--home", str(tmp_path), "--admin-token", "x" * 20]
+    r = CliRunner().invoke(app, base)
+    assert r.exit_code == 0, r.output
+    default = captured["config"]
+    assert default.device_body_share == 16 << 20 and default.min_body_rate == 4096
+    flags = ["--max-device-body-bytes", str(32 << 20), "--min-body-rate", "1000", "--body-rate-grace", "30"]
+    r = CliRunner().invoke(app, [*base, *flags])
+    assert r.exit_code == 0, r.output
+    config = captured["config"]
+    assert (config.device_body_share, config.min_body_rate, config.body_rate_grace_s) == (32 << 20, 1000, 30)
+    for bad in (
+        ["--max-device-body-bytes", "4096"],
+        ["--min-body-rate", "nan"],
+        ["--min-body-rate", "-1"],
+        ["--body-rate-grace", "0"],
+    ):
+        r = CliRunner().invoke(app, [*base, *bad])
+        assert r.exit_code != 0, bad
+        assert "max_device_body_bytes" in r.output or "rate" in r.output, (bad, r.output)

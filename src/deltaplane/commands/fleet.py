@@ -229,6 +229,62 @@ def _issue_tokens(
     return tokens
 
 
+def _fleet_tokens(out: Path) -> list[Any]:
+    """What the fleet's tokens in ``out`` say (:func:`deltaplane.serve.auth.unverified_claims`), read for
+    ``fleet enroll --add``. A file that holds no token of the current format says nothing and is passed over:
+    an earlier release's token (the service refuses it anyway, asking to re-enroll) must not block ``--add``."""
+    from deltaplane.aggregation.secagg.enrollment import device_id, held_partitions
+    from deltaplane.serve.auth import unverified_claims
+
+    found = []
+    for i in held_partitions(out, ".token"):
+        path = out / f"{device_id(i)}.token"
+        claims = unverified_claims(read_bounded_text(path, limit=KEY_LIMIT, what="device token"))
+        if claims is not None:
+            found.append(claims)
+    return found
+
+
+def _fleet_scope(out: Path, held_tokens: list[Any], scope: list[str] | None) -> list[str] | None:
+    """The model scope ``fleet enroll --add`` issues new tokens with: that of the fleet's tokens in ``out``
+    (``held_tokens``), which ``--model`` (``scope``), if given, must match. Without it a device added to a fleet
+    enrolled with ``--model cnn`` got a token for every model of the service. Tokens of several scopes (``out``
+    holding two fleets) need ``--model``, one of them."""
+    held: set[tuple[str, ...] | None] = {t.models for t in held_tokens}
+
+    def named(s: tuple[str, ...] | None) -> str:
+        return "every model (no --model)" if s is None else str(list(s))
+
+    if scope is None:
+        if len(held) > 1:
+            raise ConfigError(
+                f"the tokens in {out} are scoped to {' and '.join(sorted(map(named, held)))}: give --model for "
+                "the devices to add, the scope of one of them"
+            )
+        only = next(iter(held), None)
+        return None if only is None else list(only)
+    given = tuple(sorted(set(scope)))
+    if given not in held:
+        raise ConfigError(
+            f"--model {' --model '.join(given)}, but the fleet's tokens in {out} reach "
+            f"{' and '.join(sorted(map(named, held)))}: a device added to it would reach other models than its "
+            "fleet; give the fleet's scope, or enrol these devices in another --out"
+        )
+    return scope
+
+
+def _token_cohort(out: Path, held_tokens: list[Any], cohort: str | None) -> str | None:
+    """``--cohort``, or else the one cohort the fleet's tokens in ``out`` name (a fleet enrolled without
+    ``--authority-key`` has no certificates to read it from, and its added devices fell into cohort "fleet",
+    outside the fleet's consent withdrawal); tokens of several cohorts need ``--cohort``."""
+    if cohort is not None:
+        return cohort
+    held = sorted({t.cohort for t in held_tokens})
+    if len(held) > 1:
+        raise ConfigError(f"the tokens in {out} name cohorts {held}: give --cohort, one of them")
+    return held[0] if held else None
+
+
 def _record_tokens(
     out: Path, names: list[str], tokens: list[str], identities: list[Any], *, created: bool
 ) -> None:
@@ -596,7 +652,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--model",
                 help="Scope the tokens to this model (repeatable): the service refuses them, 403, on any other. "
-                "Without it they reach every model of the service, as tokens always have.",
+                "Without it they reach every model of the service, as tokens always have. With --add the new "
+                "tokens take the scope of the fleet's in --out, which --model, if given, must match.",
                 show_default="every model",
             ),
         ] = None,
@@ -627,7 +684,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Issue device tokens device-0 … device-(N-1) into OUT/device-I.token (mode 0600); admin token from
         $DELTAPLANE_ADMIN_TOKEN. With --authority-key, each device also gets a certified SecAgg identity. With
-        --add K, the fleet in OUT grows by K devices under new ids (never a revoked or existing one). With
+        --add K, the fleet in OUT grows by K devices under new ids (never a revoked or existing one), their tokens
+        scoped to the models of the fleet's (--model must match them). With
         --recover, revoke the tokens of ids a killed run left reserved in OUT and record them as spent."""
         from deltaplane.aggregation.secagg.enrollment import (
             certify,
@@ -691,7 +749,10 @@ def register(app: typer.Typer) -> None:
                     names = next_device_ids(out, add, revoked=[d for d, _ in held.revoked] if held else ())
                     # the fleet's cohort from its certificates (no key needed), with or without --authority-key:
                     # a token in another cohort would escape the fleet's consent withdrawal
-                    cohort = fleet_cohort(out, cohort)
+                    held_tokens = _fleet_tokens(out)
+                    cohort = fleet_cohort(out, _token_cohort(out, held_tokens, cohort))
+                    # the fleet's model scope from its tokens: a device added without it reached every model
+                    scope = _fleet_scope(out, held_tokens, scope)
                 cohort = "fleet" if cohort is None else cohort
                 if held is not None and revocations is not None:  # held is read from revocations
                     check_not_revoked(names, held, revocations)

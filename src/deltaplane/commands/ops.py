@@ -1637,6 +1637,33 @@ def register(app: typer.Typer) -> None:
                 show_default="16 x --max-upload-bytes",
             ),
         ] = None,
+        max_device_body_bytes: Annotated[
+            int | None,
+            typer.Option(
+                min=1024,
+                help="Bytes of --max-body-bytes-in-flight one device may reserve at once; its body beyond it gets "
+                "429 with Retry-After, unread, so a few stolen tokens cannot fill the budget. At least "
+                "--max-upload-bytes and --max-json-bytes.",
+                show_default="1/8 of the budget",
+            ),
+        ] = None,
+        min_body_rate: Annotated[
+            float,
+            typer.Option(
+                min=0,
+                callback=finite_number,
+                help="Bytes/s a device's body must average once --body-rate-grace has passed (and the pace that "
+                "brings its Content-Length within --body-timeout); a slower one gets 408, frees its share of the "
+                "budget, and its device may send no other body for 6 graces (429). 0: none (only --body-timeout).",
+            ),
+        ] = 4096.0,
+        body_rate_grace: Annotated[
+            float,
+            typer.Option(
+                callback=finite_number,
+                help="Seconds a body may take before --min-body-rate applies. Positive.",
+            ),
+        ] = 10.0,
         write_timeout: Annotated[
             float,
             typer.Option(
@@ -1735,6 +1762,9 @@ def register(app: typer.Typer) -> None:
                 max_connections_per_address=max_connections_per_address,
                 max_device_requests=max_device_requests,
                 max_body_bytes_in_flight=max_body_bytes_in_flight,
+                max_device_body_bytes=max_device_body_bytes,
+                min_body_rate=min_body_rate,
+                body_rate_grace_s=body_rate_grace,
                 write_timeout_s=write_timeout,
                 max_update_norm_ratio=(
                     "auto" if max_update_norm_ratio is None else max_update_norm_ratio or None

@@ -108,6 +108,9 @@ MetricName = Annotated[str, StringConstraints(pattern=NAME, max_length=64)]
 #: 8 MiB cap, where 1000 connections could buffer 8 GB; honest uploads declare their (compressed) size, so
 #: many more than 16 fit
 BODY_BUDGET_UPLOADS = 16
+#: one device's default share of the body budget is ``1 / DEVICE_BODY_SHARE`` of it (at least the largest body
+#: cap): 4 tokens each holding 4 chunked uploads filled the whole budget; at an eighth it takes 8 tokens
+DEVICE_BODY_SHARE = 8
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,16 @@ class ServiceConfig:
             cannot hold *n* × ``max_device_requests`` uploads. None (the default):
             :data:`BODY_BUDGET_UPLOADS` × ``max_upload_bytes`` (128 MiB at the default cap). At least
             ``max_upload_bytes`` and ``max_json_bytes``, or the largest body could never pass.
+        max_device_body_bytes: bytes one device's bodies may reserve of ``max_body_bytes_in_flight`` at once
+            (429 with ``Retry-After`` beyond it, body unread), so a few tokens cannot fill the budget. None (the
+            default): 1/:data:`DEVICE_BODY_SHARE` of the budget (16 MiB, two full uploads, at the defaults), at
+            least the largest body cap.
+        min_body_rate: bytes/s a device's body must average from its head on once ``body_rate_grace_s`` have
+            passed, and it must keep the pace that brings its reserved bytes within ``body_timeout_s``; one that
+            falls behind gets 408 and gives its reservation back, and its device may reserve no other body for
+            six graces (429), so a body trickled a byte a second holds its share for the grace, not for
+            ``body_timeout_s``. 0 turns both paces (and the penalty) off.
+        body_rate_grace_s: seconds a body may take before ``min_body_rate`` applies.
         write_timeout_s: seconds a response may sit with its write buffer full (a client reading nothing)
             before its connection is aborted (``--write-timeout``).
         max_examples: the largest ``num_examples`` an upload may claim (422 above it, never clipped). The
@@ -208,6 +221,9 @@ class ServiceConfig:
     max_connections_per_address: int = 100
     max_device_requests: int = 4
     max_body_bytes_in_flight: int | None = None
+    max_device_body_bytes: int | None = None
+    min_body_rate: float = 4096.0
+    body_rate_grace_s: float = 10.0
     write_timeout_s: float = 60.0
     downlink_cache_bytes: int = 256 << 20
     tolerance: dict[str, float] = field(default_factory=lambda: {"accuracy": 0.01, "ood_accuracy": 0.02})
@@ -275,6 +291,19 @@ class ServiceConfig:
                 f"max_body_bytes_in_flight must be at least the largest body cap ({need} bytes, max_upload_bytes "
                 f"or max_json_bytes), or that body could never pass. Found {self.max_body_bytes_in_flight}"
             )
+        if self.max_device_body_bytes is not None and self.max_device_body_bytes < need:
+            raise ConfigError(
+                f"max_device_body_bytes must be at least the largest body cap ({need} bytes, max_upload_bytes or "
+                f"max_json_bytes), or no device could send that body. Found {self.max_device_body_bytes}"
+            )
+        if not self.min_body_rate >= 0 or self.min_body_rate == float("inf"):  # NaN fails too
+            raise ConfigError(
+                f"min_body_rate must be a finite number of bytes/s, 0 for none. Found {self.min_body_rate}"
+            )
+        if not 0 < self.body_rate_grace_s < float("inf"):
+            raise ConfigError(
+                f"body_rate_grace_s must be positive and finite. Found {self.body_rate_grace_s}"
+            )
         if not 0 < self.flush_every_s <= MAX_FLUSH_EVERY_S:  # NaN fails too
             raise ConfigError(
                 f"flush_every_s must be in (0, {MAX_FLUSH_EVERY_S:g}] seconds: a crash loses the fleet's contacts "
@@ -287,6 +316,14 @@ class ServiceConfig:
         if self.max_body_bytes_in_flight is not None:
             return self.max_body_bytes_in_flight
         return BODY_BUDGET_UPLOADS * max(self.max_upload_bytes, self.max_json_bytes)
+
+    @property
+    def device_body_share(self) -> int:
+        """``max_device_body_bytes``, or its default: 1/:data:`DEVICE_BODY_SHARE` of :attr:`body_budget`, at least
+        the largest body cap (so every body a device may send can pass)."""
+        if self.max_device_body_bytes is not None:
+            return self.max_device_body_bytes
+        return max(self.body_budget // DEVICE_BODY_SHARE, self.max_upload_bytes, self.max_json_bytes)
 
 
 @dataclass
@@ -1090,6 +1127,9 @@ def create_app(
         body_timeout=config.body_timeout_s,
         max_device_requests=config.max_device_requests,
         max_body_bytes_in_flight=config.body_budget,
+        max_device_body_bytes=config.device_body_share,
+        min_body_rate=config.min_body_rate,
+        body_rate_grace=config.body_rate_grace_s,
     )
 
     @app.exception_handler(DeltaplaneError)

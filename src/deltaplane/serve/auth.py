@@ -34,11 +34,19 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deltaplane.errors import ConfigError
 from deltaplane.registry.signing import write_secret_file
 
-__all__ = ["DeviceIdentity", "IssuedToken", "RateLimiter", "TokenAuthority", "device_secret"]
+__all__ = [
+    "DeviceIdentity",
+    "IssuedToken",
+    "RateLimiter",
+    "TokenAuthority",
+    "device_secret",
+    "unverified_claims",
+]
 
 SECRET_NAME = "device-secret"
 #: the format of issued tokens: 2 binds the token to a service (``"a"``); 1 (no ``"v"``) did not
@@ -98,6 +106,41 @@ class IssuedToken:
     cohort: str
     expires_at: float
     models: tuple[str, ...] | None = None
+
+
+def unverified_claims(token: str) -> DeviceIdentity | None:
+    """What a device token says (device, cohort, model scope, times), read without its MAC; None when it is not a
+    token of the current format.
+
+    For its holder's bookkeeping only, never to authorize anything: ``fleet enroll --add`` reads the scope and
+    cohort of the fleet's tokens in its folder so the devices it adds get the same ones. The service checks a
+    token with :meth:`TokenAuthority.verify`."""
+    body, _, mac = token.strip().partition(".")
+    if not body or not mac or len(token) > 4096:
+        return None
+    try:
+        doc = json.loads(_unb64(body))
+        if not isinstance(doc, dict) or doc.get("v") != TOKEN_FORMAT:
+            return None
+        return _identity(doc)
+    except (ValueError, KeyError, TypeError, UnicodeError):
+        return None
+
+
+def _identity(doc: dict[str, Any]) -> DeviceIdentity | None:
+    """The identity a token's decoded body names; None when its model scope is no list of names. A missing or
+    mistyped field raises KeyError, ValueError or TypeError (the callers refuse such a token)."""
+    scope = doc.get("m")
+    if scope is not None and (not isinstance(scope, list) or not all(isinstance(m, str) for m in scope)):
+        return None
+    return DeviceIdentity(
+        str(doc["d"]),
+        str(doc["c"]),
+        str(doc["j"]),
+        float(doc["i"]),
+        float(doc["e"]),
+        None if scope is None else tuple(scope),
+    )
 
 
 class TokenAuthority:
@@ -202,19 +245,10 @@ class TokenAuthority:
                     f"this device token is of format {doc.get('v', 1)}, which names no service and is no longer "
                     f"accepted (format {TOKEN_FORMAT} is); re-enroll the device: {_ENROLL}"
                 )
-            scope = doc.get("m")
-            if scope is not None and (
-                not isinstance(scope, list) or not all(isinstance(m, str) for m in scope)
-            ):
+            found = _identity(doc)
+            if found is None:
                 return ""
-            ident = DeviceIdentity(
-                str(doc["d"]),
-                str(doc["c"]),
-                str(doc["j"]),
-                float(doc["i"]),
-                float(doc["e"]),
-                None if scope is None else tuple(scope),
-            )
+            ident = found
             audience = str(doc["a"])
         except (ValueError, KeyError, TypeError, UnicodeError):
             return ""

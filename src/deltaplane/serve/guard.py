@@ -28,6 +28,16 @@
    its declared Content-Length (a chunked one its route's whole cap) before a byte is read, and keeps it until
    its endpoint has answered; one that does not fit gets 503 with ``Retry-After``, its body unread. The cap
    per device bounds one token, not *n* of them: 64 enrolled or stolen tokens held 64 × 4 uploads of 8 MiB.
+7. One device may reserve at most ``max_device_body_bytes`` of that budget (its share; 429 with ``Retry-After``
+   beyond it, body unread): without it four tokens each holding four chunked uploads filled the whole budget
+   and refused every honest upload for ``body_timeout``; with the default share (an eighth of the budget) it
+   takes eight tokens, and the operator revokes them.
+8. After ``body_rate_grace`` seconds a device's body must keep pace (408 once it falls behind, its reservation
+   given back): at least ``min_body_rate`` bytes/s on average since its head, and enough to bring the bytes it
+   reserved within ``body_timeout`` (:meth:`RequestGuard._on_pace_for`). A body trickled a byte a second held
+   its share of the budget for the whole ``body_timeout``; now it is dropped after the grace, its device may
+   reserve no other body for ``SLOW_PENALTY_GRACES`` graces (429; a trickler reconnecting at once held its
+   share for ever), and tokens that hold the budget must send the bytes they reserve.
 
 The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
 the token a second time.
@@ -70,6 +80,9 @@ ADMIN_TOKEN_REFUSED = (
 #: passes it while it arrives in pieces, but parses one delivered in a single read (up to ~256 KiB) whole
 MAX_HEAD_BYTES = 16 << 10
 _DRAIN_FACTOR = 4
+#: a device whose body was dropped for its pace may start no other body for this many graces (60 s at the
+#: defaults): without it a trickler reconnected at once and held its share for ever, one head per grace
+SLOW_PENALTY_GRACES = 6
 #: the Retry-After of a request refused because the bodies in flight fill ``max_body_bytes_in_flight``: an
 #: honest upload of a few MiB arrives within seconds, and a trickled one is cut at ``body_timeout``
 BUDGET_RETRY_AFTER_S = 2
@@ -97,6 +110,12 @@ class RequestGuard:
         max_body_bytes_in_flight: bytes all device request bodies may reserve together (503 with
             ``Retry-After`` beyond it, body unread; admin and anonymous bodies have caps of their own and are
             not counted, so devices cannot lock the operator out); None: unbounded.
+        max_device_body_bytes: bytes one device's bodies may reserve together (429 with ``Retry-After``
+            beyond it, body unread); None: no share, only ``max_body_bytes_in_flight``.
+        min_body_rate: bytes/s a body must average from its head on, once ``body_rate_grace`` seconds have
+            passed (408 once it falls behind); 0: no minimum, only ``body_timeout``.
+        body_rate_grace: seconds a body may take before ``min_body_rate`` applies (a connection's slow start,
+            a device's first radio wake-up).
     """
 
     def __init__(
@@ -112,8 +131,18 @@ class RequestGuard:
         body_timeout: float = 120.0,
         max_device_requests: int = 4,
         max_body_bytes_in_flight: int | None = None,
+        max_device_body_bytes: int | None = None,
+        min_body_rate: float = 0.0,
+        body_rate_grace: float = 10.0,
     ) -> None:
         self.app = app
+        self.max_device_body_bytes = max_device_body_bytes
+        self.min_body_rate = min_body_rate
+        self.body_rate_grace = body_rate_grace
+        # body bytes reserved per device id; touched only on the event loop, holds only devices with a reservation
+        self._device_bytes: dict[str, int] = {}
+        # device id -> loop time until which it may not reserve a body (it trickled one, dropped); event loop only
+        self._slow_until: dict[str, float] = {}
         self.max_device_requests = max_device_requests
         self.max_body_bytes_in_flight = max_body_bytes_in_flight
         #: bytes reserved by the device bodies being read or handled; touched only on the event loop
@@ -181,7 +210,7 @@ class RequestGuard:
                 return
         ident = scope.get("state", {}).get(DEVICE_SCOPE_KEY) if area == "device" else None
         if ident is None:
-            await self._bounded(scope, receive, send, area, headers)
+            await self._bounded(scope, receive, send, area, headers, None)
             return
         device_id = ident.device_id
         held = self._in_flight.get(device_id, 0)
@@ -199,7 +228,7 @@ class RequestGuard:
             return
         self._in_flight[device_id] = held + 1
         try:
-            await self._bounded(scope, receive, send, area, headers)
+            await self._bounded(scope, receive, send, area, headers, device_id)
         finally:
             left = self._in_flight[device_id] - 1
             if left:
@@ -208,9 +237,16 @@ class RequestGuard:
                 del self._in_flight[device_id]  # the map holds only devices with a request in flight
 
     async def _bounded(
-        self, scope: Scope, receive: Receive, send: Send, area: str | None, headers: dict[bytes, bytes]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        area: str | None,
+        headers: dict[bytes, bytes],
+        device_id: str | None,
     ) -> None:
-        """Pass the request on once its body has arrived in full, within its cap and ``body_timeout``."""
+        """Pass the request on once its body has arrived in full, within its cap, ``body_timeout`` and
+        ``min_body_rate``, having reserved its bytes from the budget and from ``device_id``'s share."""
         path: str = scope["path"]
         if scope["method"] in ("GET", "HEAD", "OPTIONS") and b"content-length" not in headers:
             await self.app(scope, receive, send)
@@ -253,6 +289,39 @@ class RequestGuard:
         # the operator the very requests that end an attack (revoking the stolen tokens).
         reserve = (limit if size_declared is None else size_declared) if area == "device" else 0
         budget = self.max_body_bytes_in_flight
+        share = self.max_device_body_bytes
+        wait = self._slow_wait(device_id) if reserve and device_id is not None else 0.0
+        if wait > 0:
+            await self._refuse_unread(
+                receive,
+                send,
+                headers,
+                "rejected.device_slow",
+                429,
+                f"device {device_id} sent a body slower than the service's minimum (--min-body-rate) and may "
+                f"send another in {wait:.0f} s; send it over a faster link, or a smaller update",
+                retry_after_s=max(1, round(wait)),
+            )
+            return
+        mine = self._device_bytes.get(device_id, 0) if device_id is not None else 0
+        if reserve and device_id is not None and share is not None and mine + reserve > share:
+            await self._refuse_unread(
+                receive,
+                send,
+                headers,
+                "rejected.device_bodies",
+                429,
+                f"device {device_id} already reserves {mine} bytes of request bodies, and this one's {reserve} "
+                f"would pass one device's {share}-byte share (--max-device-body-bytes); wait for its other "
+                f"uploads to finish, or retry in {BUDGET_RETRY_AFTER_S} s"
+                + (
+                    ""
+                    if size_declared is not None
+                    else " (a body without Content-Length reserves its route's whole cap: send Content-Length)"
+                ),
+                retry_after_s=BUDGET_RETRY_AFTER_S,
+            )
+            return
         if reserve and budget is not None and self.body_bytes_in_flight + reserve > budget:
             await self._refuse_unread(
                 receive,
@@ -272,34 +341,91 @@ class RequestGuard:
             )
             return
         self.body_bytes_in_flight += reserve
+        if device_id is not None and reserve:
+            self._device_bytes[device_id] = mine + reserve
         try:
-            await self._read_then_call(scope, receive, send, limit)
+            too_slow = await self._read_then_call(scope, receive, send, limit, reserve)
         finally:
             self.body_bytes_in_flight -= reserve  # once the endpoint answered: it held the body until then
+            if device_id is not None and reserve:
+                left = self._device_bytes[device_id] - reserve
+                if left:
+                    self._device_bytes[device_id] = left
+                else:
+                    del self._device_bytes[device_id]
+        if too_slow and device_id is not None and reserve:
+            self._penalize(device_id)
 
-    async def _read_then_call(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        """Read the body (at most ``limit`` bytes, within ``body_timeout``), then pass the request on."""
+    def _slow_wait(self, device_id: str) -> float:
+        """Seconds ``device_id`` must still wait after its last body dropped for slowness (0: none)."""
+        until = self._slow_until.get(device_id)
+        if until is None:
+            return 0.0
+        left = until - asyncio.get_running_loop().time()
+        if left <= 0:
+            del self._slow_until[device_id]
+        return max(0.0, left)
+
+    def _penalize(self, device_id: str) -> None:
+        """Keep ``device_id`` from reserving body bytes for :data:`SLOW_PENALTY_GRACES` graces: a dropped
+        trickler that reconnects at once held its share of the budget for ever at the cost of one request head
+        per grace; now it holds it one grace in ``1 + SLOW_PENALTY_GRACES``."""
+        now = asyncio.get_running_loop().time()
+        if (
+            len(self._slow_until) > 4096
+        ):  # forget the penalties that ended: the map holds recent tricklers only
+            self._slow_until = {d: t for d, t in self._slow_until.items() if t > now}
+        self._slow_until[device_id] = now + SLOW_PENALTY_GRACES * self.body_rate_grace
+
+    async def _read_then_call(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, reserve: int = 0
+    ) -> bool:
+        """Read the body (at most ``limit`` bytes, within ``body_timeout``, at the pace :meth:`_on_pace_for`
+        sets for its ``reserve``), then pass the request on; True when it was dropped for being too slow."""
         chunks: list[bytes] = []
         size = 0
-        try:
-            async with asyncio.timeout(self.body_timeout):
-                while True:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        end = start + self.body_timeout
+        while True:
+            # the body is on pace until its bytes so far, at the minimum rate, would have taken longer than
+            # the time since its head: one timer per message until then, no polling
+            due = min(end, start + self._on_pace_for(size, reserve))
+            try:
+                async with asyncio.timeout_at(due):
                     message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return
-                    body = message.get("body", b"")
-                    size += len(body)
-                    if size > limit:  # a chunked or lying body: stop reading at the cap
-                        self.on_reject("rejected.too_large")
-                        await _reply(send, 413, f"body exceeds the {limit}-byte limit")
-                        return
-                    chunks.append(body)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            self.on_reject("rejected.body_timeout")
-            await _reply(send, 408, f"the request body did not arrive within {self.body_timeout:g} s")
-            return
+            except TimeoutError:
+                if due >= end:
+                    self.on_reject("rejected.body_timeout")
+                    await _reply(send, 408, f"the request body did not arrive within {self.body_timeout:g} s")
+                    return False
+                elapsed = loop.time() - start
+                self.on_reject("rejected.body_too_slow")
+                await _reply(
+                    send,
+                    408,
+                    f"the request body arrived at {size / elapsed:.0f} bytes/s ({size} bytes in {elapsed:.1f} s): "
+                    f"once {self.body_rate_grace:g} s have passed a body must keep at least {self.min_body_rate:.0f} "
+                    f"bytes/s (serve --min-body-rate) and the pace to bring the {reserve} bytes it reserved within "
+                    f"{self.body_timeout:g} s (--body-timeout); send it over a faster link, or a smaller update"
+                    + (
+                        ""
+                        if reserve < limit
+                        else ", with its Content-Length (one without reserves the whole cap)"
+                    ),
+                )
+                return True
+            if message["type"] == "http.disconnect":
+                return False
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:  # a chunked or lying body: stop reading at the cap
+                self.on_reject("rejected.too_large")
+                await _reply(send, 413, f"body exceeds the {limit}-byte limit")
+                return False
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
         replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def bounded_receive() -> Message:
@@ -308,6 +434,24 @@ class RequestGuard:
             return await receive()  # after the body: wait for the disconnect like the server would
 
         await self.app(scope, bounded_receive, send)
+        return False
+
+    def _on_pace_for(self, size: int, reserve: int) -> float:
+        """Seconds from its head a body with ``size`` bytes arrived so far stays on pace (infinite without a
+        minimum rate). Two paces, the stricter wins:
+
+        * ``min_body_rate``: the grace, or the time its bytes take at that rate if longer;
+        * its ``reserve``: the line from (grace, 0 bytes) to (``body_timeout``, ``reserve`` bytes). A body at a
+          steady rate that brings its reserve within ``body_timeout`` never falls behind it (even with a silent
+          grace first); one trickled that holds an 8 MiB reservation must send ~70 KiB/s, not 4 KiB/s, so a few
+          tokens holding the budget pay for it in bandwidth, bytes the budget is there to buffer."""
+        if self.min_body_rate <= 0:
+            return float("inf")
+        by_rate = max(self.body_rate_grace, size / self.min_body_rate)
+        span = self.body_timeout - self.body_rate_grace
+        if reserve <= 0 or span <= 0:
+            return by_rate
+        return min(by_rate, self.body_rate_grace + span * size / reserve)
 
     def _authenticate(self, area: str, token: str, scope: Scope) -> str | None:
         """None when ``token`` is valid for ``area``, else the 401's detail ("" for the generic one).
