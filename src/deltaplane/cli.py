@@ -467,10 +467,15 @@ def run(
         for r in results:
             final = r["final"]
             if final.get("personal_accuracy_mean") is not None:
+                glob = final.get("client_mix_accuracy_mean")
+                against = (
+                    f" vs global {glob:.4f}; worst client change {100 * final['personal_gain_min']:+.2f} points"
+                    if glob is not None  # FedPer/FedBN: no global model (engine.scoring.has_global_model)
+                    else " (no global model under partial personalization: compare a FedAvg run)"
+                )
                 console.print(
                     f"{r['name']}: personalized ({r['config']['personalization']}) client accuracy "
-                    f"{final['personal_accuracy_mean']:.4f} vs global {final['client_mix_accuracy_mean']:.4f}; "
-                    f"worst client change {100 * final['personal_gain_min']:+.2f} points",
+                    f"{final['personal_accuracy_mean']:.4f}{against}",
                     soft_wrap=True,
                 )
         # soft_wrap: a path broken across lines cannot be copied or clicked

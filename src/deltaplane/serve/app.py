@@ -706,6 +706,9 @@ class ServiceState:
                 accs = list(reported.get(key, {}).values())
                 eps = list(local.get(key, {}).values())
                 pairs = [(g, mine[key][d]) for d, g in glob.get(key, {}).items() if d in mine.get(key, {})]
+                # FedPer/FedBN devices report no global figure (has_global_model): their personal mean stands
+                # alone, without a global mean or a gain
+                own = list(mine.get(key, {}).values())
                 out.append(
                     closed
                     | {
@@ -714,7 +717,7 @@ class ServiceState:
                         "holdout_accuracy_min": min(accs) if accs else None,
                         "local_epsilon_max": max(eps) if eps else None,
                         "global_accuracy_mean": sum(g for g, _ in pairs) / len(pairs) if pairs else None,
-                        "personal_accuracy_mean": sum(m for _, m in pairs) / len(pairs) if pairs else None,
+                        "personal_accuracy_mean": sum(own) / len(own) if own else None,
                         "personal_gain_min": min(m - g for g, m in pairs) if pairs else None,
                     }
                 )

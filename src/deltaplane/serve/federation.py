@@ -304,7 +304,7 @@ def _run(
             cum_down += down
             global_state, _ = _held(devices[0])
             watch.check(rnd, global_state)
-            personal: dict[str, float] = {}
+            personal: dict[str, Any] = {}
             if step.personalizer.name != "none":
                 step.after_round(clients, model, global_state, rnd)
                 personal, rows = personal_metrics(

@@ -523,9 +523,10 @@ def report_pending(dev: Device) -> bool:
     )
     dev.rounds.append({"round": number, "version": version, "took_part": number in dev.joined, **metrics})
     eps = f", local ε {epsilon:.3f} ({dp_adjacency(dev.config)})" if epsilon is not None else ""
+    vs = f" vs global {personal['global_accuracy']:.3f}" if "global_accuracy" in personal else ""
     mine = (
-        f"; personal {personal['personal_accuracy']:.3f} vs global {personal['global_accuracy']:.3f} on its "
-        "label mix" + (f" (α {personal['alpha']:g})" if "alpha" in personal else "")
+        f"; personal {personal['personal_accuracy']:.3f}{vs} on its label mix"
+        + (f" (α {personal['alpha']:g})" if "alpha" in personal else "")
         if personal
         else ""
     )
@@ -560,10 +561,9 @@ def _personalize(dev: Device, state: dict[str, torch.Tensor], number: int, versi
         dev.step.after_round([dev.client], dev.net, state, number)
         dev.adapted = version
     row = personal_row(dev.step, dev.net, state, dev.test, dev.client, dev.num_classes)
-    out = {
-        "global_accuracy": float(row["global_accuracy"]),
-        "personal_accuracy": float(row["personal_accuracy"]),
-    }
+    out = {"personal_accuracy": float(row["personal_accuracy"])}
+    if row["global_accuracy"] is not None:  # FedPer and FedBN have none (has_global_model)
+        out["global_accuracy"] = float(row["global_accuracy"])
     if dev.step.personalizer.name == "alpha_mix":
         out["alpha"] = float(row["alpha"])
     return out
