@@ -50,3 +50,24 @@ def test_fedper_reports_no_global_figure_on_any_driver(loopback_grid) -> None:
     ]
     assert rounds[-1].client_mix_accuracy_mean is None and rounds[-1].personal_gain_min is None
     assert rounds[-1].personal_accuracy_mean == pytest.approx(seq.final.personal_accuracy_mean)
+
+
+@pytest.mark.slow  # a whole `deltaplane run` with its follow-up and deploy (about a minute on 2 loaded cores)
+def test_deltaplane_run_with_fedper_reports_the_personal_figure_alone(tmp_path) -> None:
+    """``deltaplane run --personalization fedper`` as a user types it: the follow-up's personalization table
+    and the summary line have no global row or gain (FedPer has no global figure), and the report says so."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from deltaplane.cli import app
+
+    out = tmp_path / "run"
+    args = ["run", "--personalization", "fedper", "--clients", "3", "--rounds", "2", "--no-baseline"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "(no global model under partial personalization: compare a FedAvg run)" in said
+    p = json.loads((out / "report.json").read_text())["followup"]["personalization"]
+    assert p["global_accuracy_mean"] is None and p["gain_min"] is None and p["personal_accuracy_mean"] > 0
+    assert "global vs personalized" not in (out / "report.html").read_text()  # no scatter against nothing
