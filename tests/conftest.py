@@ -155,6 +155,23 @@ def diverging_task(tmp_path, monkeypatch) -> str:
     sys.modules.pop("divtask", None)
 
 
+@pytest.fixture
+def watch_passes(monkeypatch) -> list[int]:
+    """One entry per forward pass the divergence watch runs of its own (``DivergenceWatch.loss``, still
+    computed): a driver that hands it its round scoring's loss runs one, for the initial model."""
+    from deltaplane.engine.divergence import DivergenceWatch
+
+    calls: list[int] = []
+    real = DivergenceWatch.loss
+
+    def counting(self: DivergenceWatch, state: dict) -> float:
+        calls.append(1)
+        return real(self, state)
+
+    monkeypatch.setattr(DivergenceWatch, "loss", counting)
+    return calls
+
+
 class PlaintextWatch:
     """Byte patterns of plaintext updates that must never reach the server, and the checks that look for them."""
 

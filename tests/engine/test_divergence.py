@@ -91,22 +91,13 @@ def test_under_dp_the_warning_also_names_the_noise(diverging_task) -> None:
     ids=["sequential", "batched", "batched-worker-scoring"],
 )
 def test_the_simulator_judges_the_loss_its_scoring_computed_without_a_forward_pass_of_its_own(
-    diverging_task, driver, monkeypatch
+    diverging_task, driver, watch_passes
 ) -> None:
     """The simulator scores the global model on the test set every round anyway (with threads=2 in its forked
     worker, off the critical path); the watch judges the loss of those logits. Its own forward pass runs once,
     for the initial model, not once a round (that cost ~20% of a default round), and the warning still names
     the round that diverged, once."""
-    from deltaplane.engine.divergence import DivergenceWatch
 
-    calls: list[int] = []
-    real = DivergenceWatch.loss
-
-    def counting(self: DivergenceWatch, state: dict) -> float:
-        calls.append(1)
-        return real(self, state)
-
-    monkeypatch.setattr(DivergenceWatch, "loss", counting)
     # round 2's updates hold NaN and are refused: with threads=2 round 1 is scored in the worker while round 2
     # trains, and reported (and judged) as the run stops
     cfg = RunConfig(task=diverging_task, clients=2, rounds=2, lr=0.05, codec="identity", **driver)
@@ -114,5 +105,64 @@ def test_the_simulator_judges_the_loss_its_scoring_computed_without_a_forward_pa
         warnings.simplefilter("always")
         run_federation(cfg)
     said = [str(w.message) for w in caught if w.category.__name__ == "DivergenceWarning"]
-    assert len(calls) == 1  # the initial model's loss only
+    assert len(watch_passes) == 1  # the initial model's loss only
     assert len(said) == 1 and said[0].startswith("round 1: the global model's test loss rose to ")
+
+
+@pytest.mark.parametrize(
+    ("driver", "lr"),
+    [({"transport": "http"}, 0.05), ({"engine": "population"}, 0.2)],
+    ids=["http", "population"],
+)
+def test_drivers_that_score_each_round_hand_the_watch_their_loss(
+    diverging_task, driver, lr, watch_passes
+) -> None:
+    """The HTTP simulation (round_scores) and the population engine (accuracy_and_loss) score the global model
+    on the test set every round anyway: the watch judges the loss of those logits, its own forward pass runs
+    once (the initial model), and the warning still names round 1, once."""
+
+    cfg = RunConfig(task=diverging_task, clients=2, rounds=1, lr=lr, codec="identity", **driver)
+    said = _divergence_warnings(cfg)
+    assert len(watch_passes) == 1  # the initial model's loss only (and round 1's before)
+    assert len(said) == 1 and said[0].startswith("round 1: the global model's test loss rose to ")
+
+
+@pytest.mark.parametrize(
+    "driver", [{"transport": "http"}, {"engine": "population"}], ids=["http", "population"]
+)
+def test_the_scores_the_watch_shares_are_the_plain_accuracy_bit_for_bit(diverging_task, driver) -> None:
+    """Handing the watch the scoring's loss changes no figure: the last round's test accuracy is exactly what
+    engine.accuracy (the scoring before) gives for the final state, and no loss is recorded."""
+    from deltaplane.engine import accuracy, make_task
+    from deltaplane.engine.metrics import TEST_LOSS
+
+    cfg = RunConfig(
+        task=diverging_task,
+        task_options={"scale": 1.0},
+        clients=2,
+        rounds=2,
+        lr=0.05,
+        codec="identity",
+        **driver,
+    )
+    result = run_federation(cfg)
+    task = make_task(cfg)
+    model = task.build_model(0)
+    model.load_state_dict(result.final_state)
+    assert result.rounds[-1].test_accuracy == accuracy(model, task.test)
+    assert all(TEST_LOSS not in r.to_dict() for r in result.rounds)
+
+
+def test_take_refuses_scores_without_a_loss(diverging_task) -> None:
+    """A driver that scored its round without the task's loss is told how to score it (a typed error)."""
+    from deltaplane.engine import make_task
+    from deltaplane.engine.divergence import DivergenceWatch
+    from deltaplane.engine.metrics import TEST_LOSS
+    from deltaplane.errors import ConfigError
+
+    cfg = RunConfig(task=diverging_task, clients=2)
+    task = make_task(cfg)
+    watch = DivergenceWatch(task, task.build_model(0).state_dict(), config=cfg, samples=None)
+    with pytest.raises(ConfigError, match=r"loss=task.loss"):
+        watch.take(1, {"test_accuracy": 0.5})
+    assert watch.take(1, {"test_accuracy": 0.5, TEST_LOSS: watch.initial}) == {"test_accuracy": 0.5}

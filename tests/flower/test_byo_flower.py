@@ -60,8 +60,10 @@ def test_a_tied_weight_travels_once_on_flower_as_in_process(tied_task, loopback_
         torch.testing.assert_close(finals[k], v, rtol=0, atol=0)
 
 
-def test_a_diverging_run_is_called_so_on_flower(diverging_task, loopback_grid) -> None:
-    """The divergence warning of the in-process drivers (tests/engine/test_divergence.py), on Flower."""
+def test_a_diverging_run_is_called_so_on_flower(diverging_task, loopback_grid, watch_passes) -> None:
+    """The divergence warning of the in-process drivers (tests/engine/test_divergence.py), on Flower: judged on
+    the loss of the round's own scoring (round_scores), the watch's own forward pass run once (the initial
+    model's), not once more a round."""
     import warnings
 
     cfg = RunConfig(task=diverging_task, clients=2, rounds=1, codec="identity", lr=0.05)
@@ -72,3 +74,4 @@ def test_a_diverging_run_is_called_so_on_flower(diverging_task, loopback_grid) -
         server(grid=loopback_grid(task_client_app(cfg), cfg.clients), context=context)
     said = [str(w.message) for w in caught if w.category.__name__ == "DivergenceWarning"]
     assert len(said) == 1 and said[0].startswith("round 1: the global model's test loss rose to ")
+    assert len(watch_passes) == 1

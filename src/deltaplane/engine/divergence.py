@@ -9,10 +9,14 @@ its loss does: it is NaN or Inf, or several times the untrained model's. Every d
 round raises one :class:`DivergenceWarning` naming the round, the loss and the fix. It records nothing: a
 healthy run's figures are the same with or without it.
 
-A driver that scores the global model on the test set every round anyway (the in-process simulator,
-:func:`~deltaplane.engine.metrics.score_round` with the task's loss) hands the watch that loss instead
-(:meth:`DivergenceWatch.check_loss`, ``samples=None``): no forward pass of the watch's own in the round, and
-where a forked worker scores the round (``threads=2``) none on the caller's critical path at all.
+A driver that scores the global model on the test set every round anyway hands the watch that loss instead
+(:meth:`DivergenceWatch.check_loss` or :meth:`DivergenceWatch.take`, with ``samples=None``): no forward pass of
+the watch's own in the round. The in-process simulator (:func:`~deltaplane.engine.metrics.score_round` with the
+task's loss; where a forked worker scores the round, ``threads=2``, none on the caller's critical path at all),
+the HTTP simulation and the Flower driver (:func:`~deltaplane.engine.metrics.round_scores`) and the population
+engine (:func:`~deltaplane.engine.metrics.accuracy_and_loss`) do. The fleet coordinator scores no test set (it
+registers each version's predictions on the drift reference's data): its watch runs its own forward pass on at
+most :data:`SAMPLES` test samples of each version it fetches (:meth:`DivergenceWatch.check`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 
 from deltaplane.delta import StateDict
 from deltaplane.engine.config import RunConfig
-from deltaplane.engine.metrics import logits
+from deltaplane.engine.metrics import TEST_LOSS, logits
 from deltaplane.engine.task import Task
+from deltaplane.errors import ConfigError
 
 __all__ = ["RISE", "SAMPLES", "DivergenceWarning", "DivergenceWatch"]
 
@@ -94,6 +99,24 @@ class DivergenceWatch:
         if not self._watching():
             return None
         return self._judge(rnd, value, None, stacklevel=3)
+
+    def take(self, rnd: int, scores: dict[str, float]) -> dict[str, float]:
+        """:meth:`check_loss` of the test loss in a round's ``scores`` (under
+        :data:`~deltaplane.engine.metrics.TEST_LOSS`, as :func:`~deltaplane.engine.metrics.round_scores` given
+        the task's loss returns it), and the scores without it: the round's metrics, which record no loss.
+
+        Raises:
+            ConfigError: ``scores`` hold no test loss (scored without the task's loss).
+        """
+        if TEST_LOSS not in scores:
+            raise ConfigError(
+                f"round {rnd}: the scores hold no {TEST_LOSS!r}; score the round with the task's loss "
+                "(round_scores(..., loss=task.loss))"
+            )
+        rest = {k: v for k, v in scores.items() if k != TEST_LOSS}
+        if self._watching():
+            self._judge(rnd, scores[TEST_LOSS], None, stacklevel=3)
+        return rest
 
     def _watching(self) -> bool:
         """Whether a round's loss can still warn: not yet warned, a finite initial loss, samples to score."""

@@ -16,6 +16,7 @@ from deltaplane.errors import ConfigError
 __all__ = [
     "TEST_LOSS",
     "accuracy",
+    "accuracy_and_loss",
     "class_accuracy_stacked",
     "evaluate_clients",
     "label_mix_accuracy",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 
-#: The key under which :func:`score_round` (given a ``loss``) returns the task's loss of the global model on the
+#: The key under which :func:`score_round`, :func:`round_scores` and :func:`accuracy_and_loss` (given a ``loss``) return the task's loss of the global model on the
 #: test set, from the logits its test accuracy is computed from: for a driver's divergence watch
 #: (:meth:`~deltaplane.engine.divergence.DivergenceWatch.check_loss`), which would otherwise run a forward pass
 #: of its own. No round metric: the driver takes it out of the scores before it records them.
@@ -105,9 +106,10 @@ _CLIENT_FIELDS = (
 
 
 @torch.no_grad()
-def _accuracy_and_loss(model: nn.Module, data: Dataset, loss: Loss) -> dict[str, float]:
-    """:func:`accuracy` (the same bits) and, under :data:`TEST_LOSS`, ``loss`` of the same logits (NaN for
-    an empty set)."""
+def accuracy_and_loss(model: nn.Module, data: Dataset, loss: Loss) -> dict[str, float]:
+    """:func:`accuracy` (the same bits) under ``test_accuracy`` and, under :data:`TEST_LOSS`, ``loss`` of the
+    same logits (NaN for an empty set): one forward pass for a driver that scores the global model on its test
+    set anyway and hands its divergence watch the loss."""
     if len(data) == 0:
         return {"test_accuracy": 0.0, TEST_LOSS: float("nan")}
     model.eval()
@@ -129,7 +131,7 @@ def round_scores(
     that sampled nobody) the client figures are NaN: there is no device to score, and no value would be
     honest (a report writes NaN as null)."""
     tested = (
-        {"test_accuracy": accuracy(model, test)} if loss is None else _accuracy_and_loss(model, test, loss)
+        {"test_accuracy": accuracy(model, test)} if loss is None else accuracy_and_loss(model, test, loss)
     )
     if not client_acc:
         nan = float("nan")

@@ -13,15 +13,24 @@ which is the value a model loaded from any state holds) before clipping, DP and 
 and aggregates that one tensor, and :func:`retie` copies the aggregated update to the aliases before it is
 published, so every version keeps the names equal. The clip then bounds the norm of the unique parameters and
 the noise on the shared weight is one draw of the accountant's σ.
+
+The alias map comes from the model's architecture (:func:`tied_aliases` of the task's model), never from the
+weights or a device's word: two names holding equal values in a version are not one parameter (every LayerNorm
+weight starts at ones, every bias at zero), and a server that took them for one would keep them equal forever.
+A service without a task (``deltaplane serve`` without ``--federation``) therefore cannot take a tied model's
+untied updates; :func:`equal_twins` only names the likely aliases in its refusal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+import torch
 from torch import nn
 
 from deltaplane.delta import Delta
 
-__all__ = ["retie", "tied_aliases", "untie"]
+__all__ = ["equal_twins", "retie", "tied_aliases", "untie"]
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -48,3 +57,30 @@ def retie(update: Delta, aliases: dict[str, str]) -> Delta:
     if not extra:
         return update
     return Delta({**update, **extra}, base_sha256=update.base_sha256)
+
+
+def equal_twins(
+    missing: Iterable[str], present: Iterable[str], state: Mapping[str, torch.Tensor]
+) -> dict[str, str]:
+    """``{name: twin}`` for each of ``missing`` whose tensor in ``state`` equals one of ``present``'s (same shape,
+    dtype and values): what the alias of a tied parameter looks like in a version of the model.
+
+    Equal values are necessary for a tie, not sufficient (two biases initialised to zero are equal too), so this
+    names candidates for a message, never a tie to act on (see the module)."""
+    kept = [k for k in present if k in state]
+    twins: dict[str, str] = {}
+    for name in missing:
+        t = state.get(name)
+        if t is None:
+            continue
+        twin = next(
+            (
+                k
+                for k in kept
+                if state[k].shape == t.shape and state[k].dtype == t.dtype and torch.equal(state[k], t)
+            ),
+            None,
+        )
+        if twin is not None:
+            twins[name] = twin
+    return twins

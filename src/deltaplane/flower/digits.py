@@ -469,7 +469,8 @@ def task_server_app(
         else:
             strategy = DeltaStrategy(**options)
         initial = state_to_arrays(initial_state)
-        watch = DivergenceWatch(task, initial_state, config=config)
+        # the whole test set, as each round's scoring, which hands the watch its loss (round_scores, below)
+        watch = DivergenceWatch(task, initial_state, config=config, samples=None)
         cum = {"up": 0, "down": 0}
         clock = [time.perf_counter()]
         sampled: dict[int, int] = {}  # rounds each node trained in (local DP: its ε grows with them)
@@ -479,7 +480,6 @@ def task_server_app(
                 clock[0] = time.perf_counter()
                 return None
             state = arrays_to_state(arrays)
-            watch.check(rnd, state)
             model.load_state_dict(state)
             traffic = strategy.traffic[-1]
             outcome = strategy.last_outcome
@@ -513,7 +513,7 @@ def task_server_app(
             metrics = RoundMetrics(
                 round=rnd,
                 clients=traffic.clients,
-                **round_scores(model, task.test, client_acc),
+                **watch.take(rnd, round_scores(model, task.test, client_acc, loss=task.loss)),
                 uplink_bytes=traffic.uplink_payload_bytes,
                 downlink_bytes=down,
                 cumulative_uplink_bytes=cum["up"],

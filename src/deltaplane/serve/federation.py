@@ -245,7 +245,9 @@ def _run(
     # operator's `fleet enroll --authority-key`), under the device name its token carries
     enrollment = run_enrollment(config)
     raw_bytes = raw_upload_bytes(initial, step.left_out(model))
-    watch = DivergenceWatch(task, initial, config=config)
+    # the whole test set, as each round's scoring, which hands the watch its loss (round_scores, below): the
+    # watch runs the initial model's forward pass, and none of its own in a round
+    watch = DivergenceWatch(task, initial, config=config, samples=None)
     history: list[RoundMetrics] = []
     client_rows: list[dict[str, Any]] = []
     drift: list[dict[str, Any]] = []
@@ -303,7 +305,6 @@ def _run(
             cum_up += uplink
             cum_down += down
             global_state, _ = _held(devices[0])
-            watch.check(rnd, global_state)
             personal: dict[str, Any] = {}
             if step.personalizer.name != "none":
                 step.after_round(clients, model, global_state, rnd)
@@ -347,7 +348,7 @@ def _run(
             metrics = RoundMetrics(
                 round=rnd,
                 clients=len(chosen),
-                **round_scores(model, task.test, client_acc),
+                **watch.take(rnd, round_scores(model, task.test, client_acc, loss=task.loss)),
                 uplink_bytes=uplink,
                 downlink_bytes=down,
                 cumulative_uplink_bytes=cum_up,

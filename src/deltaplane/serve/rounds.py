@@ -49,12 +49,14 @@ from pydantic import BaseModel, Field
 
 from deltaplane.aggregation import DPFedAvg, build_aggregator
 from deltaplane.codecs import Compressor, Layout, decompress, is_compact
+from deltaplane.codecs.wire import read_table
 from deltaplane.delta import Delta
 from deltaplane.engine import ServerStep, make_task
 from deltaplane.engine.admission import MAX_EXAMPLES, check_examples
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.engine.server import released_lineage
-from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound
+from deltaplane.engine.tied import equal_twins
+from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound, ShapeMismatch
 from deltaplane.registry import Governance, Registry, publish_update, withdrawn_among
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON, MAX_CLOSED_ROUNDS
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
@@ -144,6 +146,35 @@ class RegistryPublisher:
         self.published.append(version.number)
         payload = self.registry.read(delta)
         return payload, decompress(payload, expect_base=(self.model, base_version), expect_layout=update)
+
+
+def untied_upload_refusal(
+    exc: ShapeMismatch, payload: bytes, base: dict[str, torch.Tensor], model: str
+) -> ShapeMismatch:
+    """The refusal (422) of an upload whose tensors differ from the layout on a service without a federation:
+    ``exc`` itself, or, when every name the update leaves out equals a tensor it holds in the round's base, a
+    :class:`~deltaplane.errors.ShapeMismatch` that says what to do.
+
+    Such an update is what a device of a model with tied weights sends (its aliases left out,
+    :mod:`deltaplane.engine.tied`). This service has no task, so it cannot know which names are one parameter,
+    and it does not learn them from the device or from equal values (see :mod:`deltaplane.engine.tied`: a device
+    could tie any two equal tensors of the global model for good)."""
+    try:
+        names = set(read_table(payload).trees)
+    except DecodeError:  # a compact payload, or one decompress refused for its layout before its table
+        return exc
+    missing = [n for n in base if n not in names]
+    twins = equal_twins(missing, names, base)
+    if not missing or len(twins) != len(missing):
+        return exc
+    pairs = ", ".join(f"{a!r} (equal to {k!r})" for a, k in list(twins.items())[:5])
+    return ShapeMismatch(
+        f"{exc}. The update leaves out {pairs}, as a device of a model with tied weights leaves out each "
+        "tied parameter's other names (deltaplane.engine.tied). This service runs without a federation, so it "
+        f"has no task to tell which names of {model!r} are one parameter, and equal values do not make them one. "
+        "Fix: restart it as `deltaplane serve --federation <file>` with the federation file the devices use "
+        "(its task builds the model and ties them), or have the devices upload every name of the state dict"
+    )
 
 
 def server_step_for(config: "ServiceConfig", registry: Registry, model: str, base_version: int) -> ServerStep:
@@ -769,9 +800,14 @@ def round_router(
                     raise DecodeError(
                         f"{model!r} takes self-describing payloads (no wire session); compress without one"
                     )
-            delta = decompress(
-                payload, expect_base=(model, r.base_version), expect_layout=layout, session=session
-            )
+            try:
+                delta = decompress(
+                    payload, expect_base=(model, r.base_version), expect_layout=layout, session=session
+                )
+            except ShapeMismatch as exc:
+                if config.federation is not None:  # the task's tied names are left out of the layout already
+                    raise
+                raise untied_upload_refusal(exc, payload, base, model) from None
             honest = local_dp_honest_bound(config.federation, base, state.steps[model].local_keys)
             check_update_norm(delta, base, config.max_update_norm_ratio, honest=honest)
             return delta

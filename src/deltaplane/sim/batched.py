@@ -25,7 +25,12 @@ The result equals the sequential path's up to floating-point rounding, because e
   ``buf = g``; ``p ← p − lr·buf``), fresh every round. Clients are stacked longest first, so the ones still
   training at a step are a prefix of the stack; a finished client drops out of the computation.
 
-Only models without buffers (no BatchNorm running statistics), without tied weights, with only floating-point
+A model with tied weights (one parameter under two names, :mod:`deltaplane.engine.tied`) is stacked once per
+parameter, under the name a device's update carries it (the kept name, the last); the forward pass sees the
+same stacked tensor under every name, so its gradient sums every use, as autograd sums it in the loop, and the
+delta holds the parameter once, as a device's untied update does (the server copies it to the aliases).
+
+Only models without buffers (no BatchNorm running statistics), with only floating-point
 parameters and without random layers (dropout) are batched; :func:`batching_blocker` says why another model is not, and the simulator
 then falls back to the sequential loop. A random layer is not batched because the loop draws each device's
 masks from that device's own seed (:func:`deltaplane.seeding.seeded_random_layers`), while a stacked step can
@@ -51,6 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from deltaplane.data.dataset import Dataset
+from deltaplane.engine.tied import tied_aliases
 from deltaplane.errors import ConfigError, DeltaplaneError
 from deltaplane.sim.forked_workers import ForkedWorkers, tree_map
 
@@ -76,8 +82,8 @@ def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | No
 
     Stacked training gives each client its own copy of the parameters only: the model's buffers are one copy
     shared by every client, so a buffer the forward pass updates in place (BatchNorm's running statistics) would
-    mix the clients, and a constant one cannot be told from it; a tied parameter (one tensor under two names) is
-    stacked under its first name but sent under its last; non-float parameters have no gradient; frozen
+    mix the clients, and a constant one cannot be told from it (a tied parameter, one tensor under two names, is
+    stacked once: see the module); non-float parameters have no gradient; frozen
     ones (``requires_grad=False``) would be trained; other float types than float32 are left to the sequential
     loop. Random layers (dropout modules with ``p > 0``, RReLU) are found by type; with a ``sample`` input the
     model also runs one forward pass in training mode, in a fork of torch's global generator, and a pass that
@@ -91,15 +97,6 @@ def batching_blocker(model: nn.Module, sample: Tensor | None = None) -> str | No
             f"model {type(model).__name__} has buffers ({', '.join(buffers[:3])}); stacked training keeps one "
             "copy of a buffer for all clients, and cannot tell a constant buffer from one each client's forward "
             "pass updates (as BatchNorm's running statistics)"
-        )
-    tied = _tied_parameters(model)
-    if tied:
-        # the stacked step trains named_parameters() (a tied tensor under its first name) while a device's
-        # update, and the wire session it is checked against, carry it under the name load_state_dict keeps,
-        # its last (engine.tied): every update of round 1 was refused as belonging to another wire session
-        return (
-            f"model {type(model).__name__} has tied parameters ({', '.join(tied[:3])}); stacked training "
-            "keeps a tied tensor under its first name, a device's update under its last"
         )
     ints = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if ints:
@@ -145,10 +142,11 @@ def loss_blocker(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Te
     here. So the step runs once, for one client on the first two samples of ``x`` and ``y``, exactly as the
     trainer would; call it on a model that :func:`batching_blocker` passes.
     """
-    names = [name for name, _ in model.named_parameters()]
+    names = _trained_names(model)
     step_grads, _ = _step_grads(model, names, loss)
     n = min(2, len(x))
-    params = [p.detach().unsqueeze(0) for p in model.parameters()]
+    state = dict(model.named_parameters(remove_duplicate=False))
+    params = [state[name].detach().unsqueeze(0) for name in names]
     try:
         with torch.random.fork_rng(devices=[]):
             step_grads(params, x[:n].unsqueeze(0), y[:n].unsqueeze(0), torch.full((1, n), 1 / n))
@@ -172,17 +170,12 @@ def task_blocker(model: nn.Module, task: Task) -> str | None:
     return reason
 
 
-def _tied_parameters(model: nn.Module) -> list[str]:
-    """``"b.weight is a.weight"`` for each parameter name that aliases an earlier one (weights tied between
-    layers, e.g. a decoder's output layer sharing its embedding table)."""
-    first: dict[int, str] = {}
-    tied = []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            tied.append(f"{name} is {first[id(p)]}")
-        else:
-            first[id(p)] = name
-    return tied
+def _trained_names(model: nn.Module) -> list[str]:
+    """The parameters a stacked step trains, by the name a device's update carries each: every parameter once,
+    a tied one under its kept name (:func:`~deltaplane.engine.tied.tied_aliases`), in the state dict's order,
+    as a device's untied delta lists them."""
+    aliases = tied_aliases(model)
+    return [name for name, _ in model.named_parameters(remove_duplicate=False) if name not in aliases]
 
 
 def _is_random_layer(module: nn.Module) -> bool:
@@ -283,8 +276,13 @@ def _step_grads(
     ``functional_call``, which swaps the module's own parameters while it runs: one group at a time).
 
     The closures name ``names`` and ``model``, not the trainer: no reference cycle, so a trainer nobody closes is
-    freed (and its worker processes stopped) as soon as its last reference goes."""
+    freed (and its worker processes stopped) as soon as its last reference goes.
+
+    ``names`` are :func:`_trained_names`: a tied parameter once, under its kept name. ``functional_call`` (whose
+    ``tie_weights`` is on) uses that tensor under every name the module ties, and ``forward_stacked`` is given
+    it under each alias too, so either way the gradient sums every use of the parameter."""
     task_loss = loss
+    aliases = tied_aliases(model)
 
     def batch_loss(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         logits = functional_call(model, params, (x,))
@@ -299,7 +297,9 @@ def _step_grads(
         def step_grads(params: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> list[Tensor]:
             leaves = [p.detach().requires_grad_(True) for p in params]
             with torch.enable_grad():
-                logits = stacked_forward(dict(zip(names, leaves, strict=True)), x)  # (K, B, classes)
+                named = dict(zip(names, leaves, strict=True))
+                named |= {alias: named[kept] for alias, kept in aliases.items()}  # one leaf under each name
+                logits = stacked_forward(named, x)  # (K, B, classes)
                 # Σ over clients of each one's mean over its real samples: w is 1/n_real or 0 (_batch_plan)
                 losses = task_loss(logits.flatten(0, 1), y.flatten(), reduction="none")
                 return list(torch.autograd.grad(torch.dot(losses, w.flatten()), leaves))
@@ -364,7 +364,10 @@ class BatchedTrainer:
         self.model = model
         self.memory_budget = memory_budget
         self.workers = workers
-        self.names = names = [name for name, _ in model.named_parameters()]
+        #: the trained parameters' names (:func:`_trained_names`): a tied one once, under its kept name, as a
+        #: device's update carries it
+        self.names = names = _trained_names(model)
+        self._aliases = tied_aliases(model)
         self._param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._step_grads, stacked = _step_grads(model, names, loss)
         if not stacked:
@@ -696,7 +699,7 @@ class BatchedTrainer:
         loss: Callable[..., Tensor] | None = None,
     ) -> list[dict[str, Tensor]]:
         """Train each device from its *own* start state ``starts[i]`` on ``datasets[i]``; return the trained
-        weights (the model's parameters by name), one dict per device in the order given.
+        weights (the model's parameters by name, a tied one under each of its names), one dict per device in the order given.
 
         The personal training of α-mix and Ditto (:mod:`deltaplane.personalization`) on the stack: each device
         draws its batch order from ``generators[i]`` exactly as
@@ -758,6 +761,8 @@ class BatchedTrainer:
             )
             for row, c in enumerate(members):
                 out[c] = {n: p[row].clone() for n, p in zip(self.names, params, strict=True)}
+                # a personal model is loaded whole: each alias holds its kept name's (one) tensor
+                out[c] |= {alias: out[c][kept] for alias, kept in self._aliases.items()}
         return out
 
 

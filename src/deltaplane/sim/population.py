@@ -52,6 +52,7 @@ from deltaplane.engine import (
 )
 from deltaplane.engine.dgc import NormHistory
 from deltaplane.engine.divergence import DivergenceWatch
+from deltaplane.engine.metrics import TEST_LOSS, accuracy_and_loss
 from deltaplane.engine.results import budget_stop, raw_upload_bytes
 from deltaplane.engine.scoring import backdoor_success, dp_adjacency, round_epsilon
 from deltaplane.engine.secure import run_enrollment
@@ -348,7 +349,8 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
     try:
         step = ClientStep(config, task, base_id=BASE_ID)
         server = ServerStep.for_run(config, task, initial, base_id=BASE_ID)
-        watch = DivergenceWatch(task, initial, config=config)
+        # the whole test set, as each round's scoring, which hands the watch its loss (accuracy_and_loss)
+        watch = DivergenceWatch(task, initial, config=config, samples=None)
         # one wire session per run, built once (both sides would build the same)
         step.sessions = server.sessions
         enrollment = run_enrollment(config)  # authenticated SecAgg: each device enrolled when first sampled
@@ -425,9 +427,10 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
                 stopped = budget_stop(exc, rnd, len(history))  # keeps every round done so far
                 break
             uplink += outcome.uplink_bytes
-            watch.check(rnd, outcome.state)
             model.load_state_dict(outcome.state)
-            test_acc.append(accuracy(model, task.test))
+            scores = accuracy_and_loss(model, task.test, task.loss)
+            watch.check_loss(rnd, scores[TEST_LOSS])
+            test_acc.append(scores["test_accuracy"])
             # Poisson sampling (central DP) may choose nobody: the round still released its noise, and there is
             # no sampled device to score (NaN, as round_scores gives); nor in a round that
             # config.client_eval_every leaves unscored (the test set only)
