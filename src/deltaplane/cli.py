@@ -467,10 +467,15 @@ def run(
         for r in results:
             final = r["final"]
             if final.get("personal_accuracy_mean") is not None:
+                glob = final.get("client_mix_accuracy_mean")
+                against = (
+                    f" vs global {glob:.4f}; worst client change {100 * final['personal_gain_min']:+.2f} points"
+                    if glob is not None  # FedPer/FedBN: no global model (engine.scoring.has_global_model)
+                    else " (no global model under partial personalization: compare a FedAvg run)"
+                )
                 console.print(
                     f"{r['name']}: personalized ({r['config']['personalization']}) client accuracy "
-                    f"{final['personal_accuracy_mean']:.4f} vs global {final['client_mix_accuracy_mean']:.4f}; "
-                    f"worst client change {100 * final['personal_gain_min']:+.2f} points",
+                    f"{final['personal_accuracy_mean']:.4f}{against}",
                     soft_wrap=True,
                 )
         # soft_wrap: a path broken across lines cannot be copied or clicked
@@ -896,20 +901,30 @@ def _followup_tables(after: dict[str, Any]) -> list[Table]:
         f"{p['devices_personalized']}/{p['devices']} devices serve a personal model)",
         # the worst device's own change goes under the table: beside the minimum it read as the minimum's change
         # ("0.9524 (worst -0.09)" under a global minimum of 0.9467), which it is not
-        caption="accuracy on each device's own label mix; worst device's change "
-        f"{100 * p['gain_min']:+.2f} points",
+        caption="accuracy on each device's own label mix; "
+        + (
+            f"worst device's change {100 * p['gain_min']:+.2f} points"
+            if p.get("gain_min") is not None
+            # FedPer/FedBN: the global state's local layers are untrained (engine.scoring.has_global_model)
+            else "no global model under partial personalization: compare a FedAvg run"
+        ),
         min_width=70,
     )
     pers.add_column("model")
     for h in ("device acc mean", "device acc min"):
         pers.add_column(h, justify="right")
-    pers.add_row("global", f"{p['global_accuracy_mean']:.4f}", f"{p['global_accuracy_min']:.4f}")
-    min_change = 100 * (p["personal_accuracy_min"] - p["global_accuracy_min"])
-    pers.add_row(
-        "personalized",
-        f"{p['personal_accuracy_mean']:.4f} ({100 * p['gain_mean']:+.2f})",
-        f"{p['personal_accuracy_min']:.4f} ({min_change:+.2f})",
-    )
+    if p.get("global_accuracy_mean") is None:
+        pers.add_row(
+            "personalized", f"{p['personal_accuracy_mean']:.4f}", f"{p['personal_accuracy_min']:.4f}"
+        )
+    else:
+        pers.add_row("global", f"{p['global_accuracy_mean']:.4f}", f"{p['global_accuracy_min']:.4f}")
+        min_change = 100 * (p["personal_accuracy_min"] - p["global_accuracy_min"])
+        pers.add_row(
+            "personalized",
+            f"{p['personal_accuracy_mean']:.4f} ({100 * p['gain_mean']:+.2f})",
+            f"{p['personal_accuracy_min']:.4f} ({min_change:+.2f})",
+        )
     title = f"merge ({m['models']} personalized models into one)"
     mer = _plain_table(
         title=title if not m.get("skipped") else f"merge skipped: {m['skipped']}", min_width=70

@@ -151,3 +151,27 @@ def test_a_device_whose_last_update_fails_adapts_to_the_final_model_before_it_st
         True,
         False,
     ]  # `fleet device` counts 1 round taken part in
+
+
+def test_a_fedper_device_reports_its_personal_figure_without_a_global_one(byo_task, tmp_path) -> None:
+    """FedPer's head never leaves the devices, so the global state's head is the initial one; before, a FedPer
+    device reported the global body with that untrained head as its "global" figure (and the Fleet page a gain
+    over it). Now it reports its personal figure only, as the simulator's rows say (``global_accuracy`` None),
+    and the closed round shows the personal mean without a global mean or a gain."""
+    cfg = _config(byo_task, rounds=1, personalization="fedper", fedper_head="2")
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        said: list[str] = []
+        devices[0].log = said.append
+        _round(f, devices)
+        closed = f.admin._get("/admin/rounds/closed")["closed_rounds"][0]
+    sim = run_simulation(cfg)
+    for dev, row in zip(devices, sim.clients, strict=True):
+        got = dev.rounds[-1]
+        assert "global_accuracy" not in got and row["global_accuracy"] is None
+        assert got["personal_accuracy"] == pytest.approx(row["personal_accuracy"], abs=1e-6)
+    assert closed["global_accuracy_mean"] is None and closed["personal_gain_min"] is None
+    assert closed["personal_accuracy_mean"] == pytest.approx(
+        sum(d.rounds[0]["personal_accuracy"] for d in devices) / 3
+    )
+    assert any("personal " in line and "vs global" not in line for line in said)

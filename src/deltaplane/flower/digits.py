@@ -286,7 +286,7 @@ def task_client_app(
             step.after_round([client], model, state, rnd)
             _save_personal(context, client)
             row = personal_row(step, model, state, task.test, client, int(task.num_classes))
-            metrics = {k: float(v) for k, v in row.items() if k != "client"}
+            metrics = {k: float(v) for k, v in row.items() if k != "client" and v is not None}
             record = MetricRecord({**metrics, "partition-id": client.cid, "num-examples": client.num_samples})
             return Message(RecordDict({"metrics": record}), reply_to=msg)
 
@@ -410,16 +410,18 @@ def task_server_app(
 
         def personal_rows_of(contents: list[RecordDict], weighted_by: str) -> MetricRecord:
             # every node's row (the personal models stay on the nodes), in device order as in process
-            rows = sorted(
-                (
-                    {"client": as_int(m["partition-id"]), **{k: as_float(m[k]) for k in _ROW_KEYS}}
-                    for m in (c.metric_records["metrics"] for c in contents)
-                ),
-                key=lambda r: r["client"],
-            )
+            # a node leaves out a figure its row does not have (FedPer's global: has_global_model)
+            rows: list[dict[str, Any]] = [
+                {
+                    "client": as_int(m["partition-id"]),
+                    **{k: as_float(m[k]) if k in m else None for k in _ROW_KEYS},
+                }
+                for m in (c.metric_records["metrics"] for c in contents)
+            ]
+            rows.sort(key=lambda r: r["client"])
             personal_rows.append(rows)
             # a new dict: a dict[str, float] is not a dict[str, MetricRecordValues] (dict is invariant)
-            return MetricRecord({**personal_summary(rows)})
+            return MetricRecord({k: v for k, v in personal_summary(rows).items() if v is not None})
 
         personalized = config.personalization != "none"
         seeded = config.seeded_dp_noise(simulation=simulation) or config.dp_noise == 0
@@ -491,7 +493,7 @@ def task_server_app(
             cum["down"] += down
             # the devices' held-out data on the rounds config.client_eval_every names (NaN fields on the others)
             client_acc = evaluate_clients(model, clients) if config.scores_clients(rnd) else []
-            personal: dict[str, float] = {}
+            personal: dict[str, Any] = {}
             if personalized:
                 if len(personal_rows) != rnd or len(personal_rows[-1]) != len(clients):
                     got = len(personal_rows[-1]) if len(personal_rows) == rnd else 0

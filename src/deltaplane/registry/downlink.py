@@ -37,6 +37,8 @@ __all__ = [
     "Downlink",
     "apply_downlink",
     "apply_payload",
+    "made_by_round",
+    "made_by_statement",
     "pack_chain",
     "payload_layout",
     "plan_downlink",
@@ -198,6 +200,38 @@ def serve_statement(
         "sha256": target_sha256,
         "nonce": nonce,
         "answer": kind,
+    }
+
+
+def made_by_round(artifact: Artifact) -> int | None:
+    """The federated round that made ``artifact`` (its signed lineage's ``round``), or None for a version no
+    round made (a registered base, whose lineage says round 0 or nothing; a merge, a rebuild, an upload)."""
+    rnd = artifact.lineage.get("round")
+    return rnd if isinstance(rnd, int) and not isinstance(rnd, bool) and rnd >= 1 else None
+
+
+def made_by_statement(
+    model: str, channel: str, version: int, target_sha256: str, nonce: str, rnd: int | None, *, pinned: bool
+) -> dict[str, Any]:
+    """What the service signs (``X-Deltaplane-Round-Signature``) to tell a device which round made the version
+    it answers with (``rnd``; None: no round made it), bound to the request's ``nonce``.
+
+    A personalized device adapts its personal state to each round's version with that round's random stream
+    (the simulator's ``(seed, PERSONALIZATION, round, device)``); one that never saw a round open learns the
+    round here. ``pinned`` says whether the answer is the version the device asked for by number (``?version=``,
+    a device catching up on versions it missed) rather than the one it should run now: only a current answer
+    carries :func:`serve_statement`, and a pinned statement can never pass for one, so a man in the middle who
+    rewrites a device's request into a pinned one for an old version gains no downgrade.
+    """
+    return {
+        "kind": "made-by",
+        "model": model,
+        "channel": channel,
+        "version": version,
+        "sha256": target_sha256,
+        "nonce": nonce,
+        "round": rnd,
+        "pinned": pinned,
     }
 
 

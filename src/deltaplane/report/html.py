@@ -202,7 +202,12 @@ def _followup_sections(followup: Mapping[str, Any] | None) -> str:
         f'<td class="num">{_pct(p["personal_accuracy_min"])}</td></tr></tbody></table>'
         f"<p>Mean change {_num(_points(p['gain_mean']), '{:+.2f}')} points; worst device "
         f"{_num(_points(p['gain_min']), '{:+.2f}')} points.</p>"
-        + _img(personalization_png(p["clients"]), "per-device accuracy, global vs personalized")
+        + (
+            _img(personalization_png(p["clients"]), "per-device accuracy, global vs personalized")
+            # FedPer/FedBN: no global figure to plot against (engine.scoring.has_global_model)
+            if p.get("global_accuracy_mean") is not None
+            else ""
+        )
     )
     rows = "".join(
         f'<tr><td>{escape(name)}</td><td class="num">{_pct(r["test_accuracy"])}</td>'

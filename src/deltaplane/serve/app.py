@@ -3,7 +3,9 @@
 Device endpoints (``Authorization: Bearer <device token>``, rate limited per device):
 
 * ``GET  /v1/models/{model}/download?have=N&channel=production`` — the current version for the device's
-  cohort as a signed full model or delta chain (``X-Deltaplane-*`` headers carry kind, versions, signature).
+  cohort as a signed full model or delta chain (``X-Deltaplane-*`` headers carry kind, versions, signature,
+  and the round that made the version, signed: ``X-Deltaplane-Round``); ``&version=N`` pins an earlier version
+  of the served one's lineage (a personalized device catching up on the rounds it missed), as a full model.
 * ``GET  /v1/models/{model}/round`` — the open training round and its base version.
 * ``POST /v1/models/{model}/rounds/{round}/update?num_examples=N`` — a compressed update (wire format); checked
   for size (413), round and duplicate (409), base version (409 stale), format (400), shape and NaN (422).
@@ -63,7 +65,13 @@ from deltaplane.errors import (
 )
 from deltaplane.monitor import DriftMonitor, DriftReport, DriftSpec, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback, withdrawn_among
-from deltaplane.registry.downlink import rollback_offer_statement, serve_statement
+from deltaplane.registry.downlink import (
+    Downlink,
+    made_by_round,
+    made_by_statement,
+    rollback_offer_statement,
+    serve_statement,
+)
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.registry.store import PRODUCTION
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
@@ -739,6 +747,9 @@ class ServiceState:
                 eps = list(local.get(key, {}).values())
                 held = list(sizes.get(key, {}).values())
                 pairs = [(g, mine[key][d]) for d, g in glob.get(key, {}).items() if d in mine.get(key, {})]
+                # FedPer/FedBN devices report no global figure (has_global_model): their personal mean stands
+                # alone, without a global mean or a gain
+                own = list(mine.get(key, {}).values())
                 out.append(
                     closed
                     | {
@@ -748,7 +759,7 @@ class ServiceState:
                         "holdout_samples_min": int(min(held)) if held else None,
                         "local_epsilon_max": max(eps) if eps else None,
                         "global_accuracy_mean": sum(g for g, _ in pairs) / len(pairs) if pairs else None,
-                        "personal_accuracy_mean": sum(m for _, m in pairs) / len(pairs) if pairs else None,
+                        "personal_accuracy_mean": sum(own) / len(own) if own else None,
                         "personal_gain_min": min(m - g for g, m in pairs) if pairs else None,
                     }
                 )
@@ -1306,8 +1317,18 @@ def create_app(
                 description="random per request; the signed answer echoes it (freshness)",
             ),
         ] = "",
+        version: Annotated[
+            int | None,
+            Query(
+                ge=1,
+                le=2**31 - 1,
+                description="an earlier version of the served one's lineage, as a full model (catching up)",
+            ),
+        ] = None,
     ) -> Response:
         served, want = served_tag(model, channel, ident.cohort)
+        if version is not None:
+            return pinned_download(model, channel, nonce, want, version)
         check_consent(model, want)
         rollback_header = {}
         if have is not None and have > want:
@@ -1336,6 +1357,20 @@ def create_app(
         state.count("download.bytes", len(dl.body))
         state.count("download.full_bytes", dl.full_bytes if dl.kind != "none" else 0)
         headers = {
+            **downlink_headers(model, dl),
+            "X-Deltaplane-Serve-Signature": signer.sign(
+                serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
+            ).to_text(),
+            **made_by_headers(model, channel, nonce, dl, pinned=False),
+            **rollback_header,
+        }
+        if dl.kind == "none":
+            return Response(status_code=204, headers=headers)
+        return Response(dl.body, media_type="application/octet-stream", headers=headers)
+
+    def downlink_headers(model: str, dl: Downlink) -> dict[str, str]:
+        """The headers that describe a downlink's body: kind, model, versions, artifact signature, sizes."""
+        return {
             "X-Deltaplane-Kind": dl.kind,
             "X-Deltaplane-Model": model,
             "X-Deltaplane-Version": str(dl.version),
@@ -1343,13 +1378,43 @@ def create_app(
             "X-Deltaplane-Signature": dl.signature,
             "X-Deltaplane-Target-Sha256": dl.target_sha256,
             "X-Deltaplane-Full-Bytes": str(dl.full_bytes),
-            "X-Deltaplane-Serve-Signature": signer.sign(
-                serve_statement(model, channel, dl.version, dl.target_sha256, nonce, dl.kind)
-            ).to_text(),
-            **rollback_header,
         }
-        if dl.kind == "none":
-            return Response(status_code=204, headers=headers)
+
+    def made_by_headers(
+        model: str, channel: str, nonce: str, dl: Downlink, *, pinned: bool
+    ) -> dict[str, str]:
+        """Which round made the answered version (``X-Deltaplane-Round``: its number, empty for a version no
+        round made), signed over the request's nonce (:func:`~deltaplane.registry.downlink.made_by_statement`)."""
+        rnd = made_by_round(reg.get(model, dl.version))
+        stmt = made_by_statement(model, channel, dl.version, dl.target_sha256, nonce, rnd, pinned=pinned)
+        return {
+            "X-Deltaplane-Round": "" if rnd is None else str(rnd),
+            "X-Deltaplane-Round-Signature": signer.sign(stmt).to_text(),
+        }
+
+    def pinned_download(model: str, channel: str, nonce: str, want: int, version: int) -> Response:
+        """``version`` as a full model, if it is on the lineage of ``want`` (the version the device's tag serves),
+        with the round that made it: what a personalized device that missed rounds adapts to, in order. No serve
+        statement (it is not what the device should run now), so it can never pass for a current answer."""
+        cur: int | None = want
+        while cur is not None and cur > version:
+            cur = reg.get(model, cur).parent
+        if cur != version:
+            raise NotFound(
+                f"{model}@{version} is not on the lineage of the version this device is served ({want}); "
+                "ask for a version between its base and that one"
+            )
+        check_consent(model, version)
+        key = (model, version, None)
+        dl = state.downlinks.get(key)
+        if dl is None:
+            dl = plan_downlink(reg, signer, model, version, None)
+            state.downlinks.put(key, dl)
+        state.count("download.pinned")
+        headers = {
+            **downlink_headers(model, dl),
+            **made_by_headers(model, channel, nonce, dl, pinned=True),
+        }
         return Response(dl.body, media_type="application/octet-stream", headers=headers)
 
     @app.post(

@@ -22,6 +22,7 @@ from deltaplane.errors import (
     DeltaplaneError,
     DowngradeRefused,
     IntegrityError,
+    NotFound,
     SignatureError,
 )
 from deltaplane.registry.signing import Verifier
@@ -298,6 +299,12 @@ class DeviceClient:
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.sha256 = ""  # signed hash of the version held
+        #: the round that made the version held (None: no round made it, or the service does not say), and
+        #: whether the service said so (signed; a service from before ``X-Deltaplane-Round`` does not)
+        self.made_by: int | None = None
+        self.made_by_known = False
+        #: bodies of the earlier versions fetched by number (:meth:`fetch_published`), apart from :meth:`fetch`'s
+        self.published_bytes_received = 0
         #: bodies of the model downloads (:meth:`fetch`), as they crossed the wire
         self.bytes_received = 0
         self.full_bytes_equivalent = 0
@@ -344,7 +351,7 @@ class DeviceClient:
         )
 
     def _download(
-        self, model: str, *, have: int | None, channel: str, nonce: str
+        self, model: str, *, have: int | None, channel: str, nonce: str, version: int | None = None
     ) -> tuple[Downlink, httpx.Headers]:
         # torch and the codecs load here, on a device's path: an admin client (fleet enroll) never needs them
         from deltaplane.registry.downlink import Downlink
@@ -354,6 +361,8 @@ class DeviceClient:
             params["have"] = have
         if nonce:
             params["nonce"] = nonce
+        if version is not None:
+            params["version"] = version
         resp = _check(self._send("GET", f"/v1/models/{model}/download", params=params, headers=self._headers))
         h = resp.headers
         announced = h.get("x-deltaplane-model", "")
@@ -422,6 +431,61 @@ class DeviceClient:
                 rollback_offer_statement(model, channel, dl.version, dl.target_sha256, nonce, record), offer
             )
 
+    def _made_by(
+        self, model: str, channel: str, nonce: str, dl: Downlink, h: httpx.Headers, *, pinned: bool
+    ) -> tuple[bool, int | None]:
+        """Which round made the answered version, as the service signed it over this request's nonce:
+        ``(True, round)`` (round None: no round made it), or ``(False, None)`` if the answer does not say (a
+        service from before ``X-Deltaplane-Round``). A statement that fails verification raises
+        :class:`SignatureError`: a device must not adapt with another round's random stream."""
+        from deltaplane.registry.downlink import made_by_statement
+
+        sig = h.get("x-deltaplane-round-signature", "")
+        if not sig:
+            return False, None
+        text = h.get("x-deltaplane-round", "")
+        if text and not text.isdigit():
+            raise DecodeError(f"download answer's X-Deltaplane-Round is {text[:40]!r}, not a round number")
+        rnd = int(text) if text else None
+        self.verifier.verify(
+            made_by_statement(model, channel, dl.version, dl.target_sha256, nonce, rnd, pinned=pinned), sig
+        )
+        return True, rnd
+
+    def fetch_published(
+        self, model: str, version: int, *, channel: str = "training"
+    ) -> tuple[dict[str, torch.Tensor], int | None]:
+        """An earlier ``version`` of the lineage ``channel`` serves this device, verified, and the round that
+        made it (None: no round did): what a personalized device that missed rounds adapts to, in order.
+
+        Leaves what the device holds (:attr:`version`, :attr:`state`) as it was: the answer is history, not
+        what to run, and says so in its signed statement, which can never pass for :meth:`fetch`'s.
+
+        Raises:
+            NotFound: ``version`` is not on that lineage (the service's 404).
+            SignatureError: the answer is not ``version`` or carries no signed round (a service from before
+                pinned downloads answers with the current version instead; catching up needs a newer one).
+        """
+        from deltaplane.registry.downlink import apply_downlink
+
+        nonce = secrets.token_urlsafe(24)
+        try:
+            dl, h = self._download(model, have=None, channel=channel, nonce=nonce, version=version)
+        except ServiceError as exc:
+            if exc.status == 404:
+                raise NotFound(exc.detail) from None
+            raise
+        known, rnd = self._made_by(model, channel, nonce, dl, h, pinned=True)
+        if dl.version != version or not known:
+            raise SignatureError(
+                f"asked the service for {model}@{version} and got @{dl.version}"
+                + ("" if known else " without a signed round (X-Deltaplane-Round)")
+                + "; refused: catching up on missed rounds needs a service that serves pinned versions "
+                "(GET /v1/models/{model}/download?version=N); upgrade it"
+            )
+        self.published_bytes_received += len(dl.body)
+        return apply_downlink(dl, self.verifier, None), rnd
+
     def fetch(self, model: str, *, channel: str = "production") -> tuple[int, dict[str, torch.Tensor]]:
         """Bring this device to the current version (delta if it has a base, full otherwise), verified.
 
@@ -447,6 +511,7 @@ class DeviceClient:
             self._check_answer(model, channel, nonce, dl, h)
             self.bytes_received += len(dl.body)
             state = apply_downlink(dl, self.verifier, None)
+        self.made_by_known, self.made_by = self._made_by(model, channel, nonce, dl, h, pinned=False)
         self.version, self.state, self.sha256 = dl.version, state, dl.target_sha256
         return dl.version, state
 

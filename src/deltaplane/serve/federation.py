@@ -305,7 +305,7 @@ def _run(
             cum_up += uplink
             cum_down += down
             global_state, _ = _held(devices[0])
-            personal: dict[str, float] = {}
+            personal: dict[str, Any] = {}
             if step.personalizer.name != "none":
                 step.after_round(clients, model, global_state, rnd)
                 personal, rows = personal_metrics(

@@ -11,9 +11,10 @@ module runs the rest of the same :class:`~deltaplane.engine.RunConfig` on each s
   (:class:`~deltaplane.serve.secagg_client.SecAggDevice`, with OS randomness: a real device never derives
   its secrets from the run's seed). Once the round's version is published it reports its held-out accuracy
   and drift summary. A device with a personalizer (α-mix, Ditto, FedPer, FedBN) adapts its personal state to
-  every version a round it saw open publishes, whether it took part in that round or sat it out, as every
-  device of the simulator does after each round's downlink, and reports its personal model's accuracy beside
-  the global one's (:func:`report_pending`). It stops after ``rounds`` rounds, or when ``stop`` is set.
+  every version a round publishes, whether it took part in that round, sat it out, or never saw it open (it
+  catches up, in order, on the versions it missed: :func:`_catch_up`), as every device of the simulator does
+  after each round's downlink, and reports its personal model's accuracy beside the global one's
+  (:func:`report_pending`). It stops after ``rounds`` rounds, or when ``stop`` is set.
 * :func:`coordinate` is the operator: per round it opens a plain or SecAgg round for the enrolled devices,
   waits until every invited device has uploaded (or posted the stage) or a deadline passes, advances SecAgg
   stages, and closes; devices that missed a deadline are dropouts.
@@ -58,6 +59,7 @@ from deltaplane.errors import (
     ConfigError,
     DecodeError,
     DeltaplaneError,
+    NotFound,
     PrivacyBudgetExceeded,
     RoundAborted,
     RoundLost,
@@ -138,8 +140,12 @@ class Device:
     #: on its own label mix there, as the simulator does (:func:`~deltaplane.engine.scoring.personal_row`)
     test: Any = None
     num_classes: int = 0
-    #: the newest version this device adapted its personal state to (None: none yet)
+    #: the newest version this device adapted its personal state to, or started from when no round made it
+    #: (None: none yet); with a service that says which round made each version, every version a round made
+    #: up to it is adapted to, in order (:func:`_catch_up`)
     adapted: int | None = None
+    #: whether the device said that its service cannot tell it which round made a version (said once)
+    said_no_rounds: bool = False
     #: the rounds this device's update went into (a personalized device also reports on rounds it sat out)
     joined: set[int] = field(default_factory=set)
 
@@ -203,6 +209,8 @@ def _fetch_base(dev: Device, base: int) -> dict[str, torch.Tensor] | None:
     """The verified training model if it is the round's base; None (the device sits the round out) if not."""
     report_pending(dev)
     version, state = dev.conn.fetch(dev.model, channel="training")
+    if dev.adapted is None and dev.conn.made_by_known and dev.conn.made_by is None:
+        dev.adapted = version  # a version no round made (the registered base): nothing before it to adapt to
     if version != base:
         dev.log(f"round base is version {base} but the training tag serves {version}; sitting this round out")
         return None
@@ -519,9 +527,10 @@ def report_pending(dev: Device) -> bool:
     )
     dev.rounds.append({"round": number, "version": version, "took_part": number in dev.joined, **metrics})
     eps = f", local ε {epsilon:.3f} ({dp_adjacency(dev.config)})" if epsilon is not None else ""
+    vs = f" vs global {personal['global_accuracy']:.3f}" if "global_accuracy" in personal else ""
     mine = (
-        f"; personal {personal['personal_accuracy']:.3f} vs global {personal['global_accuracy']:.3f} on its "
-        "label mix" + (f" (α {personal['alpha']:g})" if "alpha" in personal else "")
+        f"; personal {personal['personal_accuracy']:.3f}{vs} on its label mix"
+        + (f" (α {personal['alpha']:g})" if "alpha" in personal else "")
         if personal
         else ""
     )
@@ -534,23 +543,58 @@ def report_pending(dev: Device) -> bool:
 
 
 def _personalize(dev: Device, state: dict[str, torch.Tensor], number: int, version: int) -> dict[str, float]:
-    """Adapt the device's personal state to ``version`` (published by round ``number``) once, as the engine's
+    """Adapt the device's personal state to ``version`` once, as the engine's
     :meth:`~deltaplane.engine.ClientStep.after_round` does for every device after each round (its stream
-    ``(seed, PERSONALIZATION, number, device)``), and score it: the simulator's per-device row
+    ``(seed, PERSONALIZATION, round, device)``, the round the service signs as the version's maker; ``number``,
+    the round the device saw open, with a service that does not say), after catching up on any earlier version
+    it missed (:func:`_catch_up`), and score it: the simulator's per-device row
     (:func:`~deltaplane.engine.scoring.personal_row`: the global and the personal model's accuracy on the task's
     test set weighted by this device's training label mix, and α-mix's α). Not on the held-out split: α is
     chosen there, so its figure would flatter the personal model."""
     if dev.adapted != version:
+        if dev.conn.made_by_known:
+            _catch_up(dev, version)
+            number = (
+                dev.conn.made_by or number
+            )  # the current version may be a later round's than the one seen
+        elif not dev.said_no_rounds:
+            dev.said_no_rounds = True
+            dev.log(
+                "the service does not say which round made a version (it predates X-Deltaplane-Round): this "
+                "device adapts to the versions of the rounds it sees open only, and cannot catch up on others"
+            )
         dev.step.after_round([dev.client], dev.net, state, number)
         dev.adapted = version
     row = personal_row(dev.step, dev.net, state, dev.test, dev.client, dev.num_classes)
-    out = {
-        "global_accuracy": float(row["global_accuracy"]),
-        "personal_accuracy": float(row["personal_accuracy"]),
-    }
+    out = {"personal_accuracy": float(row["personal_accuracy"])}
+    if row["global_accuracy"] is not None:  # FedPer and FedBN have none (has_global_model)
+        out["global_accuracy"] = float(row["global_accuracy"])
     if dev.step.personalizer.name == "alpha_mix":
         out["alpha"] = float(row["alpha"])
     return out
+
+
+def _catch_up(dev: Device, version: int) -> None:
+    """Adapt to every version a round made before ``version`` that the device has not adapted to yet, in order,
+    each with its round's stream, as the simulator's device did after each of those rounds: the device joined
+    late, was offline while they were open, or polled past them. Each is fetched by number
+    (:meth:`~deltaplane.serve.client.DeviceClient.fetch_published`, the round that made it signed); versions off
+    the lineage the device is served, and those no round made, are passed over."""
+    first = 1 if dev.adapted is None else dev.adapted + 1
+    caught: list[int] = []
+    for v in range(first, version):
+        try:
+            state, rnd = dev.conn.fetch_published(dev.model, v, channel="training")
+        except NotFound:
+            continue  # another tag's version, or one a rollback left behind
+        if rnd is not None:
+            dev.step.after_round([dev.client], dev.net, state, rnd)
+            caught.append(rnd)
+        dev.adapted = v
+    if caught:
+        dev.log(
+            f"adapted to the versions of {count(len(caught), 'round')} it missed: {', '.join(map(str, caught))}"
+        )
 
 
 def _watch(dev: Device, number: int, base: int) -> None:

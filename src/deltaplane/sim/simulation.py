@@ -426,7 +426,7 @@ def _run(config: RunConfig, progress: Callable[[RoundMetrics], None] | None) -> 
             cum_up += outcome.uplink_bytes
             cum_down += down
 
-            personal: dict[str, float] = {}
+            personal: dict[str, Any] = {}
             if step.personalizer.name != "none":
                 # on the batched engine every device's personal training is one stacked computation, trained
                 # here: the worker is training its share of the next round and scoring this one meanwhile

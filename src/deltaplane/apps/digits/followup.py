@@ -124,19 +124,21 @@ def run_followup(
             say(f"personalizing {len(clients)} devices post hoc (α-mix, {personal_epochs} local epochs each)")
             rows, personal_states = _post_hoc(model, global_state, clients, test, k, personal_epochs, cfg)
             method, epochs = "alpha_mix", personal_epochs
-        glob = np.array([r["global_accuracy"] for r in rows])
         pers = np.array([r["personal_accuracy"] for r in rows])
+        # FedPer and FedBN rows have no global figure (engine.scoring.has_global_model): no global row or gain
+        whole = all(r["global_accuracy"] is not None for r in rows)
+        glob = np.array([r["global_accuracy"] for r in rows]) if whole else None
         personalization = {
             "method": method,
             "in_round": cfg.personalization != "none",
             "epochs": epochs,
             "devices": len(rows),
-            "global_accuracy_mean": float(glob.mean()),
-            "global_accuracy_min": float(glob.min()),
+            "global_accuracy_mean": float(glob.mean()) if glob is not None else None,
+            "global_accuracy_min": float(glob.min()) if glob is not None else None,
             "personal_accuracy_mean": float(pers.mean()),
             "personal_accuracy_min": float(pers.min()),
-            "gain_mean": float((pers - glob).mean()),
-            "gain_min": float((pers - glob).min()),
+            "gain_mean": float((pers - glob).mean()) if glob is not None else None,
+            "gain_min": float((pers - glob).min()) if glob is not None else None,
             "devices_personalized": int(sum(r["personalized"] for r in rows)),
             "clients": rows,
             "seconds": time.perf_counter() - t0,
@@ -166,7 +168,7 @@ def run_followup(
                 "params": {**params, "weight": 1.0 / n},
             }
         model.load_state_dict(global_state)
-        merges["global"]["mean_device_accuracy"] = float(glob.mean())
+        merges["global"]["mean_device_accuracy"] = float(glob.mean()) if glob is not None else None
         merge_section = {"models": n, "base": "final global model", "results": merges, "skipped": skipped}
         merge_section["seconds"] = time.perf_counter() - t0
 
