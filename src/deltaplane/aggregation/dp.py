@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deltaplane.aggregation.accounting import PrivacyAccountant, epsilon_for
+# the adjacency labels live with the accountant: a coordinator states them without torch
+from deltaplane.aggregation.accounting import (
+    ADD_REMOVE,
+    REPLACE_ONE,
+    ZERO_OUT,
+    PrivacyAccountant,
+    epsilon_for,
+)
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, QuantileClip
 from deltaplane.aggregation.dp_sizes import distributed_noise_std, distributed_ring_range
@@ -57,22 +64,6 @@ __all__ = [
     "local_epsilon",
     "privatize",
 ]
-
-
-#: The neighbouring datasets each mechanism's ε is stated against, recorded beside ε wherever it is shown or
-#: stored (``dp_adjacency``): an ε means nothing without the adjacency it was computed for.
-#: Central DP-FedAvg (:class:`DPFedAvg`): one client, with all of its data, added or removed.
-ADD_REMOVE = "add/remove"
-#: Distributed DP (:class:`DistributedDP`): one device's data replaced by none; the device still takes part, so
-#: its update is zero and its noise share stays in the sum. The relation (a record replaced by a special
-#: "zero" record) is Kairouz, McMahan, Song, Thakkar, Thakurta & Xu 2021, "Practical and Private (Deep)
-#: Learning without Sampling or Shuffling", https://arxiv.org/abs/2103.00039, Definition 1.1, as dp-accounting
-#: cites it for ``NeighboringRelation.REPLACE_SPECIAL``; keeping the noise share is this module's reading of
-#: it for device-added noise, not the paper's (a central-DP paper). Add/remove cannot hold there: removing a device also removes
-#: its noise share (variance n·σ_d² against (n−1)·σ_d²), and at n = m_min it flips publish / not publish.
-ZERO_OUT = "zero-out"
-#: Local DP (:func:`privatize`): one device's data changed arbitrarily (two clipped updates differ by ≤ 2·clip).
-REPLACE_ONE = "replace-one"
 
 
 def accounted_sampling_rate(sampling_rate: float, *, distributed: bool) -> float:
