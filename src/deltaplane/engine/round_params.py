@@ -1,9 +1,10 @@
 """The public parameters a round is opened and reported with, from the run config alone (no torch).
 
 A fleet coordinator (``deltaplane fleet coordinate``) states them for every round it opens without building the
-task: the neighbouring relation its ε is stated under (:func:`dp_adjacency`) and SecAgg's public weight scale
+task: the neighbouring relation its ε is stated under (:func:`dp_adjacency`), the SecAgg+ degree
+(:func:`secure_neighbours`) and SecAgg's public weight scale
 (:func:`secure_weight_scale`, from the devices' example counts, which ``fleet init`` records in the registry).
-Every other driver reads the same two functions (:mod:`deltaplane.engine.scoring` and
+Every other driver reads the same functions (:mod:`deltaplane.engine.scoring` and
 :mod:`deltaplane.engine.secure` re-export them), so they mean the same on each.
 """
 
@@ -19,7 +20,7 @@ from deltaplane.aggregation.accounting import ADD_REMOVE, REPLACE_ONE, ZERO_OUT
 if TYPE_CHECKING:
     from deltaplane.engine.config import RunConfig
 
-__all__ = ["dp_adjacency", "secure_weight_scale"]
+__all__ = ["dp_adjacency", "secure_neighbours", "secure_weight_scale"]
 
 
 def dp_adjacency(config: RunConfig) -> str | None:
@@ -44,3 +45,12 @@ def secure_weight_scale(config: RunConfig, num_samples: Sequence[int]) -> float:
     if config.dp_noise > 0:
         return 0.0
     return float(np.mean([int(n) for n in num_samples]))
+
+
+def secure_neighbours(config: RunConfig, num_inputs: int) -> int | None:
+    """The SecAgg+ degree of a round with ``num_inputs`` secure inputs (None: the complete graph): the run's
+    ``secagg_neighbours`` for that round's size (:func:`~deltaplane.aggregation.secagg.round_neighbours`).
+    Every driver opens its rounds with it: in process, the HTTP simulation, the fleet coordinator, Flower."""
+    from deltaplane.aggregation.secagg import round_neighbours
+
+    return round_neighbours(config.secagg_neighbours, num_inputs)

@@ -21,7 +21,10 @@ import numpy as np
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.client import Upload
 from deltaplane.engine.config import RunConfig
-from deltaplane.engine.round_params import secure_weight_scale  # the coordinator's too, without torch
+from deltaplane.engine.round_params import (  # the coordinator's too, without torch
+    secure_neighbours,
+    secure_weight_scale,
+)
 from deltaplane.engine.seeding import Stream, derive_seed
 
 if TYPE_CHECKING:
@@ -138,15 +141,6 @@ def lone_input_error(rnd: int, count: int) -> SecAggError:
         f"round {rnd}: {count} device sent a secure update and SecAgg needs at least 2: the sum of a lone masked "
         "input is that input, so nothing is unmasked (devices dropped out or failed this round)"
     )
-
-
-def secure_neighbours(config: RunConfig, num_inputs: int) -> int | None:
-    """The SecAgg+ degree of a round with ``num_inputs`` secure inputs (None: the complete graph): the run's
-    ``secagg_neighbours`` for that round's size (:func:`~deltaplane.aggregation.secagg.round_neighbours`).
-    Every driver opens its rounds with it: in process, the HTTP simulation, the fleet coordinator, Flower."""
-    from deltaplane.aggregation.secagg import round_neighbours
-
-    return round_neighbours(config.secagg_neighbours, num_inputs)
 
 
 def run_enrollment(config: RunConfig) -> RunEnrollment | None:
