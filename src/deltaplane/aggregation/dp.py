@@ -222,14 +222,15 @@ class DPFedAvg(AggregatorWrapper):
     def _finish(self) -> Delta:
         if self._count == 0 and (self._layout is None or self.expected_clients is None):
             raise TooFewUpdates("no client delta was added; nothing to aggregate")
-        epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
+        acc = self.accountant
+        epsilon = acc.spend() if acc is not None else None  # raises before release
         est = self.clipper.estimator
         c = est.value  # the clip of *this* round, read before the estimator adapts
         if self._count:
             mean = self.inner.result()  # the Clip adapts its estimator here
         else:  # nobody sampled: the sum is zero, and both noises are still released
             est.update(0, 0)
-            mean = Delta({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in self._layout.items()})  # type: ignore[union-attr]
+            mean = _zeros(self._layout)
         std = self.sum_noise_multiplier * c
         denom = float(self.expected_clients or self._count)
         g = self.state.generator
@@ -246,8 +247,8 @@ class DPFedAvg(AggregatorWrapper):
         released = getattr(getattr(est, "state", None), "released_fraction", None)
         if est.adaptive and released is not None and self.noise_multiplier > 0:
             self._own["clipped_fraction"] = min(1.0, max(0.0, 1.0 - released))
-        if epsilon is not None:
-            self._own |= {"epsilon": epsilon, "delta": self.accountant.delta}  # type: ignore[union-attr]
+        if acc is not None and epsilon is not None:
+            self._own |= {"epsilon": epsilon, "delta": acc.delta}
         return out
 
     def reset(self) -> None:
@@ -382,15 +383,17 @@ class DistributedDP(DPFedAvg):
     def _finish(self) -> Delta:
         if self._mean is None and self._layout is None:
             raise TooFewUpdates("no secure sum was added; nothing to aggregate")
-        epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
-        n = self._contributors if self._mean is not None else 0
+        acc = self.accountant
+        epsilon = acc.spend() if acc is not None else None  # raises before release
+        mean = self._mean
+        n = self._contributors if mean is not None else 0
         published = n >= self.min_contributors
         assert self.expected_clients is not None  # a required argument of DistributedDP
         denom = float(self.expected_clients)  # fixed, as DP-FedAvg's (set: noise > 0)
-        if published:
-            out = self._mean.map(lambda _, t: (t.double() * n / denom).to(t.dtype))  # type: ignore[union-attr]
+        if mean is not None and published:
+            out = mean.map(lambda _, t: (t.double() * n / denom).to(t.dtype))
         else:  # too little noise in this sum (or none): publish nothing of it
-            out = Delta({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in self._layout.items()})  # type: ignore[union-attr]
+            out = _zeros(self._layout if self._layout is not None else mean)
         self.state.rounds += 1
         c = float(self.clipper.estimator.value)
         self._own = {
@@ -400,17 +403,16 @@ class DistributedDP(DPFedAvg):
             "noise_multiplier_sum": self.noise_multiplier,
             "secure_sum_published": 1.0 if published else 0.0,
         }
-        if epsilon is not None:
-            acc = self.accountant
+        if acc is not None and epsilon is not None:
             self._own |= {
                 "epsilon": epsilon,
-                "delta": acc.delta,  # type: ignore[union-attr]
+                "delta": acc.delta,
                 "epsilon_vs_server": epsilon_for(
                     noise_multiplier=self.noise_multiplier,
                     sampling_rate=1.0,
-                    steps=acc.state.steps,  # type: ignore[union-attr]
-                    delta=acc.delta,  # type: ignore[union-attr]
-                    method=acc.method,  # type: ignore[union-attr]
+                    steps=acc.state.steps,
+                    delta=acc.delta,
+                    method=acc.method,
                 ),
             }
         return out
@@ -476,6 +478,18 @@ def _refuse_non_float(delta: Delta, mechanism: str) -> None:
                 f"tensor '{name}' is {t.dtype}: {mechanism} clips and noises floating-point tensors only and will "
                 "not release it exactly; leave non-float tensors (step counters, masks) out of updates"
             )
+
+
+def _zeros(layout: StateDict | Delta | None) -> Delta:
+    """A zero delta of ``layout``'s shapes and dtypes: the sum an aggregate of no (published) update releases.
+
+    Raises:
+        TooFewUpdates: no layout to take them from (no update was added and none was announced); ``_finish``
+            refuses that case first, so this says the same.
+    """
+    if layout is None:
+        raise TooFewUpdates("no client delta was added; nothing to aggregate")
+    return Delta({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in layout.items()})
 
 
 def _layout(like: StateDict) -> dict[str, torch.Tensor]:
