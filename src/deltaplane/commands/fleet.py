@@ -952,7 +952,8 @@ def register(app: typer.Typer) -> None:
                 envvar="DELTAPLANE_TRUSTED_KEYS",
                 help="The registry's public signing key(s) (HOME/keys/signing.ed25519.pub): the coordinator "
                 "fetches each version it publishes, verified as a device does, and registers its predictions "
-                "on the reference data, so the devices' predicted-class drift is tested.",
+                "on the reference data, so the devices' predicted-class drift is tested; that needs the task here "
+                "(its module and data; torch), which the coordinator otherwise does not build.",
                 show_default="not registered: that drift row stays untested",
             ),
         ] = None,
