@@ -98,8 +98,8 @@ def test_coordinate_prints_each_round_on_one_line_as_plain_text(tmp_path, monkey
     """Walking docs/fleet.md with the output in a log file (80 columns): the round line broke after `ε`
     (`..., version 2, ε \\n4.649, 12.3 s`), and a failed round's reason, the service's own words, went through
     rich markup, which drops a bracketed `[device-3]` and raises on a `[/path]`. Now one line, verbatim."""
-    from deltaplane.serve import fleet as fleet_module
-    from deltaplane.serve.fleet import RoundSummary
+    from deltaplane.serve import coordinator as coordinator_module  # what the command runs (no torch)
+    from deltaplane.serve.coordinator import RoundSummary
 
     def fake(admin, run, *, progress, say, **kwargs):
         ok = RoundSummary(1, "secagg", 1, 3, 3, 2, 4.649, 12.3, authenticated=True)
@@ -109,7 +109,7 @@ def test_coordinate_prints_each_round_on_one_line_as_plain_text(tmp_path, monkey
             progress(s)
         return [ok, bad]
 
-    monkeypatch.setattr(fleet_module, "coordinate", fake)
+    monkeypatch.setattr(coordinator_module, "coordinate", fake)
     monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
     fed = tmp_path / "fed.yaml"
     fed.write_text("clients: 3\nrounds: 2\nsecagg: {enabled: true}\n")

@@ -7,34 +7,34 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+import deltaplane.serve.coordinator as coordinator
 import deltaplane.serve.fleet as fleet
 from deltaplane.cli import app
 from deltaplane.engine import RunConfig
 from deltaplane.errors import ConfigError
+from deltaplane.serve.fleet_reference import REFERENCE_KEY, FleetReference
 
 
 class _Admin:
-    """The admin client's one call a zero-round coordinator makes: the drift reference's PUT."""
+    """The admin client's calls a zero-round coordinator makes: the versions (the fleet reference `fleet init`
+    registered) and the drift reference's PUT."""
 
     def __init__(self) -> None:
         self.puts: list[dict[str, Any]] = []
+
+    def versions(self, model: str) -> dict[str, Any]:
+        stored = FleetReference({}, {}, (10, 20, 30)).to_lineage(RunConfig(clients=3))
+        return {"model": model, "versions": [{"number": 1, "lineage": {REFERENCE_KEY: stored}}]}
 
     def set_drift_reference(self, model: str, spec: Any, reference: Any, **kw: Any) -> dict[str, Any]:
         self.puts.append(kw)
         return {}
 
 
-class _Dict:
-    def to_dict(self) -> dict[str, Any]:
-        return {}
-
-
 @pytest.fixture
 def no_task(monkeypatch):
-    """The coordinator builds the task for the drift reference: a stub, the PUT's body is what is checked."""
-    monkeypatch.setattr(fleet, "make_task", lambda config: None)
-    monkeypatch.setattr(fleet, "build_clients", lambda config, task: [])
-    monkeypatch.setattr(fleet, "drift_reference", lambda task, clients: (_Dict(), _Dict()))
+    """The coordinator reads the reference `fleet init` registered: building the task would be a failure."""
+    monkeypatch.setattr(fleet, "make_task", lambda config: pytest.fail("the coordinator built the task"))
 
 
 def test_coordinate_sends_min_samples_with_the_drift_reference(no_task) -> None:
@@ -61,7 +61,7 @@ def _coordinate_cli(tmp_path, monkeypatch, federation: str, key: str) -> tuple[l
     replaced by one that records its keyword ``key``: (what it recorded, the arguments)."""
     monkeypatch.setenv("DELTAPLANE_ADMIN_TOKEN", "a" * 20)
     seen: list = []
-    monkeypatch.setattr(fleet, "coordinate", lambda *a, **kw: seen.append(kw[key]) or [])
+    monkeypatch.setattr(coordinator, "coordinate", lambda *a, **kw: seen.append(kw[key]) or [])
     fed = tmp_path / "fed.yaml"
     fed.write_text(federation)
     args = ["fleet", "coordinate", "--url", "http://127.0.0.1:9", "--federation", str(fed), "--model", "m"]

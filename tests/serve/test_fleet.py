@@ -22,7 +22,7 @@ import torch
 from deltaplane.engine import ClientStep, RunConfig, build_clients, make_task
 from deltaplane.engine.seeding import Stream, derive_seed
 from deltaplane.registry import Registry
-from deltaplane.serve import ServiceConfig, create_app, fleet
+from deltaplane.serve import ServiceConfig, coordinator, create_app, fleet
 from deltaplane.serve.client import AdminClient, DeviceClient
 from deltaplane.serve.server import BackgroundServer
 from deltaplane.serve.tls import client_context, make_tls_bundle, server_ssl_options
@@ -239,8 +239,10 @@ def test_a_plain_rounds_line_names_the_devices_that_did_not_upload(byo_task, tmp
         assert "2/3 devices (1 dropped out: device-1), version" in out[0].line(1)  # before: (1 dropped out)
         assert sorted(f.admin.round_status(MODEL, out[0].number)["devices"]) == ["device-0", "device-2"]
         rec = {"uploads": 2, "devices": ["device-0", "stranger"]}
-        assert fleet._missing(["device-0", "device-1"], rec) == ()
-        assert fleet._missing(["device-0", "device-1"], {"uploads": 1}) == ()  # an older service: counted
+        assert coordinator._missing(["device-0", "device-1"], rec) == ()
+        assert (
+            coordinator._missing(["device-0", "device-1"], {"uploads": 1}) == ()
+        )  # an older service: counted
 
 
 def test_secagg_fleet_with_a_device_dying_mid_round_still_publishes(
@@ -1070,9 +1072,10 @@ def test_the_guide_three_device_processes_and_the_coordinator_over_tls(byo_task,
 
 
 def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_task, monkeypatch) -> None:
-    """The SecAgg weight scale and the drift reference read the same devices: the coordinator used to make the
-    task and partition its data twice (once for each) before its first request to the service; now once, and
-    the reference it sends is the one built from a task of its own."""
+    """The SecAgg weight scale and the drift reference read the same devices: a coordinator that builds the task
+    (here: the registry holds no reference, as for a model registered before `fleet init` stored one) used to
+    make the task and partition its data twice (once for each) before its first request to the service; now
+    once, and the reference it sends is the one built from a task of its own."""
     loaded: list[str] = []
     real_make_task = fleet.make_task
     monkeypatch.setattr(
@@ -1082,6 +1085,9 @@ def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_t
 
     class Refusing:  # the service refuses the coordinator's first request: it ends there
         base_url = "http://127.0.0.1:1"
+
+        def versions(self, model):  # a model registered without a fleet reference
+            return {"model": model, "versions": [{"number": 1, "lineage": {"round": 0}}]}
 
         def set_drift_reference(self, model, spec, reference, *, window, min_samples):
             sent.append(reference)
@@ -1096,8 +1102,8 @@ def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_t
 
 
 def test_the_coordinators_line_says_when_a_distributed_dp_sum_was_not_published() -> None:
-    published = fleet.RoundSummary(1, "secagg", 1, 3, 3, 2, 1.5, 2.0, {"secure_sum_published": 1.0})
-    short = fleet.RoundSummary(2, "secagg", 2, 3, 2, 4, 2.5, 2.0, {"secure_sum_published": 0.0})
+    published = coordinator.RoundSummary(1, "secagg", 1, 3, 3, 2, 1.5, 2.0, {"secure_sum_published": 1.0})
+    short = coordinator.RoundSummary(2, "secagg", 2, 3, 2, 4, 2.5, 2.0, {"secure_sum_published": 0.0})
     assert "not published" not in published.line(2)
     assert "the sum was not published, ε still spent" in short.line(2) and "ε 2.500" in short.line(2)
 

@@ -66,10 +66,14 @@ def test_the_fleet_coordinator_opens_each_round_with_its_config_degree(devices, 
 
 
 class _CliAdmin(_Admin):
-    """:class:`_Admin` behind ``deltaplane fleet coordinate``, which also sets the drift reference first."""
+    """:class:`_Admin` behind ``deltaplane fleet coordinate``, which also reads the model's versions (for the
+    reference `fleet init` stores: none here, so it builds the task) and sets the drift reference first."""
 
     def __init__(self, *_: Any, **__: Any) -> None:
         super().__init__()
+
+    def versions(self, model: str) -> dict[str, Any]:
+        return {"model": model, "versions": []}
 
     def set_drift_reference(self, *_: Any, **__: Any) -> None:
         pass

@@ -21,7 +21,31 @@ from deltaplane.errors import ConfigError, PrivacyBudgetExceeded
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["PrivacyAccountant", "PrivacyAccountantState", "dp_event", "epsilon_for", "noise_for_epsilon"]
+__all__ = [
+    "ADD_REMOVE",
+    "REPLACE_ONE",
+    "ZERO_OUT",
+    "PrivacyAccountant",
+    "PrivacyAccountantState",
+    "dp_event",
+    "epsilon_for",
+    "noise_for_epsilon",
+]
+
+#: The neighbouring datasets each mechanism's ε is stated against, recorded beside ε wherever it is shown or
+#: stored (``dp_adjacency``): an ε means nothing without the adjacency it was computed for.
+#: Central DP-FedAvg (:class:`~deltaplane.aggregation.dp.DPFedAvg`): one client, with all of its data, added or removed.
+ADD_REMOVE = "add/remove"
+#: Distributed DP (:class:`~deltaplane.aggregation.dp.DistributedDP`): one device's data replaced by none; the device still takes part, so
+#: its update is zero and its noise share stays in the sum. The relation (a record replaced by a special
+#: "zero" record) is Kairouz, McMahan, Song, Thakkar, Thakurta & Xu 2021, "Practical and Private (Deep)
+#: Learning without Sampling or Shuffling", https://arxiv.org/abs/2103.00039, Definition 1.1, as dp-accounting
+#: cites it for ``NeighboringRelation.REPLACE_SPECIAL``; keeping the noise share is deltaplane's reading of
+#: it for device-added noise, not the paper's (a central-DP paper). Add/remove cannot hold there: removing a device also removes
+#: its noise share (variance n·σ_d² against (n−1)·σ_d²), and at n = m_min it flips publish / not publish.
+ZERO_OUT = "zero-out"
+#: Local DP (:func:`~deltaplane.aggregation.dp.privatize`): one device's data changed arbitrarily (two clipped updates differ by ≤ 2·clip).
+REPLACE_ONE = "replace-one"
 
 METHODS = ("rdp", "pld")
 #: most rounds the PLD accountant composes: its distribution's support, and so its memory, grows with the

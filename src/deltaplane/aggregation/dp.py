@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deltaplane.aggregation.accounting import PrivacyAccountant, epsilon_for
+# the adjacency labels live with the accountant: a coordinator states them without torch
+from deltaplane.aggregation.accounting import (
+    ADD_REMOVE,
+    REPLACE_ONE,
+    ZERO_OUT,
+    PrivacyAccountant,
+    epsilon_for,
+)
 from deltaplane.aggregation.base import Aggregator, AggregatorWrapper
 from deltaplane.aggregation.clipping import Clip, ClipEstimator, QuantileClip
 from deltaplane.aggregation.dp_sizes import distributed_noise_std, distributed_ring_range
@@ -57,22 +64,6 @@ __all__ = [
     "local_epsilon",
     "privatize",
 ]
-
-
-#: The neighbouring datasets each mechanism's ε is stated against, recorded beside ε wherever it is shown or
-#: stored (``dp_adjacency``): an ε means nothing without the adjacency it was computed for.
-#: Central DP-FedAvg (:class:`DPFedAvg`): one client, with all of its data, added or removed.
-ADD_REMOVE = "add/remove"
-#: Distributed DP (:class:`DistributedDP`): one device's data replaced by none; the device still takes part, so
-#: its update is zero and its noise share stays in the sum. The relation (a record replaced by a special
-#: "zero" record) is Kairouz, McMahan, Song, Thakkar, Thakurta & Xu 2021, "Practical and Private (Deep)
-#: Learning without Sampling or Shuffling", https://arxiv.org/abs/2103.00039, Definition 1.1, as dp-accounting
-#: cites it for ``NeighboringRelation.REPLACE_SPECIAL``; keeping the noise share is this module's reading of
-#: it for device-added noise, not the paper's (a central-DP paper). Add/remove cannot hold there: removing a device also removes
-#: its noise share (variance n·σ_d² against (n−1)·σ_d²), and at n = m_min it flips publish / not publish.
-ZERO_OUT = "zero-out"
-#: Local DP (:func:`privatize`): one device's data changed arbitrarily (two clipped updates differ by ≤ 2·clip).
-REPLACE_ONE = "replace-one"
 
 
 def accounted_sampling_rate(sampling_rate: float, *, distributed: bool) -> float:
@@ -231,14 +222,15 @@ class DPFedAvg(AggregatorWrapper):
     def _finish(self) -> Delta:
         if self._count == 0 and (self._layout is None or self.expected_clients is None):
             raise TooFewUpdates("no client delta was added; nothing to aggregate")
-        epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
+        acc = self.accountant
+        epsilon = acc.spend() if acc is not None else None  # raises before release
         est = self.clipper.estimator
         c = est.value  # the clip of *this* round, read before the estimator adapts
         if self._count:
             mean = self.inner.result()  # the Clip adapts its estimator here
         else:  # nobody sampled: the sum is zero, and both noises are still released
             est.update(0, 0)
-            mean = Delta({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in self._layout.items()})  # type: ignore[union-attr]
+            mean = _zeros(self._layout)
         std = self.sum_noise_multiplier * c
         denom = float(self.expected_clients or self._count)
         g = self.state.generator
@@ -255,8 +247,8 @@ class DPFedAvg(AggregatorWrapper):
         released = getattr(getattr(est, "state", None), "released_fraction", None)
         if est.adaptive and released is not None and self.noise_multiplier > 0:
             self._own["clipped_fraction"] = min(1.0, max(0.0, 1.0 - released))
-        if epsilon is not None:
-            self._own |= {"epsilon": epsilon, "delta": self.accountant.delta}  # type: ignore[union-attr]
+        if acc is not None and epsilon is not None:
+            self._own |= {"epsilon": epsilon, "delta": acc.delta}
         return out
 
     def reset(self) -> None:
@@ -391,15 +383,17 @@ class DistributedDP(DPFedAvg):
     def _finish(self) -> Delta:
         if self._mean is None and self._layout is None:
             raise TooFewUpdates("no secure sum was added; nothing to aggregate")
-        epsilon = self.accountant.spend() if self.accountant is not None else None  # raises before release
-        n = self._contributors if self._mean is not None else 0
+        acc = self.accountant
+        epsilon = acc.spend() if acc is not None else None  # raises before release
+        mean = self._mean
+        n = self._contributors if mean is not None else 0
         published = n >= self.min_contributors
         assert self.expected_clients is not None  # a required argument of DistributedDP
         denom = float(self.expected_clients)  # fixed, as DP-FedAvg's (set: noise > 0)
-        if published:
-            out = self._mean.map(lambda _, t: (t.double() * n / denom).to(t.dtype))  # type: ignore[union-attr]
+        if mean is not None and published:
+            out = mean.map(lambda _, t: (t.double() * n / denom).to(t.dtype))
         else:  # too little noise in this sum (or none): publish nothing of it
-            out = Delta({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in self._layout.items()})  # type: ignore[union-attr]
+            out = _zeros(self._layout if self._layout is not None else mean)
         self.state.rounds += 1
         c = float(self.clipper.estimator.value)
         self._own = {
@@ -409,17 +403,16 @@ class DistributedDP(DPFedAvg):
             "noise_multiplier_sum": self.noise_multiplier,
             "secure_sum_published": 1.0 if published else 0.0,
         }
-        if epsilon is not None:
-            acc = self.accountant
+        if acc is not None and epsilon is not None:
             self._own |= {
                 "epsilon": epsilon,
-                "delta": acc.delta,  # type: ignore[union-attr]
+                "delta": acc.delta,
                 "epsilon_vs_server": epsilon_for(
                     noise_multiplier=self.noise_multiplier,
                     sampling_rate=1.0,
-                    steps=acc.state.steps,  # type: ignore[union-attr]
-                    delta=acc.delta,  # type: ignore[union-attr]
-                    method=acc.method,  # type: ignore[union-attr]
+                    steps=acc.state.steps,
+                    delta=acc.delta,
+                    method=acc.method,
                 ),
             }
         return out
@@ -485,6 +478,18 @@ def _refuse_non_float(delta: Delta, mechanism: str) -> None:
                 f"tensor '{name}' is {t.dtype}: {mechanism} clips and noises floating-point tensors only and will "
                 "not release it exactly; leave non-float tensors (step counters, masks) out of updates"
             )
+
+
+def _zeros(layout: StateDict | Delta | None) -> Delta:
+    """A zero delta of ``layout``'s shapes and dtypes: the sum an aggregate of no (published) update releases.
+
+    Raises:
+        TooFewUpdates: no layout to take them from (no update was added and none was announced); ``_finish``
+            refuses that case first, so this says the same.
+    """
+    if layout is None:
+        raise TooFewUpdates("no client delta was added; nothing to aggregate")
+    return Delta({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in layout.items()})
 
 
 def _layout(like: StateDict) -> dict[str, torch.Tensor]:

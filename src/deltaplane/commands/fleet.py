@@ -578,10 +578,12 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
     ) -> None:
-        """Register the task's initial model (seeded by the federation's seed) and tag it production."""
+        """Register the task's initial model (seeded by the federation's seed) and tag it production, with the
+        drift reference and the devices' example counts `fleet coordinate` reads instead of building the task."""
         from deltaplane.engine import build_clients, make_task
         from deltaplane.engine.seeding import Stream, derive_seed
         from deltaplane.registry import Registry, default_home
+        from deltaplane.serve.fleet_reference import REFERENCE_KEY, compute_reference
 
         with _errors(OSError):
             run = _federation(federation)
@@ -594,12 +596,15 @@ def register(app: typer.Typer) -> None:
             # the devices and the coordinator build the same devices from this file, and refuse it when they
             # cannot (a task with its own devices and another clients.count, data too small to partition):
             # refuse it here, before a model is registered that no device could train
-            build_clients(run, task)
+            clients = build_clients(run, task)
             net = task.build_model(derive_seed(run.seed, Stream.MODEL_INIT))
+            # what the coordinator needs of the task, computed here where the task is built anyway, so that
+            # `fleet coordinate` need not build it (no torch there): signed with the version
+            reference = compute_reference(task, clients).to_lineage(run)
             v = reg.register_model(
                 model,
                 net.state_dict(),
-                lineage={"round": 0, "run_config": run.to_dict()},
+                lineage={"round": 0, "run_config": run.to_dict(), REFERENCE_KEY: reference},
                 governance={"data_sources": [f"task {task.name}"], "cohorts": []},
             )
             reg.set_tag(model, "production", v.number, reason="initial model of the fleet")
@@ -1008,7 +1013,8 @@ def register(app: typer.Typer) -> None:
                 envvar="DELTAPLANE_TRUSTED_KEYS",
                 help="The registry's public signing key(s) (HOME/keys/signing.ed25519.pub): the coordinator "
                 "fetches each version it publishes, verified as a device does, and registers its predictions "
-                "on the reference data, so the devices' predicted-class drift is tested.",
+                "on the reference data, so the devices' predicted-class drift is tested; that needs the task here "
+                "(its module and data; torch), which the coordinator otherwise does not build.",
                 show_default="not registered: that drift row stays untested",
             ),
         ] = None,
@@ -1031,9 +1037,9 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(
                         f"--enrolled {enrolled} holds no device-I.token (fleet enroll --out writes them)"
                     )
-            # the rounds' side loads torch (the task's data, for the drift reference and SecAgg's weight
-            # scale); the checks above do not, so a refused federation or flag is refused at once
-            from deltaplane.serve.fleet import coordinate
+            # no torch: the drift reference and SecAgg's weight scale come from the registry (fleet init
+            # stored them); only --trusted, or a registry without them, builds the task (serve.fleet.LocalTask)
+            from deltaplane.serve.coordinator import coordinate
 
             admin = admin_client(url, ca, tls_cert, tls_key, service_spki)
             models = _ModelsConnection(url, trusted, _tls(url, ca, tls_cert, tls_key), service_spki)

@@ -77,7 +77,7 @@ class RunConfig(BaseModel):
 
     # -- task (the model and data; see deltaplane.engine.Task) ---------------------------------------
     # every TASKS entry has a target (Choice.target is optional for the other tables)
-    task: str = Field(  # type: ignore[assignment]
+    task: str = Field(  # type: ignore[assignment]  # Choice.target is str | None; TASKS entries all set it
         TASKS["digits"].target,
         description="import path 'package.module:factory' of a function returning a deltaplane.engine.Task, "
         f"or a built-in task: {TASKS.names()}",
@@ -267,7 +267,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _registered(cls, name: str, info: ValidationInfo) -> str:
         try:
-            return CHOICES[info.field_name].check(name)  # type: ignore[index]
+            return CHOICES[info.field_name].check(name)  # type: ignore[index]  # field_name: set for a field validator
         except DeltaplaneError as exc:
             raise ValueError(str(exc)) from None
 
@@ -275,7 +275,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _task_path(cls, task: str) -> str:
         """A built-in task's short name (``digits``) stands for its import path."""
-        return TASKS[task].target if task in TASKS else task  # type: ignore[return-value]
+        return TASKS[task].target if task in TASKS else task  # type: ignore[return-value]  # every TASKS target is set
 
     @field_validator("codec", "downlink_codec")
     @classmethod
@@ -540,7 +540,7 @@ class RunConfig(BaseModel):
         from deltaplane.aggregation.dp_sizes import distributed_ring_range
 
         # not clip_value: distributed DP has a numeric clip (the validators check); either needs the ignore
-        return distributed_ring_range(float(self.clip), self.device_noise_std())  # type: ignore[arg-type]
+        return distributed_ring_range(float(self.clip), self.device_noise_std())  # type: ignore[arg-type]  # clip: numeric here
 
     @property
     def clip_value(self) -> float | str | None:
@@ -557,7 +557,7 @@ class RunConfig(BaseModel):
         from deltaplane.aggregation.dp_sizes import distributed_noise_std
 
         # not clip_value: distributed DP has a numeric clip (the validators check); either needs the ignore
-        return distributed_noise_std(self.dp_noise, float(self.clip), self.min_contributors())  # type: ignore[arg-type]
+        return distributed_noise_std(self.dp_noise, float(self.clip), self.min_contributors())  # type: ignore[arg-type]  # clip: numeric here
 
     def attacker_count(self, *, counted: str | None = None, fix: str | None = None) -> int:
         """How many devices this run's attack makes malicious, ``round(fraction · clients)`` (0 without one).
@@ -935,7 +935,7 @@ def _source_stamp(module_name: str) -> tuple[str, int, int] | None:
             if module
             else getattr(importlib.util.find_spec(module_name), "origin", None)
         )
-        st = os.stat(file)  # type: ignore[arg-type]
+        st = os.stat(file)  # type: ignore[arg-type]  # None (no file) raises TypeError, caught below
     except Exception:  # not found, a namespace package, a built-in: nothing to compare
         return None
     return (str(file), st.st_mtime_ns, st.st_size)

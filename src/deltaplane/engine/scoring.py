@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from deltaplane.aggregation import local_epsilon
-from deltaplane.aggregation.dp import ADD_REMOVE, REPLACE_ONE, ZERO_OUT
 from deltaplane.data.dataset import Dataset
 from deltaplane.delta import StateDict
 from deltaplane.engine.attacks import add_trigger
@@ -17,6 +16,7 @@ from deltaplane.engine.client import ClientStep
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.federation import Client
 from deltaplane.engine.metrics import accuracy, class_accuracy, class_accuracy_stacked, label_mix
+from deltaplane.engine.round_params import dp_adjacency  # the coordinator's too, without torch
 
 __all__ = [
     "backdoor_success",
@@ -160,18 +160,3 @@ def round_epsilon(config: RunConfig, step: ClientStep, measurements: dict[str, f
             delta=config.dp_delta,
         )
     return measurements.get("epsilon")
-
-
-def dp_adjacency(config: RunConfig) -> str | None:
-    """The neighbouring relation the run's ε is stated under, shown and stored beside it (None without DP).
-
-    Local DP (``local_dp_noise``): replace-one (each device's own ε against any change of its data). Central
-    DP (``dp_noise``): add/remove one client. Distributed DP (``dp_noise`` with ``secagg``): zero-out, the
-    device's data replaced by none while it still takes part, since removing a device would also remove its
-    noise share from the sum (:data:`~deltaplane.aggregation.dp.ZERO_OUT`). The chain's own label
-    (:attr:`~deltaplane.aggregation.dp.DPFedAvg.adjacency`) agrees: ``tests/engine/test_dp_adjacency.py``."""
-    if config.local_dp_noise > 0:
-        return REPLACE_ONE
-    if config.dp_noise > 0:
-        return ZERO_OUT if config.secagg else ADD_REMOVE
-    return None

@@ -21,6 +21,10 @@ import numpy as np
 from deltaplane.delta import Delta, StateDict
 from deltaplane.engine.client import Upload
 from deltaplane.engine.config import RunConfig
+from deltaplane.engine.round_params import (  # the coordinator's too, without torch
+    secure_neighbours,
+    secure_weight_scale,
+)
 from deltaplane.engine.seeding import Stream, derive_seed
 
 if TYPE_CHECKING:
@@ -55,15 +59,6 @@ def masked_zeros(state: StateDict, local_keys: Collection[str] = ()) -> Delta:
     (the layers a personalized federation keeps on the device). The server sizes the round's vector from it
     and the device checks an invitation against it before training: one function, so the two always agree."""
     return Delta({k: v for k, v in Delta.zeros_like(state).items() if k not in local_keys})
-
-
-def secure_weight_scale(config: RunConfig, num_samples: Sequence[int]) -> float:
-    """The public weight scale of a SecAgg round whose sampled devices hold ``num_samples`` examples: their
-    mean (an example-weighted mean, as plain FedAvg), or 0 (an unweighted mean) under distributed DP, where,
-    as in DP-FedAvg, every device weighs 1 so that one device moves the sum by at most ``clip``."""
-    if config.dp_noise > 0:
-        return 0.0
-    return float(np.mean([int(n) for n in num_samples]))
 
 
 def check_ring_carries(config: RunConfig, num_samples: Sequence[int], *, bound: bool = False) -> None:
@@ -146,15 +141,6 @@ def lone_input_error(rnd: int, count: int) -> SecAggError:
         f"round {rnd}: {count} device sent a secure update and SecAgg needs at least 2: the sum of a lone masked "
         "input is that input, so nothing is unmasked (devices dropped out or failed this round)"
     )
-
-
-def secure_neighbours(config: RunConfig, num_inputs: int) -> int | None:
-    """The SecAgg+ degree of a round with ``num_inputs`` secure inputs (None: the complete graph): the run's
-    ``secagg_neighbours`` for that round's size (:func:`~deltaplane.aggregation.secagg.round_neighbours`).
-    Every driver opens its rounds with it: in process, the HTTP simulation, the fleet coordinator, Flower."""
-    from deltaplane.aggregation.secagg import round_neighbours
-
-    return round_neighbours(config.secagg_neighbours, num_inputs)
 
 
 def run_enrollment(config: RunConfig) -> RunEnrollment | None:
