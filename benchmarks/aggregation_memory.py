@@ -4,7 +4,7 @@ Each (aggregator, number of updates) runs in a fresh subprocess that generates t
 seeded generator (so only the aggregator can make memory grow) and reports its peak resident set size
 (``ru_maxrss``). The same subprocess with zero updates gives the baseline (interpreter + torch + one model-sized
 buffer); we report peak RSS and the growth above baseline. Robust aggregators that must hold every update
-(median, trimmed mean, Krum) are measured separately at 10 and 100 updates: their memory is O(clients × model) by
+(median, trimmed mean, Krum, the geometric median, centered clipping) are measured separately at 10 and 100 updates: their memory is O(clients × model) by
 design, and the table shows it.
 """
 
@@ -41,6 +41,8 @@ BUFFERED = {
     "TrimmedMean(0.2)": "dp.TrimmedMean(beta=0.2)",
     "CoordinateMedian": "dp.CoordinateMedian()",
     "Krum(f=2, multi)": "dp.Krum(byzantine=2, select=None)",
+    "GeometricMedian (RFA)": "dp.GeometricMedian()",
+    "CenteredClip(τ=10)": "dp.CenteredClip()",
 }
 
 CHILD = r"""

@@ -11,7 +11,7 @@ refusals a round equal the reference's). A driver that refuses a feature shows i
 in the cell. Personalization runs on every driver but population: each device keeps its personal state (a simulated device over HTTP, its node's ``Context.state`` on
 Flower), FedPer's devices send and receive only the shared layers, and the personal figures are the devices'.
 The rows after the first ten (sampled and empty rounds, SecAgg, authenticated SecAgg, SecAgg+, distributed DP,
-refused devices, a malformed frame) are
+refused devices, a malformed frame, the geometric median, FedAdam over centered clipping) are
 the configurations tests/flower/test_parity_matrix.py, test_secagg_plus_drivers.py and test_driver_parity.py
 check, some at their small sizes (the row says so).
 """
@@ -96,6 +96,11 @@ FEATURES = {
         "attack": "malformed_frame(0.2)",
         "codec": "topk(0.01) | quant(bits=8)",
     },
+    # RFA's geometric median; FedAdam over centered clipping, whose centre (the previous round's aggregate) every
+    # driver carries from round to round (tests/flower/test_parity_matrix.py: geometric-median,
+    # fedadam-centered-clip)
+    "geometric median (RFA)": {"defense": "geometric_median"},
+    "FedAdam + centered clipping τ = 0.05": {"aggregator": "fedadam", "defense": "centered_clip(0.05)"},
 }
 
 
@@ -308,7 +313,10 @@ def main() -> None:
         "malformed-frame row: an attacker (`malformed_frame`) compresses its update as an honest device does, then "
         "sends a well-formed compact frame with a valid CRC-32C whose tensor table declares a tensor's shape "
         "reversed (the same element count); every server refuses it for its shape (`ShapeMismatch`; HTTP 422) "
-        "and closes the round on the other updates.\n\n"
+        "and closes the round on the other updates. The last two rows are the robust rules that hold state or "
+        "iterate: RFA's geometric median (smoothed Weiszfeld from the coordinate-wise median), and FedAdam over "
+        "centered clipping at τ = 0.05, below the devices' update norms so that the clipping binds, whose centre "
+        "(the previous round's aggregate) each driver carries from round to round.\n\n"
         + table(
             ["feature", "sequential (reference)", "batched", "HTTP service", "Flower", "population"], rows
         )
