@@ -259,12 +259,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument(
+        "--features", nargs="+", metavar="ROW", help="only these rows (names as in the table)"
+    )
+    parser.add_argument(
+        "--key-suffix",
+        help="with --features: record into a section of its own (key and title get this suffix)",
+    )
     args = parser.parse_args()
+    unknown = set(args.features or ()) - set(FEATURES)
+    if unknown or bool(args.features) != bool(args.key_suffix):
+        parser.error(
+            f"--features and --key-suffix go together, with rows of {list(FEATURES)} (not {unknown})"
+        )
     torch.set_num_threads(1)
     base = RunConfig(clients=args.clients, rounds=args.rounds)
     rows = []
     t0 = time.perf_counter()
     for name, change in FEATURES.items():
+        if args.features and name not in args.features:
+            continue
         cfg = base.replace(**change)
         seq = run_simulation(cfg)
 
@@ -321,11 +335,18 @@ def main() -> None:
             ["feature", "sequential (reference)", "batched", "HTTP service", "Flower", "population"], rows
         )
         + f"\n\nTotal time {time.perf_counter() - t0:.0f} s (wall time, on the load above).\n"
+        + (
+            "These rows were measured apart from the full table (the section of the same title without "
+            f"“— {args.key_suffix}”), by the command above, at the date and load above.\n"
+            if args.key_suffix
+            else ""
+        )
     )
     print(body)
-    record(
-        "parity_matrix", "Parity matrix: every driver × every feature vs the sequential driver (#13)", body
-    )
+    key, title = "parity_matrix", "Parity matrix: every driver × every feature vs the sequential driver (#13)"
+    if args.key_suffix:
+        key, title = f"{key}-{args.key_suffix}", f"{title} — {args.key_suffix}"
+    record(key, title, body)
 
 
 if __name__ == "__main__":

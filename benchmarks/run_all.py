@@ -107,6 +107,11 @@ PLAN: list[Step] = [
     ),
     Step("adapters_minilm.py", (), ("adapters-minilm",)),
     Step("aggregation_memory.py", (), ("aggregation-memory",)),
+    Step(
+        "aggregation_memory.py",
+        ("--only", "GeometricMedian (RFA)", "CenteredClip(τ=10)", "--key-suffix", _RFA_CC),
+        (f"aggregation-memory-{_RFA_CC}",),
+    ),
     Step("base_fingerprint.py", (), ("base-fingerprint",)),
     Step("busy_machine.py", ("--repeats", "5", "--rounds", "6"), ("busy-machine",)),
     Step("charlm_task.py", (), ("charlm_task",)),
@@ -137,6 +142,17 @@ PLAN: list[Step] = [
     Step("merge_scale.py", ("--only-1b",), ("merge-scale-1b",)),
     Step("mergekit_parity.py", (), ("mergekit-parity",)),
     Step("parity_matrix.py", (), ("parity_matrix",)),
+    Step(
+        "parity_matrix.py",
+        (
+            "--features",
+            "geometric median (RFA)",
+            "FedAdam + centered clipping τ = 0.05",
+            "--key-suffix",
+            _RFA_CC,
+        ),
+        (f"parity_matrix-{_RFA_CC}",),
+    ),
     Step("personalization.py", (), ("personalization",)),
     Step("personalization_audit.py", (), ("personalization-audit",)),
     *(

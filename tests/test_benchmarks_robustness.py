@@ -214,7 +214,7 @@ def test_the_tau_sweep_asks_for_each_radius_under_each_attack_and_names_the_best
 
     monkeypatch.setattr(sweep.robustness, "run_all", fake)
     monkeypatch.setattr(sweep, "record", lambda key, title, body: recorded.append((key, body)))
-    monkeypatch.setattr(sys, "argv", ["centered_clip_tau.py", "--taus", "1", "3", "inf", "--seeds", "2"])
+    monkeypatch.setattr(sys, "argv", ["centered_clip_tau.py", "--taus", "1", "3", "30", "--seeds", "2"])
     sweep.main()
     assert len(asked) == len(set(asked)) == 4 * 5 * 2  # FedAvg and 3 radii × 5 columns × 2 seeds
     assert {j[0] for j in asked} == {rb.DEFAULT_CODEC} and {j[4] for j in asked} == {80}
