@@ -42,7 +42,7 @@ BUFFERED = {
     "CoordinateMedian": "dp.CoordinateMedian()",
     "Krum(f=2, multi)": "dp.Krum(byzantine=2, select=None)",
     "GeometricMedian (RFA)": "dp.GeometricMedian()",
-    "CenteredClip(τ=10)": "dp.CenteredClip()",
+    "CenteredClip(τ=10)": "dp.CenteredClip(tau=10.0)",
 }
 
 CHILD = r"""

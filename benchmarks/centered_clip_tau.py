@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from multiprocessing import Pool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,6 +33,22 @@ ATTACKS = [
     ("gaussian 20%", "gaussian(0.2)"),
     ("backdoor 20%", "backdoor(0.2)"),
 ]
+
+
+def _job(args: tuple) -> dict:
+    """One run (:func:`robustness.job`, cached), or, when the federation diverges (every update of a round
+    NaN/Inf and refused: FedAvg under the scaled sign flip), a cell that says so instead of ending the sweep."""
+    from deltaplane.errors import DeltaplaneError
+
+    try:
+        return robustness.job(args)
+    except DeltaplaneError as exc:
+        return {"accuracy": None, "backdoor": None, "error": type(exc).__name__}
+
+
+def run_all(jobs: list[tuple], workers: int) -> dict[tuple, dict]:
+    with Pool(workers) as pool:
+        return dict(zip(jobs, pool.map(_job, jobs, chunksize=1), strict=True))
 
 
 def _defence(tau: str) -> str:
@@ -56,12 +73,18 @@ def main() -> None:
         ["none", *args.taus],
     )
     jobs = [(codec, a, _defence(t), s, args.rounds) for t in rows_of for _, a in ATTACKS for s in seeds]
-    by = robustness.run_all(jobs, args.workers)
+    by = run_all(jobs, args.workers)
     rows, worst = [], {}
     for t in rows_of:
         row: list[object] = ["FedAvg (`none`)" if t == "none" else f"`centered_clip({t})`"]
         for _, a in ATTACKS:
             runs = [by[(codec, a, _defence(t), s, args.rounds)] for s in seeds]
+            failed = [r["error"] for r in runs if r is not None and r.get("error")]
+            if failed:  # the run ended: as bad as an accuracy can be
+                row.append(f"diverged (`{failed[0]}`)")
+                if t != "none":
+                    worst[t] = 0.0
+                continue
             acc, bd = _mean(runs, "accuracy"), _mean(runs, "backdoor")
             if acc is None:
                 row.append("not run")
@@ -80,8 +103,8 @@ def main() -> None:
         "mean backdoor success, the share of triggered test images of other classes classified as the target 0). "
         f"Uplink `{robustness.DEFAULT_CODEC}` with DGC momentum correction 0.5 and momentum masking, 20 non-IID "
         "clients, DigitsCNN, `engine=batched`, 1 thread, as `benchmarks/robustness.py` runs them. Attackers are "
-        "4 fixed clients of 20. *Worst* is the row's lowest accuracy over no attacker and the three untargeted "
-        "attacks"
+        "4 fixed clients of 20. *Diverged*: the run ended when every update of a round held NaN/Inf and was "
+        "refused. *Worst* is the row's lowest accuracy over no attacker and the three untargeted attacks"
         + (f"; the best worst case is `τ = {best}`." if best else ".")
         + "\n\n"
         + table(["rule", *(label for label, _ in ATTACKS), "worst (untargeted, none)"], rows)

@@ -202,8 +202,8 @@ def _reference(seq) -> str:
 
 
 #: the names of :func:`_seen`'s fields (``RoundMetrics.DRIVER_INVARIANTS``), for the cell that says which differ
-SEEN = ("devices", "accuracy", "ε", "ε vs server", "refusals", "clipped share", "mix accuracy", "personal mean",
-        "personal min", "personal gain")  # fmt: skip
+SEEN = ("devices", "accuracy", "ε", "ε vs server", "DP adjacency", "refusals", "clipped share", "mix accuracy",
+        "personal mean", "personal min", "personal gain")  # fmt: skip
 assert len(SEEN) == len(RoundMetrics.DRIVER_INVARIANTS), "a name for each invariant"
 
 

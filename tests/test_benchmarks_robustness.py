@@ -212,7 +212,7 @@ def test_the_tau_sweep_asks_for_each_radius_under_each_attack_and_names_the_best
             for j in jobs
         }
 
-    monkeypatch.setattr(sweep.robustness, "run_all", fake)
+    monkeypatch.setattr(sweep, "run_all", fake)
     monkeypatch.setattr(sweep, "record", lambda key, title, body: recorded.append((key, body)))
     monkeypatch.setattr(sys, "argv", ["centered_clip_tau.py", "--taus", "1", "3", "30", "--seeds", "2"])
     sweep.main()

@@ -333,8 +333,10 @@ def test_both_rules_are_specs_that_build_what_they_say() -> None:
     )
     c = parse_defense("centered_clip(2.5, iterations=3)")
     assert (c.tau, c.iterations) == (2.5, 3) and repr(parse_defense("centered_clip")) == (
-        "CenteredClip(tau=10.0, iterations=1)"
+        "CenteredClip(tau=3.0, iterations=1)"
     )
+    # the default radius is the measured one (benchmarks/centered_clip_tau.py), not the untuned 10
+    assert CenteredClip().tau == 3.0
     for spec in (
         "geometric_median(max_iter=1.5)",
         "centered_clip(iterations=2.0)",

@@ -482,8 +482,11 @@ class GeometricMedian(_Buffered):
         steps = 0
         for steps in range(1, self.max_iter + 1):  # noqa: B007 (the count is reported)
             beta = alpha / dist.clamp_min(self.nu)
-            total = beta.sum()
-            z, dist = self._step(rows, lambda xb, beta=beta, total=total: (beta @ xb) / total)
+
+            def weiszfeld(xb: torch.Tensor, beta: torch.Tensor = beta) -> torch.Tensor:
+                return (beta @ xb) / beta.sum()  # zᵗ⁺¹ = Σ βᵢ xᵢ / Σ βᵢ, on the block's columns
+
+            z, dist = self._step(rows, weiszfeld)
             previous, objective = objective, float(alpha @ dist)
             if abs(previous - objective) <= self.ftol * objective:
                 break
@@ -555,6 +558,10 @@ def _refuse_another_model(problem: str, held: str) -> None:
         )
 
 
+#: centered clipping's radius when none is given (see :class:`CenteredClip`, ``tau``): measured, not the paper's
+DEFAULT_TAU = 3.0
+
+
 @dataclass
 class CenteredClipState:
     """Centered clipping's server-side memory: the previous round's aggregate (the centre the next round's
@@ -623,13 +630,21 @@ class CenteredClip(_Buffered):
 
     Args:
         tau: ``τ`` > 0, the clipping radius around the centre, in update-norm units (``math.inf``: no clipping).
+            **3 by default**, chosen by measurement (``benchmarks/centered_clip_tau.py``, ``docs/benchmarks.md``,
+            *Centered clipping: the radius τ under attack*): on the default federation τ = 3 kept FedAvg's
+            accuracy without attackers (0.942, FedAvg 0.922) and had the best worst case over 20% sign flip,
+            scaled sign flip and Gaussian attackers (0.861; τ = 10, the default until 2026-12-07: 0.755 under
+            the scaled sign flip; τ = 30: 0.097; τ = 1 lost accuracy without attackers, 0.755). Choose it
+            near the honest updates' distance from the last aggregate: a ``τ`` above every honest distance
+            lets an attacker move a round by up to ``τ / n`` each; one below most honest distances clips
+            honest updates too (the ``clipped`` measurement counts the updates clipped in a round).
         iterations: ``L`` ≥ 1, clipping iterations per round (the paper finds one enough when ``v⁰`` is the
             previous aggregate).
         state: the centre to resume from; fresh (first round from 0) when None.
     """
 
     def __init__(
-        self, *, tau: float = 10.0, iterations: int = 1, state: CenteredClipState | None = None
+        self, *, tau: float = DEFAULT_TAU, iterations: int = 1, state: CenteredClipState | None = None
     ) -> None:
         super().__init__()
         if isinstance(tau, bool) or not (isinstance(tau, int | float) and tau > 0 and not math.isnan(tau)):
