@@ -11,7 +11,7 @@ refusals a round equal the reference's). A driver that refuses a feature shows i
 in the cell. Personalization runs on every driver but population: each device keeps its personal state (a simulated device over HTTP, its node's ``Context.state`` on
 Flower), FedPer's devices send and receive only the shared layers, and the personal figures are the devices'.
 The rows after the first ten (sampled and empty rounds, SecAgg, authenticated SecAgg, SecAgg+, distributed DP,
-refused devices, a malformed frame) are
+refused devices, a malformed frame, the geometric median, FedAdam over centered clipping) are
 the configurations tests/flower/test_parity_matrix.py, test_secagg_plus_drivers.py and test_driver_parity.py
 check, some at their small sizes (the row says so).
 """
@@ -96,6 +96,11 @@ FEATURES = {
         "attack": "malformed_frame(0.2)",
         "codec": "topk(0.01) | quant(bits=8)",
     },
+    # RFA's geometric median; FedAdam over centered clipping, whose centre (the previous round's aggregate) every
+    # driver carries from round to round (tests/flower/test_parity_matrix.py: geometric-median,
+    # fedadam-centered-clip)
+    "geometric median (RFA)": {"defense": "geometric_median"},
+    "FedAdam + centered clipping τ = 0.05": {"aggregator": "fedadam", "defense": "centered_clip(0.05)"},
 }
 
 
@@ -197,8 +202,8 @@ def _reference(seq) -> str:
 
 
 #: the names of :func:`_seen`'s fields (``RoundMetrics.DRIVER_INVARIANTS``), for the cell that says which differ
-SEEN = ("devices", "accuracy", "ε", "ε vs server", "refusals", "clipped share", "mix accuracy", "personal mean",
-        "personal min", "personal gain")  # fmt: skip
+SEEN = ("devices", "accuracy", "ε", "ε vs server", "DP adjacency", "refusals", "clipped share", "mix accuracy",
+        "personal mean", "personal min", "personal gain")  # fmt: skip
 assert len(SEEN) == len(RoundMetrics.DRIVER_INVARIANTS), "a name for each invariant"
 
 
@@ -254,12 +259,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument(
+        "--features", nargs="+", metavar="ROW", help="only these rows (names as in the table)"
+    )
+    parser.add_argument(
+        "--key-suffix",
+        help="with --features: record into a section of its own (key and title get this suffix)",
+    )
     args = parser.parse_args()
+    unknown = set(args.features or ()) - set(FEATURES)
+    if unknown or bool(args.features) != bool(args.key_suffix):
+        parser.error(
+            f"--features and --key-suffix go together, with rows of {list(FEATURES)} (not {unknown})"
+        )
     torch.set_num_threads(1)
     base = RunConfig(clients=args.clients, rounds=args.rounds)
     rows = []
     t0 = time.perf_counter()
     for name, change in FEATURES.items():
+        if args.features and name not in args.features:
+            continue
         cfg = base.replace(**change)
         seq = run_simulation(cfg)
 
@@ -308,16 +327,26 @@ def main() -> None:
         "malformed-frame row: an attacker (`malformed_frame`) compresses its update as an honest device does, then "
         "sends a well-formed compact frame with a valid CRC-32C whose tensor table declares a tensor's shape "
         "reversed (the same element count); every server refuses it for its shape (`ShapeMismatch`; HTTP 422) "
-        "and closes the round on the other updates.\n\n"
+        "and closes the round on the other updates. The last two rows are the robust rules that hold state or "
+        "iterate: RFA's geometric median (smoothed Weiszfeld from the coordinate-wise median), and FedAdam over "
+        "centered clipping at τ = 0.05, below the devices' update norms so that the clipping binds, whose centre "
+        "(the previous round's aggregate) each driver carries from round to round.\n\n"
         + table(
             ["feature", "sequential (reference)", "batched", "HTTP service", "Flower", "population"], rows
         )
         + f"\n\nTotal time {time.perf_counter() - t0:.0f} s (wall time, on the load above).\n"
+        + (
+            "These rows were measured apart from the full table (the section of the same title without "
+            f"“— {args.key_suffix}”), by the command above, at the date and load above.\n"
+            if args.key_suffix
+            else ""
+        )
     )
     print(body)
-    record(
-        "parity_matrix", "Parity matrix: every driver × every feature vs the sequential driver (#13)", body
-    )
+    key, title = "parity_matrix", "Parity matrix: every driver × every feature vs the sequential driver (#13)"
+    if args.key_suffix:
+        key, title = f"{key}-{args.key_suffix}", f"{title} — {args.key_suffix}"
+    record(key, title, body)
 
 
 if __name__ == "__main__":

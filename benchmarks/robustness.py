@@ -165,6 +165,19 @@ def _section(args: argparse.Namespace, key: str, title: str) -> tuple[str, str]:
     return f"{key}-{args.key_suffix}", f"{title} — {args.key_suffix}"
 
 
+def _apart_note(args: argparse.Namespace) -> str:
+    """What a section recorded with ``--key-suffix`` says of its rows: they were measured apart from the full
+    table (a subset, e.g. defences added later), by the command, on the machine, load and date of its own header
+    lines, so a reader compares them with the full table's knowing they were not run beside them."""
+    if not args.key_suffix:
+        return ""
+    return (
+        "These rows were measured apart from the full table (the section of the same title without "
+        f"“— {args.key_suffix}”), by the command above, at the date and load above, on the code of that date; "
+        "the full table's rows come from its own command and date. "
+    )
+
+
 def _defaults_note(defences: list[str]) -> str:
     """What a bare ``trigger_attribution`` measured: its ``score=`` default, read from the rule itself, so a
     re-run of a recorded command after the default changes says which score its cells are (the first tables
@@ -236,6 +249,7 @@ def accept(args: argparse.Namespace) -> None:
         + "80 rounds, 20 clients, 20% `backdoor` attackers (4 fixed clients, half their images stamped and "
         "relabelled 0), `engine=batched`, 1 thread. Cells: test accuracy / backdoor success "
         "(points vs that seed's clean FedAvg) and the acceptance verdict (within 2 points, backdoor ≤ 10%). "
+        + _apart_note(args)
         + _defaults_note(best)
         + "\n\n"
         + table(["codec", "seed", "clean FedAvg", "undefended", *best], rows)
@@ -290,6 +304,7 @@ def clean(args: argparse.Namespace) -> None:
         "several points between seeds and between CPUs (FedAvg seed 0: 0.964 on an AVX2 machine, 0.922 on the "
         "AVX-512 machine of the 2026-12-03 records, 0.958 on a 2-core Intel Xeon with AVX-512, the last two from the same code: "
         "each CPU rounds the stacked training's floats its own way), so the verdict reads the mean over seeds. "
+        + _apart_note(args)
         + _defaults_note([d for _, d in plan])
         + "\n\n"
         + table(
@@ -369,7 +384,11 @@ def grid(args: argparse.Namespace) -> None:
         + _uplink_note(args.uplink)
         + f"{', '.join(f'`{d}`' for d in REFUSED)} are refused with this codec "
         "(`IncompatibleDefense`); `sign_vote` is left out to fit the shared machine; a cell that says *not run* "
-        "did not finish in the session's time. " + _defaults_note(args.defenses) + "\n\n" + tables
+        "did not finish in the session's time. "
+        + _apart_note(args)
+        + _defaults_note(args.defenses)
+        + "\n\n"
+        + tables
     )
     print(body)
     record(

@@ -72,6 +72,8 @@ _SEEDS_30_SUFFIX = "stc(0.006) uplink, 3 seeds, 30%"
 #: the grid's 10% and 20% rows of the default defence at seeds 0, 1, 2 on the default uplink (beside the 30% row's)
 _SEEDS_LOW = "grid --workers 2 --grid-seeds 3 --fractions 0.1 0.2"
 _SEEDS_LOW_SUFFIX = "stc(0.006) uplink, 3 seeds, 10% and 20%"
+#: the geometric median (RFA) and centered clipping, measured apart from the full grid and the clean table
+_RFA_CC = "geometric median and centered clipping"
 
 
 def _split(command: str) -> tuple[str, ...]:
@@ -105,6 +107,11 @@ PLAN: list[Step] = [
     ),
     Step("adapters_minilm.py", (), ("adapters-minilm",)),
     Step("aggregation_memory.py", (), ("aggregation-memory",)),
+    Step(
+        "aggregation_memory.py",
+        ("--only", "GeometricMedian (RFA)", "CenteredClip(τ=10)", "--key-suffix", _RFA_CC),
+        (f"aggregation-memory-{_RFA_CC}",),
+    ),
     Step("base_fingerprint.py", (), ("base-fingerprint",)),
     Step("busy_machine.py", ("--repeats", "5", "--rounds", "6"), ("busy-machine",)),
     Step("charlm_task.py", (), ("charlm_task",)),
@@ -135,6 +142,17 @@ PLAN: list[Step] = [
     Step("merge_scale.py", ("--only-1b",), ("merge-scale-1b",)),
     Step("mergekit_parity.py", (), ("mergekit-parity",)),
     Step("parity_matrix.py", (), ("parity_matrix",)),
+    Step(
+        "parity_matrix.py",
+        (
+            "--features",
+            "geometric median (RFA)",
+            "FedAdam + centered clipping τ = 0.05",
+            "--key-suffix",
+            _RFA_CC,
+        ),
+        (f"parity_matrix-{_RFA_CC}",),
+    ),
     Step("personalization.py", (), ("personalization",)),
     Step("personalization_audit.py", (), ("personalization-audit",)),
     *(
@@ -266,6 +284,21 @@ PLAN: list[Step] = [
         _split(f"{_SEEDS_LOW} --defenses {_ATTR} --uplink 'stc(0.006)' --key-suffix '{_SEEDS_LOW_SUFFIX}'"),
         (f"robustness-grid-{_SEEDS_LOW_SUFFIX}",),
     ),
+    Step(
+        "robustness.py",
+        _split(
+            f"grid --workers 2 --fractions 0.2 --defenses geometric_median centered_clip --key-suffix '{_RFA_CC}'"
+        ),
+        (f"robustness-grid-{_RFA_CC}",),
+    ),
+    Step(
+        "robustness.py",
+        _split(
+            f"clean --workers 2 --clean-seeds 1 --clean-defenses geometric_median centered_clip --key-suffix '{_RFA_CC}'"
+        ),
+        (f"robustness-clean-{_RFA_CC}",),
+    ),
+    Step("centered_clip_tau.py", ("--workers", "2"), ("centered-clip-tau",)),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
     *_detect_steps(),
     Step("secagg.py", (), ("secagg",)),

@@ -180,3 +180,44 @@ def test_a_trace_counts_as_capped_exactly_the_updates_norm_cap_scales_down() -> 
     assert capped["d"] == pytest.approx(15.0) and kept_max == pytest.approx(15.0)
     assert trace.over_cap(x, ids, kept, 20.0)[1] == {}  # 15x is under a cap of 20
     assert trace.over_cap(x, ids, kept, None) == (pytest.approx(15.0), {})
+
+
+def test_a_section_measured_apart_says_so_and_the_full_table_does_not(rb, monkeypatch) -> None:
+    # the geometric median and centered clipping were measured in sections of their own (--key-suffix), after
+    # the full grid: their text must say the rows were not run beside the full table's
+    _, apart = _grid(rb, monkeypatch, _flip, key_suffix="geometric median and centered clipping")
+    assert "measured apart from the full table" in apart
+    assert "without “— geometric median and centered clipping”" in apart
+    _, full = _grid(rb, monkeypatch, _flip, key_suffix=None)
+    assert "apart" not in full
+
+
+def test_the_tau_sweep_asks_for_each_radius_under_each_attack_and_names_the_best_worst_case(
+    rb, monkeypatch
+) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "bench_cc_tau", ROOT / "benchmarks" / "centered_clip_tau.py"
+    )
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    asked, recorded = [], []
+
+    def fake(jobs, workers):  # τ = 3 keeps 0.9 everywhere; the others lose to the scaled sign flip
+        asked.extend(jobs)
+        return {
+            j: {
+                "accuracy": 0.9 if j[2] == "centered_clip(3)" or "scale" not in str(j[1]) else 0.1,
+                "backdoor": 0.5 if j[1] and j[1].startswith("backdoor") else None,
+            }
+            for j in jobs
+        }
+
+    monkeypatch.setattr(sweep, "run_all", fake)
+    monkeypatch.setattr(sweep, "record", lambda key, title, body: recorded.append((key, body)))
+    monkeypatch.setattr(sys, "argv", ["centered_clip_tau.py", "--taus", "1", "3", "30", "--seeds", "2"])
+    sweep.main()
+    assert len(asked) == len(set(asked)) == 4 * 5 * 2  # FedAvg and 3 radii × 5 columns × 2 seeds
+    assert {j[0] for j in asked} == {rb.DEFAULT_CODEC} and {j[4] for j in asked} == {80}
+    key, body = recorded[0]
+    assert key == "centered-clip-tau" and "the best worst case is `τ = 3`" in body
+    assert "| `centered_clip(3)` | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 / 0.50 | 0.900 |" in body

@@ -19,6 +19,7 @@ from deltaplane.aggregation.dp import DistributedDP, DPFedAvg, accounted_samplin
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import ServerSGD
 from deltaplane.aggregation.robust import (
+    DEFAULT_TAU,
     FLAME,
     CenteredClip,
     CoordinateMedian,
@@ -86,7 +87,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
     The grammar is the codecs' (:func:`deltaplane.codecs.parse_spec`): ``name(param=value)`` with the first
     parameter also positional, e.g. ``"trimmed_mean(0.2)"``, ``"median"`` (bucketed by 2), ``"median(bucket=1)"`` (the plain median), ``"median(4)"`` (mean around median), ``"multi_krum(byzantine=4)"``,
     ``"geometric_median"`` (RFA; ``geometric_median(weighted=true)``: the paper's example-count weights),
-    ``"centered_clip(tau=10, iterations=1)"``, ``"norm_bound(max_norm=2.0, noise=0.001)"`` (``max_norm=adaptive``: the median norm, not with DP noise),
+    ``"centered_clip(tau=3, iterations=1)"``, ``"norm_bound(max_norm=2.0, noise=0.001)"`` (``max_norm=adaptive``: the median norm, not with DP noise),
     ``"fltrust"``, ``"flame(noise=0.001)"``, ``"foolsgold"``, ``"sign_vote"`` or ``"none"``. The older
     ``"name:value"`` form (``"trimmed_mean:0.2"``) means ``name(value)``. ``seed`` seeds a defence's noise.
     """
@@ -159,7 +160,7 @@ def parse_defense(spec: str | None, *, seed: int = 0) -> Aggregator:
             start=str(params.get("start", "median")),
         )
     if name == "centered_clip":
-        return CenteredClip(tau=float(params.get("tau", 10.0)), iterations=params.get("iterations", 1))
+        return CenteredClip(tau=float(params.get("tau", DEFAULT_TAU)), iterations=params.get("iterations", 1))
     if name == "norm_bound":
         bound = params.get("max_norm", 1.0)
         return NormBound(
