@@ -456,7 +456,7 @@ def test_a_coordinator_stopped_while_a_secagg_round_is_open_aborts_it(
     def stopped(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fleet, "_secagg_round", stopped)
+    monkeypatch.setattr(coordinator, "_secagg_round", stopped)
     with Fleet(tmp_path, cfg) as f:
         with pytest.raises(KeyboardInterrupt):
             fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=5, poll=0.05, say=said.append)
