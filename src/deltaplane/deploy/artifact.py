@@ -288,7 +288,9 @@ def _decode_tensor(e: _Entry, bufs: list[bytes]) -> np.ndarray:
         values = np.frombuffer(vbufs[0], dtype=dtype, count=k)
     else:
         bits = 8 if e.quant == "int8" else 4
-        g = e.group_size
+        # a group at least as long as the values is one group: decoded as such, since numpy cannot divide by a
+        # group_size of 2**63 or more (an untyped OverflowError from a file whose hashes are valid)
+        g = min(e.group_size, max(k, 1))
         n_groups = -(-k // g)
         if len(vbufs[1]) != 2 * n_groups:
             raise DecodeError(f"tensor {e.name!r}: {len(vbufs[1])} scale bytes, expected {2 * n_groups}")
