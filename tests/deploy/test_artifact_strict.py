@@ -23,12 +23,7 @@ def _parts(tmp_path: Path) -> tuple[dict, dict, bytes]:
     path = tmp_path / "a.dpla"
     tensors = {"w": np.ones((4, 8), np.float32), "b": np.array([0, 1, 2, 3], np.float32)}
     write_artifact(path, tensors, quant="int8", group_size=8)
-    data = path.read_bytes()
-    _, _, hlen = _PREFIX.unpack_from(data)
-    header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
-    payload = zstandard.ZstdDecompressor().decompress(data[_PREFIX.size + hlen :])
-    (tlen,) = struct.unpack_from("<I", payload)
-    return header, json.loads(payload[4 : 4 + tlen]), payload[4 + tlen :]
+    return _parts_of(path)
 
 
 def _frame(header: dict, table_json: bytes, buffers: bytes, header_json: bytes | None = None) -> bytes:
@@ -122,3 +117,27 @@ def test_a_deploy_manifest_nested_past_the_recursion_limit_is_a_decode_error(tmp
     mf.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DecodeError, match="is not valid JSON: maximum recursion depth"):
         _folder_manifest(mf, "0" * 64)
+
+
+@pytest.mark.parametrize("group_size", [8, 9, 2**63, 2**64, 10**30])
+def test_a_group_beyond_the_values_is_one_group_not_an_overflow(tmp_path: Path, group_size: int) -> None:
+    """A group_size of 2**63 or more (hashes valid) raised numpy's OverflowError; any group at least as long
+    as the tensor is its one group, as the writer means it."""
+    path = tmp_path / "g.dpla"
+    values = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    write_artifact(path, {"w": values}, quant="int8", group_size=8)
+    header, table, buffers = _parts_of(path)
+    want = read_artifact(path).tensors["w"]
+    table["tensors"][0]["group_size"] = group_size
+    got = read_artifact(_frame(header, json.dumps(table).encode(), buffers)).tensors["w"]
+    assert np.array_equal(got, want)
+
+
+def _parts_of(path: Path) -> tuple[dict, dict, bytes]:
+    """An artifact file's header, tensor table and buffer area."""
+    data = path.read_bytes()
+    _, _, hlen = _PREFIX.unpack_from(data)
+    header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
+    payload = zstandard.ZstdDecompressor().decompress(data[_PREFIX.size + hlen :])
+    (tlen,) = struct.unpack_from("<I", payload)
+    return header, json.loads(payload[4 : 4 + tlen]), payload[4 + tlen :]

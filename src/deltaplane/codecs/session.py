@@ -65,7 +65,7 @@ from deltaplane.codecs.layout import Layout
 from deltaplane.codecs.lowrank import PowerSGD
 from deltaplane.codecs.preflight import check_field_bytes
 from deltaplane.codecs.preflight import field_lengths as _field_lengths
-from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader
+from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader, check_containers
 from deltaplane.errors import (
     CodecError,
     DecodeError,
@@ -108,6 +108,9 @@ _TEMPLATE_SEED = 20261202
 _TEMPLATE_SCALE = 1e-2
 #: most bytes a session's canonical JSON may hold (a session is fetched from the server once)
 MAX_SESSION_BYTES = 64 << 20
+#: objects and arrays a compact frame's whole JSON node may hold besides one per ``Limits.header_bytes_per_container``
+#: bytes: a node has no sender metadata, and the deepest honest one (8 nested nodes of 4) holds 32
+NODE_CONTAINER_FLOOR = 64
 
 
 def is_compact(payload: bytes | bytearray | memoryview) -> bool:
@@ -823,6 +826,8 @@ class WireSession:
             h = skel.varint(f"{where}: its header")
             if h == 0:
                 text = skel.take(skel.varint(f"{where}: node length"), f"{where}: node")
+                # a node carries no sender metadata: a small floor, the same density as a header
+                check_containers(bytes(text), limits, f"{where}: node", floor=NODE_CONTAINER_FLOOR)
                 try:
                     doc = json.loads(bytes(text).decode("utf-8"))
                 except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -39,6 +39,7 @@ __all__ = [
     "Limits",
     "Table",
     "WireHeader",
+    "check_containers",
     "check_header",
     "finalize",
     "pack",
@@ -136,6 +137,15 @@ class Limits:
     min_header_values: int = 1 << 17
     header_values_per_byte: int = 16
     max_header_values: int = 1 << 22
+    #: header containers (objects and arrays: the ``[`` and ``{`` bytes of the inflated JSON, inside strings
+    #: too), at most ``min_header_containers + header bytes // header_bytes_per_container``, checked before
+    #: parsing. Within the value limit an uncompressed header of ``[{},{},...]`` still cost ~26 bytes of Python
+    #: objects (tracemalloc peak, parse and table) a header byte, against 12-18 for honest headers of every
+    #: codec: a container is ~60-70 bytes of objects for 2-3 bytes of JSON, where an honest header spends >= 15
+    #: bytes a container (``["a","float32",{"c":"sign","s":[],"f":{"signs":0,"scales":4}}]``: 4 in 63 bytes).
+    #: The floor leaves sender ``meta`` of a few thousand small lists alone
+    min_header_containers: int = 1 << 14
+    header_bytes_per_container: int = 12
 
     def header_budget(self, tensors: int | None = None, name_chars: int = 0) -> int:
         """Most bytes a payload's (inflated) header may hold: ``max_header_bytes``, or for a receiver expecting
@@ -151,6 +161,12 @@ class Limits:
         return min(
             self.max_header_values, self.min_header_values + self.header_values_per_byte * payload_bytes
         )
+
+    def header_containers(self, header_bytes: int, floor: int | None = None) -> int:
+        """Most JSON objects and arrays a ``header_bytes``-byte (inflated) header may hold; ``floor`` replaces
+        :attr:`min_header_containers` (a compact frame's node, which carries no sender metadata, takes less)."""
+        base = self.min_header_containers if floor is None else floor
+        return base + header_bytes // self.header_bytes_per_container
 
     def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None, tensors: int = 0) -> int:
         """Most bytes a payload of ``payload_bytes`` may decode to, all nodes together (see the fields);
@@ -303,6 +319,7 @@ def _read_header(
         raw = _inflate_header(raw, flags, cap, count)
     else:
         count.add(raw)
+    check_containers(raw, limits, "header")
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -310,6 +327,22 @@ def _read_header(
     if not isinstance(doc, dict):
         raise _fail("header must be a JSON object")
     return doc, buf[_PREFIX.size + header_len : len(buf) - _CRC.size], flags
+
+
+def check_containers(text: bytes, limits: Limits, where: str, floor: int | None = None) -> None:
+    """Refuse JSON ``text`` holding more objects and arrays than its size allows (:meth:`Limits.header_containers`),
+    before it is parsed: they are what makes ``json.loads`` cost ~26× the bytes (an honest header 12-18×).
+
+    ``bytes.count`` scans at memory speed, and a ``[`` or ``{`` inside a string only overcounts.
+    """
+    containers = text.count(b"[") + text.count(b"{")
+    cap = limits.header_containers(len(text), floor)
+    if containers > cap:
+        raise _fail(
+            f"{where} holds {containers} JSON objects and arrays in {len(text)} bytes, more than the {cap} its "
+            f"size allows (Limits.header_containers: one per {limits.header_bytes_per_container} bytes beyond "
+            "the floor); an honest header spends at least 15 bytes on each"
+        )
 
 
 #: the compressed header inflates in steps of this many bytes, each counted before the next is inflated

@@ -33,7 +33,16 @@ from torch import nn
 
 from deltaplane.errors import ConfigError, UnsupportedLayer
 
-__all__ = ["ATTACKS", "adversarial_eval", "encoder_adversarial_eval", "fgsm", "pgd", "token_adversarial_eval"]
+__all__ = [
+    "ATTACKS",
+    "adversarial_eval",
+    "check_embedding_eps",
+    "check_input_eps",
+    "encoder_adversarial_eval",
+    "fgsm",
+    "pgd",
+    "token_adversarial_eval",
+]
 
 ATTACKS = ("fgsm", "pgd")
 
@@ -48,6 +57,42 @@ def _check_attacks(attacks: Sequence[str], eps: Sequence[float]) -> None:
             f"attacks must be among {ATTACKS} and every ε a finite positive number. Found {list(attacks)}, "
             f"{list(eps)}"
         )
+
+
+def check_eps_range(eps: Sequence[float], limit: float, unit: str) -> None:
+    """Refuse (:class:`ConfigError`) an attack ε outside ``(0, limit)``, naming the valid range.
+
+    ``limit`` is the width of the space the attack perturbs: an L∞ ball of radius ``limit`` around any point
+    of it covers all of it, so the "attack" may replace the input by any other (``--attack-eps 1e9`` on digits
+    in [0, 1] turned every input into a corner of the data range), and the drop it records measures nothing
+    while the ``max-adv-drop`` gate counts as evaluated. ``unit`` says what ε is measured in, for the message.
+    Through :func:`check_input_eps` and :func:`check_embedding_eps`, called by the evaluations and by the deploy
+    pipelines before any work (an ε the evaluation refuses must not cost the pruning and export first).
+    """
+    bad = [e for e in eps if not (math.isfinite(e) and 0 < e < limit)]
+    if bad or not math.isfinite(limit) or limit <= 0:
+        raise ConfigError(
+            f"attack ε (--attack-eps, adversarial_eps) must be in (0, {limit:.6g}) {unit}: at ε ≥ {limit:.6g} "
+            "the L∞ ball covers the whole input range, so the attack may replace an input by any other and "
+            f"measures no robustness (0 on the command line skips the attack). Found {[float(e) for e in bad]}"
+        )
+
+
+def check_input_eps(eps: Sequence[float], lo: float, hi: float) -> None:
+    """Refuse an ε for inputs clipped to ``[lo, hi]`` (a tensor classifier's data range) at or beyond the
+    range's width (:func:`check_eps_range`)."""
+    check_eps_range(eps, float(hi) - float(lo), f"of the input values (the data range [{lo:g}, {hi:g}])")
+
+
+def check_embedding_eps(eps: Sequence[float], model: nn.Module) -> None:
+    """Refuse an ε for an attack on ``model``'s input embeddings (in units of its word-embedding table's
+    standard deviation, as the token evaluations measure it) at or beyond the table's value range over its std:
+    there the ball around any token's embedding holds every token's embedding (:func:`check_eps_range`)."""
+    with torch.no_grad():
+        table = _input_embeddings(model).weight.float()
+        std = float(table.std())
+        limit = (float(table.max()) - float(table.min())) / std if std > 0 else 0.0
+    check_eps_range(eps, limit, "× the embedding table's std (the table's value range over its std)")
 
 
 def _ids_and_mask(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +263,7 @@ def adversarial_eval(
     _check_attacks(attacks, eps)
     x = np.ascontiguousarray(x, dtype=np.float32)
     lo, hi = clip if clip is not None else (float(x.min()), float(x.max()))
+    check_input_eps(eps, lo, hi)
     reference.eval()
     surrogate.eval()
     for model, which in _attacked(reference, surrogate):
@@ -377,6 +423,7 @@ def encoder_adversarial_eval(
         tokens: ``(N, 2, T)`` ids + attention masks (held-out evaluation inputs).
     """
     _check_attacks(attacks, eps)
+    check_embedding_eps(eps, reference)
     ids, mask = _ids_and_mask(tokens)
     reference.eval()
     surrogate.eval()
@@ -467,6 +514,7 @@ def token_adversarial_eval(
     if task not in ("text-classification", "next-token"):
         raise ConfigError(f"token_adversarial_eval covers text-classification and next-token, not {task!r}")
     _check_attacks(attacks, eps)
+    check_embedding_eps(eps, reference)
     ids, mask = _ids_and_mask(tokens)
     reference.eval()
     surrogate.eval()

@@ -6,7 +6,9 @@ Layout (little-endian)::
     payload = u32 table_len | table (UTF-8 JSON) | buffers
 
 The header (readable without decompressing) holds the payload's raw size and SHA-256 and the manifest (sizes,
-sparsity, quant scheme, accuracy, source model hash). The table — inside the compressed payload, because for a
+sparsity, quant scheme, accuracy, source model hash). The header is not itself hashed, so the table records the
+manifest's SHA-256 (:func:`manifest_sha256`, key ``manifest_sha256``): a manifest edited after writing (a gate
+turned to passed, an accuracy raised) no longer matches the hashed payload and the file is refused. The table — inside the compressed payload, because for a
 small quantized model the per-tensor JSON is a noticeable share of the bytes — lists every tensor (name, shape,
 dtype, layout, quantization, byte ranges relative to the start of the buffers) and the optional ONNX graph (its
 initializers stripped out and stored as tensors). Each tensor is:
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,7 @@ from deltaplane.textfile import atomic_write_bytes
 __all__ = [
     "Artifact",
     "ArtifactInfo",
+    "manifest_sha256",
     "pack_onnx",
     "read_artifact",
     "state_dict_sha256",
@@ -284,7 +288,9 @@ def _decode_tensor(e: _Entry, bufs: list[bytes]) -> np.ndarray:
         values = np.frombuffer(vbufs[0], dtype=dtype, count=k)
     else:
         bits = 8 if e.quant == "int8" else 4
-        g = e.group_size
+        # a group at least as long as the values is one group: decoded as such, since numpy cannot divide by a
+        # group_size of 2**63 or more (an untyped OverflowError from a file whose hashes are valid)
+        g = min(e.group_size, max(k, 1))
         n_groups = -(-k // g)
         if len(vbufs[1]) != 2 * n_groups:
             raise DecodeError(f"tensor {e.name!r}: {len(vbufs[1])} scale bytes, expected {2 * n_groups}")
@@ -297,6 +303,16 @@ def _decode_tensor(e: _Entry, bufs: list[bytes]) -> np.ndarray:
     else:
         out[:] = values
     return out.reshape(e.shape)
+
+
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """The SHA-256 of a manifest's canonical JSON (compact separators, keys in their order, ASCII escapes).
+
+    It is what an artifact's tensor table records under ``manifest_sha256``, hashed as the reader parses it
+    (so a duplicate key or another spelling of the same number hashes as the value actually read).
+    """
+    text = json.dumps(dict(manifest), separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_artifact(
@@ -318,7 +334,8 @@ def write_artifact(
         quant: ``"none"``, ``"int8"`` or ``"int4"`` (symmetric group-wise, float16 scales).
         group_size: values per scale (default 128 for int8, 32 for int4), taken along rows.
         graph: serialized ONNX ``ModelProto`` without initializers (see :func:`pack_onnx`).
-        manifest: JSON-serializable facts to embed (sizes, sparsity, accuracy, source hash...).
+        manifest: JSON-serializable facts to embed (sizes, sparsity, accuracy, source hash...), without
+            NaN/Inf (the reader refuses them); its SHA-256 is recorded in the hashed tensor table.
         level: zstd compression level (19: slow to write, fast to read — written once, read on every device).
     """
     import zstandard
@@ -346,7 +363,14 @@ def write_artifact(
             zeros += arr.size - entry["nnz"]
             total += arr.size
     graph_range = add(graph) if graph is not None else None
-    table = json.dumps({"tensors": entries, "graph": graph_range}, separators=(",", ":")).encode()
+    manifest = dict(manifest or {})
+    try:  # the manifest's hash lives in the table, which the payload's SHA-256 covers (the header is not hashed)
+        bound = manifest_sha256(manifest)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"artifact manifest must be JSON without NaN/Inf ({exc})") from None
+    table = json.dumps(
+        {"tensors": entries, "graph": graph_range, "manifest_sha256": bound}, separators=(",", ":")
+    ).encode()
     # one join (not a join then a concatenation: two more copies of every tensor's bytes), and the buffers
     # dropped before compressing, when zstd's level-19 context (~80 MiB for MiniLM) is allocated
     payload = b"".join([struct.pack("<I", len(table)), table, *chunks])
@@ -356,7 +380,7 @@ def write_artifact(
         "version": VERSION,
         "payload_nbytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        "manifest": dict(manifest or {}),
+        "manifest": manifest,
     }
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     body = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(payload)
@@ -365,8 +389,37 @@ def write_artifact(
     return ArtifactInfo(Path(path), len(data), len(payload), entries, zeros / total if total else 0.0)
 
 
+#: what reading an artifact from before the manifest binding warns (the file is otherwise read as before)
+UNBOUND_MANIFEST = (
+    "artifact predates manifest binding: its manifest (quality, gates, sizes) is covered by no hash and may "
+    "have been edited; rewrite it (deltaplane deploy, write_artifact) to bind it"
+)
+
+
+def _manifest_bound(manifest: dict[str, Any], recorded: object) -> bool:
+    """Whether the (hashed) tensor table binds the header's ``manifest``: refuse (:class:`DecodeError`) one it
+    does not match; ``False`` for an artifact written before the table recorded it (no ``manifest_sha256``),
+    whose manifest is whatever the header says, which nothing checks (the reader warns)."""
+    if recorded is None:
+        return False
+    if not (isinstance(recorded, str) and len(recorded) == 64 and set(recorded) <= set("0123456789abcdef")):
+        raise DecodeError(
+            f"artifact tensor table's manifest_sha256 must be 64 lowercase hex digits, got {recorded!r:.80}"
+        )
+    if manifest_sha256(manifest) != recorded:
+        raise DecodeError(
+            "artifact manifest does not match the SHA-256 its tensor table records: the header's manifest "
+            "was edited after the artifact was written; use the deploy's own file, or rewrite the artifact"
+        )
+    return True
+
+
 def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
-    """Decode an artifact file (or its bytes); raises :class:`DecodeError` on anything malformed."""
+    """Decode an artifact file (or its bytes); raises :class:`DecodeError` on anything malformed.
+
+    The header's manifest must match the SHA-256 the tensor table records (else :class:`DecodeError`); an
+    artifact from before that binding is read with a ``UserWarning``.
+    """
 
     data = path if isinstance(path, bytes) else Path(path).read_bytes()
     if len(data) < _PREFIX.size:
@@ -408,6 +461,7 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
         raise DecodeError(
             f"artifact tensor table must be an object listing at most {MAX_TENSORS} tensors under 'tensors'"
         )
+    bound = _manifest_bound(manifest, table.get("manifest_sha256"))
     entries = [_entry(e) for e in listed]
     if len({e.name for e in entries}) != len(entries):  # a second entry would silently replace the first
         raise DecodeError("artifact tensor table names a tensor twice")
@@ -427,6 +481,8 @@ def read_artifact(path: str | os.PathLike[str] | bytes) -> Artifact:
     ):
         raise DecodeError(f"artifact graph must be an [offset, length] pair or null, got {graph_range!r:.80}")
     graph = view(*graph_range) if graph_range is not None else None
+    if not bound:  # only for a file that otherwise reads: a broken one is refused without it
+        warnings.warn(UNBOUND_MANIFEST, UserWarning, stacklevel=2)
     return Artifact(tensors, manifest, graph)
 
 

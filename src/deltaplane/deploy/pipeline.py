@@ -430,6 +430,10 @@ def deploy_classifier(
     out_dir = check_out_dir(out_dir, overwrite=overwrite)  # before any work: a bad OUT fails fast
     x_test = np.ascontiguousarray(x_test, dtype=np.float32)
     x_calib = np.ascontiguousarray(x_calib, dtype=np.float32)
+    if adversarial_eps:  # before any work: an ε the evaluation would refuse must not cost the pruning first
+        from deltaplane.deploy.adversarial import check_input_eps
+
+        check_input_eps(adversarial_eps, float(x_test.min()), float(x_test.max()))
     calib_batches = [torch.from_numpy(x_calib[i : i + 64]) for i in range(0, len(x_calib), 64)]
     example = torch.from_numpy(x_test[:1])
     model = model.eval()

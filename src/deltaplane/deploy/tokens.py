@@ -237,6 +237,10 @@ def deploy_token_model(
         raise ConfigError("eval_tokens and calib_tokens must be non-empty (N, 2, T) arrays of ids and masks")
     out_dir = check_out_dir(out_dir, overwrite=overwrite)  # before any work: a bad OUT fails fast
     refuse_non_finite_tensors(model.state_dict(), model_name)
+    if adversarial_eps:  # before any work: an ε the evaluation would refuse must not cost the pruning first
+        from deltaplane.deploy.adversarial import check_embedding_eps
+
+        check_embedding_eps(adversarial_eps, model)
     reference = wrap_for_task(model, task).eval()
     say(f"fp32 reference on {len(ev)} evaluation inputs")
     with torch.inference_mode():
