@@ -177,25 +177,26 @@ def test_geometric_median_in_column_blocks_is_the_stacked_computation_to_float_r
     assert rule.measurements["geomed_objective"] == pytest.approx(want_g, rel=1e-13)
 
 
-def test_geometric_median_holds_no_float64_copy_of_the_updates() -> None:
-    """Peak memory while the median iterates: it stacked the updates (float32) and held a float64 copy with a
-    float64 temporary of its size, ~7× the updates (10 updates of 1M values, 38 MiB: 250+ MiB more); now a
-    column block at a time, under the size of the updates themselves."""
+@pytest.mark.parametrize("rule", ["GeometricMedian(max_iter=2)", "CenteredClip(tau=1.0, iterations=2)"])
+def test_the_iterative_rules_hold_no_float64_copy_of_the_updates(rule) -> None:
+    """Peak memory while a rule iterates: each stacked the updates (float32) and held a float64 copy with
+    float64 temporaries of its size, ~7× the updates (10 updates of 1M values, 38 MiB: 250+ MiB more); now
+    a column block at a time, under the size of the updates themselves."""
     code = textwrap.dedent("""
         import torch
         import deltaplane as dp
-        from deltaplane.aggregation import GeometricMedian
+        from deltaplane.aggregation import CenteredClip, GeometricMedian
         def peak_mb():  # VmHWM: ru_maxrss would carry the (bigger) pytest parent's peak across exec
             return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
         torch.set_num_threads(1)
         g = torch.Generator().manual_seed(0)
-        rule = GeometricMedian(max_iter=2)
+        rule = RULE
         for i in range(10):
             rule.add(dp.Delta({"w": torch.randn(1_000_000, generator=g) + (5.0 if i < 2 else 0.0)}))
         before = peak_mb()
         rule.result()
         print(before, peak_mb())
-    """)
+    """).replace("RULE", rule)
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors go back to the OS (RSS is live)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
@@ -222,8 +223,12 @@ def karimireddy_cc(rounds: list[np.ndarray], tau: float, iterations: int) -> lis
     return out
 
 
+@pytest.mark.parametrize("block", [1 << 16, 7, 1])
 @pytest.mark.parametrize(("tau", "iterations"), [(0.5, 1), (2.0, 3), (0.1, 5)])
-def test_centered_clip_follows_the_papers_update_rule_round_after_round(tau, iterations) -> None:
+def test_centered_clip_follows_the_papers_update_rule_round_after_round(
+    tau, iterations, block, monkeypatch
+) -> None:
+    monkeypatch.setattr(CenteredClip, "block", block)  # one block, and column by column
     rng = np.random.default_rng(int(tau * 10) + iterations)
     rounds = [
         (rng.normal(loc=0.3 * r, scale=1.0, size=(6, 5)) * rng.choice([1, 1, 1, 20], size=(6, 1)))
@@ -236,6 +241,41 @@ def test_centered_clip_follows_the_papers_update_rule_round_after_round(tau, ite
     for x, w in zip(rounds, want, strict=True):
         np.testing.assert_allclose(_feed(rule, x, weights=list(range(1, 7))), w, rtol=1e-6, atol=1e-6)
     assert rule.measurements["clipped"] > 0  # the radius binds on these rounds
+
+
+def stacked_centered_clip(x: np.ndarray, centre: np.ndarray, *, tau: float, iterations: int) -> np.ndarray:
+    """Centered clipping as :class:`CenteredClip` computed it until 2026-12-07: the updates stacked into one
+    float64 (n, d) matrix, whole-row norms, ``iterations`` steps from ``centre``; the new centre in float64."""
+    xd = torch.tensor(x, dtype=torch.float32).double()
+    v = torch.tensor(centre, dtype=torch.float64)
+    for _ in range(iterations):
+        u = xd - v
+        norms = u.norm(dim=1)
+        far = norms > tau
+        scale = torch.where(far, tau / norms.clamp_min(1e-300), torch.ones_like(norms))
+        v = v + (u * scale[:, None]).mean(dim=0)
+    return v.numpy()
+
+
+@pytest.mark.parametrize("block", [1 << 16, 7, 1])
+@pytest.mark.parametrize("seed", range(3))
+def test_centered_clip_in_column_blocks_is_the_stacked_computation_to_float_rounding(
+    seed, block, monkeypatch
+) -> None:
+    """Centered clipping walks the updates in column blocks (no float64 copy of them); a block's partial sums of
+    squares round differently from one norm over a row, so the centre it keeps (float64) is the stacked
+    computation's to float64 rounding, the aggregate (float32) to float32 rounding."""
+    monkeypatch.setattr(CenteredClip, "block", block)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(9, 50)).astype(np.float32).astype(np.float64)
+    x[:3] += 20.0  # a minority far off: clipped at every iteration
+    centre = rng.normal(size=50)
+    want = stacked_centered_clip(x, centre, tau=2.0, iterations=3)
+    rule = CenteredClip(tau=2.0, iterations=3, state=CenteredClipState(torch.tensor(centre)))
+    got = _feed(rule, x)
+    np.testing.assert_allclose(rule.state.center.numpy(), want, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-7)
+    assert rule.measurements["clipped"] >= 3
 
 
 def test_centered_clip_with_an_infinite_radius_is_the_mean_whatever_the_centre() -> None:
