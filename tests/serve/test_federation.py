@@ -214,3 +214,18 @@ def test_an_unshifted_http_run_raises_no_prediction_alert_while_the_model_learns
     res = run_http_simulation(RunConfig(clients=3, rounds=2))
     assert [d["alerts"] for d in res.drift] == [[], []]
     assert all(d["prediction_psi"] is not None and d["prediction_psi"] < 0.1 for d in res.drift), res.drift
+
+
+def test_an_http_run_reports_each_devices_held_out_size_as_fleet_devices_do(tmp_path):
+    """``deltaplane run --transport http``'s devices reported their held-out accuracy alone, while fleet devices
+    also report ``holdout_samples`` (the Fleet page's smallest held-out set): the service it leaves behind
+    said "—" there for a run's rounds. Each report now carries its device's held-out size."""
+    from deltaplane.engine import build_clients, make_task
+    from deltaplane.registry import Registry
+    from deltaplane.serve.fleet_history import FleetHistory
+
+    cfg = RunConfig(clients=3, rounds=1)
+    run_http_simulation(cfg, home=tmp_path / "h")
+    (reports,) = FleetHistory(Registry(tmp_path / "h")).load().reports.values()
+    sizes = sorted(float(len(c.holdout)) for c in build_clients(cfg, make_task(cfg)))
+    assert sorted(r["metrics"]["holdout_samples"] for r in reports) == sizes and min(sizes) > 0

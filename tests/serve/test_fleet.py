@@ -392,7 +392,12 @@ def test_the_coordinator_calls_a_diverged_version_so(diverging_task, tmp_path) -
                                    drift_min_samples=1, models=conn)  # fmt: skip
         for t in threads:
             t.join(60)
+        (closed,) = f.admin.closed_rounds()
+        page = httpx.get(f"{f.url}/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}, verify=f.ctx).text
     assert [s.failed for s in out] == [None]
+    # the warning is on the Fleet page too, beside the version's test accuracy (not the coordinator's stderr only)
+    assert closed["diverged"] is True and closed["test_accuracy"] == out[0].test_accuracy
+    assert "class='bad' data-field='diverged'>yes</td>" in page
     said = [str(w.message) for w in caught if w.category.__name__ == "DivergenceWarning"]
     assert len(said) == 1 and said[0].startswith(
         f"version {out[0].version}: the global model's test loss rose"
@@ -436,6 +441,12 @@ def test_the_coordinator_scores_each_version_on_the_test_set_and_devices_say_the
     assert out[0].test_samples == len(task.test) == 113
     assert out[0].test_accuracy == accuracy(net, task.test)
     assert f", test accuracy {out[0].test_accuracy:.3f} on 113 samples, " in out[0].line(1)
+    # stored on the service: the Fleet page shows the figure the coordinator printed, beside the devices'
+    assert (closed["test_accuracy"], closed["test_samples"], closed["diverged"]) == (
+        out[0].test_accuracy, 113, False,
+    )  # fmt: skip
+    assert f'data-field="test_accuracy">{out[0].test_accuracy:.3f}</td>' in page
+    assert 'data-field="test_samples">113</td>' in page and "data-field='diverged'>no</td>" in page
     for dev in devices:
         held = len(dev.client.holdout)
         assert any("held-out accuracy" in line and f" on {held} samples reported" in line for line in lines)

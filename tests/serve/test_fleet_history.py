@@ -326,3 +326,60 @@ def test_a_dp_rounds_status_and_closed_list_say_its_neighbours_after_a_restart(t
     assert svc.admin.round_status("cnn", 1)["dp_adjacency"] == "unknown"
     assert svc.admin.round_status("cnn", 2)["dp_adjacency"] == "add/remove"
     assert [c["dp_adjacency"] for c in svc.admin.closed_rounds()] == ["add/remove", "add/remove"]
+
+
+def test_a_trusted_coordinators_test_accuracy_is_shown_validated_and_kept_across_a_restart(tmp_path) -> None:
+    """Walking docs/fleet.md, ``fleet coordinate --trusted`` printed each published version's test accuracy
+    ("test accuracy 0.341 on 88 samples") and its divergence warning on its own terminal only; the Fleet page
+    showed the devices' few-sample held-out figures alone. The coordinator now stores them on the service
+    (admin only, validated), the closed-rounds table and ``GET /admin/rounds/closed`` show them ("—" where no
+    trusted coordinator measured a version), and a restart keeps them."""
+    svc = Service(tmp_path / "home", downlink_codec="identity")
+    svc.admin.open_round("cnn")
+    svc.device("d0").upload("cnn", 1, payload(svc, 0), num_examples=1)
+    version = svc.admin.close_round("cnn", 1)["version"]
+    svc.admin.open_round("cnn")
+    svc.device("d0").upload("cnn", 2, payload(svc, 1, base=version), num_examples=1)
+    unmeasured = svc.admin.close_round("cnn", 2)["version"]
+    first = svc.admin.closed_rounds()
+    assert [(c["test_accuracy"], c["test_samples"], c["diverged"]) for c in first] == [(None, None, None)] * 2
+    assert "data-field='diverged'>—</td>" in _fleet_page(svc)
+
+    url = "/admin/models/cnn/rounds/plain/1/evaluation"
+    good = {"version": version, "test_accuracy": 0.341, "test_samples": 88, "diverged": True}
+    assert svc.http.put(url, json=good).status_code == 401  # the admin's alone
+    device = {"Authorization": f"Bearer {svc.admin.issue_token('d9')}"}
+    assert svc.http.put(url, json=good, headers=device).status_code in (401, 403)
+    refused = {
+        "test_accuracy": ({"test_accuracy": 1.5}, "less than or equal to 1"),
+        "nan": ({"test_accuracy": float("nan")}, "finite"),
+        "samples": ({"test_samples": 0}, "greater than or equal to 1"),
+        "unknown version": ({"version": 99}, "'cnn' has no version 99"),
+        "another round's": (
+            {"version": unmeasured},
+            f"published version {version}, not version {unmeasured}",
+        ),
+    }
+    for what, (change, said) in refused.items():
+        body = json.dumps(good | change)  # NaN as Python's json writes it: a client could send it
+        r = svc.http.put(url, content=body, headers=BEARER | {"Content-Type": "application/json"})
+        assert r.status_code == 422 and said in r.json()["detail"], (what, r.text)
+    r = svc.http.put("/admin/models/cnn/rounds/secagg/1/evaluation", json=good, headers=BEARER)
+    assert r.status_code == 422 and "no closed secagg round 1" in r.json()["detail"]
+    assert svc.admin.closed_rounds() == first  # nothing refused was kept
+
+    svc.admin.set_evaluation("cnn", "plain", 1, version, test_accuracy=0.341, test_samples=88, diverged=True)
+    rows = svc.admin.closed_rounds()
+    assert [(c["round"], c["test_accuracy"], c["test_samples"], c["diverged"]) for c in rows] == [
+        (2, None, None, None),
+        (1, 0.341, 88, True),
+    ]
+    restart(svc)
+    assert svc.admin.closed_rounds() == rows
+    page = _fleet_page(svc)
+    assert "<th>test accuracy (coordinator)</th>" in page
+    assert 'data-field="test_accuracy">0.341</td>' in page and 'data-field="test_samples">88</td>' in page
+    assert "class='bad' data-field='diverged'>yes</td>" in page
+    assert (
+        'data-field="test_accuracy">—</td>' in page
+    )  # round 2's version: no trusted coordinator measured it

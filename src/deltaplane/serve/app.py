@@ -35,7 +35,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, overload
+from typing import Annotated, Any, Literal, overload
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -360,6 +360,9 @@ class ServiceState:
     closed_rounds: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_CLOSED_ROUNDS))
     #: the last rounds that ended without publishing (aborted, lost), newest last, with why (bounded apart)
     unpublished_rounds: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_CLOSED_ROUNDS))
+    #: the trusted coordinator's evaluations of published versions by (model, version), oldest first (at most
+    #: MAX_CLOSED_ROUNDS): test-set accuracy and size, divergence (:meth:`record_evaluation`)
+    evaluations: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     #: the devices' reports by model, oldest first (at most MAX_REPORTS each)
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: where closed rounds, reports and upload counters are stored (create_app sets it; None: memory only)
@@ -573,6 +576,50 @@ class ServiceState:
             self.unpublished_rounds.append(summary)
             self._counts_saved(saved)
 
+    def record_evaluation(
+        self, model: str, kind: str, number: int, version: int, measured: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Keep the trusted coordinator's evaluation (``measured``: ``test_accuracy``, ``test_samples``,
+        ``diverged``) of ``version``, which closed ``kind`` round ``number`` of ``model`` published (stored
+        first, so a restart keeps it); the Fleet page and ``GET /admin/rounds/closed`` show it beside that
+        round's held-out figures. Returns what it kept.
+
+        Raises:
+            ConfigError: the round is not among the last closed rounds, or published another version or none
+                (a coordinator's evaluation is only of what its round published).
+        """
+        with self.lock:
+            rnd = next(
+                (
+                    r
+                    for r in reversed(self.closed_rounds)
+                    if (r["model"], r["kind"], r["round"]) == (model, kind, number)
+                ),
+                None,
+            )
+        if rnd is None:
+            raise ConfigError(
+                f"{model!r} has no closed {kind} round {number} among its last closed rounds "
+                "(GET /admin/rounds/closed lists them): evaluate a version after the round that published it closed"
+            )
+        if rnd["version"] != version:
+            published = "nothing" if rnd["version"] is None else f"version {rnd['version']}"
+            raise ConfigError(
+                f"{kind} round {number} of {model!r} published {published}, not version {version}: "
+                "an evaluation is of the version its round published"
+            )
+        kept = {"kind": kind, "round": number} | {
+            k: measured[k] for k in ("test_accuracy", "test_samples", "diverged")
+        }
+        if self.history is not None:
+            self.history.add_evaluation(model, version, kept)
+        with self.lock:
+            self.evaluations.pop((model, version), None)
+            self.evaluations[(model, version)] = kept
+            while len(self.evaluations) > MAX_CLOSED_ROUNDS:
+                del self.evaluations[next(iter(self.evaluations))]
+        return kept
+
     def unpublished_snapshot(self) -> list[dict[str, Any]]:
         """The rounds that ended without publishing, newest first."""
         with self.lock:
@@ -681,6 +728,7 @@ class ServiceState:
             self.unpublished_rounds.extend(loaded.unpublished)
             for model, reports in loaded.reports.items():
                 self.reports[model] = reports[-MAX_REPORTS:]
+            self.evaluations.update(loaded.evaluations)
             with self.counters_lock:
                 self.counters.update(loaded.counters)
             self.saved_counts = self._kept_counts()
@@ -728,7 +776,9 @@ class ServiceState:
         (the held-out accuracy each device measured on its own data, ``fleet device``'s report: the devices'
         claims, not an evaluation by the service), so the fleet page shows whether the federation learns, and,
         under local DP, where each device reports its own ε (the service spends none), the largest: the weakest
-        guarantee any reporting device holds. One pass over the reports, not one per round: the dashboard polls
+        guarantee any reporting device holds; and the trusted coordinator's measure of that version on the
+        task's test set (:meth:`record_evaluation`: ``test_accuracy``, ``test_samples``, ``diverged``; None where
+        no trusted coordinator measured it). One pass over the reports, not one per round: the dashboard polls
         this."""
         with self.lock:
             reported = self._reported("holdout_accuracy")
@@ -762,8 +812,17 @@ class ServiceState:
                         "personal_accuracy_mean": sum(own) / len(own) if own else None,
                         "personal_gain_min": min(m - g for g, m in pairs) if pairs else None,
                     }
+                    | self._evaluation(key, closed)
                 )
             return out
+
+    def _evaluation(self, key: tuple[str, int], closed: Mapping[str, Any]) -> dict[str, Any]:
+        """The trusted coordinator's evaluation of the version ``closed`` published (by that round), as the
+        closed-rounds row shows it: None each where there is none. Caller holds the lock."""
+        got = self.evaluations.get(key)
+        if got is None or (got["kind"], got["round"]) != (closed["kind"], closed["round"]):
+            return {"test_accuracy": None, "test_samples": None, "diverged": None}
+        return {k: got[k] for k in ("test_accuracy", "test_samples", "diverged")}
 
     def fleet_snapshot(self) -> dict[str, Any]:
         """What the dashboard's fleet page shows: open rounds, devices, uploads by outcome, drift, alerts."""
@@ -976,6 +1035,17 @@ class DriftReferenceRequest(_Strict):
     min_samples: int = Field(default=30, ge=1, le=10**9)
     #: standardised centroid shift (fraction of the reference embeddings' RMS spread) that may flag drift
     embedding_shift_threshold: float = Field(default=0.1, gt=0, le=1e6)
+
+
+class EvaluationRequest(_Strict):
+    """A trusted coordinator's measure of a published version (``fleet coordinate --trusted``)."""
+
+    version: int = Field(ge=1, le=2**31 - 1, description="the version the round published")
+    test_accuracy: float = Field(
+        ge=0, le=1, allow_inf_nan=False, description="its accuracy on the task's test set, in [0, 1]"
+    )
+    test_samples: int = Field(ge=1, le=2**31 - 1, description="the test set's size")
+    diverged: bool = Field(default=False, description="whether the coordinator's divergence check warned")
 
 
 class Message(BaseModel):
@@ -1611,6 +1681,26 @@ def create_app(
                 f"no drift reference set for {model!r}: PUT /admin/models/{model}/drift-reference first"
             )
         return {"model": model, "version": version, "versions": sorted(mon.prediction_references)}
+
+    @app.put(
+        "/admin/models/{model}/rounds/{kind}/{number}/evaluation",
+        tags=["admin"],
+        dependencies=[Admin],
+        responses={422: _ERRORS[422]},
+    )
+    def set_evaluation(
+        model: ModelName,
+        kind: Literal["plain", "secagg"],
+        number: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+        body: EvaluationRequest,
+    ) -> dict[str, Any]:
+        """The trusted coordinator's evaluation of the version round ``number`` published: its accuracy on the
+        task's test set, that set's size and whether it diverged, shown on the Fleet page beside the devices'
+        held-out figures (422: an unknown version, or not the one that round published)."""
+        if body.version not in {a.number for a in reg.versions(model)}:
+            raise ConfigError(f"{model!r} has no version {body.version} to evaluate")
+        kept = state.record_evaluation(model, kind, number, body.version, body.model_dump())
+        return {"model": model, "version": body.version} | kept
 
     @app.get("/admin/alerts", tags=["admin"], dependencies=[Admin])
     def alerts(

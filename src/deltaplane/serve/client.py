@@ -787,6 +787,33 @@ class AdminClient:
             )
         ).json()
 
+    def set_evaluation(
+        self,
+        model: str,
+        kind: str,
+        number: int,
+        version: int,
+        *,
+        test_accuracy: float,
+        test_samples: int,
+        diverged: bool = False,
+    ) -> Any:
+        """Store the trusted coordinator's measure of ``version``, which ``kind`` round ``number`` published:
+        its accuracy on the task's test set (``test_samples`` of them) and whether it diverged; the Fleet page
+        and :meth:`closed_rounds` show it. Safe to repeat (a later one replaces it)."""
+        return _check(
+            self._http.put(
+                f"/admin/models/{model}/rounds/{kind}/{number}/evaluation",
+                json={
+                    "version": int(version),
+                    "test_accuracy": float(test_accuracy),
+                    "test_samples": int(test_samples),
+                    "diverged": bool(diverged),
+                },
+                headers=self._headers,
+            )
+        ).json()
+
     def alerts(self, model: str | None = None) -> list[dict[str, Any]]:
         return self._get("/admin/alerts", **({"model": model} if model else {}))
 

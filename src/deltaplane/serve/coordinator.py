@@ -578,7 +578,7 @@ def coordinate(
             ),
             "set the drift reference",
         )
-    predictions: Callable[[int | None], tuple[int, float | None] | None] = lambda version: None  # noqa: E731
+    predictions: Callable[[int | None], tuple[int, float | None, bool] | None] = lambda version: None  # noqa: E731
     if drift and models is not None and local is not None:
         predictions = local.predictions(p, models, model)
         predictions(None)  # a restarted coordinator: the version the devices may still report on
@@ -631,10 +631,29 @@ def coordinate(
             elif (fetched := predictions(int(version))) is not None and fetched[1] is not None:
                 assert local is not None  # predictions registered: the task is built here
                 summary.test_accuracy, summary.test_samples = fetched[1], len(local.task.test)
+                _store_evaluation(p, model, summary, diverged=fetched[2])
         done.append(summary)
         if progress is not None:
             progress(summary)
     return done
+
+
+def _store_evaluation(p: Patient, model: str, summary: RoundSummary, *, diverged: bool) -> None:
+    """Store the published version's test accuracy and divergence (measured here on its verified weights) on
+    the service, where the Fleet page shows them beside the devices' held-out figures; a refusal is said and
+    the rounds go on (the figure is on the coordinator's line either way)."""
+    assert summary.version is not None and summary.test_accuracy is not None
+    version, accuracy = summary.version, summary.test_accuracy
+    try:
+        p.call(
+            lambda: p.admin.set_evaluation(
+                model, summary.kind, summary.number, version,
+                test_accuracy=accuracy, test_samples=summary.test_samples, diverged=diverged,
+            ),
+            f"store version {version}'s test accuracy",
+        )  # fmt: skip
+    except ServiceError as exc:
+        p.say(f"could not store version {version}'s test accuracy on the service: {exc.detail}")
 
 
 def _registered(p: Patient, model: str, config: RunConfig) -> FleetReference | str:

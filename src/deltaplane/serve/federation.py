@@ -326,7 +326,8 @@ def _run(
                 alerts += d.report(
                     MODEL,
                     version=closed["version"],
-                    metrics={"holdout_accuracy": client_acc[c.cid]},
+                    # its held-out size too, as fleet devices report it: the Fleet page's smallest held-out set
+                    metrics={"holdout_accuracy": client_acc[c.cid], "holdout_samples": float(len(c.holdout))},
                     summary=s.to_dict(),
                     round_id=opened["round"],
                 )["alerts"]

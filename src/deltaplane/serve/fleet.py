@@ -745,7 +745,7 @@ def register_predictions(
     reference: Callable[[torch.nn.Module], list[int]],
     watch: DivergenceWatch | None = None,
     test: Dataset | None = None,
-) -> tuple[int, float | None] | None:
+) -> tuple[int, float | None, bool] | None:
     """Register the prediction reference of the version the training tag serves (expected: ``version``; None:
     whichever it is, as at the coordinator's start): its predicted-class counts on the drift reference's data
     (``reference``, the HTTP simulation's :func:`~deltaplane.serve.federation.prediction_reference`), computed
@@ -756,14 +756,15 @@ def register_predictions(
     the fetched weights are also checked for divergence (:class:`~deltaplane.engine.divergence.DivergenceWatch`:
     the version served at start is its initial model). With ``test`` (the task's test set) the version's
     accuracy on it comes back beside the version: the devices' held-out figures are a few samples each on a
-    small fleet, this one the figure ``deltaplane run`` prints for the same task."""
+    small fleet, this one the figure ``deltaplane run`` prints for the same task. The third value says whether
+    the divergence check warned on this version (the coordinator stores all three on the service for the Fleet
+    page)."""
     doing = "fetch the published version" if version is None else f"fetch version {version}"
     try:
         got, state = p.call(lambda: models.fetch(model, channel="training"), doing)
         if version is not None and got != version:
             raise ConfigError(f"the training tag serves version {got}, not {version} (moved meanwhile?)")
-        if watch is not None:
-            watch.check(got, state, where=f"version {got}")
+        diverged = watch is not None and watch.check(got, state, where=f"version {got}") is not None
         net.load_state_dict(state)
         scored = accuracy(net, test) if test is not None else None
         counts = reference(net)
@@ -779,7 +780,7 @@ def register_predictions(
             "predicted-class drift row stays untested (no prediction reference)"
         )
         return None
-    return got, scored
+    return got, scored, diverged
 
 
 @dataclass
@@ -819,7 +820,7 @@ class LocalTask:
 
     def predictions(
         self, p: Patient, models: DeviceClient, model: str
-    ) -> Callable[[int | None], tuple[int, float | None] | None]:
+    ) -> Callable[[int | None], tuple[int, float | None, bool] | None]:
         """:func:`register_predictions` for ``model`` on this task's reference data, with the divergence watch
         (its initial model: the version served when first called) and each version's accuracy on the task's
         test set."""

@@ -22,6 +22,11 @@ holds, with the same bounds:
 * ``fleet_reports``: the devices' reports (``POST /v1/models/{m}/report``: metrics such as
   ``holdout_accuracy``), one per device per version (a later report replaces it), the last
   :data:`MAX_REPORTS` per model.
+* ``fleet_evaluations``: a published version's accuracy on the task's test set (and that set's size) and
+  whether the divergence check warned on it, as the trusted coordinator (``fleet coordinate --trusted``)
+  measured it on the weights it fetched verified (``PUT /admin/models/{m}/rounds/{kind}/{n}/evaluation``),
+  one per version (a later one replaces it), the last :data:`MAX_CLOSED_ROUNDS`: the one figure on the Fleet
+  page measured on the same data ``deltaplane run`` scores, where the devices' held-out sets are a few samples.
 * ``fleet_counters``: uploads accepted and refused by reason (:func:`kept_counter`), saved inside the
   transactions the service makes anyway: each round's close or abort, each report and each accepted upload (no
   sync of their own, none per refusal: a flood of refused requests costs no disk write), else by the running
@@ -88,6 +93,9 @@ _PUBLISHED = (1, ("version", "contributors", "epsilon", "authenticated", "revoke
 #: beside ε since it was stored (an older deltaplane reads the row and ignores it); a row with an ε and no
 #: label reads "unknown" (:func:`stored_adjacency`), never a guess
 _PUBLISHED_OPTIONAL = ("dp_adjacency",)
+#: a trusted coordinator's evaluation of a published version: the round that published it, its accuracy on the
+#: task's test set, that set's size, and whether the coordinator's divergence check warned on it
+_EVALUATION = (1, ("kind", "round", "test_accuracy", "test_samples", "diverged"))
 #: a round that ended without publishing: ``invited`` (None: a plain round invites every device),
 #: ``contributors`` (the devices that took part: uploaded, or spoke in a SecAgg stage), ``stage`` (a SecAgg
 #: round's stage when it ended), ``reason``
@@ -103,6 +111,9 @@ _SCHEMA = (
         device TEXT NOT NULL, version INTEGER NOT NULL, report TEXT NOT NULL, at REAL NOT NULL,
         UNIQUE (model, device, version))""",
     "CREATE INDEX IF NOT EXISTS fleet_reports_model ON fleet_reports (model, id)",
+    """CREATE TABLE IF NOT EXISTS fleet_evaluations (
+        model TEXT NOT NULL, version INTEGER NOT NULL, format INTEGER NOT NULL, evaluation TEXT NOT NULL,
+        at REAL NOT NULL, PRIMARY KEY (model, version))""",
     "CREATE TABLE IF NOT EXISTS fleet_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
 
@@ -173,6 +184,10 @@ _FIELD_CHECKS: dict[str, Any] = {
     "revoked": lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v),
     "cohort": lambda v: isinstance(v, str),
     "round": lambda v: v is None or is_int(v),
+    "test_accuracy": lambda v: is_number(v) and 0 <= v <= 1,
+    "test_samples": lambda v: is_int(v) and v >= 1,
+    "diverged": lambda v: isinstance(v, bool),
+    "kind": lambda v: isinstance(v, str),
     "metrics": lambda v: (
         isinstance(v, dict) and all(isinstance(k, str) and is_number(x) for k, x in v.items())
     ),
@@ -225,11 +240,13 @@ def decode_row(
 @dataclass
 class LoadedHistory:
     """What :meth:`FleetHistory.load` read: published rounds and rounds that ended without publishing (each
-    oldest first), reports by model (oldest first), counters, and one line per row it refused."""
+    oldest first), reports by model (oldest first), the trusted coordinator's evaluations by (model, version)
+    (oldest first), counters, and one line per row it refused."""
 
     rounds: list[dict[str, Any]] = field(default_factory=list)
     unpublished: list[dict[str, Any]] = field(default_factory=list)
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    evaluations: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
 
@@ -340,6 +357,24 @@ class FleetHistory:
                 (model, model, MAX_REPORTS),
             )
 
+    def add_evaluation(self, model: str, version: int, evaluation: Mapping[str, Any]) -> None:
+        """Store the trusted coordinator's ``evaluation`` of ``model``'s ``version`` (``kind`` and ``round``: the
+        round that published it; ``test_accuracy``, ``test_samples``, ``diverged``), replacing an earlier one of
+        that version, and prune past :data:`MAX_CLOSED_ROUNDS` (the closed rounds it sits beside)."""
+        _, fields = _EVALUATION
+        with self.registry.transaction() as con:
+            # REPLACE deletes the earlier row and inserts a new rowid: the newest evaluation is the last kept
+            con.execute(
+                "INSERT OR REPLACE INTO fleet_evaluations (model, version, format, evaluation, at) "
+                "VALUES (?,?,?,?,?)",
+                (model, version, _EVALUATION[0], json.dumps({k: evaluation[k] for k in fields}), time.time()),
+            )
+            con.execute(
+                "DELETE FROM fleet_evaluations WHERE rowid <= "
+                "(SELECT rowid FROM fleet_evaluations ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                (MAX_CLOSED_ROUNDS,),
+            )
+
     def load(self) -> LoadedHistory:
         """Everything stored, as memory holds it; rows it cannot read are left out and listed in ``refused``."""
         out = LoadedHistory()
@@ -384,6 +419,16 @@ class FleetHistory:
                 {"device": device, "version": int(version), "at": float(at)}
                 | {k: data[k] for k in ("cohort", "round", "metrics")}
             )
+        rows = self.registry.query(
+            "SELECT rowid, format, model, version, evaluation FROM fleet_evaluations ORDER BY rowid"
+        )
+        for row_id, fmt, model, version, text in rows:
+            try:
+                data = decode_row("fleet_evaluations", row_id, fmt, text, _EVALUATION[1], _EVALUATION[0])
+            except HistoryRowError as exc:
+                out.refused.append(f"{exc} (evaluation of {model}@{version}); left out")
+                continue
+            out.evaluations[(model, int(version))] = {k: data[k] for k in _EVALUATION[1]}
         out.counters = {
             str(k): int(v) for k, v in self.registry.query("SELECT name, value FROM fleet_counters")
         }

@@ -85,6 +85,14 @@ def _num(value: Any, fmt: str = "{:.4f}", field: str = "") -> str:
     return f'<td class="num"{attr}>{_fmt(value, fmt)}</td>'
 
 
+def _diverged(flag: bool | None) -> str:
+    """A closed round's divergence cell: whether the trusted coordinator's divergence check warned on the
+    version it published ("—": no trusted coordinator checked it)."""
+    if flag is None:
+        return "<td data-field='diverged'>—</td>"
+    return "<td class='bad' data-field='diverged'>yes</td>" if flag else "<td data-field='diverged'>no</td>"
+
+
 def _when(ts: float | None) -> str:
     """``ts`` (unix s) as a UTC date; a time no date holds (past year 9999: a revocation list's u64 times can
     be) as its number, so that one odd value never makes the whole page a 500."""
@@ -850,6 +858,10 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
         + _num(r.get("holdout_accuracy_mean"), "{:.3f}", "holdout_accuracy_mean")
         + _num(r.get("holdout_accuracy_min"), "{:.3f}", "holdout_accuracy_min")
         + _num(r.get("holdout_samples_min"), "{}", "holdout_samples_min")
+        # the trusted coordinator's measure on the task's test set ("—": none measured this version)
+        + _num(r.get("test_accuracy"), "{:.3f}", "test_accuracy")
+        + _num(r.get("test_samples"), "{}", "test_samples")
+        + _diverged(r.get("diverged"))
         + _num(r.get("global_accuracy_mean"), "{:.3f}", "global_accuracy_mean")
         + _num(r.get("personal_accuracy_mean"), "{:.3f}", "personal_accuracy_mean")
         + _num(r.get("personal_gain_min"), "{:+.3f}", "personal_gain_min")
@@ -957,6 +969,9 @@ def fleet_page(fleet: Mapping[str, Any] | None) -> str:
                 "held-out accuracy mean",
                 "min",
                 "smallest held-out set",
+                "test accuracy (coordinator)",
+                "test samples",
+                "diverged",
                 "global, own label mix",
                 "personal, own label mix",
                 "worst device's change",
