@@ -531,6 +531,9 @@ class RequestGuard:
         await self._drain_small(receive, headers)
         if due > now:
             await asyncio.sleep(min(due - now, self.body_timeout))
+        # the request its turn refilled is this refusal's: otherwise the door served ``rate`` refusals a second
+        # past the limit (device busy, body budget) besides ``rate`` paced ones
+        self.rate_limit.acquire(device_id)
         wait = max(self.rate_limit.wait(device_id), 1 / self.rate_limit.rate)
         await _reply(
             send,
