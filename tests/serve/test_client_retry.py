@@ -111,3 +111,109 @@ def test_retry_after_is_read_strictly(status, header, wait):
         else [],
     )
     assert retry_after(resp) == wait
+
+
+class _Trickle(httpx.SyncByteStream):
+    def __init__(self, body: bytes, pause: float) -> None:
+        self.body, self.pause = body, pause
+
+    def __iter__(self):
+        yield self.body[:1024]
+        time.sleep(self.pause)
+        yield self.body[1024:]
+
+
+class _SlowUploads(httpx.HTTPTransport):
+    """A link that is slow for the first ``slow`` uploads: 1 KiB of the body, a pause of ``pause`` seconds (past
+    the service's grace), then the rest."""
+
+    def __init__(self, *, slow: int, pause: float) -> None:
+        super().__init__()
+        self.slow, self.pause = slow, pause
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/update") and self.slow:
+            self.slow -= 1
+            request.stream = _Trickle(request.read(), self.pause)  # the declared length is kept
+        return super().handle_request(request)
+
+
+@pytest.fixture
+def paced(tmp_path):
+    """A real service whose bodies must keep 1 MiB/s after a 0.5 s grace (a dropped body's device waits 3 s)."""
+    svc = Service(tmp_path / "h", min_body_rate=1 << 20, body_rate_grace_s=0.5, body_timeout_s=60)
+    token = svc.admin.issue_token("d1")
+    with BackgroundServer(svc.app) as s:
+        yield svc, s.url, token
+
+
+def _device(url, token, svc, *, slow: int, waits: list[float]) -> DeviceClient:
+    def sleep(s: float) -> None:
+        waits.append(s)
+        time.sleep(s)
+
+    http = httpx.Client(base_url=url, transport=_SlowUploads(slow=slow, pause=1.5), timeout=20)
+    return DeviceClient(url, token, verifier=svc.verifier, client=http, sleep=sleep)
+
+
+def test_an_upload_dropped_for_its_pace_is_sent_again_once_its_penalty_ends(paced):
+    """A device on a briefly slow link got the pace rule's 408 (no Retry-After) and lost its upload and the
+    round; the 408 now says when the device may send again (the penalty, 6 graces: 3 s), the client sends the
+    upload once more then, and it counts once: a second upload to the round is still a 409."""
+    svc, url, token = paced
+    svc.admin.open_round("cnn")
+    waits: list[float] = []
+    dev = _device(url, token, svc, slow=1, waits=waits)
+    try:
+        assert dev.upload("cnn", 1, payload(svc, 1))["accepted"]
+        assert waits == [3.0] and dev.retried == 1
+        with pytest.raises(ServiceError, match="already uploaded to round 1") as err:
+            dev.upload("cnn", 1, payload(svc, 2))
+        assert err.value.status == 409
+    finally:
+        dev.close()
+    assert svc.admin.round_status("cnn", 1)["uploads"] == 1
+    assert svc.state.counters["rejected.body_too_slow"] == 1
+
+
+def test_an_upload_slow_twice_is_raised_with_its_penalty(paced):
+    """Slow again after its one retry: the link, not a moment. The 408 is raised with the wait it asks (the
+    device loop sits the round out on it), and nothing reached the round."""
+    svc, url, token = paced
+    svc.admin.open_round("cnn")
+    waits: list[float] = []
+    dev = _device(url, token, svc, slow=2, waits=waits)
+    try:
+        with pytest.raises(ServiceError, match="--min-body-rate") as err:
+            dev.upload("cnn", 1, payload(svc, 1))
+    finally:
+        dev.close()
+    assert err.value.status == 408 and err.value.retry_after == 3.0 and waits == [3.0]
+    assert svc.admin.round_status("cnn", 1)["uploads"] == 0
+    assert svc.state.counters["rejected.body_too_slow"] == 2
+
+
+def test_fleet_device_sits_out_a_round_whose_upload_was_dropped_as_too_slow(monkeypatch):
+    """`fleet device` stopped on the pace rule's 408 (not a refusal it knew): it now says so and sits the round
+    out, to take the next one; a 408 without Retry-After (the body timeout) still stops it."""
+    from types import SimpleNamespace
+
+    from deltaplane.serve import fleet
+
+    said: list[str] = []
+    dev = SimpleNamespace(step=SimpleNamespace(personalizer=SimpleNamespace(name="none")), log=said.append)
+    info = {"round": 3, "base_version": 1, "kind": "plain"}
+
+    def slow(*_):
+        raise ServiceError(408, "the request body arrived at 10 bytes/s", retry_after=60.0)
+
+    monkeypatch.setattr(fleet, "plain_round", slow)
+    assert fleet.take_part(dev, info, stage_wait=1) is False
+    assert "round 3" in said[0] and "too slow" in said[0] and "60 s" in said[0]
+
+    def timed_out(*_):
+        raise ServiceError(408, "the request body did not arrive within 120 s")
+
+    monkeypatch.setattr(fleet, "plain_round", timed_out)
+    with pytest.raises(ServiceError):
+        fleet.take_part(dev, info, stage_wait=1)

@@ -665,3 +665,47 @@ def test_a_body_declaring_a_length_and_chunks_is_refused(tmp_path):
             assert status == (400 if b"Content-Length" in framing else 202), answer
             assert status == 202 or b"both Content-Length and Transfer-Encoding" in answer, answer
     assert svc.state.counters["rejected.bad_content_length"] == 1
+
+
+def test_refusals_at_the_door_spend_the_devices_rate_and_are_paced_past_it(tmp_path):
+    """A refusal before the body is read (429/503) spent nothing of the device's rate limit: one token got
+    ~750 refusals a second from the guard. Refusals now spend it, and past it a device's refusals go out one
+    per 1/rate s: 12 requests at once of a device holding its one request in flight, at 2/s with a burst of
+    2, take about 4.5 s instead of one; the operator and another device are served meanwhile at once."""
+    import threading
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    from .test_client_retry import _hold
+
+    svc = Service(tmp_path / "h", max_device_requests=1, rate=2.0, burst=2)
+    evil, honest = svc.admin.issue_token("evil"), svc.admin.issue_token("honest")
+    with BackgroundServer(svc.app) as s, httpx.Client(base_url=s.url, timeout=20) as http:
+        held = _hold(s.url, evil)
+        codes: list[int] = []
+
+        def hammer() -> None:
+            with httpx.Client(base_url=s.url, timeout=20) as mine:
+                resp = mine.get("/v1/models/cnn/round", headers={"Authorization": f"Bearer {evil}"})
+                codes.append(resp.status_code)
+
+        start = time.monotonic()
+        threads = [threading.Thread(target=hammer) for _ in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        admin = http.get("/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert admin.status_code == 200, admin.text
+        got = http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {honest}"})
+        assert got.status_code == 200 and time.monotonic() - t0 < 1.0
+        for t in threads:
+            t.join()
+        took = time.monotonic() - start
+        held.close()
+    assert codes == [429] * 12
+    assert took > 3.5, took  # 2 from the burst, then 10 paced at 2/s (the first at once)
+    assert svc.state.counters["rejected.rate_limited"] >= 9

@@ -138,7 +138,9 @@ class ServiceConfig:
         auth_failure_rate, auth_failure_burst: failed authentications allowed per client address (per second,
             and in a burst; device and admin tokens apart) before that address gets 429 for every token that
             fails (a valid device token still passes; the admin token is not even checked).
-        rate: per-device sustained requests per second; ``burst``: short bursts allowed above it.
+        rate: per-device sustained requests per second; ``burst``: short bursts allowed above it. Refusals at
+            the door (429/503 before a body is read, 408 for a slow body) spend it too, and a device past it
+            is refused at that pace, so one token hammering the door gets ``rate`` refusals a second.
         downlink_codec: codec spec for round-to-round deltas the service publishes; ``downlink_error_feedback``
             keeps what it drops on the server for the next round; ``downlink_seed`` seeds its generator.
         server_lr: FedAvg's server step (plain server SGD) when ``federation`` is not set.
@@ -164,7 +166,7 @@ class ServiceConfig:
             address or a proxy on another host.
         max_device_requests: requests one device may have in flight at once; one more gets 429 at once, its
             body unread, so one device token cannot hold every connection with a body buffering (the per-device
-            ``rate`` is spent only once a body has arrived).
+            ``rate`` is spent once a body has arrived, or by a refusal before it is read).
         max_body_bytes_in_flight: bytes all device request bodies may hold at once, read or being
             handled (a request reserves its Content-Length, or its route's cap without one, before its body is
             read); one that does not fit gets 503 with ``Retry-After``, its body unread, so *n* device tokens
@@ -1211,6 +1213,7 @@ def create_app(
         max_device_body_bytes=config.device_body_share,
         min_body_rate=config.min_body_rate,
         body_rate_grace=config.body_rate_grace_s,
+        rate_limit=limiter,
     )
 
     @app.exception_handler(DeltaplaneError)

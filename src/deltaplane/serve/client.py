@@ -60,7 +60,7 @@ REVOCATIONS_DEVICE_PATH = "/v1/secagg/revocations"
 class ServiceError(DeltaplaneError, RuntimeError):
     """The service answered with an error status; ``status`` and ``detail`` say which and why, and ``error``
     names the service's typed error (e.g. ``"PrivacyBudgetExceeded"``) when it sent one. ``retry_after``: the
-    seconds a 429/503 refusal made before handling asked to wait (:func:`retry_after`), else None."""
+    seconds a 408/429/503 refusal made before handling asked to wait (:func:`retry_after`), else None."""
 
     def __init__(
         self, status: int, detail: str, error: str | None = None, *, retry_after: float | None = None
@@ -111,14 +111,15 @@ def _check(resp: httpx.Response) -> httpx.Response:
 #: the default bound on one answer's (decompressed) size a device reads; a full model download is the largest
 MAX_RESPONSE_BYTES = 1 << 30
 #: statuses a device retries, when they carry ``Retry-After``: the service sends one only with a refusal made
-#: before the request was handled (device busy, rate limit, body budget, connections per address), so a
-#: retried upload cannot count twice (and a second upload of a device to one round is refused, 409, anyway)
-RETRY_STATUSES = (429, 503)
+#: before the request was handled (device busy, rate limit, body budget, connections per address; 408: a body
+#: dropped for arriving slower than ``--min-body-rate``), so a retried upload cannot count twice (and a second
+#: upload of a device to one round is refused, 409, anyway)
+RETRY_STATUSES = (408, 429, 503)
 _SECONDS = re.compile(r"[0-9]{1,9}")
 
 
 def retry_after(resp: httpx.Response) -> float | None:
-    """The seconds a 429/503 answer's ``Retry-After`` asks to wait (delta-seconds only), or None: not to be
+    """The seconds a 408/429/503 answer's ``Retry-After`` asks to wait (delta-seconds only), or None: not to be
     retried (another status, no header, an HTTP date, garbage)."""
     value = resp.headers.get("retry-after", "").strip()
     if resp.status_code not in RETRY_STATUSES or not _SECONDS.fullmatch(value):
@@ -255,8 +256,10 @@ class DeviceClient:
             client a context pinned by :func:`~deltaplane.serve.tls.pin_service_key` to refuse at the handshake.
         retries: how many times one request is sent again after a 429 or 503 carrying ``Retry-After`` (the
             service refused it before handling it: this device's requests in flight, its rate, the bodies in
-            flight), waiting what the header asks; 0: never. A request still refused after them raises
-            :class:`ServiceError` with that status.
+            flight), waiting what the header asks; 0: never. A 408 with ``Retry-After`` (its body arrived slower
+            than the service's minimum rate and was dropped unhandled; the header is the penalty during which
+            this device may send no body) is sent again at most once. A request still refused after them raises
+            :class:`ServiceError` with that status and its ``retry_after``.
         max_retry_wait: the longest ``Retry-After`` (seconds) waited out; an answer asking for longer is raised
             at once (a device loop, e.g. ``fleet device``, backs off on its own schedule).
         sleep: how to wait (tests pass a recorder).
@@ -317,12 +320,14 @@ class DeviceClient:
     def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One request, sent again (at most ``retries`` times) while the service refuses it with a 429 or 503
         whose ``Retry-After`` is at most ``max_retry_wait``; the last answer is returned."""
-        left = self.retries
+        left, slow = self.retries, False
         while True:
             resp = self._send_once(method, path, **kw)
             wait = retry_after(resp)
-            if wait is None or wait > self.max_retry_wait or not left:
+            if wait is None or wait > self.max_retry_wait or not left or (slow and resp.status_code == 408):
                 return resp
+            # a body dropped for its pace (408) is sent again once: twice slow is the link, not a moment
+            slow = slow or resp.status_code == 408
             left -= 1
             self.retried += 1
             self._sleep(wait)
@@ -334,7 +339,15 @@ class DeviceClient:
         try:
             # the service's TLS certificate, read while the connection is open: what SecAgg signatures name
             # (deltaplane.serve.service_identity)
-            cert, peer = peer_certificate(resp), peer_address(resp)
+            cert = peer_certificate(resp)
+            try:
+                peer = peer_address(resp)
+            except OSError:
+                # a refusal sent while the body was still going out (a 408 for its pace, a 413): the server
+                # closed the connection under it, and getpeername fails; an answer that went through never does
+                if resp.status_code < 400:
+                    raise
+                peer = None
             if self.service_spki is not None:  # the handshake checked it, unless the connection is not ours
                 from deltaplane.serve.tls import check_service_key
 

@@ -639,13 +639,22 @@ def take_part(dev: Device, info: dict[str, Any], *, stage_wait: float) -> bool:
     A round that ends or refuses the device while it trains or speaks (the coordinator's deadline passed, the
     round was aborted, the device is not a survivor) leaves the device out of that round only: it waits for the
     next one instead of stopping. A personalized device adapts to the round's version whether its update went
-    in or not (:func:`_watch`)."""
+    in or not (:func:`_watch`). An upload dropped for arriving too slowly (408, ``--min-body-rate``) leaves it
+    out of that round too, said in the log."""
     _watch(dev, int(info["round"]), int(info["base_version"]))
     try:
         if info["kind"] == "plain":
             return plain_round(dev, info)
         return secagg_round(dev, info, wait=stage_wait)
     except ServiceError as exc:
+        if exc.status == 408 and exc.retry_after is not None:
+            # its body arrived slower than the service's minimum rate and was dropped unhandled (the client sent
+            # it again if the penalty was short): the link, not the round, failed; said, and the next round tried
+            dev.log(
+                f"round {info['round']}: the service dropped this device's upload as too slow ({exc.detail}); "
+                f"it takes no other body from it for {exc.retry_after:g} s; sitting this round out"
+            )
+            return False
         if exc.status not in _OUT_OF_ROUND:
             raise
         dev.log(f"round {info['round']}: refused ({exc.detail}); sitting it out")

@@ -37,7 +37,13 @@
    reserved within ``body_timeout`` (:meth:`RequestGuard._on_pace_for`). A body trickled a byte a second held
    its share of the budget for the whole ``body_timeout``; now it is dropped after the grace, its device may
    reserve no other body for ``SLOW_PENALTY_GRACES`` graces (429; a trickler reconnecting at once held its
-   share for ever), and tokens that hold the budget must send the bytes they reserve.
+   share for ever), and tokens that hold the budget must send the bytes they reserve. The 408 carries
+   ``Retry-After`` (the penalty's length): the body was never handled, so an honest device may send it again.
+9. Every refusal above that names a device (5 to 8) spends a request of that device's rate limit
+   (``rate_limit``, the one its endpoints spend), and a device whose rate is spent is refused (429) at the
+   door, each refusal in its turn at the rate's pace (:meth:`RequestGuard._refuse_over_rate`): refusals cost no
+   body, but one token hammering the guard got ~750 of them a second, none of them counted against it. The
+   admin routes and other devices spend nothing of it; an honest device refused once spends one request.
 
 The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
 the token a second time.
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -116,6 +123,9 @@ class RequestGuard:
             passed (408 once it falls behind); 0: no minimum, only ``body_timeout``.
         body_rate_grace: seconds a body may take before ``min_body_rate`` applies (a connection's slow start,
             a device's first radio wake-up).
+        rate_limit: the per-device request rate (keyed by device id) its endpoints spend: each refusal of a
+            device at the guard spends one too, and a device with none left is refused at the rate's pace;
+            None: refusals are free.
     """
 
     def __init__(
@@ -134,8 +144,12 @@ class RequestGuard:
         max_device_body_bytes: int | None = None,
         min_body_rate: float = 0.0,
         body_rate_grace: float = 10.0,
+        rate_limit: RateLimiter | None = None,
     ) -> None:
         self.app = app
+        self.rate_limit = rate_limit
+        # device id -> loop time its next over-rate refusal may go out; event loop only
+        self._refusal_due: dict[str, float] = {}
         self.max_device_body_bytes = max_device_body_bytes
         self.min_body_rate = min_body_rate
         self.body_rate_grace = body_rate_grace
@@ -213,6 +227,9 @@ class RequestGuard:
             await self._bounded(scope, receive, send, area, headers, None)
             return
         device_id = ident.device_id
+        if self.rate_limit is not None and self.rate_limit.wait(device_id) > 0:
+            await self._refuse_over_rate(receive, send, headers, device_id)
+            return
         held = self._in_flight.get(device_id, 0)
         if held >= self.max_device_requests:
             await self._refuse_unread(
@@ -224,6 +241,7 @@ class RequestGuard:
                 f"device {device_id} already has {held} requests in flight (at most {self.max_device_requests}); "
                 "wait for one to finish",
                 retry_after_s=1,
+                device_id=device_id,
             )
             return
         self._in_flight[device_id] = held + 1
@@ -301,6 +319,7 @@ class RequestGuard:
                 f"device {device_id} sent a body slower than the service's minimum (--min-body-rate) and may "
                 f"send another in {wait:.0f} s; send it over a faster link, or a smaller update",
                 retry_after_s=max(1, round(wait)),
+                device_id=device_id,
             )
             return
         mine = self._device_bytes.get(device_id, 0) if device_id is not None else 0
@@ -320,6 +339,7 @@ class RequestGuard:
                     else " (a body without Content-Length reserves its route's whole cap: send Content-Length)"
                 ),
                 retry_after_s=BUDGET_RETRY_AFTER_S,
+                device_id=device_id,
             )
             return
         if reserve and budget is not None and self.body_bytes_in_flight + reserve > budget:
@@ -338,6 +358,7 @@ class RequestGuard:
                     else " (a body without Content-Length reserves its route's whole cap: send Content-Length)"
                 ),
                 retry_after_s=BUDGET_RETRY_AFTER_S,
+                device_id=device_id,
             )
             return
         self.body_bytes_in_flight += reserve
@@ -413,6 +434,8 @@ class RequestGuard:
                         if reserve < limit
                         else ", with its Content-Length (one without reserves the whole cap)"
                     ),
+                    # the body was never handled: the device may send it again once its penalty ends
+                    {"retry-after": str(max(1, math.ceil(SLOW_PENALTY_GRACES * self.body_rate_grace)))},
                 )
                 return True
             if message["type"] == "http.disconnect":
@@ -478,12 +501,47 @@ class RequestGuard:
         detail: str,
         *,
         retry_after_s: int,
+        device_id: str | None,
     ) -> None:
         """Refuse a request before handling it, its body unread (only a small one drained), counted under
-        ``counter``, with ``Retry-After``: the refusals a device may retry (:func:`serve.client.retry_after`)."""
+        ``counter``, with ``Retry-After``: the refusals a device may retry (:func:`serve.client.retry_after`).
+        The refusal spends one request of ``device_id``'s rate limit, as its endpoints do."""
         self.on_reject(counter)
+        if self.rate_limit is not None and device_id is not None:
+            self.rate_limit.acquire(device_id)
         await self._drain_small(receive, headers)
         await _reply(send, status, detail, {"retry-after": str(retry_after_s)})
+
+    async def _refuse_over_rate(
+        self, receive: Receive, send: Send, headers: dict[bytes, bytes], device_id: str
+    ) -> None:
+        """Refuse (429) a request of ``device_id``, whose rate limit is spent, in its turn: over-rate refusals of
+        one device go out one per ``1 / rate`` seconds (at most ``body_timeout`` queued), so a token hammering the
+        door gets ``rate`` answers a second, not one per connection it opens; each waiting request holds only a
+        timer and its connection (bounded per address by uvicorn's cap, :mod:`deltaplane.serve.server`)."""
+        assert self.rate_limit is not None
+        self.on_reject("rejected.rate_limited")
+        now = asyncio.get_running_loop().time()
+        due = self._refusal_due.get(device_id, now)
+        if due <= now:
+            due = now
+            if len(self._refusal_due) > 4096:  # forget the turns that passed: the map holds hammering devices
+                self._refusal_due = {d: t for d, t in self._refusal_due.items() if t > now}
+        self._refusal_due[device_id] = min(due, now + self.body_timeout) + 1 / self.rate_limit.rate
+        await self._drain_small(receive, headers)
+        if due > now:
+            await asyncio.sleep(min(due - now, self.body_timeout))
+        # the request its turn refilled is this refusal's: otherwise the door served ``rate`` refusals a second
+        # past the limit (device busy, body budget) besides ``rate`` paced ones
+        self.rate_limit.acquire(device_id)
+        wait = max(self.rate_limit.wait(device_id), 1 / self.rate_limit.rate)
+        await _reply(
+            send,
+            429,
+            f"rate limit of {self.rate_limit.rate:g}/s exceeded for device {device_id} (refused requests count "
+            f"too); retry in {wait:.2f}s",
+            {"retry-after": str(max(1, round(wait)))},
+        )
 
     async def _drain_small(self, receive: Receive, headers: dict[bytes, bytes]) -> None:
         """Before refusing a request unread: read and drop its body if it declared a small one. Closing a
