@@ -85,3 +85,16 @@ def test_rows_are_read_from_the_canonical_text_only() -> None:
     assert WireSession.from_bytes(spaced) == session  # small: the floor covers it
     with pytest.raises(DecodeError, match="for 0 layout rows"):
         WireSession.from_bytes(spaced, limits=Limits(min_session_containers=0))
+
+
+def test_the_session_text_the_server_sends_earns_its_rows() -> None:
+    """``GET /v1/models/{m}/session`` returns ``to_json()`` through starlette: ``"v"`` first, compact, UTF-8
+    names unescaped. 300 tensors under ``topk`` hold ~3,000 containers, so the floor alone would not admit
+    a model of ~400 tensors."""
+    from starlette.responses import JSONResponse
+
+    layout = dp.Layout((f"layer.{i}.wéight", (2, 3), "float32") for i in range(300))
+    session = WireSession.create(layout, "topk(0.5)")
+    served = bytes(JSONResponse(session.to_json()).body)
+    assert served.startswith(b'{"v":1,"base_id":')
+    assert WireSession.from_bytes(served, limits=Limits(min_session_containers=0)) == session

@@ -112,13 +112,14 @@ MAX_SESSION_BYTES = 64 << 20
 #: objects and arrays a compact frame's whole JSON node may hold besides one per ``Limits.header_bytes_per_container``
 #: bytes: a node has no sender metadata, and the deepest honest one (8 nested nodes of 4) holds 32
 NODE_CONTAINER_FLOOR = 64
-#: a wire session's canonical text up to its template: the scalar keys, then each layout row
-#: ``["name","dtype",[d0,d1,...]]`` (:meth:`Layout.to_json`, no spaces); a string holds no unescaped quote, so a row
+#: a wire session's text up to its template, in canonical form (keys sorted, no spaces) or as the server sends
+#: :meth:`WireSession.to_json` (``"v"`` first, compact, UTF-8): the scalar keys, then each layout row
+#: ``["name","dtype",[d0,d1,...]]`` (:meth:`Layout.to_json`); a string holds no unescaped quote, so a row
 #: matched here is a row of the text, never bytes inside a string
 _JSON_STR = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 _LAYOUT_ROW = re.compile(rb"\[" + _JSON_STR + rb',"[a-z0-9]++",\[(?:\d++(?:,\d++)*+)?+\]\]')
 _SESSION_HEAD = re.compile(
-    rb'\{"base_id":'
+    rb'\{(?:"v":\d++,)?"base_id":'
     + _JSON_STR
     + rb',"codec":'
     + _JSON_STR
@@ -131,8 +132,8 @@ _SESSION_HEAD = re.compile(
 
 
 def _layout_rows(text: bytes) -> int:
-    """How many layout rows a session text holds, read from its canonical head without parsing it (0 when the
-    text is not canonical: only :attr:`Limits.min_session_containers` applies then)."""
+    """How many layout rows a session text holds, read from its compact head without parsing it (0 when the
+    text is spaced or its keys in another order: only :attr:`Limits.min_session_containers` applies then)."""
     head = _SESSION_HEAD.match(text)
     return 0 if head is None else _LAYOUT_ROW.subn(b"", head.group(1))[1]
 
@@ -541,7 +542,7 @@ class WireSession:
                 f"wire session holds {containers} JSON objects and arrays for {rows} layout rows, more than the "
                 f"{limits.session_containers(rows)} they allow (Limits.session_containers: "
                 f"{limits.session_containers_per_tensor} a tensor beyond the floor); an honest session holds at "
-                "most ~11 a tensor, in the canonical text WireSession.to_bytes() writes"
+                "most ~11 a tensor, in the compact text WireSession.to_bytes() writes"
             )
         try:
             doc = json.loads(text.decode("utf-8"))
