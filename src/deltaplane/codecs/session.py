@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -111,6 +112,30 @@ MAX_SESSION_BYTES = 64 << 20
 #: objects and arrays a compact frame's whole JSON node may hold besides one per ``Limits.header_bytes_per_container``
 #: bytes: a node has no sender metadata, and the deepest honest one (8 nested nodes of 4) holds 32
 NODE_CONTAINER_FLOOR = 64
+#: a wire session's text up to its template, in canonical form (keys sorted, no spaces) or as the server sends
+#: :meth:`WireSession.to_json` (``"v"`` first, compact, UTF-8): the scalar keys, then each layout row
+#: ``["name","dtype",[d0,d1,...]]`` (:meth:`Layout.to_json`); a string holds no unescaped quote, so a row
+#: matched here is a row of the text, never bytes inside a string
+_JSON_STR = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_LAYOUT_ROW = re.compile(rb"\[" + _JSON_STR + rb',"[a-z0-9]++",\[(?:\d++(?:,\d++)*+)?+\]\]')
+_SESSION_HEAD = re.compile(
+    rb'\{(?:"v":\d++,)?"base_id":'
+    + _JSON_STR
+    + rb',"codec":'
+    + _JSON_STR
+    + rb',"entropy":(?:true|false),"layout":\[((?:'
+    + _LAYOUT_ROW.pattern
+    + rb"(?:,"
+    + _LAYOUT_ROW.pattern
+    + rb')*+)?+)\],"template":\['
+)
+
+
+def _layout_rows(text: bytes) -> int:
+    """How many layout rows a session text holds, read from its compact head without parsing it (0 when the
+    text is spaced or its keys in another order: only :attr:`Limits.min_session_containers` applies then)."""
+    head = _SESSION_HEAD.match(text)
+    return 0 if head is None else _LAYOUT_ROW.subn(b"", head.group(1))[1]
 
 
 def is_compact(payload: bytes | bytearray | memoryview) -> bool:
@@ -507,8 +532,20 @@ class WireSession:
         """Inverse of :meth:`to_bytes` (at most :data:`MAX_SESSION_BYTES`)."""
         if len(data) > MAX_SESSION_BYTES:
             raise DecodeError(f"wire session of {len(data)} bytes exceeds {MAX_SESSION_BYTES}")
+        limits = limits or Limits()
+        text = bytes(data)
+        # json.loads spends ~60-190 bytes of objects a container: bound them by the layout described, unparsed
+        containers = text.count(b"[") + text.count(b"{")
+        rows = _layout_rows(text)
+        if containers > limits.session_containers(rows):
+            raise DecodeError(
+                f"wire session holds {containers} JSON objects and arrays for {rows} layout rows, more than the "
+                f"{limits.session_containers(rows)} they allow (Limits.session_containers: "
+                f"{limits.session_containers_per_tensor} a tensor beyond the floor); an honest session holds at "
+                "most ~11 a tensor, in the compact text WireSession.to_bytes() writes"
+            )
         try:
-            doc = json.loads(bytes(data).decode("utf-8"))
+            doc = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise DecodeError(f"wire session is not valid JSON ({type(exc).__name__})") from None
         return cls.from_json(doc, limits=limits)

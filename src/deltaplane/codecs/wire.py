@@ -146,6 +146,14 @@ class Limits:
     #: The floor leaves sender ``meta`` of a few thousand small lists alone
     min_header_containers: int = 1 << 14
     header_bytes_per_container: int = 12
+    #: a wire session's text (up to 64 MiB) holds at most ``min_session_containers + session_containers_per_tensor
+    #: × its layout's rows`` objects and arrays (its ``[`` and ``{`` bytes, inside strings too), counted before it
+    #: is parsed, the rows matched in its canonical text. An honest session spends ~12-34 bytes a container
+    #: (denser than the header rule allows) but at most 10.4 containers a tensor (``topk``: the layout row and its
+    #: shape, the node, its value and index sub-nodes), so the allowance follows the layout it describes; the floor
+    #: lets small hand-written (non-canonical) sessions load
+    min_session_containers: int = 1 << 12
+    session_containers_per_tensor: int = 16
 
     def header_budget(self, tensors: int | None = None, name_chars: int = 0) -> int:
         """Most bytes a payload's (inflated) header may hold: ``max_header_bytes``, or for a receiver expecting
@@ -167,6 +175,10 @@ class Limits:
         :attr:`min_header_containers` (a compact frame's node, which carries no sender metadata, takes less)."""
         base = self.min_header_containers if floor is None else floor
         return base + header_bytes // self.header_bytes_per_container
+
+    def session_containers(self, tensors: int) -> int:
+        """Most JSON objects and arrays a wire session text whose layout has ``tensors`` rows may hold."""
+        return self.min_session_containers + self.session_containers_per_tensor * tensors
 
     def decode_budget(self, payload_bytes: int, layout_bytes: int | None = None, tensors: int = 0) -> int:
         """Most bytes a payload of ``payload_bytes`` may decode to, all nodes together (see the fields);
