@@ -323,6 +323,11 @@ class RequestGuard:
             )
             return
         mine = self._device_bytes.get(device_id, 0) if device_id is not None else 0
+        unsized = (
+            ""
+            if size_declared is not None
+            else " (a body without Content-Length reserves its route's whole cap: send Content-Length)"
+        )
         if reserve and device_id is not None and share is not None and mine + reserve > share:
             await self._refuse_unread(
                 receive,
@@ -332,12 +337,7 @@ class RequestGuard:
                 429,
                 f"device {device_id} already reserves {mine} bytes of request bodies, and this one's {reserve} "
                 f"would pass one device's {share}-byte share (--max-device-body-bytes); wait for its other "
-                f"uploads to finish, or retry in {BUDGET_RETRY_AFTER_S} s"
-                + (
-                    ""
-                    if size_declared is not None
-                    else " (a body without Content-Length reserves its route's whole cap: send Content-Length)"
-                ),
+                f"uploads to finish, or retry in {BUDGET_RETRY_AFTER_S} s" + unsized,
                 retry_after_s=BUDGET_RETRY_AFTER_S,
                 device_id=device_id,
             )
@@ -351,12 +351,7 @@ class RequestGuard:
                 503,
                 f"the service is reading {self.body_bytes_in_flight} bytes of request bodies, and this one's "
                 f"{reserve} would pass its {budget}-byte budget (--max-body-bytes-in-flight); retry in "
-                f"{BUDGET_RETRY_AFTER_S} s"
-                + (
-                    ""
-                    if size_declared is not None
-                    else " (a body without Content-Length reserves its route's whole cap: send Content-Length)"
-                ),
+                f"{BUDGET_RETRY_AFTER_S} s" + unsized,
                 retry_after_s=BUDGET_RETRY_AFTER_S,
                 device_id=device_id,
             )
