@@ -43,9 +43,9 @@ def test_every_json_route_says_what_to_fix_in_a_malformed_body(service, kind):
     device = {"Authorization": f"Bearer {service.admin.issue_token('d1')}"}
     admin = {"Authorization": f"Bearer {ADMIN}"}
     routes = list(_json_routes(service.app.routes))
-    assert len(routes) == 8, (
+    assert len(routes) == 9, (
         routes
-    )  # every JSON route of the service, device and admin (SecAgg open included)
+    )  # every JSON route of the service, device and admin (SecAgg open and the coordinator's evaluation included)
     for method, path in routes:
         headers = {**(device if path.startswith("/v1") else admin), "Content-Type": "application/json"}
         resp = service.http.request(method, path, content=body, headers=headers)
