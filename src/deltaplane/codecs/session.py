@@ -66,7 +66,7 @@ from deltaplane.codecs.layout import Layout
 from deltaplane.codecs.lowrank import PowerSGD
 from deltaplane.codecs.preflight import check_field_bytes
 from deltaplane.codecs.preflight import field_lengths as _field_lengths
-from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader, check_containers
+from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader, check_containers, json_containers
 from deltaplane.errors import (
     CodecError,
     DecodeError,
@@ -535,7 +535,7 @@ class WireSession:
         limits = limits or Limits()
         text = bytes(data)
         # json.loads spends ~60-190 bytes of objects a container: bound them by the layout described, unparsed
-        containers = text.count(b"[") + text.count(b"{")
+        containers = json_containers(text)
         rows = _layout_rows(text)
         if containers > limits.session_containers(rows):
             raise DecodeError(
