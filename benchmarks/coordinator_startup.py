@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx
 
 from _record import record, table
+from _service import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "bench-admin-token-0123456789"
@@ -79,9 +78,7 @@ def main() -> None:
         }
         for step in (("registry", "init"), ("fleet", "init", "--federation", "fleet.yaml", "--model", MODEL)):
             subprocess.run(_cli(*step), cwd=folder, env=env, check=True, capture_output=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
             _cli("serve", "--federation", "fleet.yaml", "--port", str(port)),
@@ -91,23 +88,12 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"deltaplane serve did not start (exit {server.poll()})")
-                time.sleep(0.3)
+            wait_until_healthy(url, server, 180)
             load_before = os.getloadavg()[0]
             coordinate = ("fleet", "coordinate", "--url", url, "--federation", "fleet.yaml", "--model", MODEL)
             once = ("--rounds", "1", "--deadline", "2")
-            refused = (
-                "--secagg-neighbours",
-                "1",
-            )  # below the 3 devices' complete graph: exit 2, nothing sent
+            # a degree below the 3 devices' complete graph: refused, exit 2, before any request
+            refused = ("--secagg-neighbours", "1")
             trusted = ("--trusted", str(folder / "home" / "keys" / "signing.ed25519.pub"))
             cases = [
                 (

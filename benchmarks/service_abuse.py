@@ -44,6 +44,7 @@ import httpx
 import torch
 
 from _record import record, table
+from _service import free_port, wait_until_healthy
 from deltaplane.registry import Registry
 
 ADMIN = "bench-admin-token-0123456789"
@@ -82,12 +83,6 @@ class Server:
         return dict(r.json()["counters"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serve(*extra: str) -> Iterator[Server]:
     """A fresh registry holding ``cnn`` (tagged production) and ``deltaplane serve`` on it, at its defaults."""
@@ -97,23 +92,14 @@ def serve(*extra: str) -> Iterator[Server]:
         v = reg.register_model(MODEL, {"w": torch.zeros(1000)}, lineage={"round": 0})
         reg.set_tag(MODEL, "production", v.number)
         reg.close()
-        port = _free_port()
+        port = free_port()
         argv = [sys.executable, "-m", "deltaplane.cli", "serve", "--home", str(home), "--port", str(port)]
         argv += ["--admin-token", ADMIN, "--device-secret", "s" * 32, *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         server = Server(port, home)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(server.url + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"deltaplane serve did not start (exit {proc.poll()})")
-                time.sleep(0.2)
+            wait_until_healthy(server.url, proc, 120)
             yield server
         finally:
             proc.terminate()
