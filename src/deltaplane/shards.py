@@ -25,14 +25,16 @@ folder that ``deploy`` tokenizes from, as it did the registered one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deltaplane.errors import AmbiguousCheckpoint, ConfigError, DecodeError
+from deltaplane.errors import AmbiguousCheckpoint, ConfigError, DecodeError, DeltaplaneError
 from deltaplane.textfile import (
+    MANIFEST_LIMIT,
     TOKENIZER_LIMIT,
     read_bounded_bytes,
     read_bounded_text,
@@ -51,8 +53,10 @@ __all__ = [
     "SENTENCEPIECE_FILES",
     "TOKENIZER_FILES",
     "WEIGHTS_NAME",
+    "file_sha256",
     "folder_weights",
     "load_sharded",
+    "pull_manifest",
     "read_companion_files",
     "read_shard_index",
     "shard_shapes",
@@ -278,3 +282,30 @@ def read_companion_files(folder: str | os.PathLike[str]) -> dict[str, bytes]:
             )
         out[name] = data
     return out
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks: what ``registry register`` records as a file's
+    ``source.sha256``, a deploy manifest as its ``source_sha256`` and a merge as each input's ``sha256``, so
+    the registry can tell which version a file holds."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pull_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``manifest.json`` a ``registry pull`` wrote into a folder (``path``: the folder, or a file in it),
+    or ``None``: no manifest, one that does not read as a JSON object, or another command's (a deploy
+    output's, which names no ``consent``). Not a signed record: it says where a folder came from, for warnings
+    and refusals made in the user's favour, never to vouch for the weights."""
+    p = Path(path)
+    manifest = (p if p.is_dir() else p.parent) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        doc = json.loads(read_bounded_text(manifest, limit=MANIFEST_LIMIT, what="pull manifest"))
+    except (DeltaplaneError, OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("consent"), dict) else None

@@ -261,7 +261,8 @@ def extract_lora(
                 layers[name] = LoRALayer(
                     A.to(b.dtype), B.to(b.dtype), alpha=float(A.shape[0]), fan_in_fan_out=fifo
                 )
-                reports.append(LayerReport(name, tuple(delta.shape), int(A.shape[0]), err, kept, rnd))  # type: ignore[arg-type]
+                shape = (int(delta.shape[0]), int(delta.shape[1]))  # a target is a 2-D weight
+                reports.append(LayerReport(name, shape, int(A.shape[0]), err, kept, rnd))
             elif changed:
                 pending_bias[bias_of[name]] = delta.to(b.dtype)
             del delta, b

@@ -277,13 +277,14 @@ class LoRADelta(Mapping[str, LoRALayer]):
             AdapterMismatch: a target module is missing in ``base`` or has another shape.
         """
         self.check_base(base)
-        biases = {module_of(k) + ".bias": v for k, v in self.items() if v.bias is not None}
+        # each layer's bias change (small: one value per output), for the base's biases that have one
+        biases = {module_of(k) + ".bias": d for k, v in self.items() if (d := v.delta_bias()) is not None}
         out: dict[str, Tensor] = {}
         for name, b in base.items():
             if name in self._layers:
                 out[name] = self._layers[name].delta_weight().to(b.dtype)
             elif name in biases:
-                out[name] = biases[name].delta_bias().to(b.dtype)  # type: ignore[union-attr]
+                out[name] = biases[name].to(b.dtype)
             elif name in self.modules_to_save:
                 out[name] = self.modules_to_save[name].to(b.dtype) - b.detach()
             elif not only_adapted:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ __all__ = [
     "NormBound",
     "QuantileClip",
     "QuantileClipState",
+    "StartsFromNorms",
     "as_estimator",
 ]
 
@@ -60,6 +61,15 @@ class ClipEstimator(Protocol):
 
     def update(self, below: int, count: int) -> None:
         """End of round: ``below`` of ``count`` clients had an update norm ≤ :attr:`value`."""
+        ...
+
+
+class StartsFromNorms(ClipEstimator, Protocol):
+    """An estimator whose first round is unclipped (:attr:`value` infinite) and that starts from its norms:
+    :class:`QuantileClip` with ``initial=None``."""
+
+    def start(self, norms: list[float]) -> None:
+        """End of the unclipped first round: start from that round's update norms."""
         ...
 
 
@@ -248,7 +258,8 @@ class Clip(AggregatorWrapper):
             self._own["clip"] = c
             self.estimator.update(self._below, self._count)
         else:  # an unclipped first round (QuantileClip(initial=None)): start from its norms
-            self.estimator.start(self._norms)  # type: ignore[attr-defined]
+            # only an estimator that starts from the norms reports an infinite clip (a ConstantClip is finite)
+            cast(StartsFromNorms, self.estimator).start(self._norms)
         return out
 
     def reset(self) -> None:

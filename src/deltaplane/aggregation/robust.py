@@ -141,8 +141,12 @@ class _Buffered:
 
     #: bucket size ``s`` of :meth:`_bucketed` (1: every update is its own bucket, the rule as published)
     bucket = 1
-    #: rows (bucket means) :meth:`_combine` needs to give a result
-    min_rows = 1
+
+    @property
+    def min_rows(self) -> int:
+        """Rows (bucket means) :meth:`_combine` needs to give a result: one, unless a rule says otherwise (a
+        property, so a rule's count can follow its own settings: ``byzantine``, ``beta``, ``select``)."""
+        return 1
 
     @property
     def min_updates(self) -> int:
@@ -260,7 +264,7 @@ class CoordinateMedian(_Buffered):
         self._set_bucket(bucket, seed)
 
     @property
-    def min_rows(self) -> int:  # type: ignore[override]
+    def min_rows(self) -> int:
         return 1 if self.byzantine is None else self.byzantine + 1
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +311,7 @@ class TrimmedMean(_Buffered):
         self._set_bucket(bucket, seed)
 
     @property
-    def min_rows(self) -> int:  # type: ignore[override]
+    def min_rows(self) -> int:
         """The fewest rows from which ``⌊β·n⌋ ≥ 1``: with fewer the rule trims nothing and is the plain mean,
         which defends nothing (``trimmed_mean(0.2)`` over 3 updates, the default ``β = 0.1`` under 10). A round
         with fewer still closes (``trimmed_per_side`` says 0); a run configured for fewer is refused."""
@@ -354,7 +358,7 @@ class Krum(_Buffered):
         self.selected: list[int] = []
 
     @property
-    def min_rows(self) -> int:  # type: ignore[override]
+    def min_rows(self) -> int:
         """``n > 2f + 2`` for the scores, and ``n ≥ m + f`` for multi-Krum's ``m``: averaging more than the
         ``n − f`` honest updates a round of ``n`` is sure to hold takes an attacker's in with them."""
         return max(2 * self.byzantine + 3, (self.select or 0) + self.byzantine)

@@ -981,6 +981,7 @@ def register(app: typer.Typer) -> None:
         Hugging Face folder."""
         from deltaplane.deploy.bundle import load_deployable
         from deltaplane.registry import Governance, Registry
+        from deltaplane.registry.merged import link_merge_sources, read_merge_sources
 
         with _errors():
             try:
@@ -1002,8 +1003,15 @@ def register(app: typer.Typer) -> None:
             src = load_deployable(
                 path
             )  # .safetensors, .dpla/.onnx, deploy or HF folder: tensors + provenance
+            merge = read_merge_sources(path)  # a `deltaplane merge` output names its inputs' weights
+            if merge is not None:
+                src.lineage["merge"] = merge
             reg = Registry(_home(home))
             parent, linked, link_note = _deploy_link(reg, model, src.lineage, lin, parent)
+            merge_lines: list[str] = []
+            if merge is not None:  # the merged versions' cohorts follow (refused where they would be dropped)
+                merged_from, merge_lines = link_merge_sources(reg, model, merge, lin, parent)
+                linked += [a for a in merged_from if a.ref not in {x.ref for x in linked}]
             art = reg.register_model(
                 model,
                 src.state,
@@ -1015,9 +1023,16 @@ def register(app: typer.Typer) -> None:
             )
             # a pulled version registered again: say why withdrawals of the original's cohorts will reach it
             twins = [a.ref for a in reg.same_weights(art) if a.model != model or a.number != parent]
+            withdrawn = reg.governance_problems(art, verify=True) if merge is not None else []
         console.print(f"registered [bold]{art.ref}[/bold] sha256 {art.sha256[:16]}… ({art.size} bytes)")
-        if link_note:
-            err_console.print(escape(link_note), soft_wrap=True)
+        for line in [link_note, *merge_lines]:
+            if line:
+                err_console.print(escape(line), soft_wrap=True)
+        for problem in withdrawn:  # not a note: -q does not silence it (as registry pull's warning)
+            error_console.print(
+                f"[yellow]warning:[/yellow] {escape(problem)}: it may not be promoted, served or used as a round base",
+                soft_wrap=True,
+            )
         if twins:
             err_console.print(
                 f"note: {escape(art.ref)} holds the same weights as {escape(', '.join(twins))}: it counts as built "

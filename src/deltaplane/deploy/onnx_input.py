@@ -304,7 +304,7 @@ def deploy_onnx_model(
     out_dir: str | os.PathLike[str],
     *,
     eval_feeds: Feeds,
-    calib_feeds: Feeds = (),  # type: ignore[assignment]
+    calib_feeds: Sequence[dict[str, np.ndarray]] = (),
     labels: np.ndarray | None = None,
     prune: str | None = None,
     quant: str = "int8",

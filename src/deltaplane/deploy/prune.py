@@ -348,14 +348,21 @@ def wanda_scores(
     }
 
 
+def _given(value: int | None) -> int:
+    """``value``, which the caller's either-or check guarantees is set on this path (N:M without sparsity)."""
+    if value is None:
+        raise ConfigError("N:M pruning needs both n and m")
+    return value
+
+
 def _wanda_masks(
     scores: Mapping[str, Tensor], sparsity: float | None, n: int | None, m: int | None, strict: bool
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     masks, skipped = {}, {}
     for name, s in scores.items():
-        if sparsity is None:
+        if sparsity is None:  # then n and m are set (wanda_prune checked: one or the other)
             try:
-                masks[name] = nm_mask(s, n, m)  # type: ignore[arg-type]
+                masks[name] = nm_mask(s, _given(n), _given(m))
             except UnsupportedLayer as e:
                 if strict:
                     raise UnsupportedLayer(f"layer {name!r}: {e}") from None

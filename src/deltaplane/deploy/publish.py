@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaplane.errors import ConfigError, ExportError
+from deltaplane.shards import file_sha256
 from deltaplane.staging import stage_dir, sweep
 from deltaplane.textfile import _UMASK
 
@@ -118,15 +119,6 @@ def staging_dir(out_dir: str | os.PathLike[str]) -> Path:
     tmp = stage_dir(target)
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; the published folder gets a plain mkdir's mode
     return tmp
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bytes_sha256(data: bytes) -> str:

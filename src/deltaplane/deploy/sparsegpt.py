@@ -156,9 +156,10 @@ def sparsegpt_weights(
                 prune1.view(-1)[torch.topk(sal, k, largest=False).indices] = True
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            if m is not None and i % m == 0 and n < m:  # type: ignore[operator]
+            # n and m are set together (checked above); naming both narrows them for the type checker
+            if n is not None and m is not None and i % m == 0 and n < m:
                 sal = w1[:, i : i + m] ** 2 / d1[i : i + m].reshape(1, -1) ** 2
-                prune1.scatter_(1, i + torch.topk(sal, m - n, dim=1, largest=False).indices, True)  # type: ignore[operator]
+                prune1.scatter_(1, i + torch.topk(sal, m - n, dim=1, largest=False).indices, True)
             col = w1[:, i]
             q = torch.where(prune1[:, i], torch.zeros_like(col), col)
             e = (col - q) / d1[i]

@@ -297,11 +297,12 @@ class ClientStep:
                         t[i] = stacked[k][i] * scale  # Delta.__mul__: each float tensor times the scalar
         u = x
         if dgc.momentum:
-            carried = [i for i, v in enumerate(velocities) if v is not None]
+            held = {i: v for i, v in enumerate(velocities) if v is not None}
+            carried = list(held)
             if carried:
                 u = {}
                 for k, t in x.items():
-                    moved = torch.stack([velocities[i][k] for i in carried]) * dgc.momentum  # type: ignore[index]
+                    moved = torch.stack([held[i][k] for i in carried]) * dgc.momentum
                     if len(carried) == n:
                         u[k] = moved + t
                     else:  # a device without a velocity sends its delta untouched (as DGC.prepare does)
@@ -418,8 +419,7 @@ class ClientStep:
         if c.local_dp_noise > 0:
             delta = local_privacy(
                 delta,
-                # not clip_value: local DP has a numeric clip (RunConfig checks); either needs the ignore
-                clip=float(c.clip),  # type: ignore[arg-type]
+                clip=c.numeric_clip(),  # local DP has a numeric clip (RunConfig checks)
                 noise_multiplier=c.local_dp_noise,
                 generator=(
                     torch_generator(c.seed, Stream.LOCAL_DP, rnd, client.cid)
@@ -484,8 +484,8 @@ class ClientStep:
         if not (c.secagg and c.dp_noise > 0):
             return sent
         g = torch_generator(c.seed, Stream.DISTRIBUTED_DP, rnd, cid) if self.seeded_dp_noise else None
-        # not clip_value: distributed DP has a numeric clip (RunConfig checks); either needs the ignore
-        return distributed_noise(sent, clip=float(c.clip), std=c.device_noise_std(), generator=g)  # type: ignore[arg-type]
+        # distributed DP has a numeric clip (RunConfig checks)
+        return distributed_noise(sent, clip=c.numeric_clip(), std=c.device_noise_std(), generator=g)
 
     def finish(
         self,

@@ -539,8 +539,7 @@ class RunConfig(BaseModel):
             return 0.0
         from deltaplane.aggregation.dp_sizes import distributed_ring_range
 
-        # not clip_value: distributed DP has a numeric clip (the validators check); either needs the ignore
-        return distributed_ring_range(float(self.clip), self.device_noise_std())  # type: ignore[arg-type]  # clip: numeric here
+        return distributed_ring_range(self.numeric_clip(), self.device_noise_std())
 
     @property
     def clip_value(self) -> float | str | None:
@@ -550,14 +549,24 @@ class RunConfig(BaseModel):
         ``"adaptive"``); what acts on it, and what reports it, wants the number."""
         return self.clip if self.clip is None or self.clip == "adaptive" else float(self.clip)
 
+    def numeric_clip(self) -> float:
+        """``clip`` as a number, for local and distributed DP, whose clip the validators require to be one.
+
+        Raises:
+            ConfigError: ``clip`` is unset or ``"adaptive"`` (a config the validators let through only when
+                neither local nor distributed DP is on).
+        """
+        if self.clip is None or self.clip == "adaptive":
+            raise ConfigError(f"local and distributed DP need a numeric clip. Found {self.clip!r}")
+        return float(self.clip)
+
     def device_noise_std(self) -> float:
         """σ_d = z·clip/√m_min, the noise std each device adds under distributed DP (0 without it)."""
         if not (self.secagg and self.dp_noise > 0):
             return 0.0
         from deltaplane.aggregation.dp_sizes import distributed_noise_std
 
-        # not clip_value: distributed DP has a numeric clip (the validators check); either needs the ignore
-        return distributed_noise_std(self.dp_noise, float(self.clip), self.min_contributors())  # type: ignore[arg-type]  # clip: numeric here
+        return distributed_noise_std(self.dp_noise, self.numeric_clip(), self.min_contributors())
 
     def attacker_count(self, *, counted: str | None = None, fix: str | None = None) -> int:
         """How many devices this run's attack makes malicious, ``round(fraction · clients)`` (0 without one).

@@ -182,7 +182,8 @@ class DGC:
         scale = bound / norm if bound is not None and norm > bound else None
         if self.relative_clip is None:
             return scale, None
-        return scale, (history or NO_HISTORY).record(norm if scale is None else bound)  # type: ignore[arg-type]
+        # a scale is set only under a bound, so a clipped update kept the bound's norm
+        return scale, (history or NO_HISTORY).record(norm if scale is None or bound is None else bound)
 
     def warming(self, rnd: int) -> bool:
         """Whether round ``rnd`` (1-based) is a warm-up round, whose codec differs from the run's."""

@@ -9,6 +9,7 @@ Every driver builds its devices here (:func:`build_clients`), so they partition 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -136,7 +137,8 @@ def build_clients(config: RunConfig, task: Task) -> list[Client]:
     """The run's devices: ``task.train`` partitioned by :func:`make_clients`, or the task's own per-device
     datasets (a natural split), each split into train and holdout by the same seeded streams."""
     if task.clients is None:
-        return make_clients(config, task.train)  # type: ignore[arg-type]
+        # a Task without clients has train (__post_init__ refuses neither and both)
+        return make_clients(config, cast(Dataset, task.train))
     if config.clients != len(task.clients):
         raise ConfigError(
             f"task {task.name!r} brings its own {len(task.clients)} devices; set clients to {len(task.clients)} "

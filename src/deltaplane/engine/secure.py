@@ -191,7 +191,7 @@ def secure_round(
     inputs = [u for u in uploads if u.secure is not None]
     credentials = _credentials(config, enrollment, [u.cid for u in inputs])
     mean, report = secure_mean(
-        [u.secure for u in inputs],  # type: ignore[misc]
+        [u.secure for u in uploads if u.secure is not None],  # inputs' payloads (the filter narrows them)
         # SecAgg+: the run's degree for this round's size, as the HTTP and Flower drivers open it (threshold
         # ⌊2g/3⌋ + 1 of each neighbourhood of g, secure_mean's default, as the service's)
         neighbours=secure_neighbours(config, len(inputs)),

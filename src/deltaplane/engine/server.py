@@ -43,6 +43,14 @@ from deltaplane.errors import ConfigError, DecodeError, DeltaplaneError, Invalid
 __all__ = ["MemoryPublisher", "Publisher", "RoundOutcome", "ServerStep"]
 
 
+_FLTRUST_NEEDS_ROOT = (
+    "FLTrust needs the server's own root dataset to train a reference update; give the server a task"
+)
+_ATTRIBUTION_NEEDS_PROBE = (
+    "trigger_attribution needs the server's model and root dataset to invert triggers; give the server a task"
+)
+
+
 class Publisher(Protocol):
     """Turns a round's update into the downlink: compress it, make it the new version, return what was sent.
 
@@ -142,15 +150,10 @@ class ServerStep:
         fltrust = aggregator.find(FLTrust)
         self._fltrust: FLTrust | None = fltrust if isinstance(fltrust, FLTrust) else None
         if self._fltrust is not None and reference is None:
-            raise ConfigError(
-                "FLTrust needs the server's own root dataset to train a reference update; give the server a task"
-            )
+            raise ConfigError(_FLTRUST_NEEDS_ROOT)
         self._reference = reference
         if isinstance(aggregator.find(BackdoorAttribution), BackdoorAttribution) and probe is None:
-            raise ConfigError(
-                "trigger_attribution needs the server's model and root dataset to invert triggers; give the "
-                "server a task"
-            )
+            raise ConfigError(_ATTRIBUTION_NEEDS_PROBE)
         self._probe = probe
         self._round = 0
         self._uplink = 0
@@ -249,12 +252,18 @@ class ServerStep:
         self._rejections = []
         self._secure = False
         self.aggregator.reset()
+        # the constructor refused FLTrust without a reference and attribution without a probe; a restored or
+        # loaded chain is the same configuration's, so these refusals only narrow the types
         if self._fltrust is not None:
+            if self._reference is None:
+                raise ConfigError(_FLTRUST_NEEDS_ROOT)
             # the reference as the devices' updates hold a tied parameter: once, under its kept name
-            self._fltrust.set_reference(untie(self._reference(rnd, self.state), self.tied))  # type: ignore[misc]
+            self._fltrust.set_reference(untie(self._reference(rnd, self.state), self.tied))
         attribution = self.aggregator.find(BackdoorAttribution)
         if isinstance(attribution, BackdoorAttribution):
-            attribution.set_probe(self._probe(self.state))  # type: ignore[misc]
+            if self._probe is None:
+                raise ConfigError(_ATTRIBUTION_NEEDS_PROBE)
+            attribution.set_probe(self._probe(self.state))
 
     def checkpoint(self) -> tuple[Any, ...]:
         """The step's mutable state (aggregate, counts, version, weights), for a transport that must undo an

@@ -16,7 +16,7 @@ import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -63,8 +63,9 @@ class Task:
     test: Dataset
     train: Dataset | None = None
     clients: Sequence[Dataset] | None = None
-    # None (the default) is "from the labels": __post_init__ replaces it, so a built Task always holds an int
-    num_classes: int = None  # type: ignore[assignment]
+    # None (the default) is "from the labels": __post_init__ replaces it, so a built Task always holds an int;
+    # typed int for every reader of a built Task, hence the cast of the default
+    num_classes: int = cast(int, None)
     loss: Loss = nn.functional.cross_entropy
     options: Mapping[str, Any] = field(default_factory=dict)
     codec: str | None = None
@@ -305,7 +306,8 @@ def check_task(task: Task) -> None:
             f"{str(labels.dtype).removeprefix('torch.')} ({_first_line(exc)}); labels are int64 class ids "
             "(y.long()) and loss(logits, y, reduction=...) must take them"
         ) from None
-    for d in task.clients or [task.train]:  # type: ignore[list-item]
+    # exactly one of clients and train is set (__post_init__), so this is clients, or [train]
+    for d in [*(task.clients or ()), *([task.train] if task.train is not None else [])]:
         if tuple(d.x.shape[1:]) != tuple(task.test.x.shape[1:]):
             raise TaskError(
                 f"task {task.name!r}: training inputs have shape {list(d.x.shape[1:])} but test inputs "

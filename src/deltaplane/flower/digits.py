@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -307,7 +307,8 @@ def _forged_frame_mod(config: RunConfig, *, simulation: bool) -> Mod:
         task, _, step = _federation(config, simulation=simulation)
         if int(context.node_config["partition-id"]) not in step.malicious or UPLINK_KEY not in reply.content:
             return reply
-        payload = bytes(reply.content.config_records[UPLINK_KEY]["payload"])  # type: ignore[arg-type]
+        # delta_mod stores the payload as bytes (a ConfigRecord value's type is a union of every kind it holds)
+        payload = bytes(cast(bytes, reply.content.config_records[UPLINK_KEY]["payload"]))
         session = None
         if is_compact(payload):  # the session delta_mod framed it in: the shared tensors' (the server's too)
             model = task.build_model(0)

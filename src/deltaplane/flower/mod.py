@@ -155,13 +155,13 @@ def delta_mod(
             payload = compressor.compress(delta, base_version=version, session=session)
         else:
             payload = compressor.compress(delta, base_id=base_id, base_version=version)
-        if velocity is not None:
+        if dgc is not None and velocity is not None:  # a velocity only comes from dgc.prepare
             sent = None
-            if dgc is not None and dgc.masking:
+            if dgc.masking:
                 sent = decompress(
                     payload, expect_base=(base_id, version), expect_layout=delta, session=session
                 )
-            context.state[_VELOCITY] = state_to_arrays(dict(dgc.settle(velocity, sent)))  # type: ignore[union-attr]
+            context.state[_VELOCITY] = state_to_arrays(dict(dgc.settle(velocity, sent)))
         if norms is not None:
             context.state[_NORMS] = ConfigRecord({"count": norms.count, "reference": norms.reference})
         context.state[_COMPRESSOR_STATE] = ConfigRecord({"state": state_to_bytes(compressor.state_dict())})

@@ -49,7 +49,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -570,9 +570,9 @@ class SecAggStrategy(DeltaStrategy):
         authenticated: bool = False,
         revocations: RevocationList | str | os.PathLike[str] | None = None,
         enrollment_authority: TrustedAuthorities | str | os.PathLike[str] | None = None,
-        **kwargs: object,
+        **kwargs: Any,  # DeltaStrategy's keyword arguments, typed (and checked) by its __init__
     ) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+        super().__init__(**kwargs)
         if revocations is not None and not authenticated:
             raise ConfigError(
                 "revocations= refuses the signed key advertisements of revoked nodes; only authenticated rounds "
@@ -698,7 +698,10 @@ class SecAggStrategy(DeltaStrategy):
     def _shared_zeros(self) -> Delta:
         """Zeros shaped like what the nodes mask: the global model less the layers personalization keeps home."""
         keep = self.server_step.local_keys if self.server_step is not None else frozenset()
-        return masked_zeros(self._global, keep)  # type: ignore[arg-type]
+        assert (
+            self._global is not None
+        )  # set from the first round's arrays, before a round is sized or summed
+        return masked_zeros(self._global, keep)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -65,12 +65,15 @@ def _reset_router(router: nn.Module, g: torch.Generator) -> None:
             own = list(module.parameters(recurse=False))
             if not own or isinstance(module, nn.Linear):
                 continue
-            if callable(getattr(module, "reset_parameters", None)):
+            reset = getattr(
+                module, "reset_parameters", None
+            )  # a method, not nn.Module's Tensor | Module attribute
+            if callable(reset):
                 # the CPU generator and, once CUDA is in use, every CUDA device's: seeded, then restored (it
                 # was torch.manual_seed, which seeded every CUDA device, or queued the seed before CUDA's
                 # start, and restored only the devices of this module's parameters)
                 with seeded_global_generators(int(torch.randint(2**62, (1,), generator=g))):
-                    module.reset_parameters()  # type: ignore[operator]
+                    reset()
                 done.update(id(p) for p in own)
         for p in router.parameters():
             if id(p) in done:

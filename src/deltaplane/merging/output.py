@@ -3,7 +3,9 @@
 As mergekit does, the output gets the donor's ``config.json`` (the base model's, else the first model's; with the
 output dtype and, after ``slices``, the new layer count), the tokenizer files of ``tokenizer_source`` (default: the
 donor), the ``chat_template`` if one is set, the recipe as given (``mergekit_config.yml``) and a ``README.md``
-model card naming the method, the models and the recipe.
+model card naming the method, the models and the recipe. Beyond mergekit, ``merge_sources.json`` names each input
+by the SHA-256 of its weights file (:func:`write_sources`): ``registry register`` of the output links the registry
+versions holding those weights as its sources, so their cohorts (and any withdrawal of their consent) follow.
 
 Tokenizers are copied, never rebuilt: ``tokenizer_source: union`` (or a model other than the donor) needs every
 input's vocabulary to be the same — then mergekit's union/permutation is the identity and the embeddings are
@@ -17,6 +19,7 @@ import hashlib
 import json
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +27,30 @@ import torch
 
 from deltaplane.errors import ConfigError
 from deltaplane.merging.base import MergeMethod
+from deltaplane.merging.checkpoint import Checkpoint
 from deltaplane.merging.config import CHATML, MergeConfig
-from deltaplane.shards import TOKENIZER_FILES
+from deltaplane.shards import TOKENIZER_FILES, file_sha256, folder_weights, pull_manifest
 from deltaplane.textfile import MANIFEST_LIMIT, TOKENIZER_LIMIT, read_bounded_bytes, read_bounded_text
 
-__all__ = ["CONFIG_FILES", "TOKENIZER_FILES", "TokenizerPlan", "plan_tokenizer", "write_extras"]
+__all__ = [
+    "CONFIG_FILES",
+    "SOURCES_KIND",
+    "SOURCES_NAME",
+    "TOKENIZER_FILES",
+    "TokenizerPlan",
+    "plan_tokenizer",
+    "write_extras",
+    "write_sources",
+]
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+SOURCES_NAME = "merge_sources.json"
+"""The file of a merge output naming its inputs' weights (:func:`write_sources`)."""
+SOURCES_KIND = "deltaplane-merge"
+"""``merge_sources.json``'s ``kind``: what ``registry register`` looks for before it links the inputs."""
 
 
 def _json_or_none(path: Path, *, limit: int, what: str) -> Any:
@@ -316,3 +334,38 @@ def _card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _weights_file(ck: Checkpoint) -> Path:
+    """The file whose SHA-256 the registry knows ``ck`` by: the ``.safetensors`` file named, else the folder's
+    ``model.safetensors`` or its index (what ``registry register`` records as the folder's ``source.sha256``,
+    and what ``registry pull`` writes, hashing as the version), else its one ``.safetensors`` file."""
+    if ck.path.is_file():
+        return ck.path
+    return folder_weights(ck.path) or next(iter(ck.infos.values())).file
+
+
+def write_sources(out: Path, models: Sequence[Checkpoint], method: str) -> str:
+    """Write ``merge_sources.json`` into ``out``, naming each input model (and base) by its weights' SHA-256;
+    returns the file name.
+
+    ``registry register OUT`` looks each hash up (``Registry.deployed_from``: a version's own bytes, as a pulled
+    folder holds them, or the file it was registered from) and links the versions found as the merged version's
+    ``sources``, so their cohorts flow into it and a withdrawal of one reaches it. An input pulled from a
+    registry (its ``manifest.json`` says so) is also named by the version it was pulled as (``pulled_as``), so a
+    register that finds no version holding it can refuse rather than drop its cohorts.
+
+    Each input is read once more to hash it, after the merge: 0.9 s for two 257 MB inputs on a 2-core machine
+    at load 7 (a linear merge of them takes 1.1 s there). Hashing in a thread beside the merge was no faster
+    on that machine, so the simpler sequential read stays."""
+    inputs: list[dict[str, Any]] = []
+    for ck in models:
+        f = _weights_file(ck)
+        entry: dict[str, Any] = {"model": str(ck.path), "file": f.name, "sha256": file_sha256(f)}
+        pulled = pull_manifest(ck.path)
+        if pulled is not None and isinstance(pulled.get("ref"), str):
+            entry["pulled_as"] = pulled["ref"]
+        inputs.append(entry)
+    record = {"kind": SOURCES_KIND, "merge_method": method, "inputs": inputs}
+    (out / SOURCES_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    return SOURCES_NAME

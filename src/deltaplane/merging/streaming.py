@@ -52,6 +52,7 @@ from deltaplane.merging.output import (
     TokenizerPlan,
     plan_tokenizer,
     write_extras,
+    write_sources,
 )
 from deltaplane.merging.plan import Plan, PlannedTensor, plan_tensors
 from deltaplane.signals import exit_on_terminate, signals_held
@@ -412,6 +413,7 @@ def _run(job: PreparedMerge, progress: ProgressFn | None) -> MergeResult:
                 cfg, method, tmp, plan.donor.folder, job.tok, float_out, plan.n_layers, job.labels, job.notes,
                 out.name, untie_head=plan.untie_head,
             )  # fmt: skip
+            files.append(write_sources(tmp, plan.models, method.name))
             with signals_held():  # a signal here would leave the old output in a hidden folder, or none
                 if out.exists():
                     old = stage_dir(out, aside=True)

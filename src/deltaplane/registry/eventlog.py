@@ -746,7 +746,7 @@ def _check_signature(
         state.keys[kid] = seal.keys[kid]
     else:
         try:
-            verifier.verify(_statement(seq, digest), signature)  # type: ignore[arg-type]
+            verifier.verify(_statement(seq, digest), signature)
         except SignatureError as exc:
             raise SignatureError(f"state log entry {seq}: {exc}") from None
         assert kid is not None  # a signature that verified is key_id:base64 text

@@ -59,6 +59,17 @@ def _deploy(deploy: Any) -> str | None:
     return "deploy " + (" + ".join(r for r in recipe if r) or "artifact")
 
 
+def _merge(merge: Any) -> str | None:
+    """A merge output's record (``registry.merged``): its method and how many models it read."""
+    inputs = merge.get("inputs") if isinstance(merge, Mapping) else None
+    if not isinstance(inputs, list):
+        return None
+    method = merge.get("method")
+    return (
+        f"merge{f' {_short(method)}' if isinstance(method, str) and method else ''} of {len(inputs)} models"
+    )
+
+
 def _hf(config: Any) -> str | None:
     arch = config.get("architectures") if isinstance(config, Mapping) else None
     if isinstance(arch, list) and arch:
@@ -101,6 +112,7 @@ _KNOWN: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("run", _run),
     ("source", _source),
     ("deploy", _deploy),
+    ("merge", _merge),
     ("hf_config", _hf),
     ("excluded_cohorts", _cohorts),
 )

@@ -19,7 +19,7 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsFloat, cast
 
 from deltaplane.errors import ConfigError, Conflict, DeltaplaneError, NotFound, PromotionRefused
 from deltaplane.monitor.cards import NOT_MEASURED, ModelCard
@@ -92,7 +92,7 @@ class PromotionResult:
 
 def _number(v: object) -> float:
     try:
-        return float(v)  # type: ignore[arg-type]
+        return float(cast("SupportsFloat", v))  # whatever float() refuses is caught: not a number
     except (TypeError, ValueError):
         return math.nan  # a metric that is not a number cannot pass the gate
 

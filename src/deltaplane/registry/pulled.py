@@ -10,12 +10,9 @@ decide what is done with a result, and a version registered from one inherits th
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-from deltaplane.errors import DeltaplaneError
-from deltaplane.textfile import MANIFEST_LIMIT, read_bounded_text
+from deltaplane.shards import pull_manifest
 
 __all__ = ["withdrawn_in_pulled"]
 
@@ -27,14 +24,6 @@ def withdrawn_in_pulled(path: str | os.PathLike[str]) -> list[str]:
     read as JSON. The manifest is the pull's record, not a signed one: this warns a careful user, it does not
     stop a careless one (the registry's lineage walk does that).
     """
-    p = Path(path)
-    manifest = (p if p.is_dir() else p.parent) / "manifest.json"
-    if not manifest.is_file():
-        return []
-    try:
-        doc = json.loads(read_bounded_text(manifest, limit=MANIFEST_LIMIT, what="pull manifest"))
-    except (DeltaplaneError, OSError, ValueError):
-        return []
-    consent = doc.get("consent") if isinstance(doc, dict) else None
-    cohorts = consent.get("withdrawn_cohorts") if isinstance(consent, dict) else None
+    doc = pull_manifest(path)
+    cohorts = doc["consent"].get("withdrawn_cohorts") if doc is not None else None
     return sorted({c for c in cohorts if isinstance(c, str)}) if isinstance(cohorts, list) else []

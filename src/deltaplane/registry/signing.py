@@ -137,8 +137,11 @@ class Verifier:
         only 64 bits of it, so whoever records which key verified something records this."""
         return self._fingerprints.get(key_id)
 
-    def verify(self, context: Mapping[str, Any], signature: Signature | str) -> None:
-        """Raise :class:`SignatureError` unless ``signature`` is a trusted key's signature of ``context``."""
+    def verify(self, context: Mapping[str, Any], signature: Signature | str | object) -> None:
+        """Raise :class:`SignatureError` unless ``signature`` is a trusted key's signature of ``context``.
+
+        ``signature`` is a :class:`Signature` or its text; anything else (a BLOB written into a registry.db
+        signature column, a state log entry's malformed field) is taken, and refused as malformed."""
         from cryptography.exceptions import InvalidSignature
 
         if isinstance(signature, str):

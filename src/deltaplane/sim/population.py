@@ -25,7 +25,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -201,7 +201,10 @@ class ClientPopulation:
             )
         _, held = split_holdout(distinct, self.config.holdout_fraction, rng)
         local = idx[~np.isin(idx, held)]
-        return Client(cid, self.train.subset(local), self.train.subset(held), compressor=None)  # type: ignore[arg-type]
+        # no compressor yet: the round that trains the client attaches one (none outlives a round)
+        return Client(
+            cid, self.train.subset(local), self.train.subset(held), compressor=cast(Compressor, None)
+        )
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,11 @@ class Message:
         raise NotImplementedError
 
     @classmethod
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> Message:
+        """The body of this kind of message, read from ``r`` (after the header :func:`decode_message` checked)."""
+        raise NotImplementedError
+
+    @classmethod
     def from_bytes(cls, data: bytes, config: SecAggConfig) -> Message:
         """Decode ``data`` as this kind of message for the round of ``config``; :class:`DecodeError` otherwise."""
         msg = decode_message(data, config)
@@ -612,6 +617,6 @@ def decode_message(data: bytes, config: SecAggConfig) -> Message:
             f"{cls.__name__} is for round {round_id}, this is round {config.round_id}", stage="decode"
         )
     r = _Reader(data, _HEAD.size, cls.__name__)
-    msg = cls._read(r, round_id, config)  # type: ignore[attr-defined]
+    msg = cls._read(r, round_id, config)
     r.end()
     return msg

@@ -49,6 +49,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, cast
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -193,7 +194,7 @@ class SecAggConfig:
             v = doc[k]
             if not (v is None and k == "neighbours") and (type(v) is not int or not 0 <= v < 2**32):
                 raise ConfigError(f"SecAgg config field {k!r} must be an integer in [0, 2^32). Found {v!r}")
-        return cls(**doc)  # type: ignore[arg-type]
+        return cls(**cast("dict[str, Any]", doc))  # every field checked above: an int (neighbours: or None)
 
 
 def default_threshold(group: int) -> int:
