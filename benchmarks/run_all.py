@@ -107,11 +107,6 @@ PLAN: list[Step] = [
     ),
     Step("adapters_minilm.py", (), ("adapters-minilm",)),
     Step("aggregation_memory.py", (), ("aggregation-memory",)),
-    Step(
-        "aggregation_memory.py",
-        ("--only", "GeometricMedian (RFA)", "CenteredClip(τ=10)", "--key-suffix", _RFA_CC),
-        (f"aggregation-memory-{_RFA_CC}",),
-    ),
     Step("base_fingerprint.py", (), ("base-fingerprint",)),
     Step("busy_machine.py", ("--repeats", "5", "--rounds", "6"), ("busy-machine",)),
     Step("charlm_task.py", (), ("charlm_task",)),
@@ -299,6 +294,14 @@ PLAN: list[Step] = [
         (f"robustness-clean-{_RFA_CC}",),
     ),
     Step("centered_clip_tau.py", ("--workers", "2"), ("centered-clip-tau",)),
+    Step(
+        "robust_cost.py",
+        _split(
+            "--record none median krum(2) geometric_median geometric_median(start=mean) centered_clip(0.1) "
+            "'centered_clip(0.1, iterations=3)'"
+        ),
+        ("robust-cost",),
+    ),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
     *_detect_steps(),
     Step("secagg.py", (), ("secagg",)),
@@ -317,7 +320,6 @@ HELPERS = {
     "drift_hostile_service.py",
     "registry_first_read.py",
     "registry_rotate_rss.py",
-    "robust_cost.py",
     "robustness_diagnostics.py",
     "robustness_score_probe.py",
     "robustness_trace.py",
