@@ -74,6 +74,8 @@ _SEEDS_LOW = "grid --workers 2 --grid-seeds 3 --fractions 0.1 0.2"
 _SEEDS_LOW_SUFFIX = "stc(0.006) uplink, 3 seeds, 10% and 20%"
 #: the geometric median (RFA) and centered clipping, measured apart from the full grid and the clean table
 _RFA_CC = "geometric median and centered clipping"
+#: sign vote, the geometric median and centered clipping (τ = 3) over the whole grid, apart from its full table
+_SV_RFA_CC = "sign vote, geometric median and centered clipping"
 
 
 def _split(command: str) -> tuple[str, ...]:
@@ -292,6 +294,14 @@ PLAN: list[Step] = [
             f"clean --workers 2 --clean-seeds 1 --clean-defenses geometric_median centered_clip --key-suffix '{_RFA_CC}'"
         ),
         (f"robustness-clean-{_RFA_CC}",),
+    ),
+    Step(
+        "robustness.py",
+        _split(
+            "grid --workers 1 --defenses none sign_vote geometric_median centered_clip "
+            f"--key-suffix '{_SV_RFA_CC}'"
+        ),
+        (f"robustness-grid-{_SV_RFA_CC}",),
     ),
     Step("centered_clip_tau.py", ("--workers", "2"), ("centered-clip-tau",)),
     Step(
