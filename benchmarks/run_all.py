@@ -74,6 +74,8 @@ _SEEDS_LOW = "grid --workers 2 --grid-seeds 3 --fractions 0.1 0.2"
 _SEEDS_LOW_SUFFIX = "stc(0.006) uplink, 3 seeds, 10% and 20%"
 #: the geometric median (RFA) and centered clipping, measured apart from the full grid and the clean table
 _RFA_CC = "geometric median and centered clipping"
+#: sign vote, the geometric median and centered clipping (τ = 3) over the whole grid, apart from its full table
+_SV_RFA_CC = "sign vote, geometric median and centered clipping"
 
 
 def _split(command: str) -> tuple[str, ...]:
@@ -107,11 +109,6 @@ PLAN: list[Step] = [
     ),
     Step("adapters_minilm.py", (), ("adapters-minilm",)),
     Step("aggregation_memory.py", (), ("aggregation-memory",)),
-    Step(
-        "aggregation_memory.py",
-        ("--only", "GeometricMedian (RFA)", "CenteredClip(τ=10)", "--key-suffix", _RFA_CC),
-        (f"aggregation-memory-{_RFA_CC}",),
-    ),
     Step("base_fingerprint.py", (), ("base-fingerprint",)),
     Step("busy_machine.py", ("--repeats", "5", "--rounds", "6"), ("busy-machine",)),
     Step("charlm_task.py", (), ("charlm_task",)),
@@ -299,7 +296,23 @@ PLAN: list[Step] = [
         ),
         (f"robustness-clean-{_RFA_CC}",),
     ),
+    Step(
+        "robustness.py",
+        _split(
+            "grid --workers 1 --defenses none sign_vote geometric_median centered_clip "
+            f"--key-suffix '{_SV_RFA_CC}'"
+        ),
+        (f"robustness-grid-{_SV_RFA_CC}",),
+    ),
     Step("centered_clip_tau.py", ("--workers", "2"), ("centered-clip-tau",)),
+    Step(
+        "robust_cost.py",
+        _split(
+            "--record none median krum(2) geometric_median geometric_median(start=mean) centered_clip(0.1) "
+            "'centered_clip(0.1, iterations=3)'"
+        ),
+        ("robust-cost",),
+    ),
     Step("robustness_attribution.py", ("--seeds", "3"), ("robustness-attribution",)),
     *_detect_steps(),
     Step("secagg.py", (), ("secagg",)),
@@ -319,7 +332,6 @@ HELPERS = {
     "drift_hostile_service.py",
     "registry_first_read.py",
     "registry_rotate_rss.py",
-    "robust_cost.py",
     "robustness_diagnostics.py",
     "robustness_score_probe.py",
     "robustness_trace.py",

@@ -221,3 +221,44 @@ def test_the_tau_sweep_asks_for_each_radius_under_each_attack_and_names_the_best
     key, body = recorded[0]
     assert key == "centered-clip-tau" and "the best worst case is `τ = 3`" in body
     assert "| `centered_clip(3)` | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 / 0.50 | 0.900 |" in body
+
+
+def _main(rb, monkeypatch, argv: list[str]) -> tuple[list[tuple], str]:
+    """The jobs ``robustness.py ARGV`` asks for and the body it records, every run made up (accuracy 0.9)."""
+    import _record
+
+    asked, recorded = [], []
+
+    def fake_run_all(jobs, workers):
+        asked.extend(jobs)
+        return {j: {"accuracy": 0.9, "backdoor": None if j[1] is None else 0.0} for j in jobs}
+
+    monkeypatch.setattr(rb, "run_all", fake_run_all)
+    monkeypatch.setattr(_record, "record", lambda key, title, body: recorded.append((key, body)))
+    monkeypatch.setattr(sys, "argv", ["robustness.py", *argv])
+    rb.main()
+    return asked, recorded[0][1]
+
+
+def test_the_default_grid_measures_sign_vote_the_geometric_median_and_centered_clipping(
+    rb, monkeypatch
+) -> None:
+    # sign_vote was left out of the grid, and the geometric median and centered clipping measured only in a
+    # section of their own at 20%: all three are columns of the default grid, and its text no longer says
+    # sign_vote is left out
+    jobs, body = _main(rb, monkeypatch, ["grid", "--attacks", "backdoor", "--fractions", "0.2"])
+    header = next(ln for ln in body.splitlines() if ln.startswith("| attack |"))
+    for rule in ("sign_vote", "geometric_median", "centered_clip"):
+        assert f" {rule} |" in header
+        assert (rb.DEFAULT_CODEC, "backdoor:0.2", rule, 0, 80) in jobs
+    assert "left out" not in body
+    assert len(jobs) == len(set(jobs)) == 1 + len(rb.GRID_DEFENSES)
+
+
+def test_the_clean_comparison_runs_each_default_rule_once(rb, monkeypatch) -> None:
+    jobs, body = _main(rb, monkeypatch, ["clean", "--clean-seeds", "1"])
+    assert len(jobs) == len(set(jobs))
+    defaults = [j[2] for j in jobs if j[0] == rb.DEFAULT_CODEC]
+    for rule in ("sign_vote", "geometric_median", "centered_clip"):
+        assert defaults.count(rule) == 1
+        assert f"| default | {rule} | 0.900 |" in body
