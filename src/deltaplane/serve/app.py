@@ -92,7 +92,7 @@ from deltaplane.serve.fleet_history import (
     kept_counter,
 )
 from deltaplane.serve.fleet_watch import MAX_DEVICES_SEEN, MAX_DRIFT_HISTORY, AlertLog, FleetWatch
-from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
+from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard, retry_after_s
 from deltaplane.serve.revocation_routes import (
     check_revocations_at_start,
     install_revocation_routes,
@@ -1202,7 +1202,7 @@ def create_app(
             raise HTTPException(
                 429,
                 f"rate limit of {config.rate}/s exceeded for device {ident.device_id}; retry in {wait:.2f}s",
-                headers={"Retry-After": str(max(1, round(wait)))},
+                headers={"Retry-After": str(retry_after_s(wait))},
             )
         state.saw(ident)
         return ident

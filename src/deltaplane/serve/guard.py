@@ -68,6 +68,7 @@ __all__ = [
     "DEVICE_SCOPE_KEY",
     "MAX_HEAD_BYTES",
     "RequestGuard",
+    "retry_after_s",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -98,6 +99,14 @@ _SMALL_BODY = 64 << 10  # unauthenticated bodies up to this size are drained bef
 # parameter, so it passes max_json_bytes for a model of about a million parameters); the endpoint then caps a
 # SecAgg message at its stage's exact maximum
 _UPLOAD = re.compile(r"^/v1/models/[^/]+/(rounds/[^/]+/update|secagg/[^/]+/(keys|shares|masked|unmask))$")
+
+
+def retry_after_s(wait: float) -> int:
+    """The ``Retry-After`` (whole seconds, at least 1) of a refusal whose cause ends in ``wait`` seconds.
+
+    Rounded up: rounded to the nearest, a penalty with 59.4 s left said 59, and a device that obeyed it came
+    back while it still ran and was refused again (spending its rate limit on the way)."""
+    return max(1, math.ceil(wait))
 
 
 class RequestGuard:
@@ -206,7 +215,7 @@ class RequestGuard:
                     send,
                     429,
                     f"too many failed authentications from {client}; retry in {wait:.1f}s",
-                    {"retry-after": str(max(1, round(wait)))},
+                    {"retry-after": str(retry_after_s(wait))},
                 )
                 return
             if not ok:
@@ -318,7 +327,7 @@ class RequestGuard:
                 429,
                 f"device {device_id} sent a body slower than the service's minimum (--min-body-rate) and may "
                 f"send another in {wait:.0f} s; send it over a faster link, or a smaller update",
-                retry_after_s=max(1, round(wait)),
+                retry_after_s=retry_after_s(wait),
                 device_id=device_id,
             )
             return
@@ -430,7 +439,7 @@ class RequestGuard:
                         else ", with its Content-Length (one without reserves the whole cap)"
                     ),
                     # the body was never handled: the device may send it again once its penalty ends
-                    {"retry-after": str(max(1, math.ceil(SLOW_PENALTY_GRACES * self.body_rate_grace)))},
+                    {"retry-after": str(retry_after_s(SLOW_PENALTY_GRACES * self.body_rate_grace))},
                 )
                 return True
             if message["type"] == "http.disconnect":
@@ -535,7 +544,7 @@ class RequestGuard:
             429,
             f"rate limit of {self.rate_limit.rate:g}/s exceeded for device {device_id} (refused requests count "
             f"too); retry in {wait:.2f}s",
-            {"retry-after": str(max(1, round(wait)))},
+            {"retry-after": str(retry_after_s(wait))},
         )
 
     async def _drain_small(self, receive: Receive, headers: dict[bytes, bytes]) -> None:
