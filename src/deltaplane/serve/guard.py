@@ -42,8 +42,10 @@
 9. Every refusal above that names a device (5 to 8) spends a request of that device's rate limit
    (``rate_limit``, the one its endpoints spend), and a device whose rate is spent is refused (429) at the
    door, each refusal in its turn at the rate's pace (:meth:`RequestGuard._refuse_over_rate`): refusals cost no
-   body, but one token hammering the guard got ~750 of them a second, none of them counted against it. The
-   admin routes and other devices spend nothing of it; an honest device refused once spends one request.
+   body, but one token hammering the guard got ~750 of them a second, none of them counted against it. A
+   refusal waiting its turn counts as one of the device's ``max_device_requests`` (it holds a connection); with
+   none free it goes out at once. The admin routes and other devices spend nothing of it; an honest device
+   refused once spends one request.
 
 The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
 the token a second time.
@@ -52,11 +54,12 @@ the token a second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter
@@ -253,15 +256,8 @@ class RequestGuard:
                 device_id=device_id,
             )
             return
-        self._in_flight[device_id] = held + 1
-        try:
+        with self._in_flight_slot(device_id):
             await self._bounded(scope, receive, send, area, headers, device_id)
-        finally:
-            left = self._in_flight[device_id] - 1
-            if left:
-                self._in_flight[device_id] = left
-            else:
-                del self._in_flight[device_id]  # the map holds only devices with a request in flight
 
     async def _bounded(
         self,
@@ -380,6 +376,19 @@ class RequestGuard:
                     del self._device_bytes[device_id]
         if too_slow and device_id is not None and reserve:
             self._penalize(device_id)
+
+    @contextlib.contextmanager
+    def _in_flight_slot(self, device_id: str) -> Iterator[None]:
+        """Count one more request of ``device_id`` in flight while the block runs (event loop only)."""
+        self._in_flight[device_id] = self._in_flight.get(device_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._in_flight[device_id] - 1
+            if left:
+                self._in_flight[device_id] = left
+            else:
+                del self._in_flight[device_id]  # the map holds only devices with a request in flight
 
     def _slow_wait(self, device_id: str) -> float:
         """Seconds ``device_id`` must still wait after its last body dropped for slowness (0: none)."""
@@ -521,20 +530,19 @@ class RequestGuard:
     ) -> None:
         """Refuse (429) a request of ``device_id``, whose rate limit is spent, in its turn: over-rate refusals of
         one device go out one per ``1 / rate`` seconds (at most ``body_timeout`` queued), so a token hammering the
-        door gets ``rate`` answers a second, not one per connection it opens; each waiting request holds only a
-        timer and its connection (bounded per address by uvicorn's cap, :mod:`deltaplane.serve.server`)."""
+        door gets ``rate`` answers a second, not one per connection it opens.
+
+        A refusal waiting its turn holds its connection, one of uvicorn's ``max_connections``: it counts as one of
+        the device's requests in flight, and once those are ``max_device_requests`` its refusal goes out at once
+        instead. Unbounded, the waiting refusals of one token (loopback, or a proxy, is exempt from the cap per
+        address) held every connection slot for up to ``body_timeout``, and every other device got 503."""
         assert self.rate_limit is not None
         self.on_reject("rejected.rate_limited")
-        now = asyncio.get_running_loop().time()
-        due = self._refusal_due.get(device_id, now)
-        if due <= now:
-            due = now
-            if len(self._refusal_due) > 4096:  # forget the turns that passed: the map holds hammering devices
-                self._refusal_due = {d: t for d, t in self._refusal_due.items() if t > now}
-        self._refusal_due[device_id] = min(due, now + self.body_timeout) + 1 / self.rate_limit.rate
-        await self._drain_small(receive, headers)
-        if due > now:
-            await asyncio.sleep(min(due - now, self.body_timeout))
+        if self._in_flight.get(device_id, 0) < self.max_device_requests:
+            with self._in_flight_slot(device_id):
+                await self._wait_turn(receive, headers, device_id)
+        else:  # its slots are taken: answered at once, without holding a connection for its turn
+            await self._drain_small(receive, headers)
         # the request its turn refilled is this refusal's: otherwise the door served ``rate`` refusals a second
         # past the limit (device busy, body budget) besides ``rate`` paced ones
         self.rate_limit.acquire(device_id)
@@ -546,6 +554,20 @@ class RequestGuard:
             f"too); retry in {wait:.2f}s",
             {"retry-after": str(retry_after_s(wait))},
         )
+
+    async def _wait_turn(self, receive: Receive, headers: dict[bytes, bytes], device_id: str) -> None:
+        """Wait for ``device_id``'s next over-rate refusal turn (its body, if small, drained meanwhile)."""
+        assert self.rate_limit is not None
+        now = asyncio.get_running_loop().time()
+        due = self._refusal_due.get(device_id, now)
+        if due <= now:
+            due = now
+            if len(self._refusal_due) > 4096:  # forget the turns that passed: the map holds hammering devices
+                self._refusal_due = {d: t for d, t in self._refusal_due.items() if t > now}
+        self._refusal_due[device_id] = min(due, now + self.body_timeout) + 1 / self.rate_limit.rate
+        await self._drain_small(receive, headers)
+        if due > now:
+            await asyncio.sleep(min(due - now, self.body_timeout))
 
     async def _drain_small(self, receive: Receive, headers: dict[bytes, bytes]) -> None:
         """Before refusing a request unread: read and drop its body if it declared a small one. Closing a
