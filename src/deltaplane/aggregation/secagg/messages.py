@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from deltaplane.aggregation.secagg import shamir
 from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
@@ -210,7 +210,12 @@ class Message:
         raise NotImplementedError
 
     @classmethod
-    def from_bytes(cls, data: bytes, config: SecAggConfig) -> Message:
+    def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> Message:
+        """This kind's body from ``r`` (its header already read); each kind defines its own."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: SecAggConfig) -> Self:
         """Decode ``data`` as this kind of message for the round of ``config``; :class:`DecodeError` otherwise."""
         msg = decode_message(data, config)
         if not isinstance(msg, cls):
@@ -612,6 +617,6 @@ def decode_message(data: bytes, config: SecAggConfig) -> Message:
             f"{cls.__name__} is for round {round_id}, this is round {config.round_id}", stage="decode"
         )
     r = _Reader(data, _HEAD.size, cls.__name__)
-    msg = cls._read(r, round_id, config)  # type: ignore[attr-defined]
+    msg = cls._read(r, round_id, config)
     r.end()
     return msg

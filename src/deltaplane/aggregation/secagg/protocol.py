@@ -193,7 +193,7 @@ class SecAggConfig:
             v = doc[k]
             if not (v is None and k == "neighbours") and (type(v) is not int or not 0 <= v < 2**32):
                 raise ConfigError(f"SecAgg config field {k!r} must be an integer in [0, 2^32). Found {v!r}")
-        return cls(**doc)  # type: ignore[arg-type]
+        return cls(**doc)  # type: ignore[arg-type]  # every field was checked an int (neighbours: or None) above
 
 
 def default_threshold(group: int) -> int:
