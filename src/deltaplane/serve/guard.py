@@ -403,7 +403,10 @@ class RequestGuard:
     def _penalize(self, device_id: str) -> None:
         """Keep ``device_id`` from reserving body bytes for :data:`SLOW_PENALTY_GRACES` graces: a dropped
         trickler that reconnects at once held its share of the budget for ever at the cost of one request head
-        per grace; now it holds it one grace in ``1 + SLOW_PENALTY_GRACES``."""
+        per grace; now it holds it one grace in ``1 + SLOW_PENALTY_GRACES``.
+
+        In memory only (a restart forgets it): it lasts a minute at the defaults, a restart drops the trickler's
+        connections anyway, and stored it would cost a database write on the event loop per penalty."""
         now = asyncio.get_running_loop().time()
         if (
             len(self._slow_until) > 4096
