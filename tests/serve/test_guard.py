@@ -687,7 +687,6 @@ def test_refusals_at_the_door_spend_the_devices_rate(tmp_path):
     one request in flight, at 2/s with a burst of 2, are all refused, its rate spent. Its refusals past the
     rate do not wait their turn (its one slot is held: waiting, each held a connection); the operator and
     another device are served meanwhile at once."""
-    import threading
     import time
 
     import httpx
@@ -700,17 +699,8 @@ def test_refusals_at_the_door_spend_the_devices_rate(tmp_path):
     evil, honest = svc.admin.issue_token("evil"), svc.admin.issue_token("honest")
     with BackgroundServer(svc.app) as s, httpx.Client(base_url=s.url, timeout=20) as http:
         held = _hold(s.url, evil)
-        codes: list[int] = []
-
-        def hammer() -> None:
-            with httpx.Client(base_url=s.url, timeout=20) as mine:
-                resp = mine.get("/v1/models/cnn/round", headers={"Authorization": f"Bearer {evil}"})
-                codes.append(resp.status_code)
-
         start = time.monotonic()
-        threads = [threading.Thread(target=hammer) for _ in range(12)]
-        for t in threads:
-            t.start()
+        threads, codes = _hammer(s.url, evil, 12)
         time.sleep(0.3)
         t0 = time.monotonic()
         admin = http.get("/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"})
@@ -782,7 +772,6 @@ def test_refusals_waiting_their_turn_hold_at_most_the_devices_slots(tmp_path):
     max_connections for up to 16 s, and another device got uvicorn's 503. Now a refusal waits only while the
     device has one of its max_device_requests slots free (2 here), the rest are answered at once, and the
     other device is served during the attack."""
-    import threading
     import time
 
     import httpx
@@ -794,21 +783,11 @@ def test_refusals_waiting_their_turn_hold_at_most_the_devices_slots(tmp_path):
     with BackgroundServer(svc.app) as s:
         with httpx.Client(base_url=s.url, timeout=20) as http:  # its burst's one request
             assert http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"}).is_success
-        codes: list[int] = []
-
-        def hammer() -> None:
-            with httpx.Client(base_url=s.url, timeout=20) as mine:
-                resp = mine.get("/v1/models/cnn/round", headers={"Authorization": f"Bearer {evil}"})
-                codes.append(resp.status_code)
-
         start = time.monotonic()
-        threads = [threading.Thread(target=hammer) for _ in range(12)]
-        for t in threads:
-            t.start()
+        threads, codes = _hammer(s.url, evil, 12)
         deadline = time.monotonic() + 15
-        while (
-            svc.state.counters["rejected.rate_limited"] + codes.count(503) < 12
-        ):  # all 12 reached the server
+        # until all 12 reached the server
+        while svc.state.counters["rejected.rate_limited"] + codes.count(503) < 12:
             assert time.monotonic() < deadline, (svc.state.counters, codes)
             time.sleep(0.05)
         with httpx.Client(base_url=s.url, timeout=20) as http:
@@ -819,3 +798,23 @@ def test_refusals_waiting_their_turn_hold_at_most_the_devices_slots(tmp_path):
         took = time.monotonic() - start
     assert len(codes) == 12 and set(codes) <= {429, 503}, codes  # uvicorn's 503 if 12 connect at once
     assert took > 1.8, took  # a refusal with a slot still waits its turn (2 s apart)
+
+
+def _hammer(url: str, token: str, n: int):
+    """``n`` threads started at once, each sending one ``GET /v1/models/cnn/round`` with ``token`` on its own
+    connection; returns (the threads, the list their status codes are appended to)."""
+    import threading
+
+    import httpx
+
+    codes: list[int] = []
+
+    def hammer() -> None:
+        with httpx.Client(base_url=url, timeout=20) as mine:
+            resp = mine.get("/v1/models/cnn/round", headers={"Authorization": f"Bearer {token}"})
+            codes.append(resp.status_code)
+
+    threads = [threading.Thread(target=hammer) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, codes
