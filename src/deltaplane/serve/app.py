@@ -124,6 +124,9 @@ BODY_BUDGET_UPLOADS = 16
 #: one device's default share of the body budget is ``1 / DEVICE_BODY_SHARE`` of it (at least the largest body
 #: cap): 4 tokens each holding 4 chunked uploads filled the whole budget; at an eighth it takes 8 tokens
 DEVICE_BODY_SHARE = 8
+#: over-rate refusals waiting their turn (each holding a connection) take at most ``1 / WAITING_REFUSALS_SHARE`` of
+#: ``max_connections``: unbounded, one token's refusals held them all and every other device got 503
+WAITING_REFUSALS_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,8 @@ class ServiceConfig:
             honest noise it would refuse is refused at open, naming the ratio that would admit it.
         max_connections: connections (and requests in flight) the server holds at once, the new request's own
             included; a request beyond it gets 503 at once (uvicorn's ``limit_concurrency``), so a connection
-            flood cannot exhaust file descriptors or memory.
+            flood cannot exhaust file descriptors or memory. Over-rate refusals waiting their turn (the guard's
+            pace) hold at most a quarter of them; further ones are answered at once.
         max_connections_per_address: connections one client address may hold at once (its next one is answered
             503 and closed before it counts against ``max_connections``), so one address cannot hold them all;
             loopback peers (a reverse proxy on the same host) are exempt. Raise it for a fleet behind one NAT
@@ -1139,6 +1143,7 @@ def create_app(
         min_body_rate=config.min_body_rate,
         body_rate_grace=config.body_rate_grace_s,
         rate_limit=limiter,
+        max_waiting_refusals=max(1, config.max_connections // WAITING_REFUSALS_SHARE),
     )
 
     @app.exception_handler(DeltaplaneError)

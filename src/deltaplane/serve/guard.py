@@ -43,9 +43,9 @@
    (``rate_limit``, the one its endpoints spend), and a device whose rate is spent is refused (429) at the
    door, each refusal in its turn at the rate's pace (:meth:`RequestGuard._refuse_over_rate`): refusals cost no
    body, but one token hammering the guard got ~750 of them a second, none of them counted against it. A
-   refusal waiting its turn counts as one of the device's ``max_device_requests`` (it holds a connection); with
-   none free it goes out at once. The admin routes and other devices spend nothing of it; an honest device
-   refused once spends one request.
+   refusal waiting its turn holds a connection, so at most ``max_waiting_refusals`` wait at once (a quarter
+   of the service's ``max_connections``); one more goes out at once. The admin routes and other devices
+   spend nothing of it; an honest device refused once spends one request.
 
 The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
 the token a second time.
@@ -54,12 +54,11 @@ the token a second time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter
@@ -138,6 +137,8 @@ class RequestGuard:
         rate_limit: the per-device request rate (keyed by device id) its endpoints spend: each refusal of a
             device at the guard spends one too, and a device with none left is refused at the rate's pace;
             None: refusals are free.
+        max_waiting_refusals: over-rate refusals that may wait their turn at once, all devices together (each
+            holds its connection); one more is answered at once. None: no bound.
     """
 
     def __init__(
@@ -157,11 +158,14 @@ class RequestGuard:
         min_body_rate: float = 0.0,
         body_rate_grace: float = 10.0,
         rate_limit: RateLimiter | None = None,
+        max_waiting_refusals: int | None = None,
     ) -> None:
         self.app = app
         self.rate_limit = rate_limit
         # device id -> loop time its next over-rate refusal may go out; event loop only
         self._refusal_due: dict[str, float] = {}
+        self.max_waiting_refusals = max_waiting_refusals
+        self._waiting_refusals = 0  # over-rate refusals waiting their turn now; event loop only
         self.max_device_body_bytes = max_device_body_bytes
         self.min_body_rate = min_body_rate
         self.body_rate_grace = body_rate_grace
@@ -256,8 +260,15 @@ class RequestGuard:
                 device_id=device_id,
             )
             return
-        with self._in_flight_slot(device_id):
+        self._in_flight[device_id] = held + 1
+        try:
             await self._bounded(scope, receive, send, area, headers, device_id)
+        finally:
+            left = self._in_flight[device_id] - 1
+            if left:
+                self._in_flight[device_id] = left
+            else:
+                del self._in_flight[device_id]  # the map holds only devices with a request in flight
 
     async def _bounded(
         self,
@@ -376,19 +387,6 @@ class RequestGuard:
                     del self._device_bytes[device_id]
         if too_slow and device_id is not None and reserve:
             self._penalize(device_id)
-
-    @contextlib.contextmanager
-    def _in_flight_slot(self, device_id: str) -> Iterator[None]:
-        """Count one more request of ``device_id`` in flight while the block runs (event loop only)."""
-        self._in_flight[device_id] = self._in_flight.get(device_id, 0) + 1
-        try:
-            yield
-        finally:
-            left = self._in_flight[device_id] - 1
-            if left:
-                self._in_flight[device_id] = left
-            else:
-                del self._in_flight[device_id]  # the map holds only devices with a request in flight
 
     def _slow_wait(self, device_id: str) -> float:
         """Seconds ``device_id`` must still wait after its last body dropped for slowness (0: none)."""
@@ -535,16 +533,19 @@ class RequestGuard:
         one device go out one per ``1 / rate`` seconds (at most ``body_timeout`` queued), so a token hammering the
         door gets ``rate`` answers a second, not one per connection it opens.
 
-        A refusal waiting its turn holds its connection, one of uvicorn's ``max_connections``: it counts as one of
-        the device's requests in flight, and once those are ``max_device_requests`` its refusal goes out at once
+        A refusal waiting its turn holds its connection, one of uvicorn's ``max_connections``: at most
+        ``max_waiting_refusals`` wait at once, all devices together, and a refusal beyond them goes out at once
         instead. Unbounded, the waiting refusals of one token (loopback, or a proxy, is exempt from the cap per
         address) held every connection slot for up to ``body_timeout``, and every other device got 503."""
         assert self.rate_limit is not None
         self.on_reject("rejected.rate_limited")
-        if self._in_flight.get(device_id, 0) < self.max_device_requests:
-            with self._in_flight_slot(device_id):
+        if self.max_waiting_refusals is None or self._waiting_refusals < self.max_waiting_refusals:
+            self._waiting_refusals += 1
+            try:
                 await self._wait_turn(receive, headers, device_id)
-        else:  # its slots are taken: answered at once, without holding a connection for its turn
+            finally:
+                self._waiting_refusals -= 1
+        else:  # the refusals waiting hold their share of the connections: answered at once, holding none
             await self._drain_small(receive, headers)
         # the request its turn refilled is this refusal's: otherwise the door served ``rate`` refusals a second
         # past the limit (device busy, body budget) besides ``rate`` paced ones
