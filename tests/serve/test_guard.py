@@ -13,9 +13,21 @@ from deltaplane.serve import ServiceConfig
 from .conftest import ADMIN, Service
 
 
-def call(app, method, path, *, token=None, chunks=(), content_length=None, client="10.0.0.1", stall=False):
+def call(
+    app,
+    method,
+    path,
+    *,
+    token=None,
+    chunks=(),
+    content_length=None,
+    client="10.0.0.1",
+    stall=False,
+    answer=None,
+):
     """Drive the ASGI app directly; return (status, body, how many body chunks the app pulled). ``stall``: the
-    body never ends (its last chunk says more is coming, and none does)."""
+    body never ends (its last chunk says more is coming, and none does); ``answer``: a dict given the response's
+    headers."""
     headers = [(b"host", b"testserver")]
     if token:
         headers.append((b"authorization", f"Bearer {token}".encode()))
@@ -53,6 +65,8 @@ def call(app, method, path, *, token=None, chunks=(), content_length=None, clien
     asyncio.run(app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    if answer is not None:
+        answer.update((k.decode(), v.decode()) for k, v in start["headers"])
     return start["status"], body, pulled
 
 
@@ -672,7 +686,6 @@ def test_refusals_at_the_door_spend_the_devices_rate_and_are_paced_past_it(tmp_p
     ~750 refusals a second from the guard. Refusals now spend it, and past it a device's refusals go out one
     per 1/rate s: 12 requests at once of a device holding its one request in flight, at 2/s with a burst of
     2, take about 4.5 s instead of one; the operator and another device are served meanwhile at once."""
-    import threading
     import time
 
     import httpx
@@ -685,17 +698,8 @@ def test_refusals_at_the_door_spend_the_devices_rate_and_are_paced_past_it(tmp_p
     evil, honest = svc.admin.issue_token("evil"), svc.admin.issue_token("honest")
     with BackgroundServer(svc.app) as s, httpx.Client(base_url=s.url, timeout=20) as http:
         held = _hold(s.url, evil)
-        codes: list[int] = []
-
-        def hammer() -> None:
-            with httpx.Client(base_url=s.url, timeout=20) as mine:
-                resp = mine.get("/v1/models/cnn/round", headers={"Authorization": f"Bearer {evil}"})
-                codes.append(resp.status_code)
-
         start = time.monotonic()
-        threads = [threading.Thread(target=hammer) for _ in range(12)]
-        for t in threads:
-            t.start()
+        threads, codes = _hammer(s.url, evil, 12)
         time.sleep(0.3)
         t0 = time.monotonic()
         admin = http.get("/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"})
@@ -709,3 +713,108 @@ def test_refusals_at_the_door_spend_the_devices_rate_and_are_paced_past_it(tmp_p
     assert codes == [429] * 12
     assert took > 3.5, took  # 2 from the burst, then 10 paced at 2/s (the first at once)
     assert svc.state.counters["rejected.rate_limited"] >= 9
+
+
+def test_a_device_that_waits_exactly_the_slowness_penalty_retry_after_is_served(tmp_path):
+    """The slowness penalty's 429 rounded its Retry-After to the nearest second: with 1.3 s of it left it said
+    1, and a device that waited exactly that was refused again. Rounded up, the wait it is told covers the
+    penalty: its first request after that wait is served."""
+    import time
+
+    svc = Service(tmp_path / "h", min_body_rate=1 << 20, body_rate_grace_s=0.25, body_timeout_s=60)
+    token = svc.admin.issue_token("slow")
+    report = json.dumps({"version": 1, "metrics": {}}).encode()
+
+    def send_report(answer=None):
+        return call(
+            svc.app,
+            "POST",
+            "/v1/models/cnn/report",
+            token=token,
+            chunks=[report],
+            content_length=len(report),
+            answer=answer,
+        )[:2]
+
+    # a stalled body: dropped after the grace (408), its device penalized for six graces (1.5 s)
+    assert call(svc.app, "POST", "/v1/models/cnn/report", token=token, chunks=[b"{"], stall=True)[0] == 408
+    time.sleep(0.2)  # 1.3 s of the penalty left: to the nearest second 1, rounded up 2
+    answer: dict[str, str] = {}
+    status, body = send_report(answer)
+    assert status == 429 and b"may send another in" in body, body
+    time.sleep(int(answer["retry-after"]))  # exactly what it was told
+    status, body = send_report()
+    assert status == 202, body
+
+
+def test_a_device_that_waits_exactly_the_rate_limit_retry_after_is_served(tmp_path):
+    """The rate limit's 429 rounded 2.5 s to 2 (half to even): a device that waited exactly that found its
+    bucket at 0.8 of a request and was refused again. Rounded up, it is served."""
+    import time
+
+    svc = Service(tmp_path / "h", rate=0.4, burst=1)
+    token = svc.admin.issue_token("d")
+    download = "/v1/models/cnn/download"
+    assert call(svc.app, "GET", download, token=token)[0] == 200  # the burst's one request
+    answer: dict[str, str] = {}
+    status, body, _ = call(svc.app, "GET", download, token=token, answer=answer)
+    assert status == 429 and b"rate limit" in body, body
+    time.sleep(int(answer["retry-after"]))  # exactly what it was told
+    status, body, _ = call(svc.app, "GET", download, token=token)
+    assert status == 200, body
+
+
+def test_refusals_waiting_their_turn_hold_at_most_a_quarter_of_the_connections(tmp_path):
+    """An over-rate refusal waits its turn (one per 1/rate s) holding its connection, and those connections
+    were unbounded: 8 requests of one token (loopback is exempt from the cap per address) held 7 of the 8
+    max_connections for up to 14 s, and another device got uvicorn's 503. Now at most a quarter of
+    max_connections (2 here) wait their turn, the rest are answered at once, and the other device is served
+    during the attack."""
+    import time
+
+    import httpx
+
+    from deltaplane.serve import BackgroundServer
+
+    svc = Service(tmp_path / "h", max_connections=8, rate=0.5, burst=1)
+    evil, honest = svc.admin.issue_token("evil"), svc.admin.issue_token("honest")
+    with BackgroundServer(svc.app) as s:
+        with httpx.Client(base_url=s.url, timeout=20) as http:  # its burst's one request
+            assert http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {evil}"}).is_success
+        start, threads, codes = time.monotonic(), [], []
+        for i in range(8):  # one at a time, so that each reaches the guard (none gets uvicorn's 503)
+            more, seen = _hammer(s.url, evil, 1)
+            threads += more
+            codes.append(seen)
+            deadline = time.monotonic() + 10
+            while svc.state.counters["rejected.rate_limited"] < i + 1:
+                assert time.monotonic() < deadline, dict(svc.state.counters)
+                time.sleep(0.02)
+        with httpx.Client(base_url=s.url, timeout=20) as http:
+            got = http.get("/v1/models/cnn/download", headers={"Authorization": f"Bearer {honest}"})
+        assert got.status_code == 200, (got.status_code, got.text[:200])
+        for t in threads:
+            t.join()
+        took = time.monotonic() - start
+    assert [c for seen in codes for c in seen] == [429] * 8
+    assert took > 1.8, took  # the refusals that may wait still wait their turn (2 s apart)
+
+
+def _hammer(url: str, token: str, n: int):
+    """``n`` threads started at once, each sending one ``GET /v1/models/cnn/round`` with ``token`` on its own
+    connection; returns (the threads, the list their status codes are appended to)."""
+    import threading
+
+    import httpx
+
+    codes: list[int] = []
+
+    def hammer() -> None:
+        with httpx.Client(base_url=url, timeout=20) as mine:
+            resp = mine.get("/v1/models/cnn/round", headers={"Authorization": f"Bearer {token}"})
+            codes.append(resp.status_code)
+
+    threads = [threading.Thread(target=hammer) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, codes

@@ -1253,3 +1253,24 @@ def test_model_page_walks_the_lineage_once_for_all_its_versions(tmp_path, monkey
         for r in page["versions"]
     )
     assert len(lookups) <= 2 * 120, len(lookups)  # each parent looked up once (was 50 walks of the chain)
+
+
+def test_a_sign_in_that_waits_exactly_the_lockout_retry_after_is_let_in(monkeypatch):
+    """The lockout's Retry-After was rounded to the nearest second: with 29.4 s of it left it said 29, and a
+    client that waited exactly that was refused again. Rounded up (30), the wait covers the lockout."""
+    from types import SimpleNamespace
+
+    import deltaplane.ui.router as router
+
+    now = [1000.0]
+    monkeypatch.setattr(router, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    app = _ui_app()
+    for i in range(30):  # the global failure budget, spent from 30 addresses within 30 s
+        now[0] = 1000.0 + i
+        assert _from(app, f"2001:db8:{i:x}::1").post("/ui/login", data={"token": "guess"}).status_code == 401
+    now[0] = 1030.6  # 29.4 s until the first failure is a minute old
+    fresh = _from(app, "198.51.100.9")
+    r = fresh.post("/ui/login", data={"token": ADMIN}, follow_redirects=False)
+    assert r.status_code == 429 and "try again in 30 s" in unescape(r.text)
+    now[0] += int(r.headers["retry-after"])  # exactly what it was told
+    assert fresh.post("/ui/login", data={"token": ADMIN}, follow_redirects=False).status_code == 303

@@ -12,7 +12,9 @@ Device endpoints (``Authorization: Bearer <device token>``, rate limited per dev
 * ``POST /v1/models/{model}/report`` — metrics and drift summaries (histograms, not raw data).
 
 The round endpoints (``/round``, ``/rounds/{round}/update``, ``/admin/models/{model}/rounds...``, rebuild) live
-in :mod:`deltaplane.serve.rounds`, a thin driver over the engine's server step (any aggregator chain).
+in :mod:`deltaplane.serve.rounds`, a thin driver over the engine's server step (any aggregator chain); the
+drift routes (reference, alerts, windows) in :mod:`deltaplane.serve.drift_routes`; the trusted coordinator's
+evaluation route in :mod:`deltaplane.serve.evaluation_routes`.
 
 Admin endpoints (``Authorization: Bearer <admin token>``): issue and revoke device tokens, open/close/abort
 rounds (a closed round becomes a new signed version, published as a delta, in one transaction), withdraw a
@@ -35,7 +37,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, overload
+from typing import Annotated, Any, overload
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -43,7 +45,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -63,7 +65,7 @@ from deltaplane.errors import (
     SignatureError,
     VersionMismatch,
 )
-from deltaplane.monitor import DriftMonitor, DriftReport, DriftSpec, Summary
+from deltaplane.monitor import DriftMonitor, DriftReport, Summary
 from deltaplane.registry import Registry, Tolerance, plan_downlink, promote, rollback, withdrawn_among
 from deltaplane.registry.downlink import (
     Downlink,
@@ -75,10 +77,13 @@ from deltaplane.registry.downlink import (
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.registry.store import PRODUCTION
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
+from deltaplane.serve.bodies import StrictBody
 from deltaplane.serve.body_errors import FASTAPI_UNPARSED_BODY, body_problem, describe
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
 from deltaplane.serve.docs import mount_offline_docs
+from deltaplane.serve.drift_routes import SummaryModel, drift_router
+from deltaplane.serve.evaluation_routes import evaluation_router
 from deltaplane.serve.fleet_history import (
     MAX_CLOSED_ROUNDS,
     MAX_REPORTS,
@@ -87,7 +92,7 @@ from deltaplane.serve.fleet_history import (
     kept_counter,
 )
 from deltaplane.serve.fleet_watch import MAX_DEVICES_SEEN, MAX_DRIFT_HISTORY, AlertLog, FleetWatch
-from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard
+from deltaplane.serve.guard import ADMIN_TOKEN_REFUSED, DEVICE_SCOPE_KEY, RequestGuard, retry_after_s
 from deltaplane.serve.revocation_routes import (
     check_revocations_at_start,
     install_revocation_routes,
@@ -119,6 +124,9 @@ BODY_BUDGET_UPLOADS = 16
 #: one device's default share of the body budget is ``1 / DEVICE_BODY_SHARE`` of it (at least the largest body
 #: cap): 4 tokens each holding 4 chunked uploads filled the whole budget; at an eighth it takes 8 tokens
 DEVICE_BODY_SHARE = 8
+#: over-rate refusals waiting their turn (each holding a connection) take at most ``1 / WAITING_REFUSALS_SHARE`` of
+#: ``max_connections``: unbounded, one token's refusals held them all and every other device got 503
+WAITING_REFUSALS_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -159,7 +167,8 @@ class ServiceConfig:
             honest noise it would refuse is refused at open, naming the ratio that would admit it.
         max_connections: connections (and requests in flight) the server holds at once, the new request's own
             included; a request beyond it gets 503 at once (uvicorn's ``limit_concurrency``), so a connection
-            flood cannot exhaust file descriptors or memory.
+            flood cannot exhaust file descriptors or memory. Over-rate refusals waiting their turn (the guard's
+            pace) hold at most a quarter of them; further ones are answered at once.
         max_connections_per_address: connections one client address may hold at once (its next one is answered
             503 and closed before it counts against ``max_connections``), so one address cannot hold them all;
             loopback peers (a reverse proxy on the same host) are exempt. Raise it for a fleet behind one NAT
@@ -897,11 +906,7 @@ class ServiceState:
 
 
 # -- request / response schemas ------------------------------------------------------------------------
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DeviceTokenRequest(_Strict):
+class DeviceTokenRequest(StrictBody):
     device_id: str = Field(pattern=NAME, max_length=128)
     cohort: str = Field(default="default", pattern=NAME, max_length=128)
     ttl_s: int | None = Field(
@@ -925,7 +930,7 @@ class DeviceToken(BaseModel):
     models: list[str] | None = None
 
 
-class RevokeTokenRequest(_Strict):
+class RevokeTokenRequest(StrictBody):
     token_id: str = Field(pattern="^[A-Za-z0-9_-]{8,64}$")
 
 
@@ -934,7 +939,7 @@ class Revoked(BaseModel):
     at: float
 
 
-class PromoteRequest(_Strict):
+class PromoteRequest(StrictBody):
     version: int = Field(ge=1, le=2**31 - 1)
     to: str = Field(default="production", pattern=NAME, max_length=128)
 
@@ -959,33 +964,7 @@ class RollbackResponse(BaseModel):
     sha256: str
 
 
-#: the most features, predicted classes, projections and embedding dimensions a drift report may carry; a
-#: reference needing more is refused at its PUT (no device report could ever match it)
-REPORT_FEATURES, REPORT_CLASSES, REPORT_PROJECTIONS, REPORT_EMBEDDING_DIM = 4096, 65536, 1024, 65536
-
-
-class SummaryModel(_Strict):
-    n: int = Field(default=0, ge=0, le=10**9)
-    feature_counts: list[list[Annotated[int, Field(ge=0, le=10**9)]]] = Field(
-        default_factory=list, max_length=REPORT_FEATURES
-    )
-    prediction_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(
-        default_factory=list, max_length=REPORT_CLASSES
-    )
-    projection_counts: list[list[Annotated[int, Field(ge=0, le=10**9)]]] = Field(
-        default_factory=list, max_length=REPORT_PROJECTIONS
-    )
-    # |sum| <= 1e15 = 1e9 embeddings x |mean| 1e6 (monitor.drift.MAX_EMBEDDING_MEAN): larger is no embedding
-    # sum, and values near 1e308 overflow to NaN when a window merges them
-    embedding_sum: list[Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]] = Field(
-        default_factory=list, max_length=REPORT_EMBEDDING_DIM
-    )
-    embedding_n: int = Field(default=0, ge=0, le=10**9)
-    #: inputs missing (NaN) per feature, counted apart from feature_counts (see monitor.drift.Summary)
-    missing_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(default_factory=list, max_length=4096)
-
-
-class ReportRequest(_Strict):
+class ReportRequest(StrictBody):
     version: int = Field(ge=1, le=2**31 - 1)
     round: int | None = Field(default=None, ge=1, le=2**31 - 1)
     metrics: dict[MetricName, Annotated[float, Field(allow_inf_nan=False)]] = Field(
@@ -998,56 +977,6 @@ class ReportAccepted(BaseModel):
     accepted: bool
     drift_evaluated: bool
     alerts: list[str]
-
-
-class PredictionReferenceRequest(_Strict):
-    #: the version's predicted-class counts on the drift reference's data, one per class of its spec
-    prediction_counts: list[Annotated[int, Field(ge=0, le=10**9)]] = Field(
-        min_length=1, max_length=REPORT_CLASSES
-    )
-
-
-def _reportable(spec: DriftSpec) -> None:
-    """Refuse (422) a drift spec whose reports could never pass :class:`SummaryModel`'s bounds: the monitor
-    would be set, answer 200, and test nothing (an ``n_classes`` of 10**30 left every prediction unreported)."""
-    dim = len(spec.projections[0]) if spec.projections else 0
-    for what, have, most in (
-        ("features (feature_edges)", len(spec.feature_edges), REPORT_FEATURES),
-        ("classes (n_classes)", spec.n_classes, REPORT_CLASSES),
-        ("projections", len(spec.projections), REPORT_PROJECTIONS),
-        ("embedding dimensions", dim, REPORT_EMBEDDING_DIM),
-    ):
-        if have > most:
-            raise ConfigError(
-                f"drift spec has {have} {what}, more than a device report may carry ({most}): no report could "
-                "match it; monitor fewer (e.g. group classes or features)"
-            )
-
-
-class DriftReferenceRequest(_Strict):
-    spec: dict[str, Any]
-    reference: SummaryModel
-    psi_threshold: float = Field(default=0.2, gt=0)
-    alpha: float = Field(default=0.01, gt=0, lt=1)
-    window: int = Field(default=20, ge=1, le=100_000)
-    #: distinct devices a window needs before it is evaluated; default min(3, window), so that one device can
-    #: neither fill a window alone nor (with equal per-device weights) outvote the others
-    min_devices: int | None = Field(default=None, ge=1, le=100_000)
-    #: live samples (effective, after per-device weighting) a signal needs before it is tested
-    min_samples: int = Field(default=30, ge=1, le=10**9)
-    #: standardised centroid shift (fraction of the reference embeddings' RMS spread) that may flag drift
-    embedding_shift_threshold: float = Field(default=0.1, gt=0, le=1e6)
-
-
-class EvaluationRequest(_Strict):
-    """A trusted coordinator's measure of a published version (``fleet coordinate --trusted``)."""
-
-    version: int = Field(ge=1, le=2**31 - 1, description="the version the round published")
-    test_accuracy: float = Field(
-        ge=0, le=1, allow_inf_nan=False, description="its accuracy on the task's test set, in [0, 1]"
-    )
-    test_samples: int = Field(ge=1, le=2**31 - 1, description="the test set's size")
-    diverged: bool = Field(default=False, description="whether the coordinator's divergence check warned")
 
 
 class Message(BaseModel):
@@ -1214,6 +1143,7 @@ def create_app(
         min_body_rate=config.min_body_rate,
         body_rate_grace=config.body_rate_grace_s,
         rate_limit=limiter,
+        max_waiting_refusals=max(1, config.max_connections // WAITING_REFUSALS_SHARE),
     )
 
     @app.exception_handler(DeltaplaneError)
@@ -1277,7 +1207,7 @@ def create_app(
             raise HTTPException(
                 429,
                 f"rate limit of {config.rate}/s exceeded for device {ident.device_id}; retry in {wait:.2f}s",
-                headers={"Retry-After": str(max(1, round(wait)))},
+                headers={"Retry-After": str(retry_after_s(wait))},
             )
         state.saw(ident)
         return ident
@@ -1637,79 +1567,9 @@ def create_app(
             raise NotFound(f"unknown model {model!r}")
         return {"model": model, "tags": reg.tags(model), "versions": [a.to_dict() for a in arts]}
 
-    @app.put(
-        "/admin/models/{model}/drift-reference",
-        tags=["admin"],
-        dependencies=[Admin],
-        responses={k: _ERRORS[k] for k in (404, 422)},
-    )
-    def set_reference(model: ModelName, body: DriftReferenceRequest) -> dict[str, Any]:
-        spec = DriftSpec.from_dict(body.spec)  # ConfigError (422) naming what is malformed
-        _reportable(spec)
-        mon = DriftMonitor(
-            spec,
-            Summary(**body.reference.model_dump()),
-            psi_threshold=body.psi_threshold,
-            alpha=body.alpha,
-            window=body.window,
-            min_samples=body.min_samples,
-            embedding_shift_threshold=body.embedding_shift_threshold,
-            min_devices=body.min_devices if body.min_devices is not None else min(3, body.window),
-        )
-        state.set_monitor(model, mon)
-        return {
-            "model": model,
-            "features": len(spec.feature_edges),
-            "window": body.window,
-            "min_devices": mon.min_devices,
-        }
-
-    @app.put(
-        "/admin/models/{model}/drift-reference/predictions/{version}",
-        tags=["admin"],
-        dependencies=[Admin],
-        responses={k: _ERRORS[k] for k in (404, 422)},
-    )
-    def set_prediction_reference(
-        model: ModelName,
-        version: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
-        body: PredictionReferenceRequest,
-    ) -> dict[str, Any]:
-        """Version ``version``'s predicted classes on the reference data: the devices' reports on that version
-        are compared with them (a report on a version without one is not tested on predictions)."""
-        reg.get(model, version)  # 404 for an unknown model or version
-        mon = state.set_prediction_reference(model, version, body.prediction_counts)
-        if mon is None:
-            raise NotFound(
-                f"no drift reference set for {model!r}: PUT /admin/models/{model}/drift-reference first"
-            )
-        return {"model": model, "version": version, "versions": sorted(mon.prediction_references)}
-
-    @app.put(
-        "/admin/models/{model}/rounds/{kind}/{number}/evaluation",
-        tags=["admin"],
-        dependencies=[Admin],
-        responses={422: _ERRORS[422]},
-    )
-    def set_evaluation(
-        model: ModelName,
-        kind: Literal["plain", "secagg"],
-        number: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
-        body: EvaluationRequest,
-    ) -> dict[str, Any]:
-        """The trusted coordinator's evaluation of the version round ``number`` published: its accuracy on the
-        task's test set, that set's size and whether it diverged, shown on the Fleet page beside the devices'
-        held-out figures (422: an unknown version, or not the one that round published)."""
-        if body.version not in {a.number for a in reg.versions(model)}:
-            raise ConfigError(f"{model!r} has no version {body.version} to evaluate")
-        kept = state.record_evaluation(model, kind, number, body.version, body.model_dump())
-        return {"model": model, "version": body.version} | kept
-
-    @app.get("/admin/alerts", tags=["admin"], dependencies=[Admin])
-    def alerts(
-        model: Annotated[str | None, Query(pattern=NAME, max_length=128)] = None,
-    ) -> list[dict[str, Any]]:
-        return list(state.alerts) if model is None else state.alerts.of(model)
+    # drift references, alerts and windows; the trusted coordinator's evaluations: their own routers
+    app.include_router(drift_router(state, admin=Admin, errors=_ERRORS, name_pattern=NAME))
+    app.include_router(evaluation_router(state, admin=Admin, errors=_ERRORS, name_pattern=NAME))
 
     @app.get("/admin/stats", tags=["admin"], dependencies=[Admin])
     def stats() -> dict[str, Any]:
@@ -1724,21 +1584,5 @@ def create_app(
                 for m, r in state.rounds.items()
             },
         }
-
-    @app.get(
-        "/admin/models/{model}/drift", tags=["admin"], dependencies=[Admin], responses={404: _ERRORS[404]}
-    )
-    def drift_history(model: ModelName) -> list[dict[str, Any]]:
-        mon = state.monitors.get(model)
-        if mon is None and model in state.unreadable_monitors:
-            raise HTTPException(
-                409,
-                f"{model!r}'s stored drift monitor could not be read at start ({state.unreadable_monitors[model]}); "
-                f"its reports feed no monitor until its reference is set again "
-                f"(PUT /admin/models/{model}/drift-reference)",
-            )
-        if mon is None:
-            raise NotFound(f"no drift reference set for {model!r}")
-        return [r.to_dict() for r in mon.history]
 
     return app

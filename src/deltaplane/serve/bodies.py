@@ -1,14 +1,16 @@
-"""Request bodies read under a byte cap, enforced while reading (a Content-Length header can lie)."""
+"""Request bodies: read under a byte cap, enforced while reading (a Content-Length header can lie); JSON bodies
+parsed strictly (:class:`StrictBody`)."""
 
 from __future__ import annotations
 
 import re
 
 from fastapi import HTTPException, Request
+from pydantic import BaseModel, ConfigDict
 
 from deltaplane.errors import DecodeError
 
-__all__ = ["content_length", "read_capped"]
+__all__ = ["StrictBody", "content_length", "read_capped"]
 
 # RFC 9110: Content-Length = 1*DIGIT, ASCII digits only. ``str.isdigit`` also takes "²" or "٣" (and int()
 # reads "٣" as 3), so a header that is no length at all passed as one.
@@ -16,6 +18,13 @@ _DIGITS = re.compile(rb"[0-9]+")
 # more digits than any byte count a cap allows: read as "too large" without int() of thousands of digits
 # (Python refuses ints above 4,300 digits: a 16 KiB head of digits would have raised ValueError, a 500)
 _LONGEST = 18
+
+
+class StrictBody(BaseModel):
+    """A JSON request body that refuses fields it does not declare (422): a misspelt option is an error, not a
+    default silently kept."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def content_length(value: str | bytes) -> int | None:

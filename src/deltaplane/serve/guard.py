@@ -42,8 +42,10 @@
 9. Every refusal above that names a device (5 to 8) spends a request of that device's rate limit
    (``rate_limit``, the one its endpoints spend), and a device whose rate is spent is refused (429) at the
    door, each refusal in its turn at the rate's pace (:meth:`RequestGuard._refuse_over_rate`): refusals cost no
-   body, but one token hammering the guard got ~750 of them a second, none of them counted against it. The
-   admin routes and other devices spend nothing of it; an honest device refused once spends one request.
+   body, but one token hammering the guard got ~750 of them a second, none of them counted against it. A
+   refusal waiting its turn holds a connection, so at most ``max_waiting_refusals`` wait at once (a quarter
+   of the service's ``max_connections``); one more goes out at once. The admin routes and other devices
+   spend nothing of it; an honest device refused once spends one request.
 
 The identity the guard found is left in ``scope["state"]["deltaplane.device"]`` so the endpoint does not check
 the token a second time.
@@ -68,6 +70,7 @@ __all__ = [
     "DEVICE_SCOPE_KEY",
     "MAX_HEAD_BYTES",
     "RequestGuard",
+    "retry_after_s",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -100,6 +103,14 @@ _SMALL_BODY = 64 << 10  # unauthenticated bodies up to this size are drained bef
 _UPLOAD = re.compile(r"^/v1/models/[^/]+/(rounds/[^/]+/update|secagg/[^/]+/(keys|shares|masked|unmask))$")
 
 
+def retry_after_s(wait: float) -> int:
+    """The ``Retry-After`` (whole seconds, at least 1) of a refusal whose cause ends in ``wait`` seconds.
+
+    Rounded up: rounded to the nearest, a penalty with 59.4 s left said 59, and a device that obeyed it came
+    back while it still ran and was refused again (spending its rate limit on the way)."""
+    return max(1, math.ceil(wait))
+
+
 class RequestGuard:
     """ASGI middleware: header-only authentication, failed-auth throttling and streamed body caps.
 
@@ -126,6 +137,8 @@ class RequestGuard:
         rate_limit: the per-device request rate (keyed by device id) its endpoints spend: each refusal of a
             device at the guard spends one too, and a device with none left is refused at the rate's pace;
             None: refusals are free.
+        max_waiting_refusals: over-rate refusals that may wait their turn at once, all devices together (each
+            holds its connection); one more is answered at once. None: no bound.
     """
 
     def __init__(
@@ -145,11 +158,14 @@ class RequestGuard:
         min_body_rate: float = 0.0,
         body_rate_grace: float = 10.0,
         rate_limit: RateLimiter | None = None,
+        max_waiting_refusals: int | None = None,
     ) -> None:
         self.app = app
         self.rate_limit = rate_limit
         # device id -> loop time its next over-rate refusal may go out; event loop only
         self._refusal_due: dict[str, float] = {}
+        self.max_waiting_refusals = max_waiting_refusals
+        self._waiting_refusals = 0  # over-rate refusals waiting their turn now; event loop only
         self.max_device_body_bytes = max_device_body_bytes
         self.min_body_rate = min_body_rate
         self.body_rate_grace = body_rate_grace
@@ -206,7 +222,7 @@ class RequestGuard:
                     send,
                     429,
                     f"too many failed authentications from {client}; retry in {wait:.1f}s",
-                    {"retry-after": str(max(1, round(wait)))},
+                    {"retry-after": str(retry_after_s(wait))},
                 )
                 return
             if not ok:
@@ -318,7 +334,7 @@ class RequestGuard:
                 429,
                 f"device {device_id} sent a body slower than the service's minimum (--min-body-rate) and may "
                 f"send another in {wait:.0f} s; send it over a faster link, or a smaller update",
-                retry_after_s=max(1, round(wait)),
+                retry_after_s=retry_after_s(wait),
                 device_id=device_id,
             )
             return
@@ -385,7 +401,10 @@ class RequestGuard:
     def _penalize(self, device_id: str) -> None:
         """Keep ``device_id`` from reserving body bytes for :data:`SLOW_PENALTY_GRACES` graces: a dropped
         trickler that reconnects at once held its share of the budget for ever at the cost of one request head
-        per grace; now it holds it one grace in ``1 + SLOW_PENALTY_GRACES``."""
+        per grace; now it holds it one grace in ``1 + SLOW_PENALTY_GRACES``.
+
+        In memory only (a restart forgets it): it lasts a minute at the defaults, a restart drops the trickler's
+        connections anyway, and stored it would cost a database write on the event loop per penalty."""
         now = asyncio.get_running_loop().time()
         if (
             len(self._slow_until) > 4096
@@ -430,7 +449,7 @@ class RequestGuard:
                         else ", with its Content-Length (one without reserves the whole cap)"
                     ),
                     # the body was never handled: the device may send it again once its penalty ends
-                    {"retry-after": str(max(1, math.ceil(SLOW_PENALTY_GRACES * self.body_rate_grace)))},
+                    {"retry-after": str(retry_after_s(SLOW_PENALTY_GRACES * self.body_rate_grace))},
                 )
                 return True
             if message["type"] == "http.disconnect":
@@ -512,10 +531,37 @@ class RequestGuard:
     ) -> None:
         """Refuse (429) a request of ``device_id``, whose rate limit is spent, in its turn: over-rate refusals of
         one device go out one per ``1 / rate`` seconds (at most ``body_timeout`` queued), so a token hammering the
-        door gets ``rate`` answers a second, not one per connection it opens; each waiting request holds only a
-        timer and its connection (bounded per address by uvicorn's cap, :mod:`deltaplane.serve.server`)."""
+        door gets ``rate`` answers a second, not one per connection it opens.
+
+        A refusal waiting its turn holds its connection, one of uvicorn's ``max_connections``: at most
+        ``max_waiting_refusals`` wait at once, all devices together, and a refusal beyond them goes out at once
+        instead. Unbounded, the waiting refusals of one token (loopback, or a proxy, is exempt from the cap per
+        address) held every connection slot for up to ``body_timeout``, and every other device got 503."""
         assert self.rate_limit is not None
         self.on_reject("rejected.rate_limited")
+        if self.max_waiting_refusals is None or self._waiting_refusals < self.max_waiting_refusals:
+            self._waiting_refusals += 1
+            try:
+                await self._wait_turn(receive, headers, device_id)
+            finally:
+                self._waiting_refusals -= 1
+        else:  # the refusals waiting hold their share of the connections: answered at once, holding none
+            await self._drain_small(receive, headers)
+        # the request its turn refilled is this refusal's: otherwise the door served ``rate`` refusals a second
+        # past the limit (device busy, body budget) besides ``rate`` paced ones
+        self.rate_limit.acquire(device_id)
+        wait = max(self.rate_limit.wait(device_id), 1 / self.rate_limit.rate)
+        await _reply(
+            send,
+            429,
+            f"rate limit of {self.rate_limit.rate:g}/s exceeded for device {device_id} (refused requests count "
+            f"too); retry in {wait:.2f}s",
+            {"retry-after": str(retry_after_s(wait))},
+        )
+
+    async def _wait_turn(self, receive: Receive, headers: dict[bytes, bytes], device_id: str) -> None:
+        """Wait for ``device_id``'s next over-rate refusal turn (its body, if small, drained meanwhile)."""
+        assert self.rate_limit is not None
         now = asyncio.get_running_loop().time()
         due = self._refusal_due.get(device_id, now)
         if due <= now:
@@ -526,17 +572,6 @@ class RequestGuard:
         await self._drain_small(receive, headers)
         if due > now:
             await asyncio.sleep(min(due - now, self.body_timeout))
-        # the request its turn refilled is this refusal's: otherwise the door served ``rate`` refusals a second
-        # past the limit (device busy, body budget) besides ``rate`` paced ones
-        self.rate_limit.acquire(device_id)
-        wait = max(self.rate_limit.wait(device_id), 1 / self.rate_limit.rate)
-        await _reply(
-            send,
-            429,
-            f"rate limit of {self.rate_limit.rate:g}/s exceeded for device {device_id} (refused requests count "
-            f"too); retry in {wait:.2f}s",
-            {"retry-after": str(max(1, round(wait)))},
-        )
 
     async def _drain_small(self, receive: Receive, headers: dict[bytes, bytes]) -> None:
         """Before refusing a request unread: read and drop its body if it declared a small one. Closing a

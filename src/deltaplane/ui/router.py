@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 import sqlite3
 import threading
 import time
@@ -315,8 +316,10 @@ def create_ui_router(
         who = _client(request)
         wait, why = throttle.check(who)
         if wait:
-            resp: Response = _html(pages.login_page(f"{why}; try again in {max(1, round(wait))} s"), 429)
-            resp.headers["Retry-After"] = str(max(1, round(wait)))
+            # whole seconds rounded up: rounded down, a client that waited what it was told was refused again
+            secs = max(1, math.ceil(wait))
+            resp: Response = _html(pages.login_page(f"{why}; try again in {secs} s"), 429)
+            resp.headers["Retry-After"] = str(secs)
             return resp
         body = b""
         async for chunk in request.stream():
@@ -470,9 +473,7 @@ def install_login_redirect(app: Any) -> None:
 
     @app.exception_handler(_Throttled)
     async def _throttled(request: Request, exc: _Throttled) -> Response:
-        resp = _html(
-            pages.error_page(429, f"{exc.why}; try again in {max(1, round(exc.wait))} s"),
-            429,
-        )
-        resp.headers["Retry-After"] = str(max(1, round(exc.wait)))
+        secs = max(1, math.ceil(exc.wait))  # rounded up, as the sign-in's
+        resp = _html(pages.error_page(429, f"{exc.why}; try again in {secs} s"), 429)
+        resp.headers["Retry-After"] = str(secs)
         return resp

@@ -163,7 +163,7 @@ class DeviceEndpoint:
 
     def share(self, roster: bytes) -> bytes:
         """Stage 1: encrypted shares for the neighbours in the server's roster."""
-        return self.client.share_keys(KeyRoster.from_bytes(roster, self.config)).to_bytes()  # type: ignore[arg-type]
+        return self.client.share_keys(KeyRoster.from_bytes(roster, self.config)).to_bytes()
 
     def masked_input(self, inbox: bytes) -> bytes:
         """Stage 2: the masked update (needs :meth:`set_update` first)."""
@@ -172,13 +172,13 @@ class DeviceEndpoint:
                 f"client {self.client_id}: no update to mask yet (call set_update)", stage=self.client.stage
             )
         msg = ShareInbox.from_bytes(inbox, self.config)
-        return self.client.masked_input(msg, self._codes).to_bytes()  # type: ignore[arg-type]
+        return self.client.masked_input(msg, self._codes).to_bytes()
 
     def sign_survivors(self, request: bytes) -> bytes:
         """The consistency check of an authenticated round: this device's signature of the unmasking request it
         received (one request per round: :meth:`SecAggClient.sign_survivors`)."""
         msg = UnmaskRequest.from_bytes(request, self.config)
-        return self.client.sign_survivors(msg).to_bytes()  # type: ignore[arg-type]
+        return self.client.sign_survivors(msg).to_bytes()
 
     def unmask(self, request: bytes, signatures: bytes | None = None) -> bytes:
         """Stage 3: the shares the server may have (self-mask shares of survivors, key shares of dropouts);
@@ -187,7 +187,7 @@ class DeviceEndpoint:
         devices of this one's neighbourhood signed the same request (:class:`SecAggAuthError` otherwise)."""
         msg = UnmaskRequest.from_bytes(request, self.config)
         sigs = SurvivorSignatures.from_bytes(signatures, self.config) if signatures is not None else None
-        return self.client.unmask(msg, sigs).to_bytes()  # type: ignore[arg-type]
+        return self.client.unmask(msg, sigs).to_bytes()
 
 
 _RECEIVERS = {
@@ -234,7 +234,7 @@ class ServerEndpoint:
         method = _RECEIVERS.get(type(msg))
         if method is None:
             raise DecodeError(f"a {type(msg).__name__} is sent by the server, not to it")
-        claimed = msg.client_id  # type: ignore[attr-defined]
+        claimed = msg.client_id  # type: ignore[attr-defined]  # every kind in _RECEIVERS (device-sent) names its sender
         if sender is not None and claimed != sender:
             raise SecAggOrderError(
                 f"client {sender} sent a message signed as client {claimed}", stage=self.stage

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from deltaplane.aggregation.secagg import shamir
 from deltaplane.aggregation.secagg.errors import SecAggError, SecAggOrderError
@@ -211,11 +211,11 @@ class Message:
 
     @classmethod
     def _read(cls, r: _Reader, round_id: int, config: SecAggConfig) -> Message:
-        """The body of this kind of message, read from ``r`` (after the header :func:`decode_message` checked)."""
+        """This kind's body from ``r`` (its header already read); each kind defines its own."""
         raise NotImplementedError
 
     @classmethod
-    def from_bytes(cls, data: bytes, config: SecAggConfig) -> Message:
+    def from_bytes(cls, data: bytes, config: SecAggConfig) -> Self:
         """Decode ``data`` as this kind of message for the round of ``config``; :class:`DecodeError` otherwise."""
         msg = decode_message(data, config)
         if not isinstance(msg, cls):
