@@ -766,14 +766,15 @@ def register_predictions(
     the version served at start is its initial model). With ``test`` (the task's test set) the version's
     accuracy on it comes back beside the version: the devices' held-out figures are a few samples each on a
     small fleet, this one the figure ``deltaplane run`` prints for the same task. The third value says whether
-    the divergence check warned on this version (the coordinator stores all three on the service for the Fleet
-    page)."""
+    this version diverged (:meth:`~deltaplane.engine.divergence.DivergenceWatch.diverged`: every diverging
+    version, though the warning is said once a run; the coordinator stores all three on the service for the
+    Fleet page)."""
     doing = "fetch the published version" if version is None else f"fetch version {version}"
     try:
         got, state = p.call(lambda: models.fetch(model, channel="training"), doing)
         if version is not None and got != version:
             raise ConfigError(f"the training tag serves version {got}, not {version} (moved meanwhile?)")
-        diverged = watch is not None and watch.check(got, state, where=f"version {got}") is not None
+        diverged = watch is not None and watch.diverged(got, state, where=f"version {got}")
         net.load_state_dict(state)
         scored = accuracy(net, test) if test is not None else None
         counts = reference(net)
