@@ -209,5 +209,7 @@ def test_a_fedbn_fleet_keeps_each_devices_norm_layers_home_and_matches_the_simul
         assert "global_accuracy" not in got and row["global_accuracy"] is None
         assert got["personal_accuracy"] == pytest.approx(row["personal_accuracy"], abs=1e-6)
         theirs = sim.personal_states[dev.client.cid]
-        assert all(torch.allclose(mine[k].double(), theirs[k].double(), atol=1e-6) for k in norm), dev.client.cid
+        assert all(torch.allclose(mine[k].double(), theirs[k].double(), atol=1e-6) for k in norm), (
+            dev.client.cid
+        )
     assert [c["personal_accuracy_mean"] is not None for c in closed] == [True] * cfg.rounds

@@ -152,6 +152,7 @@ class DivergenceWatch:
     def _judge(self, rnd: int, value: float, where: str | None, *, stacklevel: int) -> str | None:
         """Warn if round ``rnd``'s test loss ``value`` diverged (see :meth:`check`); ``stacklevel`` points the
         warning at the driver's call."""
+        assert self.initial is not None
         if self._holds(value):
             return None
         how = (
