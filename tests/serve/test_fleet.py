@@ -1137,6 +1137,9 @@ def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_t
     class Refusing:  # the service refuses the coordinator's first request: it ends there
         base_url = "http://127.0.0.1:1"
 
+        def stats(self):  # no round open: none left by a coordinator that is gone
+            return {"rounds": {}, "secagg_rounds": {}}
+
         def versions(self, model):  # a model registered without a fleet reference
             return {"model": model, "versions": [{"number": 1, "lineage": {"round": 0}}]}
 
