@@ -145,6 +145,34 @@ def make_task(scale: float = 3.0) -> Task:
 """
 
 
+BN_TASK = """
+import torch
+from torch import nn
+
+from deltaplane.engine import Dataset, Task
+
+
+def make_task() -> Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(480, 6, generator=g)
+    x[:, 0] = x[:, 0] * 4 + 2  # features of different scales: what the norm layers learn
+    y = ((x[:, 0] - 2) / 4 + x[:, 1] - 0.5 * x[:, 2] > 0).long()
+    return Task(name="bn", model=lambda: nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                                        nn.Linear(16, 2)),
+                train=Dataset(x[:400], y[:400]), test=Dataset(x[400:], y[400:]))
+"""
+
+
+@pytest.fixture
+def bn_task(tmp_path, monkeypatch) -> str:
+    """A user's task whose model has a batch-norm layer (``1.weight``, ``1.bias`` and its running statistics),
+    what FedBN keeps on each device; yields its task path."""
+    (tmp_path / "bntask.py").write_text(BN_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "bntask:make_task"
+    sys.modules.pop("bntask", None)
+
+
 @pytest.fixture
 def diverging_task(tmp_path, monkeypatch) -> str:
     """A user's regression-style task (a squared-error loss on the logits' margin, inputs of std 3) whose

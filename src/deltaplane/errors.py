@@ -14,6 +14,7 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "Conflict",
+    "CoordinatorRunning",
     "DecodeError",
     "DeltaplaneError",
     "DowngradeRefused",
@@ -31,6 +32,7 @@ __all__ = [
     "QualityGateFailed",
     "RegistryInUse",
     "ReleaseCountDamaged",
+    "RoundAbandoned",
     "RoundAborted",
     "RoundLost",
     "ServiceKeyMismatch",
@@ -213,6 +215,18 @@ class RoundAborted(Conflict):
     """A SecAgg round the operator gave up unpublished (too few devices left to unmask it, or aborted by hand):
     nothing from it reaches a model. HTTP 409; a device that sent its masked update there keeps its error
     feedback as before the round, and waits for the next round."""
+
+
+class RoundAbandoned(RoundAborted):
+    """A SecAgg round aborted because no coordinator runs it any more (its coordinator was stopped or killed, or
+    its open's answer was lost): not one of any coordinator's ``--rounds``, so a device does not count it towards
+    its own. HTTP 409, as :class:`RoundAborted`."""
+
+
+class CoordinatorRunning(Conflict):
+    """A round of the model is open under another coordinator that may still run it (its process is alive, or on
+    another host, which this one cannot check): a second coordinator would take its devices. The message names
+    the round, its coordinator and how to abort the round if that coordinator is gone."""
 
 
 class RegistryInUse(Conflict):

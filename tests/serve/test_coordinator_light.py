@@ -36,6 +36,9 @@ class _Admin:
     def versions(self, model: str) -> dict[str, Any]:
         return self._versions
 
+    def stats(self) -> dict[str, Any]:  # no round open: none left by a coordinator that is gone
+        return {"rounds": {}, "secagg_rounds": {}}
+
     def set_drift_reference(self, model: str, spec: Any, reference: Any, **kw: Any) -> dict[str, Any]:
         self.references.append((json.dumps(spec, sort_keys=True), json.dumps(reference, sort_keys=True)))
         return {}
@@ -128,6 +131,8 @@ class Admin:
     base_url = "http://127.0.0.1:1"
     def versions(self, model):
         return json.loads(sys.argv[1])
+    def stats(self):
+        return {"rounds": {}, "secagg_rounds": {}}
     def set_drift_reference(self, model, spec, reference, **kw):
         return {}
     def open_secagg(self, model, names, **kw):

@@ -376,22 +376,29 @@ def test_a_tied_weight_is_one_tensor_on_the_served_fleet(tied_task, tmp_path, se
     assert torch.equal(state["hidden.weight"], state["again.weight"])
 
 
+def _trusted_rounds(f: Fleet, cfg: RunConfig) -> tuple[list, list]:
+    """``cfg.rounds`` rounds of ``cfg.clients`` device threads under a trusted coordinator (``--trusted``: it
+    fetches, scores and judges each version): its summaries and the warnings it gave."""
+    import warnings
+
+    threads = _threads([f.device(i) for i in range(cfg.clients)], rounds=cfg.rounds)
+    conn = DeviceClient(f.url, f.admin.issue_token("coordinator"), verifier=f.reg.verifier, tls=f.ctx)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=cfg.rounds, deadline=60, poll=0.05,
+                               drift_min_samples=1, models=conn)  # fmt: skip
+    for t in threads:
+        t.join(60)
+    return out, caught
+
+
 def test_the_coordinator_calls_a_diverged_version_so(diverging_task, tmp_path) -> None:
     """The served fleet's divergence warning: the coordinator, which fetches each published version verified
     (``--trusted``), compares its test loss with the version served at its start's (the in-process drivers':
     tests/engine/test_divergence.py)."""
-    import warnings
-
     cfg = _config(diverging_task, clients=2, rounds=1, lr=0.05)
     with Fleet(tmp_path, cfg) as f:
-        threads = _threads([f.device(i) for i in range(2)], rounds=1)
-        conn = DeviceClient(f.url, f.admin.issue_token("coordinator"), verifier=f.reg.verifier, tls=f.ctx)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=60, poll=0.05,
-                                   drift_min_samples=1, models=conn)  # fmt: skip
-        for t in threads:
-            t.join(60)
+        out, caught = _trusted_rounds(f, cfg)
         (closed,) = f.admin.closed_rounds()
         page = httpx.get(f"{f.url}/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}, verify=f.ctx).text
     assert [s.failed for s in out] == [None]
@@ -402,6 +409,39 @@ def test_the_coordinator_calls_a_diverged_version_so(diverging_task, tmp_path) -
     assert len(said) == 1 and said[0].startswith(
         f"version {out[0].version}: the global model's test loss rose"
     )
+
+
+def test_every_diverging_version_is_marked_diverged_not_only_the_first(diverging_task, tmp_path) -> None:
+    """The watch warns once a run, and the coordinator stored its warning as the version's verdict, so only the
+    first diverging version was marked on the Fleet page; a later version as diverged (or worse) read as
+    healthy. Each version now carries its own verdict, recomputed here from its stored weights: its test loss
+    against the initial model's (the divergence watch's rule, in plain torch)."""
+    from deltaplane.engine.divergence import RISE
+
+    # central DP noise of std 0.5 a value each round, large against this small model: both versions' test
+    # loss is 28 and 153 times the initial model's in the simulator (a third round's local training blows up
+    # on such weights); the fleet's noise is the service's own draw
+    cfg = _config(diverging_task, clients=2, rounds=2, lr=0.01, clip="1.0", dp_noise=1.0, dp_delta=1e-3)
+    with Fleet(tmp_path, cfg) as f:
+        out, caught = _trusted_rounds(f, cfg)
+        closed = {c["version"]: c["diverged"] for c in f.admin.closed_rounds()}
+        states = {s.version: f.reg.load_state(f.reg.get(MODEL, s.version)) for s in out}
+        page = httpx.get(f"{f.url}/ui/fleet", headers={"Authorization": f"Bearer {ADMIN}"}, verify=f.ctx).text
+    assert [s.failed for s in out] == [None] * 2
+    task = make_task(cfg)
+    net = task.build_model(0)
+
+    def loss(state) -> float:
+        net.load_state_dict(state)
+        with torch.no_grad():
+            return float(task.loss(net(task.test.x), task.test.y))
+
+    initial = loss(f.initial)
+    expected = {v: not (loss(st) <= RISE * initial) for v, st in states.items()}
+    assert sum(expected.values()) == 2, expected  # both versions diverged
+    assert closed == expected  # before: True for the first diverging version only
+    assert page.count("class='bad' data-field='diverged'>yes</td>") == sum(expected.values())
+    assert len([w for w in caught if w.category.__name__ == "DivergenceWarning"]) == 1  # said once a run
 
 
 def test_the_coordinator_scores_each_version_on_the_test_set_and_devices_say_their_held_out_size(
@@ -473,7 +513,7 @@ def test_a_coordinator_stopped_while_a_secagg_round_is_open_aborts_it(
             fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=5, poll=0.05, say=said.append)
         (ended,) = f.admin.unpublished_rounds(MODEL)
         status = f.admin.secagg_status(MODEL, ended["round"])
-    assert status["finished"] == "aborted"
+    assert status["finished"] == "aborted" and status["abandoned"] is True  # the devices do not count it
     assert ended["reason"].startswith("the coordinator was stopped (Ctrl-C or SIGTERM)")
     assert f"stopped; SecAgg round {ended['round']} aborted on the service" in said
 
@@ -1096,6 +1136,9 @@ def test_a_secagg_coordinator_loads_the_task_once_before_its_first_request(byo_t
 
     class Refusing:  # the service refuses the coordinator's first request: it ends there
         base_url = "http://127.0.0.1:1"
+
+        def stats(self):  # no round open: none left by a coordinator that is gone
+            return {"rounds": {}, "secagg_rounds": {}}
 
         def versions(self, model):  # a model registered without a fleet reference
             return {"model": model, "versions": [{"number": 1, "lineage": {"round": 0}}]}

@@ -92,6 +92,23 @@ class DivergenceWatch:
             return None
         return self._judge(rnd, self.loss(state), where, stacklevel=3)
 
+    def diverged(self, rnd: int, state: StateDict, *, where: str | None = None) -> bool:
+        """Whether round ``rnd``'s global ``state`` diverged, judged on every state, not only up to the first
+        that did: the fleet coordinator stores this verdict with each version it publishes, so the Fleet page
+        marks every diverging version. Warns as :meth:`check` does, once a run. The first state of a watch
+        without an initial model is its initial model (not diverged)."""
+        if self.initial is None:
+            self.initial = self.loss(state)
+            return False
+        if not math.isfinite(self.initial) or len(self._y) == 0:
+            return False
+        value = self.loss(state)
+        if self._holds(value):
+            return False
+        if self.warned is None:
+            self._judge(rnd, value, where, stacklevel=3)
+        return True
+
     def check_loss(self, rnd: int, value: float) -> str | None:
         """:meth:`check` of a test loss the driver computed (the task's loss of round ``rnd``'s global model
         on the watched samples: :data:`~deltaplane.engine.metrics.TEST_LOSS` from a scoring of the whole test
@@ -127,11 +144,16 @@ class DivergenceWatch:
             and len(self._y) > 0
         )
 
+    def _holds(self, value: float) -> bool:
+        """Whether a test loss ``value`` has not diverged: finite, at most :data:`RISE` times the initial."""
+        assert self.initial is not None
+        return math.isfinite(value) and value <= RISE * self.initial
+
     def _judge(self, rnd: int, value: float, where: str | None, *, stacklevel: int) -> str | None:
         """Warn if round ``rnd``'s test loss ``value`` diverged (see :meth:`check`); ``stacklevel`` points the
         warning at the driver's call."""
         assert self.initial is not None
-        if math.isfinite(value) and value <= RISE * self.initial:
+        if self._holds(value):
             return None
         how = (
             f"is {value}"

@@ -1028,6 +1028,17 @@ def _finite_or_none(metrics: dict[str, float] | None) -> dict[str, float | None]
     return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
 
 
+def _open_secagg_by_model(rounds: dict[tuple[str, int], Any]) -> dict[str, list[dict[str, Any]]]:
+    """``GET /admin/stats``'s open SecAgg rounds: per model, each round's number, stage and coordinator."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (model, number), r in sorted(rounds.items()):
+        if r.published is None and r.endpoint.stage != "done":
+            out.setdefault(model, []).append(
+                {"round": number, "stage": r.endpoint.stage, "coordinator": r.coordinator}
+            )
+    return out
+
+
 def status_for(exc: Exception) -> int:
     for cls, code in _STATUS:
         if isinstance(exc, cls):
@@ -1583,6 +1594,9 @@ def create_app(
                 m: {"round": r.number, "base_version": r.base_version, "uploads": len(r.devices)}
                 for m, r in state.rounds.items()
             },
+            # the open SecAgg rounds by model, with the coordinator that opened each: a starting coordinator
+            # aborts those whose coordinator is gone (docs/fleet.md)
+            "secagg_rounds": _open_secagg_by_model(state.secagg_rounds),
         }
 
     return app

@@ -762,10 +762,14 @@ class AdminClient:
         """Unmask the SecAgg round's sum and publish the new version."""
         return self._post(f"/admin/models/{model}/secagg/{round_id}/close")
 
-    def abort_secagg(self, model: str, round_id: int, reason: str = "") -> dict[str, Any]:
+    def abort_secagg(
+        self, model: str, round_id: int, reason: str = "", *, abandoned: bool = False
+    ) -> dict[str, Any]:
         """Give the SecAgg round up unpublished (its protocol state is dropped); returns its final status.
-        ``reason`` is recorded with it (the Fleet page shows it)."""
-        return self._post(f"/admin/models/{model}/secagg/{round_id}/abort", **_reason(reason))
+        ``reason`` is recorded with it (the Fleet page shows it); ``abandoned``: no coordinator runs it (it was
+        stopped or killed), so the devices do not count it towards their ``--rounds``."""
+        flag = {"abandoned": "true"} if abandoned else {}
+        return self._post(f"/admin/models/{model}/secagg/{round_id}/abort", **_reason(reason), **flag)
 
     def promote(self, model: str, version: int, to: str = "production") -> dict[str, Any]:
         resp = self._http.post(

@@ -18,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -29,7 +32,7 @@ from deltaplane.aggregation.secagg import Stage
 from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.round_params import dp_adjacency, secure_neighbours
-from deltaplane.errors import ConfigError, PrivacyBudgetExceeded, ServiceUnreachable
+from deltaplane.errors import ConfigError, CoordinatorRunning, PrivacyBudgetExceeded, ServiceUnreachable
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.fleet_reference import FleetReference, registered_reference
 from deltaplane.serve.reach import unreachable
@@ -178,7 +181,7 @@ class _RoundFailed(Exception):
         self.number, self.error = number, error
 
 
-def _given_up(p: Patient, abort: Callable[[str], Any], number: int, error: ServiceError) -> _RoundFailed:
+def _given_up(p: Patient, abort: Callable[..., Any], number: int, error: ServiceError) -> _RoundFailed:
     """Abort the round ``number`` on the service (a failed round left open would hold its state, and its
     devices would wait on it), through an outage too, recording the ``error`` as why (the Fleet page shows
     it); an abort refused (the round is already over) is not the error to report."""
@@ -196,7 +199,7 @@ def _follow(
     p: Patient,
     number: int,
     run: Callable[[], tuple],
-    abort: Callable[[str], Any],
+    abort: Callable[..., Any],
     left: str,
     *,
     abort_when_stopped: bool = False,
@@ -226,12 +229,13 @@ _STOPPED = (
 )
 
 
-def _abort_when_stopped(p: Patient, abort: Callable[[str], Any], number: int) -> None:
-    """One try at aborting SecAgg round ``number`` as the coordinator stops: left open, the round kept the
-    devices waiting in it, and each counted it towards its ``--rounds``, so the next coordinator's last round
-    found them gone (walking docs/fleet.md: *only 0 clients advertised keys*)."""
+def _abort_when_stopped(p: Patient, abort: Callable[..., Any], number: int) -> None:
+    """One try at aborting SecAgg round ``number`` as the coordinator stops, as abandoned: left open, the round
+    kept the devices waiting in it, and each counted it towards its ``--rounds``, so the next coordinator's last
+    round found them gone (walking docs/fleet.md: *only 0 clients advertised keys*); abandoned, the devices do
+    not count it (:class:`~deltaplane.errors.RoundAbandoned`)."""
     try:
-        abort(_STOPPED)
+        abort(_STOPPED, abandoned=True)
     except (ServiceError, ServiceUnreachable, httpx.TransportError) as exc:
         p.say(
             f"stopped; could not abort SecAgg round {number} ({type(exc).__name__}: {exc}): abort it by hand"
@@ -246,7 +250,7 @@ def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: floa
         p,
         number,
         lambda: _plain_round(p, model, names, deadline, poll, number),
-        lambda why: p.admin.abort_round(model, number, reason=why),
+        lambda why, abandoned=False: p.admin.abort_round(model, number, reason=why),
         f"Plain round {number} of {model!r} stays open on the service (rounds are durable): close or abort "
         f"it when the service is back (POST /admin/models/{model}/rounds/{number}/abort)",
     )
@@ -254,9 +258,22 @@ def _plain(p: Patient, model: str, names: list[str], deadline: float, poll: floa
 
 def _open_plain(p: Patient, model: str) -> int:
     """Open the model's plain round; after a lost answer, adopt the round the service opened (it is durable,
-    so it is open after a restart too) rather than open another."""
+    so it is open after a restart too) rather than open another. A plain round already open (left by a
+    coordinator that was stopped or killed: the service refuses a second, 409) is taken over, said: its uploads
+    are the devices' updates, and the devices counted it, as this coordinator now does."""
     while True:
-        opened = p.once(lambda: p.admin.open_round(model), "open a plain round")
+        try:
+            opened = p.once(lambda: p.admin.open_round(model), "open a plain round")
+        except ServiceError as exc:
+            current = p.call(p.admin.stats, "read the open rounds")["rounds"].get(model)
+            if exc.status != 409 or current is None:
+                raise
+            p.say(
+                f"plain round {current['round']} of {model!r} was open already (left by a coordinator that was "
+                f"stopped or killed; plain rounds are durable, {count(int(current['uploads']), 'upload')} in "
+                "it): taking it over"
+            )
+            return int(current["round"])
         if opened is not None:
             return int(opened["round"])
         current = p.call(p.admin.stats, "read the open rounds")["rounds"].get(model)
@@ -330,7 +347,7 @@ def _secagg(
         p,
         number,
         lambda: _secagg_round(p, model, invited, deadline, poll, number, authenticated),
-        lambda why: p.admin.abort_secagg(model, number, reason=why),
+        lambda why, abandoned=False: p.admin.abort_secagg(model, number, reason=why, abandoned=abandoned),
         f"SecAgg round {number} of {model!r} cannot be finished: a restarted service records it lost; "
         f"if the service comes back without a restart, abort it (POST /admin/models/{model}/secagg/"
         f"{number}/abort)",
@@ -364,7 +381,12 @@ def _open_secagg(
     while True:
         opened = p.once(
             lambda: p.admin.open_secagg(
-                model, names, weight_scale=weight_scale, neighbours=neighbours, **signed
+                model,
+                names,
+                weight_scale=weight_scale,
+                neighbours=neighbours,
+                coordinator=this_coordinator(),
+                **signed,
             ),
             "open a round",
         )
@@ -381,10 +403,70 @@ def _open_secagg(
             ours = invited == len(names) and status.get("stage") == Stage.ADVERTISE
             if status.get("finished") is None and ours:
                 p.call(
-                    functools.partial(p.admin.abort_secagg, model, stray, reason=_STRAY),
+                    functools.partial(p.admin.abort_secagg, model, stray, reason=_STRAY, abandoned=True),
                     f"abort SecAgg round {stray}",
                 )
     return number, list(opened.get("revoked", []))
+
+
+def this_coordinator() -> dict[str, Any]:
+    """What a SecAgg open says of the coordinator that sends it (the service keeps it with the round)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` of this host has ended; one that ended but was not reaped yet (a zombie) has."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc here: alive as far as can be told
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+#: why a starting coordinator aborts a SecAgg round whose coordinator is gone (the Fleet page shows it)
+_GONE = (
+    "its coordinator ({who}) is gone: killed (SIGKILL) or crashed without aborting it; a SecAgg round cannot be "
+    "taken over, so the coordinator started next aborted it (devices do not count it)"
+)
+
+
+def _abort_abandoned(p: Patient, model: str) -> None:
+    """Before the first round: abort each SecAgg round of ``model`` left open by a coordinator that is gone, as
+    abandoned (devices do not count it towards their ``--rounds``), saying so. A round whose coordinator may
+    still run it (alive on this host, or on another host, which cannot be checked from here) is not touched:
+    aborting it could destroy a legitimate run, so :class:`CoordinatorRunning` says how to abort it by hand.
+    Rounds opened without a coordinator (by hand, or by a coordinator before the stamp) are left as the
+    operator left them: devices take the newer round (docs/fleet.md)."""
+    stats = p.call(p.admin.stats, "read the open rounds")
+    me = this_coordinator()
+    for r in stats.get("secagg_rounds", {}).get(model, []):
+        who, number = r.get("coordinator"), int(r["round"])
+        if not who:
+            continue
+        named = f"pid {who['pid']} on host {who['host']}"
+        if who["host"] == me["host"] and who["pid"] != me["pid"] and process_gone(int(who["pid"])):
+            why = _GONE.format(who=named)
+            with contextlib.suppress(ServiceError):  # it finished meanwhile
+                p.call(
+                    functools.partial(p.admin.abort_secagg, model, number, reason=why, abandoned=True),
+                    f"abort SecAgg round {number}",
+                )
+            p.say(f"SecAgg round {number} was left open by a coordinator that is gone ({named}); aborted it")
+            continue
+        where = "still running" if who["host"] == me["host"] else "on another host: this one cannot tell"
+        raise CoordinatorRunning(
+            f"SecAgg round {number} of {model!r} is open under the coordinator {named} ({where}); a second "
+            "coordinator would take its devices. Stop that coordinator (it aborts its round as it stops), or, "
+            "if it is gone, abort the round and start again: curl --fail --cacert <ca.pem> -X POST -H "
+            f'"Authorization: Bearer $DELTAPLANE_ADMIN_TOKEN" \'<url>/admin/models/{model}/secagg/{number}/'
+            "abort?abandoned=true&reason=its+coordinator+is+gone'"
+        )
 
 
 def _secagg_status(p: Patient, model: str, number: int) -> dict[str, Any]:
@@ -550,6 +632,8 @@ def coordinate(
     # what the rounds need from the task: fleet init's reference from the registry, or the task built here
     local: LocalTask | None = None
     ref: FleetReference | None = None
+    if config.secagg:  # before anything else: a running coordinator of this model stops this one here
+        _abort_abandoned(p, model)
     if drift and models is not None:
         local = _local_task(config, "--trusted runs each published version on the reference data")
     elif drift or (config.secagg and weight_scale is None):

@@ -31,7 +31,11 @@ class EvaluationRequest(StrictBody):
         ge=0, le=1, allow_inf_nan=False, description="its accuracy on the task's test set, in [0, 1]"
     )
     test_samples: int = Field(ge=1, le=2**31 - 1, description="the test set's size")
-    diverged: bool = Field(default=False, description="whether the coordinator's divergence check warned")
+    diverged: bool = Field(
+        default=False,
+        description="whether this version diverged (its test loss NaN or above 3x the initial model's): every "
+        "diverging version carries it, though the coordinator warns once a run",
+    )
 
 
 def evaluation_router(

@@ -59,6 +59,7 @@ from deltaplane.errors import (
     DecodeError,
     DeltaplaneError,
     NotFound,
+    RoundAbandoned,
     RoundAborted,
     RoundLost,
     ServiceUnreachable,
@@ -149,6 +150,11 @@ class Device:
     said_no_rounds: bool = False
     #: the rounds this device's update went into (a personalized device also reports on rounds it sat out)
     joined: set[int] = field(default_factory=set)
+    #: SecAgg rounds it saw open that no coordinator ran (aborted as abandoned: its coordinator was stopped or
+    #: killed): not counted towards ``--rounds`` (:func:`counted_rounds`)
+    abandoned: set[int] = field(default_factory=set)
+    #: SecAgg rounds seen whose end it knows (published, aborted, lost, abandoned): not asked about again
+    settled: set[int] = field(default_factory=set)
 
 
 def keep_releases(dev: Device, path: Path) -> None:
@@ -492,6 +498,30 @@ def _round_unpublished(dev: Device, number: int, *, deadline: float) -> str | No
             delay = min(2 * delay, 2.0)
 
 
+def counted_rounds(dev: Device, seen: set[tuple[str, int]]) -> int:
+    """How many of the rounds the device saw open count towards its ``--rounds``: all but the SecAgg rounds no
+    coordinator ran (aborted as abandoned, :class:`~deltaplane.errors.RoundAbandoned`: a coordinator that was
+    stopped or killed left it open, and the next one aborted it), which are none of a coordinator's
+    ``--rounds``. A round a coordinator gave up (too few devices) counts, as it does for that coordinator. Asks
+    the service about each SecAgg round seen that the device's update did not go into and whose end it does
+    not know yet (a round still open counts, until it is known abandoned)."""
+    for kind, number in seen:
+        if kind != "secagg" or number in dev.joined or number in dev.settled:
+            continue
+        try:
+            dev.conn.request("GET", f"/v1/models/{dev.model}/secagg/{number}", headers=BINDING)
+        except ServiceError as exc:
+            if exc.status == 401:  # the device's token: run_device stops, saying what to do
+                raise
+            dev.settled.add(number)  # over (409), or not this device's (403, 404): counted unless abandoned
+            if exc.error == RoundAbandoned.__name__:
+                dev.abandoned.add(number)
+                dev.log(
+                    f"SecAgg round {number} was abandoned by its coordinator; not counted towards --rounds"
+                )
+    return len(seen) - len(dev.abandoned)
+
+
 def report_pending(dev: Device) -> bool:
     """Once the round the device took part in (or, with a personalizer, saw open) has published, report on the
     new version: held-out accuracy and the drift summary (histograms and class counts only), and with a
@@ -672,8 +702,9 @@ def run_device(
     patience: float = 60.0,
 ) -> list[dict[str, Any]]:
     """Take part in the model's rounds until ``rounds`` rounds have opened (whether this device made it into
-    each or not) and the last one it took part in (with a personalizer: saw open) is reported, or until ``stop``
-    is set; returns one row per reported round (``took_part``: whether its update went into that round).
+    each or not; a SecAgg round no coordinator ran is not counted: :func:`counted_rounds`) and the last one it
+    took part in (with a personalizer: saw open) is reported, or until ``stop`` is set; returns one row per
+    reported round (``took_part``: whether its update went into that round).
 
     Polls with exponential backoff (``poll`` up to ``max_poll`` seconds); waits up to ``stage_wait`` seconds
     for each SecAgg stage and for the last round to publish; gives up (:class:`ServiceUnreachable`) after
@@ -686,7 +717,12 @@ def run_device(
     delay, lost_since, finished_at = poll, None, None
     while not stop.is_set():
         try:
-            if rounds is not None and len(seen) >= rounds:
+            # asks the service only once the rounds seen reach --rounds (counted_rounds)
+            if (
+                rounds is not None
+                and len(seen) - len(dev.abandoned) >= rounds
+                and counted_rounds(dev, seen) >= rounds
+            ):
                 report_pending(dev)
                 _say_if_back(dev, lost_since)
                 lost_since = None
@@ -766,14 +802,15 @@ def register_predictions(
     the version served at start is its initial model). With ``test`` (the task's test set) the version's
     accuracy on it comes back beside the version: the devices' held-out figures are a few samples each on a
     small fleet, this one the figure ``deltaplane run`` prints for the same task. The third value says whether
-    the divergence check warned on this version (the coordinator stores all three on the service for the Fleet
-    page)."""
+    this version diverged (:meth:`~deltaplane.engine.divergence.DivergenceWatch.diverged`: every diverging
+    version, though the warning is said once a run; the coordinator stores all three on the service for the
+    Fleet page)."""
     doing = "fetch the published version" if version is None else f"fetch version {version}"
     try:
         got, state = p.call(lambda: models.fetch(model, channel="training"), doing)
         if version is not None and got != version:
             raise ConfigError(f"the training tag serves version {got}, not {version} (moved meanwhile?)")
-        diverged = watch is not None and watch.check(got, state, where=f"version {got}") is not None
+        diverged = watch is not None and watch.diverged(got, state, where=f"version {got}")
         net.load_state_dict(state)
         scored = accuracy(net, test) if test is not None else None
         counts = reference(net)

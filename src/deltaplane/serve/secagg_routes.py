@@ -111,7 +111,15 @@ from deltaplane.aggregation.secagg.revocation import RevocationList
 from deltaplane.delta import Delta
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.secure import masked_zeros
-from deltaplane.errors import ConfigError, Conflict, DecodeError, NotFound, RoundAborted, RoundLost
+from deltaplane.errors import (
+    ConfigError,
+    Conflict,
+    DecodeError,
+    NotFound,
+    RoundAbandoned,
+    RoundAborted,
+    RoundLost,
+)
 from deltaplane.registry import Governance, withdrawn_among
 from deltaplane.serve.bodies import read_capped
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
@@ -169,6 +177,8 @@ class SecAggRound:
     #: why its last advance or close was refused (too few devices, a sum out of range): what an abort without
     #: a reason records
     refused: str | None = None
+    #: the coordinator that opened it (:class:`CoordinatorStamp`'s host and pid; None: opened by hand)
+    coordinator: dict[str, Any] | None = None
 
     @property
     def config(self) -> SecAggConfig:
@@ -192,6 +202,7 @@ class SecAggRound:
             "dropped": list(srv.dropped),
             "published": self.published,
             "authenticated": srv.authenticated,
+            "coordinator": self.coordinator,
             "finished": None,  # "published" or "aborted" once it is (FinishedRound)
         }
 
@@ -219,6 +230,11 @@ class FinishedRound:
         """Refuse a device's request to this finished round: 409, typed :class:`RoundAborted` for an aborted one
         (a device that sent its masked update there then knows it reached no model)."""
         head = f"SecAgg round {self.summary['round']} of {self.summary['model']!r} is"
+        if self.summary.get("abandoned"):
+            raise RoundAbandoned(
+                f"{head} aborted: no coordinator ran it (abandoned); it takes no more messages, will never "
+                "publish and is none of the coordinator's rounds: do not count it"
+            )
         if self.outcome != "published":
             raise RoundAborted(f"{head} aborted; it takes no more messages and will never publish")
         version = self.summary["published"]["version"]
@@ -227,6 +243,15 @@ class FinishedRound:
 
 #: the most bits per value a SecAgg round may be opened with
 MAX_OPEN_BITS = 24
+
+
+class CoordinatorStamp(BaseModel):
+    """Which coordinator opened a round (``fleet coordinate`` sends its own): a coordinator starting later checks
+    whether that process is gone before it aborts the round it left open (docs/fleet.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field(min_length=1, max_length=253, description="the host name of the coordinator's machine")
+    pid: int = Field(ge=1, le=2**31 - 1, description="the coordinator's process id there")
 
 
 class OpenSecAggRequest(BaseModel):
@@ -282,6 +307,11 @@ class OpenSecAggRequest(BaseModel):
             "certificate and signature in the roster (fleet enroll --authority-key); default: the --federation's "
             "secagg_authenticated, else false"
         ),
+    )
+    coordinator: CoordinatorStamp | None = Field(
+        default=None,
+        description="the coordinator that opens it (fleet coordinate's host and pid; the round's status shows "
+        "it): a coordinator starting later aborts the round if that process is gone",
     )
 
 
@@ -528,11 +558,15 @@ def install_secagg_routes(
             recorded(model, number)
         return r
 
-    def finish(r: SecAggRound, outcome: str, reason: str | None = None) -> dict[str, Any]:
+    def finish(
+        r: SecAggRound, outcome: str, reason: str | None = None, *, abandoned: bool = False
+    ) -> dict[str, Any]:
         """Under ``state.lock``: drop the round's protocol state (every masked input, model-sized, goes with it),
-        keeping its final status (with ``reason``, an aborted round's); returns that status."""
+        keeping its final status (with ``reason``, an aborted round's, and whether no coordinator ran it:
+        ``abandoned``); returns that status."""
         done = FinishedRound.of(r, outcome)
-        done = replace(done, summary=done.summary | {"reason": reason})  # as the store records it
+        # the reason as the store records it
+        done = replace(done, summary=done.summary | {"reason": reason, "abandoned": abandoned})
         rounds.pop((r.model, r.number), None)
         finished[(r.model, r.number)] = done
         while len(finished) > FINISHED_KEPT:
@@ -877,6 +911,7 @@ def install_secagg_routes(
                 ServerEndpoint(cfg, min_inputs=m_min, authenticated=authenticated, revocations=revocations),
                 like,
                 revoked=tuple(d for d in body.devices if d in revoked),
+                coordinator=body.coordinator.model_dump() if body.coordinator is not None else None,
             )
         return rounds[(model, number)].status() | {"config": cfg.to_dict()}
 
@@ -910,11 +945,21 @@ def install_secagg_routes(
         "/admin/models/{model}/secagg/{number}/abort", tags=["admin", "secagg"], dependencies=AdminDep
     )
     def abort(
-        model: ModelName, number: RoundId, reason: Annotated[str, Query(max_length=MAX_ABORT_REASON)] = ""
+        model: ModelName,
+        number: RoundId,
+        reason: Annotated[str, Query(max_length=MAX_ABORT_REASON)] = "",
+        abandoned: Annotated[
+            bool,
+            Query(
+                description="no coordinator runs the round (its coordinator was stopped or killed): devices "
+                "asking for it get RoundAbandoned and do not count it towards their --rounds"
+            ),
+        ] = False,
     ) -> dict[str, Any]:
         """Give the round up unpublished (a close refused for good, devices gone): its state is dropped. The
         round, its stage, how many devices were invited and took part (advertised keys) and why (``reason``;
-        without one, its last refused advance or close) are recorded with the abort, in one transaction."""
+        without one, its last refused advance or close) are recorded with the abort, in one transaction.
+        ``abandoned``: none of a coordinator's rounds (:class:`~deltaplane.errors.RoundAbandoned`)."""
         r = get_round(model, number)
         srv = r.endpoint.server
         with state.lock:  # not while a close publishes it
@@ -936,7 +981,7 @@ def install_secagg_routes(
                     revoked=r.revoked,
                 )
             state.count("secagg.rounds_aborted")
-            done = finish(r, "aborted", ended["reason"])
+            done = finish(r, "aborted", ended["reason"], abandoned=abandoned)
         state.remember_ended(ended, saved)
         return done
 
