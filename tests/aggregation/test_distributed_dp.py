@@ -71,9 +71,12 @@ def test_a_sum_short_of_m_min_is_not_published() -> None:
     assert agg.measurements["secure_sum_published"] == 1.0
 
 
-def test_epsilon_is_dp_accountings_at_q_1_not_the_sampled_central_runs() -> None:
-    """A sampled distributed-DP run accounts at q = 1 (no amplification: the devices' noise shares reveal who
-    took part, tests/aggregation/test_dp_adjacency.py), so its ε is above the central run's at q = 1/2."""
+def test_epsilon_counts_the_sampling_as_revealed_between_q_1_and_the_sampled_central_runs() -> None:
+    """A sampled distributed-DP run counts its sampling as revealed (the devices' noise shares reveal who took
+    part, tests/aggregation/test_dp_adjacency.py): each round, with probability q = 1/2, a Gaussian of
+    multiplier z the adversary knows it faces, whose Rényi divergence is log((1 − q) + q·e^((α−1)·α/(2z²)))/(α−1)
+    (composed here with numpy, converted by dp-accounting). So its ε is below q = 1's (what it reported before)
+    and above the central run's, amplified by hidden sampling at q = 1/2."""
     import dp_accounting
     from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -86,18 +89,21 @@ def test_epsilon_is_dp_accountings_at_q_1_not_the_sampled_central_runs() -> None
     central_rounds = run_simulation(cfg.replace(secagg=False, secagg_min_contributors=None)).rounds
     central = [r.epsilon for r in central_rounds]
     ref = rdp_privacy_accountant.RdpAccountant()
-    vs_server = rdp_privacy_accountant.RdpAccountant()
-    expected, expected_vs_server = [], []
-    for _ in range(3):  # q = m/N = 3/6, composed one round at a time
+    unsampled = rdp_privacy_accountant.RdpAccountant()
+    orders = np.array(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=float)
+    revealed_curve = np.log(0.5 + 0.5 * np.exp((orders - 1) * orders / (2 * 1.2**2))) / (orders - 1)
+    expected, at_q_1, revealed = [], [], []
+    for t in range(1, 4):  # q = m/N = 3/6, composed one round at a time
         ref.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.2)))
         expected.append(ref.get_epsilon(1e-3))
-        vs_server.compose(dp_accounting.GaussianDpEvent(1.2))  # the server knows who took part: q = 1
-        expected_vs_server.append(vs_server.get_epsilon(1e-3))
+        unsampled.compose(dp_accounting.GaussianDpEvent(1.2))
+        at_q_1.append(unsampled.get_epsilon(1e-3))
+        revealed.append(rdp_privacy_accountant.compute_epsilon(orders, t * revealed_curve, 1e-3)[0])
     assert central == pytest.approx(expected, rel=1e-9)
-    assert distributed == pytest.approx(expected_vs_server, rel=1e-9)
-    assert all(d > c for d, c in zip(distributed, central, strict=True))
-    # the run's result carries epsilon_vs_server too (the same figure now)
-    assert [r.epsilon_vs_server for r in rounds] == pytest.approx(expected_vs_server, rel=1e-9)
+    assert distributed == pytest.approx(revealed, rel=1e-9)
+    assert all(c < d < u for c, d, u in zip(central, distributed, at_q_1, strict=True))
+    # the run's result carries epsilon_vs_server too: the same figure, revealed sampling gives who took part
+    assert [r.epsilon_vs_server for r in rounds] == pytest.approx(revealed, rel=1e-9)
     assert all(r.epsilon_vs_server is None for r in central_rounds)  # central DP: no such figure
 
 

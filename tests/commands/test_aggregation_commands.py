@@ -146,11 +146,22 @@ def _privacy_json(*args: str) -> dict:
     return json.loads(out.output)
 
 
+def _revealed_rdp_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
+    """ε of ``rounds`` rounds of revealed sampling (with probability q a Gaussian of multiplier z the adversary
+    knows it faces): the Rényi divergence log((1 − q) + q·e^((α−1)·α/(2z²)))/(α−1), converted by dp-accounting."""
+    import numpy as np
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    orders = np.array(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=float)
+    curve = np.log((1 - q) + q * np.exp((orders - 1) * orders / (2 * z**2))) / (orders - 1)
+    return float(rdp_privacy_accountant.compute_epsilon(orders, rounds * curve, delta)[0])
+
+
 def test_distributed_epsilon_is_what_a_sampled_distributed_dp_run_reports() -> None:
-    """A distributed-DP run (DP noise under SecAgg) samples a quarter of 20 devices and reports ε 9.010 after 3
-    rounds, for zero-out neighbours: its accountant runs at q = 1. The planning command gave only the amplified
-    central figure (4.42 at q 0.25), an ε the run does not report; --distributed gives the run's, whatever
-    m_min, and dp-accounting's own for 3 unsampled Gaussians of multiplier 1 (RDP and PLD)."""
+    """A distributed-DP run (DP noise under SecAgg) samples a quarter of 20 devices and reports ε 7.352 after 3
+    rounds, for zero-out neighbours: its sampling counted as revealed (it reported q = 1's 9.010 before). The
+    planning command gives the run's figure with --distributed, whatever m_min; below q = 1's (dp-accounting's
+    3 unsampled Gaussians, RDP and PLD) and above the central amplified 4.42, which does not hold here."""
     from deltaplane.apps.runner import run_federation
     from deltaplane.engine.config import RunConfig
 
@@ -170,21 +181,26 @@ def test_distributed_epsilon_is_what_a_sampled_distributed_dp_run_reports() -> N
     schedule = ["-z", "1", "-q", "0.25", "-T", "3", "--delta", "1e-5"]
     doc = _privacy_json("epsilon", *schedule, "--distributed")
     assert doc["epsilon"] == pytest.approx(reported.epsilon, rel=1e-9) and reported.epsilon == pytest.approx(
-        9.010, abs=1e-3
+        7.352, abs=1e-3
     )
+    assert doc["epsilon"] == pytest.approx(_revealed_rdp_epsilon(1.0, 0.25, 3, 1e-5), rel=1e-9)
     assert doc["neighbours"] == reported.dp_adjacency == "zero-out"
-    assert (doc["sampling_rate"], doc["accounted_sampling_rate"]) == (0.25, 1.0)
-    for method in ("rdp", "pld"):
-        eps = _privacy_json("epsilon", *schedule, "--distributed", "--method", method)["epsilon"]
-        assert eps == pytest.approx(_dp_accounting_gaussian(1.0, 3, 1e-5, method), rel=1e-3), method
+    assert (doc["sampling_rate"], doc["accounted_sampling_rate"], doc["revealed_sampling"]) == (
+        0.25,
+        0.25,
+        True,
+    )
     central = _privacy_json("epsilon", *schedule)  # the default is unchanged: amplified, add/remove
     assert central["epsilon"] == epsilon_for(noise_multiplier=1.0, sampling_rate=0.25, steps=3, delta=1e-5)
     assert central["neighbours"] == "add/remove" and central["epsilon"] == pytest.approx(4.4205, abs=1e-3)
+    assert central["revealed_sampling"] is False
+    for method in ("rdp", "pld"):
+        eps = _privacy_json("epsilon", *schedule, "--distributed", "--method", method)["epsilon"]
+        assert central["epsilon"] < eps < _dp_accounting_gaussian(1.0, 3, 1e-5, method), method
     out = CliRunner().invoke(_app(), ["privacy", "epsilon", *schedule, "--distributed"])
     text = " ".join(out.output.split())  # rich wraps the line
-    assert (
-        "ε = 9.0100" in text and "q = 1, not the sampling rate 0.25" in text and "zero-out neighbours" in text
-    )
+    assert "ε = 7.3524" in text and "q = 0.25" in text and "sampling counted as revealed" in text
+    assert "zero-out neighbours" in text
 
 
 def test_distributed_epsilon_does_not_depend_on_m_min() -> None:
@@ -196,7 +212,9 @@ def test_distributed_epsilon_does_not_depend_on_m_min() -> None:
 
     doc = _privacy_json("epsilon", "-z", "1.5", "-q", "0.1", "-T", "2", "--distributed")
     for m_min in (2, 9):
-        acc = dp.PrivacyAccountant(noise_multiplier=1.5, sampling_rate=1.0, delta=1e-5)
+        acc = dp.PrivacyAccountant(
+            noise_multiplier=1.5, sampling_rate=0.1, delta=1e-5, revealed_sampling=True
+        )
         agg = DistributedDP(
             clip=1.0, noise_multiplier=1.5, expected_clients=10, min_contributors=m_min, accountant=acc
         )
@@ -209,13 +227,15 @@ def test_distributed_epsilon_does_not_depend_on_m_min() -> None:
 
 
 def test_distributed_noise_is_the_least_z_a_distributed_dp_run_needs() -> None:
-    """--distributed plans at q = 1: the central z (amplified at q 0.1) would leave a distributed run at ε 64.7
-    after 40 rounds, not 8 (z 0.823 against 4.033)."""
+    """--distributed plans with the sampling revealed: z 1.726 for ε 8 after 40 rounds at q 0.1 (it planned
+    q = 1's 4.033 before); the central z (0.823, amplified by hidden sampling) would leave a distributed run
+    above 8."""
     z = _privacy_json("noise", "-e", "8", "-q", "0.1", "-T", "40", "--distributed")
-    assert z["neighbours"] == "zero-out" and z["accounted_sampling_rate"] == 1.0
+    assert z["neighbours"] == "zero-out" and z["revealed_sampling"] is True
     z = z["noise_multiplier"]
-    assert _dp_accounting_gaussian(z, 40, 1e-5, "rdp") <= 8.0 + 1e-3
-    assert epsilon_for(noise_multiplier=z * 0.99, sampling_rate=1.0, steps=40, delta=1e-5) > 8.0
+    assert z == pytest.approx(1.726, abs=1e-3)
+    assert _revealed_rdp_epsilon(z, 0.1, 40, 1e-5) <= 8.0 + 1e-9
+    assert _revealed_rdp_epsilon(z * 0.999, 0.1, 40, 1e-5) > 8.0
     central = _privacy_json("noise", "-e", "8", "-q", "0.1", "-T", "40")["noise_multiplier"]
-    assert central < z / 4
-    assert epsilon_for(noise_multiplier=central, sampling_rate=1.0, steps=40, delta=1e-5) > 60
+    assert central < z / 2
+    assert _revealed_rdp_epsilon(central, 0.1, 40, 1e-5) > 8.0

@@ -6,6 +6,12 @@ accountant composes ``steps`` such rounds and converts the result to ε at the c
 (Mironov 2017, https://arxiv.org/abs/1702.07476; the conservative standard) or with privacy loss distributions
 (Koskela et al. 2020 / Doroshenko et al. 2022, https://arxiv.org/abs/2207.04380; tighter). We call the library
 rather than re-deriving the bounds: subtle mistakes in accounting silently void the guarantee.
+
+Distributed DP samples too, but its devices' noise shares reveal who took part, so its rounds are accounted with
+*revealed* sampling (``revealed_sampling=True``): with probability ``q`` one Gaussian mechanism of multiplier
+``z`` that the adversary knows it faces, otherwise nothing (:func:`revealed_sampling_rdp`; the argument is in
+:class:`~deltaplane.aggregation.dp.DistributedDP`). The Gaussian's own curves still come from dp-accounting;
+only the mixture with an observed index, whose formula is one line, is written here.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "dp_event",
     "epsilon_for",
     "noise_for_epsilon",
+    "revealed_sampling_rdp",
 ]
 
 #: The neighbouring datasets each mechanism's ε is stated against, recorded beside ε wherever it is shown or
@@ -56,6 +63,8 @@ PLD_MAX_STEPS = 10_000_000
 #: the privacy loss it has to represent (measured: 0.38 GB at RDP epsilon 1.1e3, 0.9 GB at 1.4e5, 24 GB at
 #: 1.4e7, 299 GB asked for at 2.2e7), and a guarantee that weak is vacuous whichever accountant states it.
 PLD_MAX_EPSILON = 10_000.0
+#: the PLD accountant's discretization of the privacy loss (dp-accounting's pessimistic rounding: an upper bound)
+PLD_DISCRETIZATION = 1e-3
 
 
 def dp_event(noise_multiplier: float, sampling_rate: float, steps: int) -> Any:  # a dp_accounting.DpEvent
@@ -66,6 +75,37 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int) -> Any: 
     if sampling_rate < 1.0:
         one = dp_accounting.PoissonSampledDpEvent(sampling_rate, one)
     return dp_accounting.SelfComposedDpEvent(one, steps)
+
+
+def revealed_sampling_rdp(noise_multiplier: float, sampling_rate: float, orders: np.ndarray) -> np.ndarray:
+    """The Rényi DP curve, at ``orders``, of one round of *revealed* Poisson sampling: with probability ``q`` the
+    adversary sees a Gaussian mechanism of multiplier ``z`` (sensitivity 1) and knows it does, otherwise an
+    output that does not depend on the client.
+
+    Both worlds pick the same branch with the same probability, so the Rényi divergence of the pair with its
+    observed branch is ``exp((α−1)·D_α) = (1 − q) + q·exp((α−1)·α/(2z²))`` (the Gaussian's D_α is α/(2z²) in
+    either order, so this bounds both orders). Computed in log space: at large orders the exponent overflows
+    a float long before the curve stops mattering."""
+    import numpy as np
+    from scipy.special import logsumexp
+
+    a = np.asarray(orders, dtype=float)
+    gauss = a / (2.0 * noise_multiplier**2)
+    if sampling_rate >= 1.0:
+        return gauss
+    terms = np.stack([np.full_like(a, math.log1p(-sampling_rate)), math.log(sampling_rate) + (a - 1) * gauss])
+    return np.asarray(logsumexp(terms, axis=0) / (a - 1), dtype=float)
+
+
+def _revealed_pld(noise_multiplier: float, sampling_rate: float) -> Any:  # a dp_accounting PLD
+    """The privacy loss distribution of one round of revealed sampling: dp-accounting's Gaussian PLD mixed, with
+    weight ``q``, with the identity's (a mixture with an observed index is the mixture of the PLDs)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    gauss = pld.from_gaussian_mechanism(noise_multiplier, value_discretization_interval=PLD_DISCRETIZATION)
+    if sampling_rate >= 1.0:
+        return gauss
+    return gauss.compute_mixture(pld.identity(PLD_DISCRETIZATION), sampling_rate)
 
 
 def _check_schedule(*, sampling_rate: float, steps: int, delta: float, method: str) -> None:
@@ -86,16 +126,24 @@ def _check_schedule(*, sampling_rate: float, steps: int, delta: float, method: s
 
 
 def epsilon_for(
-    *, noise_multiplier: float, sampling_rate: float, steps: int, delta: float, method: str = "rdp"
+    *,
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    method: str = "rdp",
+    revealed_sampling: bool = False,
 ) -> float:
     """ε after ``steps`` rounds at ``delta`` (0.0 for zero steps, ``inf`` for zero noise).
 
     The mechanism is DP-FedAvg's round as run: clients Poisson-sampled at rate ``sampling_rate``
     (:func:`~deltaplane.aggregation.sampling.sample_round`), one Gaussian mechanism of multiplier
     ``noise_multiplier`` per round (with an adaptive clip its noisy count shares that multiplier), adjacency
-    adding or removing one client. Under distributed DP the devices' noise shares make the contributor count
-    part of the mechanism, and the same figure holds for zero-out neighbours only
-    (:data:`~deltaplane.aggregation.dp.ZERO_OUT`)."""
+    adding or removing one client. ``revealed_sampling``: the adversary learns whether the client was sampled
+    (distributed DP, whose devices' noise shares make the contributor count part of the mechanism; zero-out
+    neighbours, :data:`ZERO_OUT`): each round is then, with probability ``sampling_rate``, one Gaussian it
+    knows it faces (:func:`revealed_sampling_rdp`), which amplifies δ but not ε as hidden sampling does. At
+    rate 1 both are the plain Gaussian."""
     if not (isinstance(noise_multiplier, int | float) and math.isfinite(noise_multiplier)) or (
         noise_multiplier < 0
     ):
@@ -108,7 +156,11 @@ def epsilon_for(
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 
+    revealed = revealed_sampling and sampling_rate < 1.0  # at q = 1 both are dp-accounting's Gaussian
     try:  # dp-accounting's arithmetic over- or underflows, untyped, at extreme multipliers
+        if method == "rdp" and revealed:
+            orders, rdp = _revealed_rdp_per_step(noise_multiplier, sampling_rate)
+            return float(rdp_privacy_accountant.compute_epsilon(orders, rdp * steps, delta)[0])
         if method == "rdp":
             per_step = _rdp_per_step(noise_multiplier, sampling_rate)
             if per_step is not None:
@@ -117,7 +169,11 @@ def epsilon_for(
             acc = rdp_privacy_accountant.RdpAccountant()
         else:
             bound = epsilon_for(
-                noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps, delta=delta
+                noise_multiplier=noise_multiplier,
+                sampling_rate=sampling_rate,
+                steps=steps,
+                delta=delta,
+                revealed_sampling=revealed,
             )
             if bound > PLD_MAX_EPSILON:
                 raise ConfigError(
@@ -125,7 +181,10 @@ def epsilon_for(
                     "accountant runs (its memory grows with the privacy loss); use method "
                     "'rdp' (--method rdp), or more noise or fewer rounds"
                 )
-            acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+            if revealed:
+                composed = _revealed_pld(noise_multiplier, sampling_rate).self_compose(steps)
+                return float(composed.get_epsilon_for_delta(delta))
+            acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
         acc.compose(dp_event(noise_multiplier, sampling_rate, steps))
         return float(acc.get_epsilon(delta))
     except ConfigError:
@@ -138,10 +197,17 @@ def epsilon_for(
 
 
 def noise_for_epsilon(
-    *, epsilon: float, sampling_rate: float, steps: int, delta: float, method: str = "rdp"
+    *,
+    epsilon: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    method: str = "rdp",
+    revealed_sampling: bool = False,
 ) -> float:
     """The smallest noise multiplier whose ε after ``steps`` rounds is at most ``epsilon`` (dp-accounting's
-    ``calibrate_dp_mechanism``, Brent's method on the accountant)."""
+    ``calibrate_dp_mechanism``, Brent's method on the accountant; with ``revealed_sampling`` below rate 1,
+    bisection on :func:`epsilon_for`, to the same relative tolerance)."""
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
@@ -151,6 +217,11 @@ def noise_for_epsilon(
     _check_schedule(sampling_rate=sampling_rate, steps=steps, delta=delta, method=method)
     if steps == 0:
         raise ConfigError("steps (rounds) must be at least 1 to calibrate a noise multiplier")
+
+    if revealed_sampling and sampling_rate < 1.0:
+        return _calibrate_revealed(
+            epsilon=epsilon, sampling_rate=sampling_rate, steps=steps, delta=delta, method=method
+        )
 
     def fresh() -> Any:  # a dp_accounting PrivacyAccountant (the package ships no types)
         if method == "rdp":
@@ -162,6 +233,46 @@ def noise_for_epsilon(
             fresh, lambda z: dp_event(z, sampling_rate, steps), epsilon, delta, tol=1e-4
         )
     )
+
+
+def _calibrate_revealed(
+    *, epsilon: float, sampling_rate: float, steps: int, delta: float, method: str
+) -> float:
+    """The least z (relative tolerance 1e-4) whose revealed-sampling ε is at most ``epsilon``: ε falls as z
+    grows, so bisection between a z that fails and one that holds finds it."""
+
+    def eps(z: float) -> float:
+        return epsilon_for(
+            noise_multiplier=z,
+            sampling_rate=sampling_rate,
+            steps=steps,
+            delta=delta,
+            method=method,
+            revealed_sampling=True,
+        )
+
+    lo, hi = 1e-3, 1.0
+    while eps(hi) > epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ConfigError(
+                f"no noise multiplier up to 1e4 keeps epsilon at {epsilon:g} over {steps} rounds at delta "
+                f"{delta:g}; ask for a larger epsilon or fewer rounds"
+            )
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= epsilon else (mid, hi)
+    return hi
+
+
+@lru_cache(maxsize=64)
+def _revealed_rdp_per_step(noise_multiplier: float, sampling_rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """dp-accounting's default RDP orders and :func:`revealed_sampling_rdp` at them, computed once per (z, q)."""
+    import numpy as np
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=float)
+    return orders, revealed_sampling_rdp(noise_multiplier, sampling_rate, orders)
 
 
 @lru_cache(maxsize=64)
@@ -198,6 +309,8 @@ class PrivacyAccountant:
         method: ``"rdp"`` (Rényi DP) or ``"pld"`` (privacy loss distributions, tighter, slower).
         budget: largest ε allowed; :meth:`spend` raises :class:`PrivacyBudgetExceeded` *before* a round that
             would go over it, so the model released so far stays within budget.
+        revealed_sampling: the adversary learns whether the client was sampled (distributed DP under SecAgg:
+            see :func:`epsilon_for`); the sampling then amplifies δ only.
 
     Example:
         >>> acc = PrivacyAccountant(noise_multiplier=1.0, sampling_rate=0.01, delta=1e-5, budget=0.97)
@@ -218,6 +331,7 @@ class PrivacyAccountant:
         delta: float,
         method: str = "rdp",
         budget: float | None = None,
+        revealed_sampling: bool = False,
     ) -> None:
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise ConfigError(f"noise_multiplier must be non-negative. Found {noise_multiplier!r}")
@@ -234,6 +348,7 @@ class PrivacyAccountant:
         self.delta = delta
         self.method = method
         self.budget = budget
+        self.revealed_sampling = bool(revealed_sampling)
         self.state = PrivacyAccountantState()
 
     def epsilon_after(self, steps: int) -> float:
@@ -244,6 +359,7 @@ class PrivacyAccountant:
             steps=steps,
             delta=self.delta,
             method=self.method,
+            revealed_sampling=self.revealed_sampling,
         )
 
     @property
@@ -282,5 +398,6 @@ class PrivacyAccountant:
     def __repr__(self) -> str:
         return (
             f"PrivacyAccountant(noise_multiplier={self.noise_multiplier!r}, sampling_rate={self.sampling_rate!r}, "
-            f"delta={self.delta!r}, method={self.method!r}, budget={self.budget!r})"
+            f"delta={self.delta!r}, method={self.method!r}, budget={self.budget!r}"
+            + (", revealed_sampling=True)" if self.revealed_sampling else ")")
         )

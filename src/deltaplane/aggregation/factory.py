@@ -15,7 +15,7 @@ from typing import Any
 from deltaplane.aggregation.accounting import PrivacyAccountant
 from deltaplane.aggregation.base import Aggregator
 from deltaplane.aggregation.clipping import Clip, NormBound, QuantileClip
-from deltaplane.aggregation.dp import DistributedDP, DPFedAvg, accounted_sampling_rate
+from deltaplane.aggregation.dp import DistributedDP, DPFedAvg
 from deltaplane.aggregation.fedavg import FedAvg
 from deltaplane.aggregation.fedopt import ServerSGD
 from deltaplane.aggregation.robust import (
@@ -268,8 +268,9 @@ def build_aggregator(
             knows a seed can subtract the noise it made.
         distributed_min_contributors: with ``dp_noise``, the devices add the noise under SecAgg (distributed
             DP) and a sum of fewer contributors than this is not published: the chain's DP node is then
-            :class:`~deltaplane.aggregation.dp.DistributedDP` (no server noise, the same accountant but at
-            ``q = 1``, whatever ``sampling_rate``: see its docstring), fed the unmasked unweighted mean;
+            :class:`~deltaplane.aggregation.dp.DistributedDP` (no server noise, the same accountant but with
+            the sampling counted as revealed, which amplifies δ only: see its docstring), fed the unmasked
+            unweighted mean;
             ``clip`` must be a number and ``defense`` none.
     """
     if aggregator not in SERVER_OPTIMIZERS:
@@ -293,12 +294,12 @@ def build_aggregator(
             raise ConfigError("DP noise needs a clip norm: set clip to a number or 'adaptive'")
         acc = PrivacyAccountant(
             noise_multiplier=dp_noise,
-            sampling_rate=accounted_sampling_rate(
-                sampling_rate, distributed=distributed_min_contributors is not None
-            ),
+            sampling_rate=sampling_rate,
             delta=dp_delta,
             method=accountant,
             budget=epsilon_budget,
+            # distributed DP: the devices' noise shares reveal who took part (DistributedDP says why)
+            revealed_sampling=distributed_min_contributors is not None,
         )
         if distributed_min_contributors is not None:
             node = _distributed(

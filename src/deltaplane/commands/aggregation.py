@@ -58,32 +58,30 @@ Distributed = Annotated[
     typer.Option(
         "--distributed/--central",
         help="Distributed DP (a run with DP noise and --secagg: the devices add the noise): the figure such a "
-        "run reports, for zero-out neighbours at q = 1 whatever the sampling rate.",
+        "run reports, for zero-out neighbours, its sampling at rate q counted as revealed (δ amplified, not ε).",
     ),
 ]
 
 
-def _schedule(sampling_rate: float, distributed: bool) -> tuple[float, str, str | None]:
-    """The rate a run's accountant uses, the neighbours its ε is stated for, and (distributed DP only) the
-    note that says so, to print.
+def _schedule(distributed: bool) -> tuple[str, str | None]:
+    """The neighbours a run's ε is stated for, and (distributed DP only) the note that says how it is counted.
 
-    Distributed DP's accountant runs at q = 1 (:class:`~deltaplane.aggregation.dp.DistributedDP` refuses one
-    below): each sampled device adds its own noise share, so the sum's noise reveals how many took part and
-    amplification by sampling does not hold. Its ε depends on z alone, not on m_min or the devices' share σ_d
-    (a published sum carries noise of std ≥ z·C; a smaller sum is not published), so z here is the run's
-    ``dp_noise`` as for central DP.
+    Distributed DP's accountant counts its Poisson sampling as *revealed* (``revealed_sampling``,
+    :class:`~deltaplane.aggregation.dp.DistributedDP` says why): each sampled device adds its own noise share,
+    so the sum's noise reveals how many took part and hidden-sampling amplification does not hold. Its ε
+    depends on z and q alone, not on m_min or the devices' share σ_d (a published sum carries noise of std
+    ≥ z·C; a smaller sum is not published), so z here is the run's ``dp_noise`` as for central DP.
     """
-    from deltaplane.aggregation.dp import ADD_REMOVE, ZERO_OUT, accounted_sampling_rate
+    from deltaplane.aggregation.dp import ADD_REMOVE, ZERO_OUT
 
-    rate = accounted_sampling_rate(sampling_rate, distributed=distributed)
     if not distributed:
-        return rate, ADD_REMOVE, None
+        return ADD_REMOVE, None
     note = (
-        f"distributed DP: q = 1, not the sampling rate {sampling_rate} (no amplification by sampling: each "
-        "sampled device adds its own noise share, so the sum's noise reveals how many took part); zero-out "
-        "neighbours; z is the run's noise multiplier on the sum, whatever m_min"
+        "distributed DP: sampling counted as revealed (each sampled device adds its own noise share, so the "
+        "sum's noise reveals how many took part: δ is amplified, ε is not); zero-out neighbours; z is the "
+        "run's noise multiplier on the sum, whatever m_min"
     )
-    return rate, ZERO_OUT, note
+    return ZERO_OUT, note
 
 
 def _quiet_absl() -> None:
@@ -92,12 +90,16 @@ def _quiet_absl() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def _json_schedule(sampling_rate: float, rate: float, neighbours: str, method: Method) -> dict[str, object]:
-    """The schedule's keys in ``--json``: the rate given, the rate accounted (1 under distributed DP) and the
-    neighbours ε is stated for."""
+def _json_schedule(
+    sampling_rate: float, distributed: bool, neighbours: str, method: Method
+) -> dict[str, object]:
+    """The schedule's keys in ``--json``: the rate given, the rate accounted (the same, kept for the records
+    that read it), whether the sampling is counted as revealed (distributed DP) and the neighbours ε is stated
+    for."""
     return {
         "sampling_rate": sampling_rate,
-        "accounted_sampling_rate": rate,
+        "accounted_sampling_rate": sampling_rate,
+        "revealed_sampling": distributed,
         "neighbours": neighbours,
         "method": method.value,
     }
@@ -129,25 +131,27 @@ def register(app: typer.Typer) -> None:
 
         The figure a run reports: clients Poisson-sampled at rate q (what `deltaplane run` does with DP on, at
         q = clients per round / clients), one client added or removed, a fixed or an adaptive clip alike.
-        With --distributed, what a distributed-DP run (--secagg) reports: q = 1, zero-out neighbours."""
+        With --distributed, what a distributed-DP run (--secagg) reports: sampling counted as revealed,
+        zero-out neighbours."""
         from deltaplane.aggregation.accounting import epsilon_for
 
         _quiet_absl()
-        rate, neighbours, note = _schedule(sampling_rate, distributed)
+        neighbours, note = _schedule(distributed)
         with clean_errors():
             eps = epsilon_for(
                 noise_multiplier=noise,
-                sampling_rate=rate,
+                sampling_rate=sampling_rate,
                 steps=rounds,
                 delta=delta,
                 method=method.value,
+                revealed_sampling=distributed,
             )
         if as_json:
             doc = {"epsilon": eps, "delta": delta, "rounds": rounds, "noise_multiplier": noise}
-            typer.echo(json.dumps(doc | _json_schedule(sampling_rate, rate, neighbours, method)))
+            typer.echo(json.dumps(doc | _json_schedule(sampling_rate, distributed, neighbours, method)))
             return
         schedule = (
-            f"{method.value}; {note}"
+            f"q = {sampling_rate}, {method.value}; {note}"
             if note
             else f"q = {sampling_rate}, {method.value}; Poisson sampling at rate q, add/remove one client; fixed "
             "or adaptive clip alike"
@@ -170,20 +174,26 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The smallest noise multiplier z that keeps ε ≤ EPSILON after ROUNDS rounds.
 
-        With --distributed, for a distributed-DP run (--secagg): accounted at q = 1, zero-out neighbours."""
+        With --distributed, for a distributed-DP run (--secagg): sampling counted as revealed, zero-out
+        neighbours."""
         from deltaplane.aggregation.accounting import noise_for_epsilon
 
         _quiet_absl()
-        rate, neighbours, note = _schedule(sampling_rate, distributed)
+        neighbours, note = _schedule(distributed)
         with clean_errors():
             z = noise_for_epsilon(
-                epsilon=epsilon, sampling_rate=rate, steps=rounds, delta=delta, method=method.value
+                epsilon=epsilon,
+                sampling_rate=sampling_rate,
+                steps=rounds,
+                delta=delta,
+                method=method.value,
+                revealed_sampling=distributed,
             )
         if as_json:
             doc = {"noise_multiplier": z, "epsilon": epsilon, "delta": delta, "rounds": rounds}
-            typer.echo(json.dumps(doc | _json_schedule(sampling_rate, rate, neighbours, method)))
+            typer.echo(json.dumps(doc | _json_schedule(sampling_rate, distributed, neighbours, method)))
             return
-        schedule = f"{method.value}; {note}" if note else f"q = {sampling_rate}, {method.value}"
+        schedule = f"q = {sampling_rate}, {method.value}" + (f"; {note}" if note else "")
         console.print(
             f"z = [bold]{z:.4f}[/bold] keeps ε ≤ {epsilon:g} at δ = {delta:g} over {rounds} rounds ({schedule})"
         )

@@ -632,7 +632,7 @@ class RunConfig(BaseModel):
         With ``secagg`` the server never sees single updates: clients clip before masking, and the chain is
         only the server optimizer, fed the securely computed mean; with ``dp_noise`` too (distributed DP) the
         devices add the noise and the chain holds :class:`~deltaplane.aggregation.dp.DistributedDP` (the same
-        accountant as central DP-FedAvg, no server noise)."""
+        accountant as central DP-FedAvg with its sampling counted as revealed, no server noise)."""
         from deltaplane.aggregation import build_aggregator
 
         if self.secagg and self.dp_noise == 0:

@@ -47,8 +47,8 @@ class RoundMetrics:
     client_accuracy_max: float | None = None
     #: ε spent so far at ``config.dp_delta`` (None without DP)
     epsilon: float | None = None
-    #: distributed DP only: ε so far against the server itself, which knows who took part (the same Gaussian
-    #: mechanism without amplification by sampling, q = 1); None otherwise
+    #: distributed DP only: ε so far against the server itself, which knows who took part (the same figure as
+    #: ``epsilon``: its sampling is counted as revealed, see DistributedDP); None otherwise
     epsilon_vs_server: float | None = None
     #: the neighbouring relation ``epsilon`` is stated under: "add/remove" (central DP), "zero-out" (distributed
     #: DP under SecAgg: a device's data replaced by none, its noise share kept), "replace-one" (local DP); None
