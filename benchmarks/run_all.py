@@ -319,6 +319,7 @@ PLAN: list[Step] = [
     Step("secagg_http.py", (), ("secagg_http",)),
     Step("serve_load.py", (), ("serve-load",)),
     Step("service_abuse.py", (), ("service-abuse",)),
+    Step("session_decode.py", (), ("session-decode",)),
     Step("service_throughput.py", ("--seconds", "5", "--devices", "400"), ("service-throughput",)),
     Step("sim_speed.py", ("--rounds", "24", "--pfl-python", PFL), ("sim_speed",)),
     Step("sim_speed.py", ("--scale",), ("sim_scale",)),

@@ -55,6 +55,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from operator import itemgetter
 from typing import Any
 
 import crc32c
@@ -66,7 +67,15 @@ from deltaplane.codecs.layout import Layout
 from deltaplane.codecs.lowrank import PowerSGD
 from deltaplane.codecs.preflight import check_field_bytes
 from deltaplane.codecs.preflight import field_lengths as _field_lengths
-from deltaplane.codecs.wire import Limits, Table, WireHeader, _Reader, check_containers, json_containers
+from deltaplane.codecs.wire import (
+    Limits,
+    Table,
+    WireHeader,
+    _Reader,
+    check_containers,
+    json_containers,
+    node_shapes_in_bulk,
+)
 from deltaplane.errors import (
     CodecError,
     DecodeError,
@@ -513,11 +522,17 @@ class WireSession:
             raise DecodeError(
                 f"wire session: {len(doc['template'])} template nodes for {len(layout)} tensors"
             )
-        reader = _Reader(limits)
-        for (name, t), node in zip(layout.items(), doc["template"], strict=True):
-            tree = reader.node(node, f"template of '{name}'", 0)  # the self-describing reader's node schema
-            if tree.shape != t.shape:
-                raise DecodeError(f"wire session: template of '{name}' has shape {list(tree.shape)}")
+        # every node through the self-describing reader's node schema, with the layout's shape: decided for
+        # all nodes at once, and node by node (the reader words the refusal) only if that is not sure
+        shapes = node_shapes_in_bulk(doc["template"], limits)
+        # the layout rows' own shape lists, when they are lists (of integers: the layout took them)
+        rows = list(map(itemgetter(2), doc["layout"]))
+        if shapes is None or set(map(type, rows)) - {list} or shapes != rows:
+            reader = _Reader(limits)
+            for (name, t), node in zip(layout.items(), doc["template"], strict=True):
+                tree = reader.node(node, f"template of '{name}'", 0)
+                if tree.shape != t.shape:
+                    raise DecodeError(f"wire session: template of '{name}' has shape {list(tree.shape)}")
         try:
             return cls(layout, spec, doc["base_id"], doc["entropy"], tuple(doc["template"]))
         except CodecError as exc:
