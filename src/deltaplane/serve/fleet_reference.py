@@ -5,10 +5,11 @@ that only the task's data tells: the drift reference the devices' summaries are 
 feature histograms of the training set, :func:`~deltaplane.serve.federation.drift_reference`), and, for a
 weighted SecAgg round, the devices' example counts its public weight scale is the mean of
 (:func:`~deltaplane.engine.round_params.secure_weight_scale`). Building the task for them made a coordinator
-import torch and load the data (4 s of CPU, 430 MB). ``deltaplane fleet init`` builds the task anyway, to
-register the initial model: it computes both there (:func:`compute_reference`) and stores them in that
-version's lineage under :data:`REFERENCE_KEY`, signed with it, with the run options they depend on
-(:data:`DATA_FIELDS`). The coordinator reads them back over the admin API (``GET
+import torch and load the data (5.2–5.7 s of CPU and 420 MB for docs/fleet.md's task, against 0.8 s and 73 MB
+without it: ``benchmarks/coordinator_startup.py``, recorded in docs/benchmarks.md). ``deltaplane fleet init``
+builds the task anyway, to register the initial model: it computes both there (:func:`compute_reference`) and
+stores them in that version's lineage under :data:`REFERENCE_KEY`, signed with it, with the run options they
+depend on (:data:`DATA_FIELDS`). The coordinator reads them back over the admin API (``GET
 /admin/models/{m}/versions``: :func:`registered_reference`) and uses them only when its federation file
 agrees on every one of those options; otherwise it says why and builds the task itself, as before.
 
