@@ -4,7 +4,8 @@ accepts and refuses exactly what the node-by-node reader did.
 ``WireSession.from_json`` took ~5 µs a layout row and ~10 µs a template node, one Python check after another
 (1-2 s for 4 MiB of tiny tensors on a shared core, more when the garbage collector ran a full pass over the
 parsed text); it now decides each rule for all rows at once and falls back to the reader only when that is not
-sure. The reference here is the code as it was, kept verbatim, run on a fuzz corpus: sessions of every codec
+sure. The reference here is the code as it was, kept verbatim but for the one rule added since (a layout
+row's shape must be a list), run on a fuzz corpus: sessions of every codec
 whose tables get the wire fuzzer's mutations (:class:`~deltaplane.codecs.fuzzing.Mutator`) and session-only
 ones (layout rows, types JSON cannot hold, limits).
 """
@@ -36,9 +37,19 @@ def _old_layout(doc: Any) -> Layout:
     ):
         raise DecodeError("layout must be a list of [name, dtype, shape] rows")
     try:
-        return Layout((name, shape, dtype) for name, dtype, shape in doc)
+        return Layout(map(_text_row, doc, range(len(doc))))
     except (ShapeMismatch, TypeError) as exc:
         raise DecodeError(f"malformed layout: {exc}") from None
+
+
+def _text_row(row: list[Any], i: int) -> tuple[Any, ...]:
+    """The one rule added since: a row's shape is a list (``""`` and ``{}`` read as ``()`` before)."""
+    name, dtype, shape = row
+    if not isinstance(shape, list):
+        raise DecodeError(
+            f"layout row {i} ('{name}'): shape must be a JSON array of integers >= 0, got {shape!r:.80}"
+        )
+    return name, shape, dtype
 
 
 def _old_from_json(doc: Any, limits: Limits | None = None) -> WireSession:
@@ -260,6 +271,45 @@ def test_every_layout_row_is_read_as_the_constructor_reads_it(corpus) -> None:
     for doc, _ in corpus:
         if isinstance(doc, dict) and "layout" in doc:
             assert outcome(Layout.from_json, doc["layout"]) == outcome(_old_layout, doc["layout"])
+
+
+def test_the_bulk_layout_reads_what_the_row_by_row_path_reads(corpus) -> None:
+    """What ``_from_canonical_rows`` accepts, the row-by-row path accepts as the same layout (types and all);
+    what that path refuses, the bulk one is not sure of."""
+
+    def entries(layout: Layout) -> list[Any]:
+        return [(k, v.shape, tuple(map(type, v.shape)), v.dtype) for k, v in layout.items()]
+
+    bulk = 0
+    for doc, _ in corpus:
+        rows = doc.get("layout") if isinstance(doc, dict) else None
+        fast = Layout._from_canonical_rows(copy.deepcopy(rows))
+        try:
+            slow: Any = entries(_old_layout(copy.deepcopy(rows)))
+        except DecodeError as exc:
+            slow = str(exc)
+        if fast is not None:
+            bulk += 1
+            assert entries(fast) == slow
+    assert bulk > 500
+
+
+@pytest.mark.parametrize("shape", ["", "12", "2", {}, {"a": 1}, None, 3, (2, 2), [[2]], [True], [2.0], [-1]])
+def test_a_layout_row_whose_shape_is_no_array_of_dimensions_is_refused_naming_the_row(shape: Any) -> None:
+    """A string, an object or a number is no shape: ``""`` and ``{}`` read as a scalar's ``()`` before, a
+    tuple (not JSON) as its dimensions; both paths refuse, the bulk one by leaving it to the row path."""
+    rows = [["a", "float32", [2, 2]], ["b", "float32", shape]]
+    assert Layout._from_canonical_rows(copy.deepcopy(rows)) is None
+    with pytest.raises(DecodeError, match=r"layout row 1 \('b'\)|tensor 'b' has shape") as err:
+        Layout.from_json(rows)
+    if not isinstance(shape, list):
+        assert "shape must be a JSON array of integers >= 0" in str(err.value)
+    doc = WireSession.create(
+        Layout.from_json([["a", "float32", [2, 2]], ["b", "float32", [0]]]), "fp16"
+    ).to_json()
+    doc["layout"][1][2] = shape
+    with pytest.raises(DecodeError, match=r"layout row 1 \('b'\)|tensor 'b' has shape"):
+        WireSession.from_json(doc)
 
 
 def test_honest_sessions_are_read_without_the_node_reader(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,6 +41,17 @@ __all__ = ["Layout", "TensorLayout"]
 _DTYPES_BY_NAME = {name: dt for name, dt in DTYPES.items() if dt in DTYPE_NAMES}
 
 
+def _text_row(row: list[Any], i: int) -> tuple[str, list[int], str]:
+    """Layout text row ``i`` (``[name, dtype, shape]``) as a constructor entry; its shape must be a list (a JSON
+    array): what the constructor then checks, row by row and in order, is its dimensions."""
+    name, dtype, shape = row
+    if not isinstance(shape, list):
+        raise DecodeError(
+            f"layout row {i} ('{name}'): shape must be a JSON array of integers >= 0, got {shape!r:.80}"
+        )
+    return name, shape, dtype
+
+
 class TensorLayout(NamedTuple):
     """One tensor of a layout: its shape and dtype."""
 
@@ -145,7 +156,10 @@ class Layout(Mapping[str, TensorLayout]):
 
     @classmethod
     def from_json(cls, doc: Any) -> Layout:
-        """Inverse of :meth:`to_json`; anything malformed is a :class:`~deltaplane.errors.DecodeError`."""
+        """Inverse of :meth:`to_json`; anything malformed is a :class:`~deltaplane.errors.DecodeError`.
+
+        A row's shape must be a JSON array of integers >= 0: the constructor takes any sequence, but in text
+        a string or an object is no shape (``""`` and ``{}`` would read as a scalar's ``()``)."""
         fast = cls._from_canonical_rows(doc)
         if fast is not None:
             return fast
@@ -155,7 +169,7 @@ class Layout(Mapping[str, TensorLayout]):
         ):
             raise DecodeError("layout must be a list of [name, dtype, shape] rows")
         try:
-            return cls((name, shape, dtype) for name, dtype, shape in doc)
+            return cls(map(_text_row, doc, range(len(doc))))
         except (ShapeMismatch, TypeError) as exc:
             raise DecodeError(f"malformed layout: {exc}") from None
 
