@@ -8,6 +8,8 @@ another, in device order, so FedAvg sums as the simulator does and the figures c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 
@@ -22,6 +24,37 @@ from deltaplane.sim.simulation import run_simulation
 from .test_fleet import MODEL, Fleet
 
 PERSONAL = ("global_accuracy", "personal_accuracy")
+
+
+#: who is offline in each round: device 2 in round 1 (joins late), device 0 in round 2 (polls past it)
+OFFLINE = {1: {2}, 2: {0}, 3: set()}
+
+
+def _play(
+    f: Fleet,
+    devices: list[fleet.Device],
+    chosen: list[list[int]],
+    offline: dict[int, set[int]],
+    *,
+    before_report: Callable[[int, int, fleet.Device], None] | None = None,
+) -> None:
+    """Run the rounds one after another, in device order: each round's ``chosen`` devices take part, the others
+    online see it open and sit it out; once it closes, every device online reports (``before_report(device,
+    round, dev)`` first, if given)."""
+    for rnd, sampled in enumerate(chosen, start=1):
+        opened = f.admin.open_round(MODEL)
+        info = devices[0].conn.open_rounds(MODEL)[0]
+        for i, dev in enumerate(devices):
+            if i in sampled:
+                assert fleet.take_part(dev, info, stage_wait=5)
+            elif i not in offline[rnd]:
+                fleet._watch(dev, int(info["round"]), int(info["base_version"]))
+        f.admin.close_round(MODEL, opened["round"])
+        for i, dev in enumerate(devices):
+            if before_report is not None:
+                before_report(i, rnd, dev)
+            if i not in offline[rnd]:
+                assert fleet.report_pending(dev)
 
 
 def _config(byo_task: str, method: str) -> RunConfig:
@@ -53,21 +86,9 @@ def test_devices_that_miss_rounds_report_the_simulators_personal_figures(
         for r in (1, 2, 3)
     ]
     assert chosen == [[0, 1], [1, 2], [0, 1]]
-    offline = {1: {2}, 2: {0}, 3: set()}
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(3)]
-        for rnd, sampled in enumerate(chosen, start=1):
-            opened = f.admin.open_round(MODEL)
-            info = devices[0].conn.open_rounds(MODEL)[0]
-            for i, dev in enumerate(devices):
-                if i in sampled:
-                    assert fleet.take_part(dev, info, stage_wait=5)
-                elif i not in offline[rnd]:
-                    fleet._watch(dev, int(info["round"]), int(info["base_version"]))
-            f.admin.close_round(MODEL, opened["round"])
-            for i, dev in enumerate(devices):
-                if i not in offline[rnd]:
-                    assert fleet.report_pending(dev)
+        _play(f, devices, chosen, OFFLINE)
     sim = run_simulation(cfg)
     for dev, row in zip(devices, sim.clients, strict=True):
         got = dev.rounds[-1]
@@ -110,29 +131,18 @@ def test_a_device_reports_on_each_version_it_caught_up_on_with_the_simulators_ro
     a 429 on it (device 2's, in round 2) backs off without losing the report or adapting twice."""
     cfg = _config(byo_task, method)
     chosen = [[0, 1], [1, 2], [0, 1]]  # asserted in the test above
-    offline = {1: {2}, 2: {0}, 3: set()}
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(3)]
         refused = _rate_limited_once(devices[2])
-        for rnd, sampled in enumerate(chosen, start=1):
-            opened = f.admin.open_round(MODEL)
-            info = devices[0].conn.open_rounds(MODEL)[0]
-            for i, dev in enumerate(devices):
-                if i in sampled:
-                    assert fleet.take_part(dev, info, stage_wait=5)
-                elif i not in offline[rnd]:
-                    fleet._watch(dev, int(info["round"]), int(info["base_version"]))
-            f.admin.close_round(MODEL, opened["round"])
-            for i, dev in enumerate(devices):
-                if (
-                    i == 2 and rnd == 2
-                ):  # its first report since round 1 published: it catches up on that first
-                    with pytest.raises(ServiceError) as refusal:
-                        fleet.report_pending(dev)
-                    assert refusal.value.status == 429  # run_device backs off on it, then calls again
-                    assert [r["version"] for r in dev.unsent] == refused
-                if i not in offline[rnd]:
-                    assert fleet.report_pending(dev)
+
+        def back_off_once(i: int, rnd: int, dev: fleet.Device) -> None:
+            if (i, rnd) == (2, 2):  # its first report since round 1 published: it catches up on that first
+                with pytest.raises(ServiceError) as refusal:
+                    fleet.report_pending(dev)
+                assert refusal.value.status == 429  # run_device backs off on it, then calls again
+                assert [r["version"] for r in dev.unsent] == refused
+
+        _play(f, devices, chosen, OFFLINE, before_report=back_off_once)
         stored = list(f.state.reports[MODEL])
         closed = {c["round"]: c for c in f.admin.closed_rounds(MODEL)}
     names = [fleet.device_id(i) for i in range(3)]
