@@ -8,6 +8,8 @@ another, in device order, so FedAvg sums as the simulator does and the figures c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 
@@ -16,12 +18,43 @@ from deltaplane.engine.federation import sample_clients
 from deltaplane.errors import NotFound, SignatureError
 from deltaplane.seeding import Stream, numpy_rng
 from deltaplane.serve import fleet
-from deltaplane.serve.client import DeviceClient
+from deltaplane.serve.client import DeviceClient, ServiceError
 from deltaplane.sim.simulation import run_simulation
 
 from .test_fleet import MODEL, Fleet
 
 PERSONAL = ("global_accuracy", "personal_accuracy")
+
+
+#: who is offline in each round: device 2 in round 1 (joins late), device 0 in round 2 (polls past it)
+OFFLINE = {1: {2}, 2: {0}, 3: set()}
+
+
+def _play(
+    f: Fleet,
+    devices: list[fleet.Device],
+    chosen: list[list[int]],
+    offline: dict[int, set[int]],
+    *,
+    before_report: Callable[[int, int, fleet.Device], None] | None = None,
+) -> None:
+    """Run the rounds one after another, in device order: each round's ``chosen`` devices take part, the others
+    online see it open and sit it out; once it closes, every device online reports (``before_report(device,
+    round, dev)`` first, if given)."""
+    for rnd, sampled in enumerate(chosen, start=1):
+        opened = f.admin.open_round(MODEL)
+        info = devices[0].conn.open_rounds(MODEL)[0]
+        for i, dev in enumerate(devices):
+            if i in sampled:
+                assert fleet.take_part(dev, info, stage_wait=5)
+            elif i not in offline[rnd]:
+                fleet._watch(dev, int(info["round"]), int(info["base_version"]))
+        f.admin.close_round(MODEL, opened["round"])
+        for i, dev in enumerate(devices):
+            if before_report is not None:
+                before_report(i, rnd, dev)
+            if i not in offline[rnd]:
+                assert fleet.report_pending(dev)
 
 
 def _config(byo_task: str, method: str) -> RunConfig:
@@ -53,21 +86,9 @@ def test_devices_that_miss_rounds_report_the_simulators_personal_figures(
         for r in (1, 2, 3)
     ]
     assert chosen == [[0, 1], [1, 2], [0, 1]]
-    offline = {1: {2}, 2: {0}, 3: set()}
     with Fleet(tmp_path, cfg) as f:
         devices = [f.device(i) for i in range(3)]
-        for rnd, sampled in enumerate(chosen, start=1):
-            opened = f.admin.open_round(MODEL)
-            info = devices[0].conn.open_rounds(MODEL)[0]
-            for i, dev in enumerate(devices):
-                if i in sampled:
-                    assert fleet.take_part(dev, info, stage_wait=5)
-                elif i not in offline[rnd]:
-                    fleet._watch(dev, int(info["round"]), int(info["base_version"]))
-            f.admin.close_round(MODEL, opened["round"])
-            for i, dev in enumerate(devices):
-                if i not in offline[rnd]:
-                    assert fleet.report_pending(dev)
+        _play(f, devices, chosen, OFFLINE)
     sim = run_simulation(cfg)
     for dev, row in zip(devices, sim.clients, strict=True):
         got = dev.rounds[-1]
@@ -78,7 +99,79 @@ def test_devices_that_miss_rounds_report_the_simulators_personal_figures(
             assert (
                 len(dev.client.personal.history) == 3
             )  # one adaptation per round; before: 2 for devices 0, 2
-    assert [[r["round"] for r in d.rounds] for d in devices] == [[1, 3], [1, 2, 3], [2, 3]]
+    # device 0 caught up on round 2's version, device 2 on round 1's: each reported on it (before: [1, 3], [2, 3])
+    assert [[r["round"] for r in d.rounds] for d in devices] == [[1, 2, 3]] * 3
+
+
+def _rate_limited_once(dev: fleet.Device) -> list[int]:
+    """``dev``'s first catch-up report is refused with a 429 (its rate limit, a long Retry-After: the client
+    does not wait it out itself); returns the versions refused so."""
+    real, refused = dev.conn.report, []
+
+    def report(model, *, version, metrics=None, summary=None, round_id=None):
+        if metrics and "catch_up" in metrics and not refused:
+            refused.append(version)
+            raise ServiceError(429, "rate limited", retry_after=30.0)
+        return real(model, version=version, metrics=metrics, summary=summary, round_id=round_id)
+
+    dev.conn.report = report  # type: ignore[method-assign]
+    return refused
+
+
+@pytest.mark.parametrize("method", ["ditto", "alpha_mix"])
+def test_a_device_reports_on_each_version_it_caught_up_on_with_the_simulators_rows(
+    byo_task, tmp_path, one_thread, method
+) -> None:
+    """The scenario above: device 2 misses round 1 (offline), device 0 round 2 (sampled out, polled past it).
+    Each reports on every version it catches up on, as it would have had it seen the round open: the reports
+    the service stored give every device a row for every round, equal to the simulator's row of that device
+    after that round (``run_simulation`` with ``rounds=r``: its streams are per round) within 1e-6, so the
+    closed rounds' means (the Fleet page, ``GET /admin/rounds/closed``) are the simulator's round means. Before,
+    rounds 1 and 2 lacked a device each. A catch-up report is marked ``catch_up`` and carries no drift summary;
+    a 429 on it (device 2's, in round 2) backs off without losing the report or adapting twice."""
+    cfg = _config(byo_task, method)
+    chosen = [[0, 1], [1, 2], [0, 1]]  # asserted in the test above
+    with Fleet(tmp_path, cfg) as f:
+        devices = [f.device(i) for i in range(3)]
+        refused = _rate_limited_once(devices[2])
+
+        def back_off_once(i: int, rnd: int, dev: fleet.Device) -> None:
+            if (i, rnd) == (2, 2):  # its first report since round 1 published: it catches up on that first
+                with pytest.raises(ServiceError) as refusal:
+                    fleet.report_pending(dev)
+                assert refusal.value.status == 429  # run_device backs off on it, then calls again
+                assert [r["version"] for r in dev.unsent] == refused
+
+        _play(f, devices, chosen, OFFLINE, before_report=back_off_once)
+        stored = list(f.state.reports[MODEL])
+        closed = {c["round"]: c for c in f.admin.closed_rounds(MODEL)}
+    names = [fleet.device_id(i) for i in range(3)]
+    got = {(names.index(r["device"]), r["round"]): r for r in stored}
+    assert sorted(got) == [(d, r) for d in range(3) for r in (1, 2, 3)]  # before: no (2, 1), no (0, 2)
+    assert len(stored) == 9  # one report each: the refused one sent once, after its back-off
+    catch_ups = sorted(k for k, r in got.items() if "catch_up" in r["metrics"])
+    assert catch_ups == [(0, 2), (2, 1)]
+    for rnd in (1, 2, 3):
+        sim = run_simulation(cfg.replace(rounds=rnd))
+        for d, row in enumerate(sim.clients):
+            report = got[(d, rnd)]
+            assert report["version"] == closed[rnd]["version"]
+            assert [report["metrics"][k] for k in PERSONAL] == pytest.approx(
+                [row[k] for k in PERSONAL], abs=1e-6
+            )
+            if method == "alpha_mix":
+                assert report["metrics"]["alpha"] == row["alpha"]
+        final = sim.rounds[-1]
+        assert closed[rnd]["reports"] == 3
+        assert closed[rnd]["personal_accuracy_mean"] == pytest.approx(final.personal_accuracy_mean, abs=1e-6)
+        assert closed[rnd]["global_accuracy_mean"] == pytest.approx(final.client_mix_accuracy_mean, abs=1e-6)
+    if (
+        method == "alpha_mix"
+    ):  # one adaptation per round: the 429 made device 2 adapt to round 1's version once
+        assert [len(dev.client.personal.history) for dev in devices] == [3, 3, 3]
+    # a drift window keeps one summary per device: catch-up reports send none
+    summaries = [b for p, b in f.bodies if p.endswith("/report") and b"summary" in b]
+    assert len(summaries) == 7
 
 
 def test_the_download_says_signed_which_round_made_the_version(byo_task, tmp_path) -> None:

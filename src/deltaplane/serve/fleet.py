@@ -12,9 +12,9 @@ module runs the rest of the same :class:`~deltaplane.engine.RunConfig` on each s
   its secrets from the run's seed). Once the round's version is published it reports its held-out accuracy
   and drift summary. A device with a personalizer (α-mix, Ditto, FedPer, FedBN) adapts its personal state to
   every version a round publishes, whether it took part in that round, sat it out, or never saw it open (it
-  catches up, in order, on the versions it missed: :func:`_catch_up`), as every device of the simulator does
-  after each round's downlink, and reports its personal model's accuracy beside the global one's
-  (:func:`report_pending`). It stops after ``rounds`` rounds, or when ``stop`` is set.
+  catches up, in order, on the versions it missed, reporting on each: :func:`_catch_up`), as every device of
+  the simulator does after each round's downlink, and reports its personal model's accuracy beside the
+  global one's (:func:`report_pending`). It stops after ``rounds`` rounds, or when ``stop`` is set.
 * :func:`~deltaplane.serve.coordinator.coordinate` is the operator (re-exported here), in a module of its own
   that imports no torch; :class:`LocalTask` is what it builds of the task where it needs the task itself.
 
@@ -108,6 +108,12 @@ SECAGG_STEPS = (
 )
 #: statuses that mean "this device is out of this round" (too late, not invited, not a survivor, round gone)
 _OUT_OF_ROUND = (403, 404, 409, 422)
+#: statuses a catch-up report may be refused with for good (its cohort withdrew consent, the version is gone or
+#: holds a withdrawn cohort, a malformed report): that report is dropped, said; the device goes on
+_CATCH_UP_DROPPED = (*_OUT_OF_ROUND, 451)
+#: the metric that marks a catch-up report: ``ReportRequest`` refuses fields it does not declare, so a new field
+#: would be refused (422) by every service before it; a metric is taken by all of them
+CATCH_UP_METRIC = "catch_up"
 
 
 # -- the device ------------------------------------------------------------------------------------------------
@@ -148,6 +154,9 @@ class Device:
     adapted: int | None = None
     #: whether the device said that its service cannot tell it which round made a version (said once)
     said_no_rounds: bool = False
+    #: catch-up reports scored but not sent yet (a 429 stopped them: sent, in order, before anything else is
+    #: reported), each ``{"round", "version", "metrics"}`` (:func:`_send_catch_up_reports`)
+    unsent: list[dict[str, Any]] = field(default_factory=list)
     #: the rounds this device's update went into (a personalized device also reports on rounds it sat out)
     joined: set[int] = field(default_factory=set)
     #: SecAgg rounds it saw open that no coordinator ran (aborted as abandoned: its coordinator was stopped or
@@ -533,6 +542,7 @@ def report_pending(dev: Device) -> bool:
     detection needs one model on both sides), which the coordinator computes and no personal model has; a
     personal model's predictions differ from the global one's by design (its label mix), and would read as
     drift."""
+    _send_catch_up_reports(dev)
     if dev.pending is None:
         return False
     number, base = dev.pending
@@ -540,15 +550,7 @@ def report_pending(dev: Device) -> bool:
     if version == base:
         return False  # not published yet
     personal = _personalize(dev, state, number, version) if dev.step.personalizer.name != "none" else {}
-    dev.net.load_state_dict(state)  # after the personal scoring, which leaves a personal model loaded
-    score = float(evaluate_clients(dev.net, [dev.client])[0])
-    # the held-out split is holdout_fraction of this device's partition, often a few samples on a small fleet:
-    # its size says how far one sample moves the figure (5 samples: 0.2), here and on the Fleet page
-    held = len(dev.client.holdout)
-    metrics = {"holdout_accuracy": score, "holdout_samples": float(held), **personal}
-    epsilon = round_epsilon(dev.config, dev.step, {})  # local DP: this device's own ε so far (else None)
-    if epsilon is not None:
-        metrics["epsilon"] = epsilon
+    metrics = _version_metrics(dev, state, personal)
     dev.conn.report(
         dev.model,
         version=version,
@@ -557,20 +559,72 @@ def report_pending(dev: Device) -> bool:
         round_id=number,
     )
     dev.rounds.append({"round": number, "version": version, "took_part": number in dev.joined, **metrics})
-    eps = f", local ε {epsilon:.3f} ({dp_adjacency(dev.config)})" if epsilon is not None else ""
-    vs = f" vs global {personal['global_accuracy']:.3f}" if "global_accuracy" in personal else ""
-    mine = (
-        f"; personal {personal['personal_accuracy']:.3f}{vs} on its label mix"
-        + (f" (α {personal['alpha']:g})" if "alpha" in personal else "")
-        if personal
-        else ""
-    )
-    dev.log(
-        f"round {number}: version {version} published; held-out accuracy {score:.3f} on {held} "
-        f"sample{'s' if held != 1 else ''}{mine}{eps} reported"
-    )
+    dev.log(f"round {number}: version {version} published; {_reported_line(dev, metrics)}")
     dev.pending = None
     return True
+
+
+def _version_metrics(
+    dev: Device, state: dict[str, torch.Tensor], personal: dict[str, float]
+) -> dict[str, float]:
+    """What a device reports on a version (``state``): its model's held-out accuracy and the held-out size, the
+    personal figures (``personal``, scored before) and, under local DP, the device's own ε so far. Leaves the
+    version's model loaded in ``dev.net`` (its drift summary is that model's)."""
+    dev.net.load_state_dict(state)  # after the personal scoring, which leaves a personal model loaded
+    score = float(evaluate_clients(dev.net, [dev.client])[0])
+    # the held-out split is holdout_fraction of this device's partition, often a few samples on a small fleet:
+    # its size says how far one sample moves the figure (5 samples: 0.2), here and on the Fleet page
+    metrics = {"holdout_accuracy": score, "holdout_samples": float(len(dev.client.holdout)), **personal}
+    epsilon = round_epsilon(dev.config, dev.step, {})  # local DP: this device's own ε so far (else None)
+    if epsilon is not None:
+        metrics["epsilon"] = epsilon
+    return metrics
+
+
+def _reported_line(dev: Device, metrics: dict[str, float]) -> str:
+    """The device's words for a report it sent: held-out accuracy and size, personal figures, local ε."""
+    held = int(metrics["holdout_samples"])
+    epsilon = metrics.get("epsilon")
+    eps = f", local ε {epsilon:.3f} ({dp_adjacency(dev.config)})" if epsilon is not None else ""
+    vs = f" vs global {metrics['global_accuracy']:.3f}" if "global_accuracy" in metrics else ""
+    mine = (
+        f"; personal {metrics['personal_accuracy']:.3f}{vs} on its label mix"
+        + (f" (α {metrics['alpha']:g})" if "alpha" in metrics else "")
+        if "personal_accuracy" in metrics
+        else ""
+    )
+    return (
+        f"held-out accuracy {metrics['holdout_accuracy']:.3f} on {held} "
+        f"sample{'s' if held != 1 else ''}{mine}{eps} reported"
+    )
+
+
+def _send_catch_up_reports(dev: Device) -> None:
+    """Send the catch-up reports :func:`_catch_up` scored (:attr:`Device.unsent`), in order: each version's
+    metrics as the device would have reported them had it seen its round open, marked ``catch_up: 1``, with
+    no drift summary (a drift window keeps one summary per device: its current one). One the service refuses
+    for good (:data:`_CATCH_UP_DROPPED`: e.g. 451, the version holds a cohort that withdrew consent) is said
+    and dropped; any other refusal raises with the rest kept: a 429 (the device's rate limit) or a 503 with
+    ``Retry-After`` makes :func:`run_device` back off, and they are sent, before anything else, next time."""
+    while dev.unsent:
+        r = dev.unsent[0]
+        try:
+            dev.conn.report(dev.model, version=r["version"], metrics=r["metrics"], round_id=r["round"])
+        except ServiceError as exc:
+            if exc.status not in _CATCH_UP_DROPPED:
+                raise
+            dev.log(
+                f"round {r['round']}: the service refused this device's catch-up report on version "
+                f"{r['version']} ({exc.detail}); not sent"
+            )
+        else:
+            dev.rounds.append(
+                {"round": r["round"], "version": r["version"], "took_part": False, **r["metrics"]}
+            )
+            dev.log(
+                f"round {r['round']}: caught up on version {r['version']}; {_reported_line(dev, r['metrics'])}"
+            )
+        dev.unsent.pop(0)
 
 
 def _personalize(dev: Device, state: dict[str, torch.Tensor], number: int, version: int) -> dict[str, float]:
@@ -596,6 +650,13 @@ def _personalize(dev: Device, state: dict[str, torch.Tensor], number: int, versi
             )
         dev.step.after_round([dev.client], dev.net, state, number)
         dev.adapted = version
+    return _personal_figures(dev, state)
+
+
+def _personal_figures(dev: Device, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The simulator's per-device row for the device's personal state adapted to ``state``
+    (:func:`~deltaplane.engine.scoring.personal_row`), as reported: FedPer and FedBN have no global figure,
+    α-mix adds its α. Leaves a personal model loaded in ``dev.net``."""
     row = personal_row(dev.step, dev.net, state, dev.test, dev.client, dev.num_classes)
     out = {"personal_accuracy": float(row["personal_accuracy"])}
     if row["global_accuracy"] is not None:  # FedPer and FedBN have none (has_global_model)
@@ -610,7 +671,10 @@ def _catch_up(dev: Device, version: int) -> None:
     each with its round's stream, as the simulator's device did after each of those rounds: the device joined
     late, was offline while they were open, or polled past them. Each is fetched by number
     (:meth:`~deltaplane.serve.client.DeviceClient.fetch_published`, the round that made it signed); versions off
-    the lineage the device is served, and those no round made, are passed over."""
+    the lineage the device is served, and those no round made, are passed over. After adapting to each, the
+    device scores it as it would have had it seen the round open (held-out accuracy, personal figures) and
+    reports that, marked as a catch-up (:func:`_send_catch_up_reports`), so each missed round's row on the
+    Fleet page counts this device too."""
     first = 1 if dev.adapted is None else dev.adapted + 1
     caught: list[int] = []
     for v in range(first, version):
@@ -621,11 +685,15 @@ def _catch_up(dev: Device, version: int) -> None:
         if rnd is not None:
             dev.step.after_round([dev.client], dev.net, state, rnd)
             caught.append(rnd)
+            # scored now: the personal state moves on with the next version
+            metrics = _version_metrics(dev, state, _personal_figures(dev, state))
+            dev.unsent.append({"round": rnd, "version": v, "metrics": {**metrics, CATCH_UP_METRIC: 1.0}})
         dev.adapted = v
     if caught:
         dev.log(
             f"adapted to the versions of {count(len(caught), 'round')} it missed: {', '.join(map(str, caught))}"
         )
+    _send_catch_up_reports(dev)
 
 
 def _watch(dev: Device, number: int, base: int) -> None:
@@ -704,7 +772,8 @@ def run_device(
     """Take part in the model's rounds until ``rounds`` rounds have opened (whether this device made it into
     each or not; a SecAgg round no coordinator ran is not counted: :func:`counted_rounds`) and the last one it
     took part in (with a personalizer: saw open) is reported, or until ``stop`` is set; returns one row per
-    reported round (``took_part``: whether its update went into that round).
+    reported round (``took_part``: whether its update went into that round; ``catch_up`` 1.0 on the rows of the
+    versions it caught up on, :func:`_catch_up`).
 
     Polls with exponential backoff (``poll`` up to ``max_poll`` seconds); waits up to ``stage_wait`` seconds
     for each SecAgg stage and for the last round to publish; gives up (:class:`ServiceUnreachable`) after
