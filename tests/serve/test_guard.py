@@ -818,3 +818,90 @@ def _hammer(url: str, token: str, n: int):
     for t in threads:
         t.start()
     return threads, codes
+
+
+def test_over_rate_refusals_stay_at_the_rate_under_continuous_arrivals(monkeypatch):
+    """The door checked only the device's bucket: while refusals waited their turn, each token the bucket
+    refilled let the next request skip the queue, take it and be refused at once (its device busy), and the
+    refusal whose turn came next found nothing left but went out anyway, so up to twice the rate of refusals
+    went out (~25/s against --rate 20 in one benchmark run). Now a request of a device whose next refusal turn
+    is still ahead joins the queue. Driven on a fake clock: a device holding its one request in flight, one
+    request every 50 ms for 10 s, at 2/s with a burst of 1, gets its refusals one per 0.5 s (before: 41, half of them its device busy)."""
+    import itertools
+    import time
+    import types
+
+    from deltaplane.serve import auth
+    from deltaplane.serve.auth import DeviceIdentity, RateLimiter
+    from deltaplane.serve.guard import RequestGuard
+
+    clock = [1000.0]
+    monkeypatch.setattr(auth, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+
+    class FakeClockLoop(asyncio.SelectorEventLoop):
+        """An event loop on ``clock``: the test moves it forward (timers fire once it passes them)."""
+
+        def time(self) -> float:
+            return clock[0]
+
+    limit = RateLimiter(rate=2.0, burst=1)
+    counters: dict[str, int] = {}
+
+    async def endpoint(scope, receive, send):  # spends the rate, as the service's endpoints do, and holds
+        limit.acquire("evil")
+        await asyncio.Event().wait()
+
+    guard = RequestGuard(
+        endpoint,
+        check_device=lambda token: DeviceIdentity("evil", "c") if token == "t" else None,
+        admin_token=ADMIN,
+        max_upload_bytes=1 << 20,
+        max_json_bytes=64 << 10,
+        failures=RateLimiter(rate=1.0, burst=10),
+        on_reject=lambda name: counters.__setitem__(name, counters.get(name, 0) + 1),
+        max_device_requests=1,
+        rate_limit=limit,
+    )
+    answers: list[tuple[float, int]] = []  # (clock, status) of each answer
+
+    async def request() -> None:
+        scope = {
+            "type": "http", "method": "GET", "path": "/v1/models/cnn/round", "raw_path": b"/v1/models/cnn/round",
+            "query_string": b"", "headers": [(b"authorization", b"Bearer t")], "client": ("10.0.0.1", 1),
+        }  # fmt: skip
+
+        async def receive():
+            await asyncio.Event().wait()  # a GET without a body: never read
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                answers.append((clock[0], message["status"]))
+
+        await guard(scope, receive, send)
+
+    async def settle() -> None:  # let every task that can run, run (nothing waits on a real clock)
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def attack() -> None:
+        tasks = [asyncio.ensure_future(request())]  # the device's one request in flight: its burst
+        await settle()
+        # the attack begins 0.1 s later: its first refusal finds a fifth of a request refilled, so the bucket
+        # holds one again 0.1 s before the next turn (as when a turn's timer fires late on a busy loop)
+        clock[0] = start = clock[0] + 0.1
+        for i in range(200):  # one request every 50 ms for 10 s
+            tasks.append(asyncio.ensure_future(request()))
+            await settle()
+            clock[0] = start + (i + 1) * 0.05
+            await settle()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    with asyncio.Runner(loop_factory=FakeClockLoop) as runner:
+        runner.run(attack())
+    assert {status for _, status in answers} == {429}, answers
+    # the first at once, then one per 0.5 s: 20 in the 10 s (before: every refill one more, its device busy)
+    assert len(answers) <= 21, (len(answers), counters)
+    assert len(answers) >= 19, (len(answers), counters)
+    assert all(b - a >= 0.5 - 1e-9 for (a, _), (b, _) in itertools.pairwise(answers)), answers

@@ -42,7 +42,9 @@
 9. Every refusal above that names a device (5 to 8) spends a request of that device's rate limit
    (``rate_limit``, the one its endpoints spend), and a device whose rate is spent is refused (429) at the
    door, each refusal in its turn at the rate's pace (:meth:`RequestGuard._refuse_over_rate`): refusals cost no
-   body, but one token hammering the guard got ~750 of them a second, none of them counted against it. A
+   body, but one token hammering the guard got ~750 of them a second, none of them counted against it. So is a
+   request of a device whose next refusal turn is still ahead, even if its bucket refilled meanwhile: that
+   request is the turn's (skipping the queue, it was refused at once as well, up to twice the rate). A
    refusal waiting its turn holds a connection, so at most ``max_waiting_refusals`` wait at once (a quarter
    of the service's ``max_connections``); one more goes out at once. The admin routes and other devices
    spend nothing of it; an honest device refused once spends one request.
@@ -243,7 +245,13 @@ class RequestGuard:
             await self._bounded(scope, receive, send, area, headers, None)
             return
         device_id = ident.device_id
-        if self.rate_limit is not None and self.rate_limit.wait(device_id) > 0:
+        if self.rate_limit is not None and (
+            self.rate_limit.wait(device_id) > 0
+            # its refusals' next turn is ahead: the request the bucket refills by then is that turn's; taken by
+            # a request skipping the queue (refused at once, its device busy), the turn found none and went out
+            # anyway, and under continuous arrivals up to twice the rate of refusals went out
+            or self._refusal_due.get(device_id, -math.inf) > asyncio.get_running_loop().time()
+        ):
             await self._refuse_over_rate(receive, send, headers, device_id)
             return
         held = self._in_flight.get(device_id, 0)
@@ -531,7 +539,8 @@ class RequestGuard:
     ) -> None:
         """Refuse (429) a request of ``device_id``, whose rate limit is spent, in its turn: over-rate refusals of
         one device go out one per ``1 / rate`` seconds (at most ``body_timeout`` queued), so a token hammering the
-        door gets ``rate`` answers a second, not one per connection it opens.
+        door gets ``rate`` answers a second, not one per connection it opens. The door sends a request here
+        while its device's next turn is ahead, bucket refilled or not, so no request skips the queue.
 
         A refusal waiting its turn holds its connection, one of uvicorn's ``max_connections``: at most
         ``max_waiting_refusals`` wait at once, all devices together, and a refusal beyond them goes out at once
