@@ -94,3 +94,32 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def print_or_record(
+    key: str,
+    title: str,
+    doc: str,
+    note: str,
+    headers: list[str],
+    rows: list[list[object]],
+    *,
+    repeats: int,
+    against: object = None,
+    pairs: tuple[str, list[str], list[list[object]]] = ("", [], []),
+) -> int:
+    """The end of a fresh-process timing script: print its table, then, when timed ``against`` another
+    checkout, the paired table ``pairs`` (unit, headers, rows) without recording anything; else record
+    section ``key``: the second paragraph of the script's docstring ``doc``, the repeats, ``note`` and the table."""
+    print(table(headers, rows))
+    if against:
+        unit, pair_headers, pair_rows = pairs
+        print(f"\nPaired with {against} (median of {repeats} alternating fresh processes, {unit}):\n")
+        print(table(pair_headers, pair_rows))
+        return 0
+    body = (
+        f"{doc.split(chr(10) + chr(10))[1]}\n\nMedian of {repeats} fresh processes each "
+        f"(`OMP_NUM_THREADS=1`){note}\n\n" + table(headers, rows)
+    )
+    record(key, title, body)
+    return 0

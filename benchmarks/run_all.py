@@ -119,6 +119,7 @@ PLAN: list[Step] = [
     Step("codecs_accuracy.py", ("--large", "--seeds", "10"), ("codecs_accuracy_large",)),
     Step("codecs_default.py", (), ("codecs_default",)),
     Step("codecs_throughput.py", (), ("codecs_throughput",)),
+    Step("compact_decode.py", (), ("compact-decode",)),
     Step("deploy_any_model.py", (), ("deploy_any_model",)),
     Step("deploy_digits.py", ("--max-adv-drop", "5"), ("deploy_digits",)),
     Step("deploy_minilm.py", ("1", "2000", "5e-4"), ("deploy_minilm",)),

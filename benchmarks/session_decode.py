@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _record import record, table
+from _record import print_or_record
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 TEXT_BYTES = 4 << 20
@@ -119,19 +119,17 @@ def main() -> int:
                         ]
                     )
     headers = ["session", "text bytes", "from_json, s CPU (wall)", "from_bytes, s CPU (wall)"]
-    print(table(headers, rows))
-    if args.against:
-        print(
-            f"\nPaired with {args.against} (median of {args.repeats} alternating fresh processes, s CPU):\n"
-        )
-        print(table(["session", "call", "against", "this", "median paired difference"], pairs))
-        return 0
-    body = (
-        f"{__doc__.split(chr(10) + chr(10))[1]}\n\nMedian of {args.repeats} fresh processes each "
-        "(`OMP_NUM_THREADS=1`); CPU seconds, wall seconds in brackets.\n\n" + table(headers, rows)
+    return print_or_record(
+        "session-decode",
+        "Wire session text: reading 4 MiB of tiny tensors",
+        __doc__,
+        "; CPU seconds, wall seconds in brackets.",
+        headers,
+        rows,
+        repeats=args.repeats,
+        against=args.against,
+        pairs=("s CPU", ["session", "call", "against", "this", "median paired difference"], pairs),
     )
-    record("session-decode", "Wire session text: reading 4 MiB of tiny tensors", body)
-    return 0
 
 
 if __name__ == "__main__":

@@ -124,6 +124,22 @@ def test_symbol_histogram_counts_every_symbol(w: int) -> None:
         assert _symbol_histogram(_byte_histogram(row), w).tolist() == naive.tolist()
 
 
+@pytest.mark.parametrize("w", [1, 2, 4, 8])
+def test_pack_puts_symbols_least_significant_first(w: int) -> None:
+    """``_pack`` (the decoder's symbols to bytes) inverts ``_symbols`` and matches the spec's bit order, byte
+    by byte, for int32 symbols as the rANS decoder returns them."""
+    from deltaplane.codecs.fieldcoding import _pack, _symbols
+
+    data = np.random.default_rng(w).integers(0, 256, 4099, dtype=np.uint8)
+    symbols = _symbols(data, w).astype(np.int32)
+    assert _pack(symbols, w) == data.tobytes()
+    naive = bytes(  # byte i holds symbols i*8/w .. : the first in its lowest bits
+        sum(int(s) << (j * w) for j, s in enumerate(symbols[i * 8 // w : (i + 1) * 8 // w]))
+        for i in range(len(data))
+    )
+    assert _pack(symbols, w) == naive
+
+
 @given(
     st.lists(
         st.tuples(st.integers(0, 2**16), st.integers(0, 400), st.integers(0, 4)), min_size=0, max_size=30

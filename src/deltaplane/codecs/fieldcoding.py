@@ -70,10 +70,13 @@ def _pack(symbols: np.ndarray, w: int) -> bytes:
         return symbols.astype(np.uint8).tobytes()
     if w == 1:
         return np.packbits(symbols.astype(np.uint8), bitorder="little").tobytes()
-    per = 8 // w
-    s = symbols.astype(np.uint8).reshape(-1, per)
-    shifts = np.arange(per, dtype=np.uint8) * np.uint8(w)
-    return np.bitwise_or.reduce(s << shifts, axis=1).astype(np.uint8).tobytes()
+    s = symbols.astype(np.uint8).reshape(-1, 8 // w)
+    # a column at a time: numpy's reduce over a row of 2 or 4 is several times slower than these strided ORs,
+    # and was a third of decoding a field of 2- or 4-bit symbols
+    out = s[:, 0].copy()
+    for j in range(1, 8 // w):
+        out |= s[:, j] << np.uint8(j * w)
+    return out.tobytes()
 
 
 def _frequencies(counts: np.ndarray) -> np.ndarray:
