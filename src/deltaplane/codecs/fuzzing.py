@@ -308,7 +308,10 @@ def serialize_compact(
         if isinstance(f, dict):
             odd[0] |= any(not isinstance(v, Buf | dict) for v in f.values())
             c = node.get("c")
-            out["f"] = {k: put_field(v, c, k) if isinstance(v, Buf) else plain(v) for k, v in f.items()}
+            # byte fields in the order a frame carries them: sorted by name (the session's canonical order)
+            out["f"] = {
+                k: put_field(v, c, k) if isinstance(v, Buf) else plain(v) for k, v in sorted(f.items())
+            }
         return out
 
     nodes: list[tuple[Any, int, int, bool]] = []

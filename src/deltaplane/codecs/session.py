@@ -225,9 +225,9 @@ def _node_doc(e: Encoded, codings: list[tuple[bool, Any]] | None = None) -> dict
     collects ``(plain float field?, bytes)`` of each byte field into ``codings``."""
     out: dict[str, Any] = {"c": e.codec, "s": list(e.shape)}
     if e.meta:
-        out["m"] = dict(e.meta)
+        out["m"] = dict(sorted(e.meta.items()))
     fields: dict[str, Any] = {}
-    for k, v in e.fields.items():
+    for k, v in sorted(e.fields.items()):
         if isinstance(v, Encoded):
             fields[k] = _node_doc(v, codings)
         elif isinstance(v, bytes | bytearray | memoryview):
@@ -247,11 +247,11 @@ def _signature(doc: dict[str, Any], sig: list[Any]) -> None:
         (
             doc["c"],
             len(doc["s"]),
-            tuple(doc.get("m", {})),
-            tuple((k, isinstance(v, dict)) for k, v in fields.items()),
+            tuple(sorted(doc.get("m", {}))),
+            tuple((k, isinstance(v, dict)) for k, v in sorted(fields.items())),
         )
     )
-    for v in fields.values():
+    for _, v in sorted(fields.items()):
         if isinstance(v, dict):
             _signature(v, sig)
 
@@ -284,8 +284,8 @@ def _values(doc: dict[str, Any], out: list[Any], codings: Iterator[tuple[int, in
     """The node's values in order: shape, meta values, then per byte field ``length, coding, stored − length``
     (a raw field: ``length, 0, 0``)."""
     out.extend(doc["s"])
-    out.extend(doc.get("m", {}).values())
-    for v in doc["f"].values():
+    out.extend(v for _, v in sorted(doc.get("m", {}).items()))
+    for _, v in sorted(doc["f"].items()):
         if isinstance(v, dict):
             _values(v, out, codings)
         else:
@@ -314,14 +314,14 @@ def _tree_key(e: Encoded, raw: list[tuple[bool, Any]]) -> tuple[Any, ...] | None
         if type(d) is not int:
             return None
     meta = []
-    for k, v in e.meta.items():
+    for k, v in sorted(e.meta.items()):
         t = type(v)
         if type(k) is not str or t not in _META_TYPES:
             return None
         meta.append((k, t, _F64.pack(v) if t is float else v))
     fields: list[tuple[str, object]] = []  # a byte field's length or a subtree's key
     plain = _plain_codec(codec)
-    for k, v in e.fields.items():
+    for k, v in sorted(e.fields.items()):
         if type(k) is not str:
             return None
         t = type(v)
@@ -359,11 +359,11 @@ def _rebuild(
     doc: dict[str, Any] = {"c": template["c"], "s": values[pos[0] : pos[0] + nd]}
     pos[0] += nd
     if "m" in template:
-        keys = list(template["m"])
+        keys = sorted(template["m"])
         doc["m"] = dict(zip(keys, values[pos[0] : pos[0] + len(keys)], strict=True))
         pos[0] += len(keys)
     fields: dict[str, Any] = {}
-    for k, v in template["f"].items():
+    for k, v in sorted(template["f"].items()):
         if isinstance(v, dict):
             fields[k] = _rebuild(v, values, pos, stored)
         else:
@@ -987,7 +987,9 @@ class WireSession:
 
 def _attach(e: Encoded, parts: Iterator[memoryview]) -> Encoded:
     """``e`` with each byte field (in order) replaced by the next of ``parts``."""
-    fields = {k: _attach(v, parts) if isinstance(v, Encoded) else next(parts) for k, v in e.fields.items()}
+    fields = {
+        k: _attach(v, parts) if isinstance(v, Encoded) else next(parts) for k, v in sorted(e.fields.items())
+    }
     return Encoded(e.codec, e.shape, e.meta, fields)
 
 
