@@ -6,23 +6,18 @@ given, each in a fresh child process (a peak RSS is a process's), and say which 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from tests.benchmark_scripts import benchmark_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def rc():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as the script puts its own folder first (for _record)
-    spec = importlib.util.spec_from_file_location("bench_robust_cost", ROOT / "benchmarks" / "robust_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(ROOT / "benchmarks"))
+    with benchmark_module("robust_cost.py", "bench_robust_cost") as module:
+        yield module
 
 
 def test_record_measures_each_spec_in_a_child_process_and_records_one_table(rc, monkeypatch) -> None:

@@ -13,18 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.benchmark_scripts import benchmark_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def rb():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as the script puts its own folder first (for _record)
-    spec = importlib.util.spec_from_file_location("bench_robustness", ROOT / "benchmarks" / "robustness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(ROOT / "benchmarks"))
+    with benchmark_module("robustness.py", "bench_robustness") as module:
+        yield module
 
 
 def test_an_uplink_runs_with_the_default_codecs_dgc_options_and_caches_apart(rb) -> None:
