@@ -6,12 +6,8 @@ given, each in a fresh child process (a peak RSS is a process's), and say which 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from tests.benchmark_scripts import benchmark_module
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
