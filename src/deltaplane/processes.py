@@ -11,12 +11,14 @@ them here). Where the system does not tell (no ``/proc``, a process hidden from 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import socket
 import sys
 from typing import Literal
 
-__all__ = ["State", "boot_id", "pid_namespace", "proc_stat", "process_state", "start_ticks"]
+__all__ = ["State", "boot_id", "pid_namespace", "place_and_boot", "proc_stat", "process_state", "start_ticks"]
 
 #: ``gone``: certainly not running (no such pid, a zombie, or the pid is another process now); ``running``: that
 #: very process runs; ``unknown``: this system cannot tell
@@ -34,6 +36,19 @@ def _read(path: str) -> str | None:
 def boot_id() -> str | None:
     """The kernel's boot id (a new one at every boot), None where the system does not give it."""
     return _read("/proc/sys/kernel/random/boot_id") or None
+
+
+def place_and_boot() -> tuple[str, str]:
+    """Where a pid means this process: a short hash of this host's name, machine id and pid namespace (two
+    machines or containers that share a host name still differ), and one of its boot id (``"0" * 8`` where the
+    system does not give one). A record of a process keeps both beside its pid and start time."""
+
+    def short(*parts: str) -> str:
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+    place = short(socket.gethostname(), _read("/etc/machine-id") or "", pid_namespace() or "")
+    boot = boot_id()
+    return place, short(boot) if boot else "0" * 8
 
 
 def pid_namespace() -> str | None:

@@ -26,16 +26,14 @@ warning says how to move it back).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import shutil
-import socket
 import tempfile
 import warnings
 from pathlib import Path
 
-from deltaplane.processes import boot_id, pid_namespace, process_state, start_ticks
+from deltaplane.processes import place_and_boot, process_state, start_ticks
 
 __all__ = ["stage_dir", "stage_file", "sweep"]
 
@@ -49,18 +47,6 @@ _OURS = re.compile(
 _LEGACY = re.compile(r"(?:tmp-|old-)?[a-z0-9_]{8}(?:\.tmp)?")
 
 
-def _short_hash(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(4096).strip()
-    except OSError:
-        return ""
-
-
 def _me() -> tuple[str, str, int, int]:
     """This process's (place, boot, pid, start), as a stage name records them."""
     return _owner(os.getpid())  # keyed by pid: a forked child names its stages after itself, not its parent
@@ -68,9 +54,8 @@ def _me() -> tuple[str, str, int, int]:
 
 @functools.cache
 def _owner(pid: int) -> tuple[str, str, int, int]:
-    place = _short_hash(socket.gethostname(), _read("/etc/machine-id"), pid_namespace() or "")
-    boot = boot_id()
-    return place, _short_hash(boot) if boot else "0" * 8, pid, start_ticks(pid) or 0
+    place, boot = place_and_boot()
+    return place, boot, pid, start_ticks(pid) or 0
 
 
 def _prefix(target: Path, aside: bool) -> str:

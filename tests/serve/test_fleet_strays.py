@@ -17,6 +17,7 @@ import pytest
 
 from deltaplane import errors
 from deltaplane.engine import RunConfig
+from deltaplane.processes import place_and_boot, start_ticks
 from deltaplane.serve import fleet
 
 from .test_fleet import MODEL, Fleet, _config, _env, _threads, _waiting_for
@@ -55,10 +56,19 @@ def test_a_round_left_by_a_killed_coordinator_is_aborted_by_the_next_and_not_cou
             proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         ((_, stray),) = f.app.state.secagg_rounds
-        assert f.admin.secagg_status(MODEL, stray)["coordinator"] == {
-            "host": socket.gethostname(),
-            "pid": proc.pid,
-        }
+        stamp = f.admin.secagg_status(MODEL, stray)["coordinator"]
+        place, boot = place_and_boot()
+        assert (
+            stamp
+            == {
+                "host": socket.gethostname(),
+                "place": place,
+                "boot": boot,
+                "pid": proc.pid,
+                "start": stamp["start"],
+            }
+            and stamp["start"] > 0
+        )
         devices = [f.device(i) for i in range(3)]
         lines: list[str] = []
         devices[0].log = lines.append
@@ -82,7 +92,9 @@ def test_a_round_left_by_a_killed_coordinator_is_aborted_by_the_next_and_not_cou
     assert f"SecAgg round {stray} was abandoned by its coordinator; not counted towards --rounds" in lines
 
 
-@pytest.mark.parametrize("where", ["alive here", "another host"])
+@pytest.mark.parametrize(
+    "where", ["alive here", "another host", "another machine of the same name", "not told"]
+)
 def test_a_round_whose_coordinator_may_still_run_it_stops_the_new_coordinator(
     byo_task, tmp_path, where
 ) -> None:
@@ -92,12 +104,24 @@ def test_a_round_whose_coordinator_may_still_run_it_stops_the_new_coordinator(
     cfg = _config(byo_task, secagg=True, clip="2.0", wire="self-describing")
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        host = socket.gethostname() if where == "alive here" else "elsewhere.example"
+        host = "elsewhere.example" if where == "another host" else socket.gethostname()
+        place, boot = place_and_boot()
+        stamp = {
+            "host": host,
+            "place": place,
+            "boot": boot,
+            "pid": alive.pid,
+            "start": start_ticks(alive.pid),
+        }
+        if where in ("another host", "another machine of the same name"):  # a pid there means nothing here
+            stamp["place"] = "0123abcd" if place != "0123abcd" else "abcd0123"
+        if where == "another machine of the same name":  # its pid, unknown here, is no sign that it ended
+            stamp["pid"], stamp["start"] = 2**31 - 1, 1
+        elif where == "not told":  # a stamp without its place cannot be judged gone
+            stamp = {"host": host, "pid": 2**31 - 1}
         with Fleet(tmp_path, cfg) as f:
             names = [fleet.device_id(i) for i in range(3)]
-            opened = f.admin.open_secagg(
-                MODEL, names, weight_scale=0, coordinator={"host": host, "pid": alive.pid}
-            )["round"]
+            opened = f.admin.open_secagg(MODEL, names, weight_scale=0, coordinator=stamp)["round"]
             with pytest.raises(errors.Conflict) as caught:
                 fleet.coordinate(f.admin, cfg, model=MODEL, rounds=1, deadline=5, poll=0.05)
             assert f.admin.secagg_status(MODEL, opened)["finished"] is None  # untouched
@@ -108,7 +132,7 @@ def test_a_round_whose_coordinator_may_still_run_it_stops_the_new_coordinator(
     said = str(caught.value)
     assert type(caught.value).__name__ == "CoordinatorRunning"
     assert (
-        f"SecAgg round {opened} of {MODEL!r} is open under the coordinator pid {alive.pid} on host {host}"
+        f"SecAgg round {opened} of {MODEL!r} is open under the coordinator pid {stamp['pid']} on host {host}"
         in said
     )
     assert f"/admin/models/{MODEL}/secagg/{opened}/abort?abandoned=true" in said

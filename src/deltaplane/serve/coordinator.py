@@ -21,9 +21,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -33,6 +32,7 @@ from deltaplane.aggregation.secagg.enrollment import device_id
 from deltaplane.engine.config import RunConfig
 from deltaplane.engine.round_params import dp_adjacency, secure_neighbours
 from deltaplane.errors import ConfigError, CoordinatorRunning, PrivacyBudgetExceeded, ServiceUnreachable
+from deltaplane.processes import place_and_boot, process_state, start_ticks
 from deltaplane.serve.client import AdminClient, DeviceClient, ServiceError
 from deltaplane.serve.fleet_reference import FleetReference, registered_reference
 from deltaplane.serve.reach import unreachable
@@ -410,23 +410,30 @@ def _open_secagg(
 
 
 def this_coordinator() -> dict[str, Any]:
-    """What a SecAgg open says of the coordinator that sends it (the service keeps it with the round)."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    """What a SecAgg open says of the coordinator that sends it (the service keeps it with the round): its host
+    name (for people), and what names the process for a coordinator starting later: the place (host name,
+    machine id and pid namespace hashed: two machines or containers sharing a host name differ), the boot, the
+    pid and its start time (a pid is reused; a pid with its start time is not, within one boot)."""
+    place, boot = place_and_boot()
+    return {
+        "host": socket.gethostname(),
+        "place": place,
+        "boot": boot,
+        "pid": os.getpid(),
+        "start": start_ticks(os.getpid()) or 0,
+    }
 
 
-def process_gone(pid: int) -> bool:
-    """Whether process ``pid`` of this host has ended; one that ended but was not reaped yet (a zombie) has."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc here: alive as far as can be told
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+def coordinator_state(who: Mapping[str, Any], me: Mapping[str, Any]) -> tuple[str, str]:
+    """Whether the coordinator ``who`` (a round's stamp) is ``gone``, ``running`` or ``unknown`` as seen by
+    ``me`` (:func:`this_coordinator`), with why. Only a process of this place and boot can be judged gone; any
+    other (another machine or container, another boot, or a stamp that does not say) is unknown."""
+    if not who.get("place") or (who.get("place"), who.get("boot")) != (me["place"], me["boot"]):
+        return "unknown", "on another host, container or boot, whose processes this one cannot see"
+    if int(who["pid"]) == me["pid"]:
+        return "running", "this very process"
+    state, why = process_state(int(who["pid"]), int(who.get("start") or 0) or None)
+    return state, why
 
 
 #: why a starting coordinator aborts a SecAgg round whose coordinator is gone (the Fleet page shows it)
@@ -450,7 +457,8 @@ def _abort_abandoned(p: Patient, model: str) -> None:
         if not who:
             continue
         named = f"pid {who['pid']} on host {who['host']}"
-        if who["host"] == me["host"] and who["pid"] != me["pid"] and process_gone(int(who["pid"])):
+        state, why = coordinator_state(who, me)
+        if state == "gone":
             why = _GONE.format(who=named)
             with contextlib.suppress(ServiceError):  # it finished meanwhile
                 p.call(
@@ -459,7 +467,7 @@ def _abort_abandoned(p: Patient, model: str) -> None:
                 )
             p.say(f"SecAgg round {number} was left open by a coordinator that is gone ({named}); aborted it")
             continue
-        where = "still running" if who["host"] == me["host"] else "on another host: this one cannot tell"
+        where = "still running" if state == "running" else why
         raise CoordinatorRunning(
             f"SecAgg round {number} of {model!r} is open under the coordinator {named} ({where}); a second "
             "coordinator would take its devices. Stop that coordinator (it aborts its round as it stops), or, "

@@ -177,7 +177,7 @@ class SecAggRound:
     #: why its last advance or close was refused (too few devices, a sum out of range): what an abort without
     #: a reason records
     refused: str | None = None
-    #: the coordinator that opened it (:class:`CoordinatorStamp`'s host and pid; None: opened by hand)
+    #: the coordinator that opened it (a :class:`CoordinatorStamp` as a dict; None: opened by hand)
     coordinator: dict[str, Any] | None = None
 
     @property
@@ -252,6 +252,19 @@ class CoordinatorStamp(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = Field(min_length=1, max_length=253, description="the host name of the coordinator's machine")
     pid: int = Field(ge=1, le=2**31 - 1, description="the coordinator's process id there")
+    place: str = Field(
+        default="",
+        pattern=r"^([0-9a-f]{8})?$",
+        description="a hash of its host name, machine id and pid namespace (deltaplane.processes.place_and_boot): "
+        "two machines or containers sharing a host name differ; empty: not told, so no one may judge it gone",
+    )
+    boot: str = Field(default="", pattern=r"^([0-9a-f]{8})?$", description="a hash of that host's boot id")
+    start: int = Field(
+        default=0,
+        ge=0,
+        le=2**63 - 1,
+        description="the process's start time (clock ticks since boot; 0: unknown)",
+    )
 
 
 class OpenSecAggRequest(BaseModel):
