@@ -472,7 +472,14 @@ class SecAggMachine(RuleBasedStateMachine):
         r.stage = DONE  # unmasked: the sum is kept, and a refused close below may be retried
         if r.holds_withdrawn(r.survivors):  # a withdrawn cohort's input is in the sum: never published
             event("close refused: withdrawn cohort in the sum")
-            self.refused(call, (409,), "withdrew consent")
+            refusal = self.refused(call, (409,))
+            # with a plain round open too, the service may name either reason (it checks the plain round first)
+            reasons = (
+                ("withdrew consent",)
+                if self.plain is None
+                else ("withdrew consent", f"plain round {self.plain}")
+            )
+            assert any(why in refusal.detail for why in reasons), (reasons, refusal.detail)
             return
         if self.plain is not None:
             event("close refused: plain round open")
