@@ -77,7 +77,7 @@ from deltaplane.registry.downlink import (
 from deltaplane.registry.promotion import Evaluator
 from deltaplane.registry.store import PRODUCTION
 from deltaplane.serve.auth import DeviceIdentity, RateLimiter, TokenAuthority, device_secret
-from deltaplane.serve.bodies import StrictBody
+from deltaplane.serve.bodies import NAME, ModelName, StrictBody
 from deltaplane.serve.body_errors import FASTAPI_UNPARSED_BODY, body_problem, describe
 from deltaplane.serve.bounded import ByteLRU
 from deltaplane.serve.device_side import check_real_devices, device_side_notice, device_side_options
@@ -108,8 +108,6 @@ from deltaplane.ui.session import SESSION_IDLE_SECONDS, SESSION_MAX_SECONDS
 __all__ = ["ServiceConfig", "ServiceState", "create_app"]
 
 log = logging.getLogger(__name__)
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 CHANNELS = ("production", "staging", "training")
 #: the longest period of the fleet's periodic flush (``ServiceConfig.flush_every_s``, ``serve --flush-every``):
 #: an hour of contacts and counts is the most a crash may lose
@@ -1491,7 +1489,6 @@ def create_app(
             admin=Admin,
             resolve_tag=resolve_tag,
             errors=_ERRORS,
-            name_pattern=NAME,
             rounds_store=rounds_store,
         )
     )
@@ -1579,8 +1576,8 @@ def create_app(
         return {"model": model, "tags": reg.tags(model), "versions": [a.to_dict() for a in arts]}
 
     # drift references, alerts and windows; the trusted coordinator's evaluations: their own routers
-    app.include_router(drift_router(state, admin=Admin, errors=_ERRORS, name_pattern=NAME))
-    app.include_router(evaluation_router(state, admin=Admin, errors=_ERRORS, name_pattern=NAME))
+    app.include_router(drift_router(state, admin=Admin, errors=_ERRORS))
+    app.include_router(evaluation_router(state, admin=Admin, errors=_ERRORS))
 
     @app.get("/admin/stats", tags=["admin"], dependencies=[Admin])
     def stats() -> dict[str, Any]:

@@ -4,13 +4,20 @@ parsed strictly (:class:`StrictBody`)."""
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 from fastapi import HTTPException, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict
 
 from deltaplane.errors import DecodeError
 
-__all__ = ["StrictBody", "content_length", "read_capped"]
+__all__ = ["NAME", "ModelName", "StrictBody", "content_length", "read_capped"]
+
+#: a model name: what the registry and every route take (letters, digits, ``._-``; at most 128 characters)
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: a route's ``{model}`` path parameter
+ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 
 # RFC 9110: Content-Length = 1*DIGIT, ASCII digits only. ``str.isdigit`` also takes "²" or "٣" (and int()
 # reads "٣" as 3), so a header that is no length at all passed as one.

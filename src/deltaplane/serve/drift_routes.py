@@ -23,7 +23,7 @@ from pydantic import Field
 
 from deltaplane.errors import ConfigError, NotFound
 from deltaplane.monitor import DriftMonitor, DriftSpec, Summary
-from deltaplane.serve.bodies import StrictBody
+from deltaplane.serve.bodies import NAME, ModelName, StrictBody
 
 if TYPE_CHECKING:
     from deltaplane.serve.app import ServiceState
@@ -95,13 +95,10 @@ class DriftReferenceRequest(StrictBody):
     embedding_shift_threshold: float = Field(default=0.1, gt=0, le=1e6)
 
 
-def drift_router(
-    state: "ServiceState", *, admin: Any, errors: dict[int, dict[str, Any]], name_pattern: str
-) -> APIRouter:
+def drift_router(state: "ServiceState", *, admin: Any, errors: dict[int, dict[str, Any]]) -> APIRouter:
     """The drift endpoints (see the module docstring) over ``state``; ``admin`` is the app's admin dependency."""
     router = APIRouter()
     reg = state.registry
-    ModelName = Annotated[str, PathParam(pattern=name_pattern, max_length=128, description="model name")]
 
     @router.put(
         "/admin/models/{model}/drift-reference",
@@ -153,7 +150,7 @@ def drift_router(
 
     @router.get("/admin/alerts", tags=["admin"], dependencies=[admin])
     def alerts(
-        model: Annotated[str | None, Query(pattern=name_pattern, max_length=128)] = None,
+        model: Annotated[str | None, Query(pattern=NAME, max_length=128)] = None,
     ) -> list[dict[str, Any]]:
         return list(state.alerts) if model is None else state.alerts.of(model)
 

@@ -15,7 +15,7 @@ from fastapi import Path as PathParam
 from pydantic import Field
 
 from deltaplane.errors import ConfigError
-from deltaplane.serve.bodies import StrictBody
+from deltaplane.serve.bodies import ModelName, StrictBody
 
 if TYPE_CHECKING:
     from deltaplane.serve.app import ServiceState
@@ -38,13 +38,10 @@ class EvaluationRequest(StrictBody):
     )
 
 
-def evaluation_router(
-    state: "ServiceState", *, admin: Any, errors: dict[int, dict[str, Any]], name_pattern: str
-) -> APIRouter:
+def evaluation_router(state: "ServiceState", *, admin: Any, errors: dict[int, dict[str, Any]]) -> APIRouter:
     """The evaluation endpoint over ``state``; ``admin`` is the app's admin dependency."""
     router = APIRouter()
     reg = state.registry
-    ModelName = Annotated[str, PathParam(pattern=name_pattern, max_length=128, description="model name")]
 
     @router.put(
         "/admin/models/{model}/rounds/{kind}/{number}/evaluation",

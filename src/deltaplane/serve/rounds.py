@@ -58,6 +58,7 @@ from deltaplane.engine.server import released_lineage
 from deltaplane.engine.tied import equal_twins
 from deltaplane.errors import ConfigError, Conflict, DecodeError, InvalidUpdate, NotFound, ShapeMismatch
 from deltaplane.registry import Governance, Registry, publish_update, withdrawn_among
+from deltaplane.serve.bodies import NAME, ModelName
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON, MAX_CLOSED_ROUNDS
 from deltaplane.serve.rounds_store import RoundRecord, RoundStore
 
@@ -675,14 +676,12 @@ def round_router(
     admin: Any,
     resolve_tag: Callable[[str, str, str], int],
     errors: dict[int, dict[str, Any]],
-    name_pattern: str,
     rounds_store: RoundStore,
 ) -> APIRouter:
     """The round endpoints (see the module docstring) over ``state``; ``device``/``admin`` are the app's
     auth dependencies."""
     router = APIRouter()
     reg = state.registry
-    ModelName = Annotated[str, PathParam(pattern=name_pattern, max_length=128, description="model name")]
 
     def upload_layout(model: str, base_version: int) -> Layout:
         """The layout of a round's uploads (and of its wire session): the base's, less the layers a
@@ -941,7 +940,7 @@ def round_router(
 
     @router.get("/admin/rounds/closed", tags=["admin"], dependencies=[admin])
     def closed_rounds(
-        model: Annotated[str | None, Query(pattern=name_pattern, max_length=128)] = None,
+        model: Annotated[str | None, Query(pattern=NAME, max_length=128)] = None,
         outcome: Annotated[
             Literal["published", "aborted", "lost"] | None,
             Query(
@@ -1105,7 +1104,7 @@ def round_router(
         responses={k: errors[k] for k in (404, 409)},
     )
     def rebuild(
-        model: ModelName, tag: Annotated[str, Query(pattern=name_pattern, max_length=128)] = "training"
+        model: ModelName, tag: Annotated[str, Query(pattern=NAME, max_length=128)] = "training"
     ) -> RoundInfo:
         """Open a round on the last version (on ``tag``'s lineage) free of withdrawn cohorts, excluding them.
 

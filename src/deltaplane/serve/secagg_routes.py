@@ -121,7 +121,7 @@ from deltaplane.errors import (
     RoundLost,
 )
 from deltaplane.registry import Governance, withdrawn_among
-from deltaplane.serve.bodies import read_capped
+from deltaplane.serve.bodies import NAME, ModelName, read_capped
 from deltaplane.serve.fleet_history import MAX_ABORT_REASON
 from deltaplane.serve.revocation_routes import REVOCATIONS_ADMIN_PATH, read_service_revocations
 from deltaplane.serve.rounds import (
@@ -152,8 +152,6 @@ LOST_REASON = (
 #: how many finished (published or aborted) rounds keep their final status, so late requests get 409 not 404
 FINISHED_KEPT = 256
 
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-ModelName = Annotated[str, PathParam(pattern=NAME, max_length=128, description="model name")]
 RoundId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="SecAgg round number")]
 
 
