@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _service import free_port, wait_until_healthy
 from deltaplane.monitor import DriftSpec, summarize
 from deltaplane.registry import Registry
 
@@ -31,10 +33,7 @@ reg = Registry.create(home)
 for m in ("cnn", "other"):
     v = reg.register_model(m, {"w": torch.zeros(4)}, lineage={"round": 0})
     reg.set_tag(m, "production", v.number, action="promote")
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-port = s.getsockname()[1]
-s.close()
+port = free_port()
 proc = subprocess.Popen(
     [
         sys.executable,
@@ -57,12 +56,7 @@ proc = subprocess.Popen(
 url = f"http://127.0.0.1:{port}"
 H = {"Authorization": f"Bearer {ADMIN}"}
 try:
-    for _ in range(300):
-        try:
-            httpx.get(url + "/healthz", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.2)
+    wait_until_healthy(url, proc, 60)
     c = httpx.Client(base_url=url, timeout=60)
     tokens = {}
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import httpx
 import numpy as np
 import torch
 
+from _service import free_port, wait_until_healthy
 from deltaplane.aggregation.secagg import Dropouts, RingEncoding, SecAggConfig, ring_bits, run_secagg
 from deltaplane.codecs import Compressor
 from deltaplane.data.models import build_model
@@ -50,12 +50,6 @@ from deltaplane.serve.secagg_fleet import FleetReport, device_rng, enroll_fleet,
 N, BITS, CLIP, SEED = 50, 16, 0.25, 0
 PAIRS = 5  # unauthenticated and authenticated rounds, alternating
 MODEL = "digits-cnn"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(home: Path, token: str, secret: str) -> tuple[subprocess.Popen, str]:
@@ -73,19 +67,14 @@ def start_server(home: Path, token: str, secret: str) -> tuple[subprocess.Popen,
     }
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise SystemExit(
-        f"deltaplane serve did not start: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-    )
+    try:
+        wait_until_healthy(url, proc, 120)
+    except SystemExit:
+        proc.kill()
+        raise SystemExit(
+            f"deltaplane serve did not start: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+        ) from None
+    return proc, url
 
 
 def median_run(runs: list[tuple[FleetReport, float]]) -> tuple[FleetReport, float]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import httpx
 import numpy as np
 
 from _record import record, table
+from _service import free_port, wait_until_healthy
 from deltaplane.data.models import build_model
 from deltaplane.registry import Registry
 from deltaplane.serve.load import run_load
@@ -69,18 +69,11 @@ def main() -> None:
     reg = Registry.create(home)
     reg.register_model("cnn", initial_state())
     reg.set_tag("cnn", "production", 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(home), ADMIN, str(port)], env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_healthy(url, proc, 120)
         b_rps, b50, b99, b_err = asyncio.run(baseline(url, DEVICES, 5.0))
         rep = asyncio.run(
             run_load(

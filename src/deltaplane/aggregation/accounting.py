@@ -226,7 +226,7 @@ def noise_for_epsilon(
     def fresh() -> Any:  # a dp_accounting PrivacyAccountant (the package ships no types)
         if method == "rdp":
             return rdp_privacy_accountant.RdpAccountant()
-        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
 
     return float(
         dp_accounting.calibrate_dp_mechanism(
